@@ -1,0 +1,3 @@
+module github.com/vhdkit/vhdkit
+
+go 1.26

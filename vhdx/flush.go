@@ -1,0 +1,140 @@
+package vhdx
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Flush makes every completed write durable, following the commit protocol
+// in the package documentation.
+func (im *Image) Flush() error {
+	if im.readOnly {
+		return nil
+	}
+	im.flushMu.Lock()
+	defer im.flushMu.Unlock()
+	return im.flushLocked()
+}
+
+func (im *Image) flushLocked() error {
+	im.mu.Lock()
+	if im.closed {
+		im.mu.Unlock()
+		return errClosed
+	}
+	pages := im.dirtyPages()
+	fileEnd := im.fileEnd
+	im.mu.Unlock()
+	if err := im.commit(pages, fileEnd); err != nil {
+		// Memory still holds the truth: log these pages again next time.
+		im.mu.Lock()
+		for _, p := range pages {
+			im.dirty[p.off] = struct{}{}
+		}
+		im.mu.Unlock()
+		return fmt.Errorf("vhdx: flush %s: %w", im.path, err)
+	}
+	return nil
+}
+
+// commit performs steps 1–3 of the commit protocol for pages. Each round
+// writes one entry at the start of the log; when more pages remain than
+// one entry holds, the applied pages are synced before the log is reused.
+func (im *Image) commit(pages []page, fileEnd int64) error {
+	// Allocated blocks are written only where data went; readers such as
+	// 7-Zip expect the file to cover every block the BAT names.
+	size, err := im.f.Size()
+	if err != nil {
+		return err
+	}
+	if size < fileEnd {
+		if err := im.f.Truncate(fileEnd); err != nil {
+			return err
+		}
+	}
+	if err := im.f.Sync(); err != nil {
+		return err
+	}
+	per := entryPages(im.logLen)
+	for len(pages) > 0 {
+		batch := pages[:min(per, len(pages))]
+		pages = pages[len(batch):]
+		size, err := im.f.Size()
+		if err != nil {
+			return err
+		}
+		im.logSeq++
+		entry := marshalEntry(batch, im.logSeq, 0, im.hdr.LogGUID, size, max(size, fileEnd))
+		if _, err := im.f.WriteAt(entry, im.logOff); err != nil {
+			return err
+		}
+		if err := im.f.Sync(); err != nil {
+			return err
+		}
+		if err := im.applyPages(batch); err != nil {
+			return err
+		}
+		if len(pages) > 0 {
+			if err := im.f.Sync(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// applyPages writes pages to their final places, joining adjacent ones.
+func (im *Image) applyPages(pages []page) error {
+	for i := 0; i < len(pages); {
+		j := i + 1
+		for j < len(pages) && pages[j].off == pages[j-1].off+pageSize {
+			j++
+		}
+		buf := pages[i].data
+		if j-i > 1 {
+			buf = make([]byte, 0, (j-i)*pageSize)
+			for _, p := range pages[i:j] {
+				buf = append(buf, p.data...)
+			}
+		}
+		if _, err := im.f.WriteAt(buf, pages[i].off); err != nil {
+			return err
+		}
+		i = j
+	}
+	return nil
+}
+
+// Close flushes, marks the file clean (no log to replay) and closes it and
+// its parents. The image is closed even when an error is returned.
+func (im *Image) Close() error {
+	var errs []error
+	if !im.readOnly {
+		im.flushMu.Lock()
+		err := im.flushLocked()
+		if err == nil && im.writing {
+			// Everything applied must be durable before the log is dropped.
+			if err = im.f.Sync(); err == nil {
+				h := im.hdr
+				h.LogGUID = GUID{}
+				err = im.writeHeader(h)
+			}
+		}
+		if err != nil && !errors.Is(err, errClosed) {
+			errs = append(errs, err)
+		}
+		im.flushMu.Unlock()
+	}
+	im.mu.Lock()
+	if im.closed {
+		im.mu.Unlock()
+		return errClosed
+	}
+	im.closed = true
+	im.mu.Unlock()
+	errs = append(errs, im.f.Close())
+	if im.parent != nil {
+		errs = append(errs, im.parent.Close())
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,214 @@
+package vhdx
+
+import (
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/vhdkit/vhdkit/disk"
+)
+
+// Size returns the virtual size in bytes.
+func (im *Image) Size() int64 { return im.geo.virtualSize }
+
+// LogicalSectorSize returns the logical sector size (512 or 4096).
+func (im *Image) LogicalSectorSize() int { return int(im.p.LogicalSectorSize) }
+
+// PhysicalSectorSize returns the physical sector size (512 or 4096).
+func (im *Image) PhysicalSectorSize() int { return int(im.p.PhysicalSectorSize) }
+
+func (im *Image) checkIO(off, n int64) error {
+	if err := disk.CheckRange(off, n, im.geo.virtualSize); err != nil {
+		return fmt.Errorf("vhdx: I/O [%d, +%d) outside a %d-byte disk: %w", off, n, im.geo.virtualSize, err)
+	}
+	return nil
+}
+
+// ReadAt reads len(p) bytes at virtual offset off.
+func (im *Image) ReadAt(p []byte, off int64) (int, error) {
+	if err := im.checkIO(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	im.mu.RLock()
+	defer im.mu.RUnlock()
+	if im.closed {
+		return 0, errClosed
+	}
+	if err := im.read(p, off); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+var errClosed = errors.New("vhdx: image closed")
+
+// read fills p from virtual offset off; the caller holds mu. Runs of blocks
+// stored back to back in the file (a fixed image) are read with one call.
+func (im *Image) read(p []byte, off int64) error {
+	g := &im.geo
+	var run fileRun
+	for len(p) > 0 {
+		blk, in := off/g.blockSize, off%g.blockSize
+		n := min(int64(len(p)), g.blockSize-in)
+		e := im.bat[g.payloadIndex(blk)]
+		var err error
+		switch batState(e) {
+		case payloadFullyPresent:
+			err = run.add(im, p[:n], batOffset(e)+in)
+		case payloadPartiallyPresent:
+			if err = run.flush(im); err == nil {
+				err = im.readPartial(p[:n], off, blk, batOffset(e))
+			}
+		case payloadNotPresent:
+			if err = run.flush(im); err == nil {
+				if im.parent != nil {
+					_, err = im.parent.ReadAt(p[:n], off)
+				} else {
+					clear(p[:n])
+				}
+			}
+		default: // ZERO, UNMAPPED, UNDEFINED: zeros, even over a parent
+			if err = run.flush(im); err == nil {
+				clear(p[:n])
+			}
+		}
+		if err != nil {
+			return err
+		}
+		p, off = p[n:], off+n
+	}
+	return run.flush(im)
+}
+
+// fileRun gathers contiguous pieces of the file to read in one call.
+type fileRun struct {
+	buf []byte // a prefix of the caller's buffer, grown in place
+	off int64
+}
+
+func (r *fileRun) add(im *Image, p []byte, fileOff int64) error {
+	// Pieces arrive in order from one caller buffer, so p starts where
+	// r.buf ends in memory; only the file offsets need to line up.
+	if r.buf != nil && r.off+int64(len(r.buf)) == fileOff {
+		r.buf = r.buf[:len(r.buf)+len(p)]
+		return nil
+	}
+	if err := r.flush(im); err != nil {
+		return err
+	}
+	r.buf, r.off = p, fileOff
+	return nil
+}
+
+func (r *fileRun) flush(im *Image) error {
+	if r.buf == nil {
+		return nil
+	}
+	err := im.readFile(r.buf, r.off)
+	r.buf = nil
+	return err
+}
+
+// readFile reads payload at a file offset; bytes past the end of the file
+// read as zeros (a block may end past it, see checkExtent).
+func (im *Image) readFile(p []byte, off int64) error {
+	n, err := im.f.ReadAt(p, off)
+	if err == io.EOF {
+		clear(p[n:])
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("vhdx: reading payload at file offset %#x: %w", off, err)
+	}
+	return nil
+}
+
+// readPartial reads a part of a PARTIALLY_PRESENT block sector run by
+// sector run: sectors whose bitmap bit is set come from this file, the
+// others from the parent.
+func (im *Image) readPartial(p []byte, off, blk, blockOff int64) error {
+	bm, err := im.bitmap(blk / im.geo.chunkRatio)
+	if err != nil {
+		return err
+	}
+	ss := im.geo.sectorSize
+	blockStart := blk * im.geo.blockSize
+	for len(p) > 0 {
+		bit := im.bitIndex(off)
+		present, run := bitRun(bm, bit, (blockStart+im.geo.blockSize)/ss-off/ss)
+		n := min(int64(len(p)), (off/ss+run)*ss-off)
+		if present {
+			err = im.readFile(p[:n], blockOff+off-blockStart)
+		} else {
+			_, err = im.parent.ReadAt(p[:n], off)
+		}
+		if err != nil {
+			return err
+		}
+		p, off = p[n:], off+n
+	}
+	return nil
+}
+
+// bitIndex is the bit, within its chunk's sector bitmap, of the sector
+// holding virtual offset off.
+func (im *Image) bitIndex(off int64) int64 {
+	return (off / im.geo.sectorSize) % sectorsPerBitmap
+}
+
+// bitRun reports the value of bit i of bm and how many bits from i on, at
+// most limit, share it. Bit 0 is the least significant bit of byte 0.
+func bitRun(bm []byte, i, limit int64) (bool, int64) {
+	set := bm[i/8]>>(i%8)&1 != 0
+	var fill byte
+	if set {
+		fill = 0xff
+	}
+	n := int64(0)
+	for n < limit {
+		j := i + n
+		if j%8 == 0 && limit-n >= 8 && bm[j/8] == fill {
+			n += 8
+			continue
+		}
+		if (bm[j/8]>>(j%8)&1 != 0) != set {
+			break
+		}
+		n++
+	}
+	return set, n
+}
+
+// setBits sets bits [i, i+n) of bm.
+func setBits(bm []byte, i, n int64) {
+	for ; n > 0 && i%8 != 0; i, n = i+1, n-1 {
+		bm[i/8] |= 1 << (i % 8)
+	}
+	for ; n >= 8; i, n = i+8, n-8 {
+		bm[i/8] = 0xff
+	}
+	for ; n > 0; i, n = i+1, n-1 {
+		bm[i/8] |= 1 << (i % 8)
+	}
+}
+
+// bitmap returns chunk c's sector bitmap, loading it on first use. The
+// bytes are modified only under mu held for writing.
+func (im *Image) bitmap(c int64) ([]byte, error) {
+	if bm := im.bitmaps[c].Load(); bm != nil {
+		return *bm, nil
+	}
+	im.bmLoad.Lock()
+	defer im.bmLoad.Unlock()
+	if bm := im.bitmaps[c].Load(); bm != nil {
+		return *bm, nil
+	}
+	bm := make([]byte, bitmapBlockSize)
+	if e := im.bat[im.geo.bitmapIndex(c)]; batState(e) == bitmapPresent {
+		if err := im.readFile(bm, batOffset(e)); err != nil {
+			return nil, err
+		}
+	}
+	im.bitmaps[c].Store(&bm)
+	return bm, nil
+}

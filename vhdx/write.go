@@ -1,0 +1,424 @@
+package vhdx
+
+import (
+	"fmt"
+	"slices"
+)
+
+// zeros is a shared source of zero bytes for filling blocks.
+var zeros = make([]byte, mib)
+
+// WriteAt writes p at virtual offset off. Writes to blocks already in the
+// file go straight to them, concurrently with other I/O; writes that
+// allocate take the image's lock.
+func (im *Image) WriteAt(p []byte, off int64) (int, error) {
+	if im.readOnly {
+		return 0, fmt.Errorf("vhdx: %s: %w", im.path, ErrReadOnly)
+	}
+	if err := im.checkIO(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	im.mu.RLock()
+	if im.closed {
+		im.mu.RUnlock()
+		return 0, errClosed
+	}
+	if im.writing && im.inPlace(off, int64(len(p))) {
+		err := im.writeInPlace(p, off)
+		im.mu.RUnlock()
+		if err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
+	im.mu.RUnlock()
+
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.closed {
+		return 0, errClosed
+	}
+	if err := im.beginWrite(true); err != nil {
+		return 0, err
+	}
+	if err := im.write(p, off); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// beginWrite prepares the file for its first change since open: one header
+// update gives it a new FileWriteGuid, a new DataWriteGuid (when the change
+// is visible to readers of the disk) and a fresh LogGuid, which opens the
+// log. The caller holds mu for writing.
+func (im *Image) beginWrite(dataChange bool) error {
+	if im.writing {
+		return nil
+	}
+	h := im.hdr
+	h.FileWriteGUID = newGUID()
+	if dataChange {
+		h.DataWriteGUID = newGUID()
+	}
+	h.LogGUID = newGUID()
+	if err := im.writeHeader(h); err != nil {
+		return fmt.Errorf("vhdx: updating header: %w", err)
+	}
+	im.writing = true
+	return nil
+}
+
+// inPlace reports whether [off, off+n) lies in blocks whose file space is
+// allocated and, in a partially present block, in sectors already in this
+// file, so a write needs no metadata change. The caller holds mu.
+func (im *Image) inPlace(off, n int64) bool {
+	g := &im.geo
+	for end := off + n; off < end; {
+		blk := off / g.blockSize
+		segEnd := min(end, (blk+1)*g.blockSize)
+		switch e := im.bat[g.payloadIndex(blk)]; batState(e) {
+		case payloadFullyPresent:
+		case payloadPartiallyPresent:
+			bm := im.bitmaps[blk/g.chunkRatio].Load()
+			if bm == nil {
+				return false
+			}
+			first, last := im.bitIndex(off), im.bitIndex(segEnd-1)
+			if set, run := bitRun(*bm, first, last-first+1); !set || run < last-first+1 {
+				return false
+			}
+		default:
+			return false
+		}
+		off = segEnd
+	}
+	return true
+}
+
+// writeInPlace writes p to blocks inPlace approved; the caller holds mu.
+func (im *Image) writeInPlace(p []byte, off int64) error {
+	g := &im.geo
+	for len(p) > 0 {
+		blk, in := off/g.blockSize, off%g.blockSize
+		n := min(int64(len(p)), g.blockSize-in)
+		if err := im.writeFile(p[:n], batOffset(im.bat[g.payloadIndex(blk)])+in); err != nil {
+			return err
+		}
+		p, off = p[n:], off+n
+	}
+	return nil
+}
+
+func (im *Image) writeFile(p []byte, off int64) error {
+	if _, err := im.f.WriteAt(p, off); err != nil {
+		return fmt.Errorf("vhdx: writing payload at file offset %#x: %w", off, err)
+	}
+	return nil
+}
+
+// write writes p at off, allocating as needed; the caller holds mu for
+// writing and has called beginWrite.
+func (im *Image) write(p []byte, off int64) error {
+	g := &im.geo
+	for len(p) > 0 {
+		blk, in := off/g.blockSize, off%g.blockSize
+		n := min(int64(len(p)), g.blockSize-in)
+		if err := im.writeBlock(p[:n], off, blk, in); err != nil {
+			return err
+		}
+		p, off = p[n:], off+n
+	}
+	return nil
+}
+
+// writeBlock writes p, which lies within block blk at offset in.
+func (im *Image) writeBlock(p []byte, off, blk, in int64) error {
+	g := &im.geo
+	idx := g.payloadIndex(blk)
+	e := im.bat[idx]
+	switch st := batState(e); {
+	case st == payloadFullyPresent:
+		return im.writeFile(p, batOffset(e)+in)
+	case st == payloadPartiallyPresent:
+		return im.writePartial(p, off, blk, batOffset(e))
+	case st == payloadNotPresent && im.parent != nil:
+		if in == 0 && int64(len(p)) == g.blockSize {
+			return im.fillBlock(idx, p, in, 0)
+		}
+		blockOff := im.allocate(g.blockSize)
+		if err := im.writePartial(p, off, blk, blockOff); err != nil {
+			return err
+		}
+		im.setBAT(idx, batEntry(payloadPartiallyPresent, blockOff))
+		return nil
+	default:
+		// The block reads as zeros (in a differencing image too: ZERO,
+		// UNMAPPED and UNDEFINED do not fall through to the parent).
+		if isZero(p) {
+			return nil
+		}
+		return im.fillBlock(idx, p, in, im.reusable(e))
+	}
+}
+
+// fillBlock makes payload entry idx FULLY_PRESENT holding p at offset in and
+// zeros elsewhere. It reuses the block's old file space at reuse (non-zero)
+// or allocates new space, which reads as zeros already.
+func (im *Image) fillBlock(idx int64, p []byte, in, reuse int64) error {
+	bs := im.geo.blockSize
+	blockOff := reuse
+	if blockOff == 0 {
+		blockOff = im.allocate(bs)
+	} else {
+		if err := im.writeZeros(blockOff, in); err != nil {
+			return err
+		}
+		if err := im.writeZeros(blockOff+in+int64(len(p)), bs-in-int64(len(p))); err != nil {
+			return err
+		}
+	}
+	if err := im.writeFile(p, blockOff+in); err != nil {
+		return err
+	}
+	im.setBAT(idx, batEntry(payloadFullyPresent, blockOff))
+	return nil
+}
+
+func (im *Image) writeZeros(off, n int64) error {
+	for n > 0 {
+		k := min(n, int64(len(zeros)))
+		if err := im.writeFile(zeros[:k], off); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// reusable returns the file offset a ZERO, UNMAPPED or UNDEFINED entry
+// still owns, when it is one this image allocated or validated (a whole
+// block below fileEnd past the metadata), else 0.
+func (im *Image) reusable(e uint64) int64 {
+	off := batOffset(e)
+	if off < 2*mib || off+im.geo.blockSize > im.fileEnd {
+		return 0
+	}
+	return off
+}
+
+// writePartial writes p at off into partially present block blk stored at
+// blockOff, then marks its sectors present. A sector only partly covered by
+// p is first completed from where it is now (this file or the parent).
+func (im *Image) writePartial(p []byte, off, blk, blockOff int64) error {
+	bm, err := im.presentBitmap(blk / im.geo.chunkRatio)
+	if err != nil {
+		return err
+	}
+	ss := im.geo.sectorSize
+	blockStart := blk * im.geo.blockSize
+	a0, a1 := off/ss*ss, alignUp(off+int64(len(p)), ss)
+	buf := p
+	if a0 != off || a1 != off+int64(len(p)) {
+		buf = make([]byte, a1-a0)
+		if err := im.readSectorInto(buf[:ss], a0, bm, blockOff-blockStart); err != nil {
+			return err
+		}
+		if a1-ss > a0 {
+			if err := im.readSectorInto(buf[len(buf)-int(ss):], a1-ss, bm, blockOff-blockStart); err != nil {
+				return err
+			}
+		}
+		copy(buf[off-a0:], p)
+	}
+	if err := im.writeFile(buf, blockOff+a0-blockStart); err != nil {
+		return err
+	}
+	first := im.bitIndex(a0)
+	setBits(bm, first, (a1-a0)/ss)
+	sb := batOffset(im.bat[im.geo.bitmapIndex(blk/im.geo.chunkRatio)])
+	for pg := first / 8 / pageSize; pg <= (first+(a1-a0)/ss-1)/8/pageSize; pg++ {
+		im.dirty[sb+pg*pageSize] = struct{}{}
+	}
+	return nil
+}
+
+// readSectorInto reads the sector at virtual offset off of a partially
+// present block: from this file (delta = file offset - virtual offset) when
+// its bit is set, else from the parent.
+func (im *Image) readSectorInto(p []byte, off int64, bm []byte, delta int64) error {
+	if set, _ := bitRun(bm, im.bitIndex(off), 1); set {
+		return im.readFile(p, off+delta)
+	}
+	_, err := im.parent.ReadAt(p, off)
+	return err
+}
+
+// presentBitmap returns chunk c's sector bitmap, allocating its block in
+// the file first if the chunk has none.
+func (im *Image) presentBitmap(c int64) ([]byte, error) {
+	bm, err := im.bitmap(c)
+	if err != nil {
+		return nil, err
+	}
+	idx := im.geo.bitmapIndex(c)
+	if batState(im.bat[idx]) != bitmapPresent {
+		im.setBAT(idx, batEntry(bitmapPresent, im.allocate(bitmapBlockSize)))
+		// The new block must reach the file whole, zeros included.
+		sb := batOffset(im.bat[idx])
+		for pg := int64(0); pg < bitmapBlockSize/pageSize; pg++ {
+			im.dirty[sb+pg*pageSize] = struct{}{}
+		}
+	}
+	return bm, nil
+}
+
+// allocate reserves n bytes (a multiple of 1 MiB) at the end of the file.
+// The space lies past every byte ever written, so it reads as zeros.
+func (im *Image) allocate(n int64) int64 {
+	off := im.fileEnd
+	im.fileEnd += alignUp(n, mib)
+	return off
+}
+
+// setBAT changes entry idx in memory and marks its page for the log.
+func (im *Image) setBAT(idx int64, e uint64) {
+	im.bat[idx] = e
+	im.dirty[int64(im.regs.BAT.Offset)+idx*8/pageSize*pageSize] = struct{}{}
+}
+
+func isZero(p []byte) bool {
+	for len(p) >= 8 {
+		if p[0]|p[1]|p[2]|p[3]|p[4]|p[5]|p[6]|p[7] != 0 {
+			return false
+		}
+		p = p[8:]
+	}
+	for _, b := range p {
+		if b != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// WriteZeroes makes [off, off+n) read as zeros. Whole blocks change state
+// (ZERO) without writing, unless the image keeps its blocks allocated
+// (fixed) or mayUnmap is false and the block is allocated: then zeros are
+// written. The block's old file space stays owned by the entry and is
+// reused by a later write.
+func (im *Image) WriteZeroes(off, n int64, mayUnmap bool) error {
+	return im.zeroRange(off, n, mayUnmap, payloadZero)
+}
+
+// Trim discards [off, off+n): whole blocks become UNMAPPED, partial ones are
+// zeroed, so the range reads as zeros afterwards.
+func (im *Image) Trim(off, n int64) error {
+	return im.zeroRange(off, n, true, payloadUnmapped)
+}
+
+func (im *Image) zeroRange(off, n int64, mayUnmap bool, state uint8) error {
+	if im.readOnly {
+		return fmt.Errorf("vhdx: %s: %w", im.path, ErrReadOnly)
+	}
+	if err := im.checkIO(off, n); err != nil {
+		return err
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.closed {
+		return errClosed
+	}
+	if n == 0 {
+		return nil
+	}
+	if err := im.beginWrite(true); err != nil {
+		return err
+	}
+	g := &im.geo
+	keep := im.p.LeaveAllocated && im.parent == nil
+	for end := off + n; off < end; {
+		blk, in := off/g.blockSize, off%g.blockSize
+		seg := min(end-off, g.blockSize-in)
+		idx := g.payloadIndex(blk)
+		e := im.bat[idx]
+		st := batState(e)
+		whole := in == 0 && (seg == g.blockSize || off+seg == g.virtualSize)
+		allocated := st == payloadFullyPresent || st == payloadPartiallyPresent
+		var err error
+		switch {
+		case whole && !keep && (mayUnmap || !allocated):
+			if st != payloadNotPresent || im.parent != nil {
+				// Keep the file space with the entry for reuse.
+				im.setBAT(idx, batEntry(state, batOffset(e)))
+			}
+		case st == payloadFullyPresent:
+			err = im.writeZeros(batOffset(e)+in, seg)
+		default:
+			err = im.writeZeroRange(off, seg)
+		}
+		if err != nil {
+			return err
+		}
+		off += seg
+	}
+	return nil
+}
+
+// writeZeroRange writes zeros through the ordinary write path, in pieces.
+func (im *Image) writeZeroRange(off, n int64) error {
+	for n > 0 {
+		k := min(n, int64(len(zeros)))
+		if err := im.write(zeros[:k], off); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// dirtyPages returns the content of every dirty metadata page, sorted by
+// file offset, and clears the dirty set. The caller holds mu.
+func (im *Image) dirtyPages() []page {
+	offs := make([]int64, 0, len(im.dirty))
+	for off := range im.dirty {
+		offs = append(offs, off)
+	}
+	slices.Sort(offs)
+	pages := make([]page, len(offs))
+	for i, off := range offs {
+		pages[i] = page{off: off, data: im.pageContent(off)}
+	}
+	clear(im.dirty)
+	return pages
+}
+
+// pageContent renders the 4 KiB page at file offset off from memory: a
+// page of the BAT or of a sector bitmap block.
+func (im *Image) pageContent(off int64) []byte {
+	b := make([]byte, pageSize)
+	batOff := int64(im.regs.BAT.Offset)
+	if off >= batOff && off < batOff+int64(im.regs.BAT.Length) {
+		first := (off - batOff) / 8
+		for i := int64(0); i < pageSize/8 && first+i < int64(len(im.bat)); i++ {
+			e := im.bat[first+i]
+			for k := 0; k < 8; k++ {
+				b[8*i+int64(k)] = byte(e >> (8 * k))
+			}
+		}
+		return b
+	}
+	for c := range im.bitmaps {
+		e := im.bat[im.geo.bitmapIndex(int64(c))]
+		if batState(e) != bitmapPresent || off < batOffset(e) || off >= batOffset(e)+bitmapBlockSize {
+			continue
+		}
+		if bm := im.bitmaps[c].Load(); bm != nil {
+			copy(b, (*bm)[off-batOffset(e):])
+		}
+		return b
+	}
+	panic(fmt.Sprintf("vhdx: dirty page %#x belongs to no metadata structure", off))
+}

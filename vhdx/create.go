@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/vhdkit/vhdkit/storage"
 )
@@ -219,6 +220,11 @@ func marshalMetadata(opts CreateOptions, linkage GUID, path string) []byte {
 		loc := parentLocator{Type: locatorTypeVHDX}
 		loc.Set(keyLinkage, "{"+linkage.String()+"}")
 		loc.Set(keyRelativePath, relativeLocator(path, opts.Parent))
+		if abs, err := filepath.Abs(opts.Parent); err == nil {
+			// Windows-style separators, no drive: libvhdi finds the
+			// parent by this key's file name; we map it back to a path.
+			loc.Set(keyAbsolutePath, strings.ReplaceAll(abs, "/", `\`))
+		}
 		add(itemParentLocator, loc.marshal(), false)
 	}
 	copy(b, marshalMetaTable(entries))

@@ -81,8 +81,9 @@ func (im *Image) parentCandidates(explicit string) []string {
 	}
 	for _, k := range []string{keyAbsolutePath, keyVolumePath} {
 		if abs, ok := loc.Get(k); ok && abs != "" {
-			if strings.HasPrefix(abs, "/") {
-				add(filepath.Clean(abs))
+			if strings.HasPrefix(abs, "/") || (strings.HasPrefix(abs, `\`) && !strings.HasPrefix(abs, `\\`)) {
+				// A path without a drive: ours, written from a POSIX path.
+				add(filepath.Clean(strings.ReplaceAll(abs, `\`, "/")))
 			}
 			name := abs[strings.LastIndexAny(abs, `\/`)+1:]
 			if name != "" && name != "." && name != ".." {

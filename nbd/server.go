@@ -1,0 +1,402 @@
+package nbd
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/vhdkit/vhdkit/disk"
+)
+
+// ErrServerClosed is returned by Serve and ServeConn after Shutdown or Close.
+var ErrServerClosed = errors.New("nbd: server closed")
+
+// Export is one named disk offered by a Server.
+type Export struct {
+	// Name is what clients ask for. The empty name is the default export
+	// (nbd+unix:///?socket=… asks for it).
+	Name string
+	// Description is shown by clients that list exports (optional).
+	Description string
+	// Image is the disk served. Every connection to the export shares it,
+	// so a FLUSH on any connection covers writes acknowledged on all of
+	// them (the export advertises NBD_FLAG_CAN_MULTI_CONN). The server
+	// never closes it.
+	Image disk.Image
+	// ReadOnly refuses writes, trims and zeroing with EPERM.
+	ReadOnly bool
+}
+
+// export is an Export with its optional capabilities resolved once.
+type export struct {
+	Export
+	trimmer  disk.Trimmer
+	zeroer   disk.Zeroer
+	extenter disk.Extenter
+	minBlock uint32
+}
+
+func newExport(e Export) (*export, error) {
+	if e.Image == nil {
+		return nil, errors.New("nbd: export has no image")
+	}
+	if len(e.Name) > maxString || len(e.Description) > maxString {
+		return nil, errors.New("nbd: export name or description longer than 4096 bytes")
+	}
+	x := &export{Export: e, minBlock: 512}
+	x.trimmer, _ = e.Image.(disk.Trimmer)
+	x.zeroer, _ = e.Image.(disk.Zeroer)
+	x.extenter, _ = e.Image.(disk.Extenter)
+	if ss, ok := e.Image.(disk.SectorSizer); ok {
+		n := ss.LogicalSectorSize()
+		if n < 1 || n > 65536 || n&(n-1) != 0 {
+			return nil, fmt.Errorf("nbd: logical sector size %d is not a power of two up to 64 KiB", n)
+		}
+		x.minBlock = uint32(n)
+	}
+	return x, nil
+}
+
+// transmissionFlags are the export's flags for a connection; DF depends
+// on whether that connection negotiated structured replies.
+func (x *export) transmissionFlags(structured bool) uint16 {
+	f := uint16(FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagCanMultiConn | FlagSendCache)
+	if x.ReadOnly {
+		f |= FlagReadOnly
+	} else {
+		// TRIM without a Trimmer is accepted as a no-op (it is a hint);
+		// WRITE_ZEROES without a Zeroer writes zero buffers, and then
+		// FAST_ZERO fails quickly with ENOTSUP as the spec asks.
+		f |= FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero
+	}
+	if structured {
+		f |= FlagSendDF
+	}
+	return f
+}
+
+func (x *export) blockSizes() (min, pref, max uint32) {
+	pref = preferredBlock
+	if x.minBlock > pref {
+		pref = x.minBlock
+	}
+	return x.minBlock, pref, MaxPayload
+}
+
+// Server serves exports over the NBD protocol (fixed newstyle handshake,
+// structured replies, metadata contexts, STARTTLS).
+//
+// Set the configuration fields before the first Serve; add exports at any
+// time. A Server must not be copied after first use.
+type Server struct {
+	// TLSConfig, when set, lets clients upgrade with NBD_OPT_STARTTLS.
+	// It needs at least one certificate.
+	TLSConfig *tls.Config
+	// TLSRequired refuses every option but STARTTLS and ABORT until TLS
+	// is up (the spec's FORCEDTLS mode). It needs TLSConfig.
+	TLSRequired bool
+	// Logger receives connection-level events; nil discards them.
+	Logger *slog.Logger
+	// HandshakeTimeout bounds the whole option haggling phase of a
+	// connection, so idle or slow clients cannot pin it; 0 means 30 s.
+	// The transmission phase has no timeout: guests may idle for days.
+	HandshakeTimeout time.Duration
+	// Workers is the number of requests one connection executes
+	// concurrently; 0 means 16. Further requests wait in the socket.
+	Workers int
+	// ConnMemory bounds the payload bytes (write data being executed,
+	// read data being sent) held by one connection; 0 means 64 MiB.
+	// Values below MaxPayload are raised to it.
+	ConnMemory int
+
+	mu        sync.Mutex
+	exports   map[string]*export
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	closing   atomic.Bool
+	idle      chan struct{} // closed and replaced when conns becomes empty
+}
+
+// AddExport makes e available to new connections. The name must be unused.
+func (s *Server) AddExport(e Export) error {
+	x, err := newExport(e)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.exports == nil {
+		s.exports = make(map[string]*export)
+	}
+	if _, dup := s.exports[e.Name]; dup {
+		return fmt.Errorf("nbd: export %q already exists", e.Name)
+	}
+	s.exports[e.Name] = x
+	return nil
+}
+
+// RemoveExport hides the export from new connections; connections already
+// using it continue until they disconnect. It reports whether it existed.
+func (s *Server) RemoveExport(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.exports[name]
+	delete(s.exports, name)
+	return ok
+}
+
+func (s *Server) lookup(name string) *export {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.exports[name]
+}
+
+// exportList returns the exports sorted by name, for NBD_OPT_LIST.
+func (s *Server) exportList() []*export {
+	s.mu.Lock()
+	list := make([]*export, 0, len(s.exports))
+	for _, x := range s.exports {
+		list = append(list, x)
+	}
+	s.mu.Unlock()
+	sort.Slice(list, func(i, j int) bool { return list[i].Name < list[j].Name })
+	return list
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func (s *Server) handshakeTimeout() time.Duration {
+	if s.HandshakeTimeout > 0 {
+		return s.HandshakeTimeout
+	}
+	return 30 * time.Second
+}
+
+func (s *Server) workers() int {
+	if s.Workers > 0 {
+		return s.Workers
+	}
+	return 16
+}
+
+func (s *Server) connMemory() int64 {
+	n := int64(s.ConnMemory)
+	if n == 0 {
+		n = 64 << 20
+	}
+	if n < MaxPayload {
+		n = MaxPayload
+	}
+	return n
+}
+
+// Serve accepts connections on l and serves each in its own goroutine
+// until Shutdown or Close, then returns ErrServerClosed. Any listener
+// works: a unix or TCP socket, or one inherited through systemd socket
+// activation (net.FileListener on fd 3). Serve closes l when it returns.
+func (s *Server) Serve(l net.Listener) error {
+	if s.TLSRequired && s.TLSConfig == nil {
+		l.Close()
+		return errors.New("nbd: TLSRequired without TLSConfig")
+	}
+	if !s.trackListener(l, true) {
+		l.Close()
+		return ErrServerClosed
+	}
+	defer s.trackListener(l, false)
+	defer l.Close()
+	var backoff time.Duration
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if s.closing.Load() {
+				return ErrServerClosed
+			}
+			if temporaryAcceptError(err) {
+				// Out of file descriptors and the like: wait, do not spin.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.logger().Warn("nbd: accept", "err", err, "retry", backoff)
+				time.Sleep(backoff)
+				continue
+			}
+			return err
+		}
+		backoff = 0
+		go s.ServeConn(c)
+	}
+}
+
+// ServeConn serves one already-connected client (for instance a socket
+// passed by inetd-style activation) and returns when it disconnects. It
+// closes c.
+func (s *Server) ServeConn(c net.Conn) error {
+	if s.TLSRequired && s.TLSConfig == nil {
+		c.Close()
+		return errors.New("nbd: TLSRequired without TLSConfig")
+	}
+	cn := newConn(s, c)
+	if !s.trackConn(cn, true) {
+		c.Close()
+		return ErrServerClosed
+	}
+	defer s.trackConn(cn, false)
+	err := cn.serve()
+	if err != nil && !s.closing.Load() {
+		s.logger().Debug("nbd: connection ended", "remote", remoteName(c), "err", err)
+	}
+	return err
+}
+
+// temporaryAcceptError reports errors after which accepting again can
+// succeed: out of file descriptors or a timeout.
+func temporaryAcceptError(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) ||
+		errors.Is(err, syscall.ECONNABORTED)
+}
+
+func remoteName(c net.Conn) string {
+	if a := c.RemoteAddr(); a != nil && a.String() != "" {
+		return a.String()
+	}
+	return "local"
+}
+
+func (s *Server) trackListener(l net.Listener, add bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if add {
+		if s.closing.Load() {
+			return false
+		}
+		if s.listeners == nil {
+			s.listeners = make(map[net.Listener]struct{})
+		}
+		s.listeners[l] = struct{}{}
+	} else {
+		delete(s.listeners, l)
+	}
+	return true
+}
+
+func (s *Server) trackConn(c *conn, add bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if add {
+		if s.closing.Load() {
+			return false
+		}
+		if s.conns == nil {
+			s.conns = make(map[*conn]struct{})
+		}
+		s.conns[c] = struct{}{}
+		return true
+	}
+	delete(s.conns, c)
+	if len(s.conns) == 0 && s.idle != nil {
+		close(s.idle)
+		s.idle = nil
+	}
+	return true
+}
+
+// beginClose stops accepting and returns the live connections.
+func (s *Server) beginClose() []*conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closing.Store(true)
+	for l := range s.listeners {
+		l.Close()
+	}
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	return conns
+}
+
+// waitIdle returns a channel closed once no connection is left.
+func (s *Server) waitIdle() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.conns) == 0 {
+		ch := make(chan struct{})
+		close(ch)
+		return ch
+	}
+	if s.idle == nil {
+		s.idle = make(chan struct{})
+	}
+	return s.idle
+}
+
+// Shutdown stops the server gracefully: it closes the listeners, stops
+// reading new requests, lets every request already read finish and send
+// its reply, closes the connections, then flushes every export's image.
+// If ctx ends first, the remaining connections are closed abruptly and
+// Shutdown returns ctx.Err() (after still flushing the images). Images
+// are not closed: they belong to the caller.
+func (s *Server) Shutdown(ctx context.Context) error {
+	for _, c := range s.beginClose() {
+		c.stopReading()
+	}
+	var err error
+	select {
+	case <-s.waitIdle():
+	case <-ctx.Done():
+		err = ctx.Err()
+		for _, c := range s.beginClose() {
+			c.abort()
+		}
+		<-s.waitIdle()
+	}
+	return errors.Join(err, s.flushAll())
+}
+
+// Close closes the listeners and every connection at once, without
+// waiting for requests in flight, and without flushing.
+func (s *Server) Close() error {
+	for _, c := range s.beginClose() {
+		c.abort()
+	}
+	<-s.waitIdle()
+	return nil
+}
+
+func (s *Server) flushAll() error {
+	s.mu.Lock()
+	var errs []error
+	seen := make(map[disk.Image]bool)
+	list := make([]*export, 0, len(s.exports))
+	for _, x := range s.exports {
+		list = append(list, x)
+	}
+	s.mu.Unlock()
+	for _, x := range list {
+		if x.ReadOnly || seen[x.Image] {
+			continue
+		}
+		seen[x.Image] = true
+		if err := x.Image.Flush(); err != nil {
+			errs = append(errs, fmt.Errorf("nbd: flush export %q: %w", x.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}

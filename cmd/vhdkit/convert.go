@@ -1,0 +1,466 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+
+	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/raw"
+	"github.com/vhdkit/vhdkit/vhdx"
+)
+
+func convertCommand() *command {
+	return &command{
+		name:     "convert",
+		synopsis: "[flags] SRC DST",
+		summary:  "copy a virtual disk into a new file of another format or kind (like qemu-img convert)",
+		help: `The formats of SRC and DST follow their extensions: raw to VHDX, VHDX to raw
+and VHDX to VHDX. Ranges of SRC that read as zeros are not written, so they
+stay unallocated in a dynamic DST (and sparse in a raw one). A differencing
+SRC is read through its whole chain: DST is the flattened disk.
+
+With --parent, DST becomes a differencing VHDX whose parent is PATH, holding
+only the sectors where SRC differs from PATH (like qemu-img convert -B).
+
+DST must not exist; if the conversion fails, the partial DST is removed.
+A progress bar goes to stderr when it is a terminal, or with --progress.
+
+Examples:
+  vhdkit convert disk.img disk.vhdx
+  vhdkit convert --type fixed --logical-sector 4096 disk.img disk.vhdx
+  vhdkit convert child.avhdx flat.img            # flatten a chain
+  vhdkit convert --parent base.vhdx new.img new.avhdx
+`,
+		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
+			var o convertOptions
+			fs.StringVar(&o.typ, "type", "", "VHDX `kind` of DST: fixed or dynamic (default dynamic; differencing with --parent)")
+			fs.Var(&o.blockSize, "block-size", "VHDX block `SIZE` of DST, a power of two from 1M to 256M (default 32M; 2M for differencing)")
+			fs.IntVar(&o.logical, "logical-sector", 0, "logical sector size of a VHDX DST in `bytes`: 512 or 4096 (default: SRC's, else 512)")
+			fs.StringVar(&o.parent, "parent", "", "make DST a differencing VHDX of the parent `PATH`, holding only what differs from it")
+			fs.BoolVar(&o.progress, "progress", false, "show progress on stderr even when it is not a terminal")
+			return func(ctx context.Context, c *cli, args []string) error {
+				if len(args) != 2 {
+					return usagef("want SRC and DST, got %d arguments", len(args))
+				}
+				return c.convert(ctx, o, args[0], args[1])
+			}
+		},
+	}
+}
+
+type convertOptions struct {
+	typ       string
+	blockSize sizeValue
+	logical   int
+	parent    string
+	progress  bool
+}
+
+func (c *cli) convert(ctx context.Context, o convertOptions, srcPath, dstPath string) (err error) {
+	dstFormat, err := formatOf(dstPath)
+	if err != nil {
+		return err
+	}
+	var vopts vhdx.CreateOptions
+	switch dstFormat {
+	case "vhdx":
+		if o.typ == "differencing" && o.parent == "" {
+			return usagef("--type differencing needs --parent")
+		}
+		vopts, err = vhdxOptions(o.typ, o.blockSize, o.logical, 0, o.parent)
+		if err != nil {
+			return err
+		}
+	case "raw":
+		if err := rawOnlySize(o.typ, o.blockSize, o.logical, 0, o.parent); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("%s: cannot create %s images", dstPath, dstFormat)
+	}
+
+	src, err := openImage(srcPath, true)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	var parent disk.Image
+	if o.parent != "" {
+		parent, err = openImage(o.parent, true)
+		if err != nil {
+			return err
+		}
+		defer parent.Close()
+		if parent.Size() != src.Size() {
+			return fmt.Errorf("%s is %d bytes but the parent %s is %d: a differencing image has its parent's size",
+				srcPath, src.Size(), o.parent, parent.Size())
+		}
+	}
+	if err := refuseExisting(dstPath); err != nil {
+		return err
+	}
+
+	var dst disk.Image
+	switch dstFormat {
+	case "raw":
+		dst, err = raw.Create(dstPath, src.Size())
+	case "vhdx":
+		if parent == nil {
+			vopts.Size = uint64(src.Size())
+			if s, ok := src.(disk.SectorSizer); ok {
+				if vopts.LogicalSectorSize == 0 {
+					vopts.LogicalSectorSize = uint32(s.LogicalSectorSize())
+				}
+				if vopts.PhysicalSectorSize == 0 && s.PhysicalSectorSize() >= int(vopts.LogicalSectorSize) {
+					vopts.PhysicalSectorSize = uint32(s.PhysicalSectorSize())
+				}
+			}
+		}
+		sector := int64(vopts.LogicalSectorSize)
+		if parent != nil {
+			sector = int64(512)
+			if s, ok := parent.(disk.SectorSizer); ok {
+				sector = int64(s.LogicalSectorSize())
+			}
+		} else if sector == 0 {
+			sector = 512
+		}
+		if src.Size()%sector != 0 {
+			return fmt.Errorf("%s: its size %d is not a multiple of the logical sector size %d", srcPath, src.Size(), sector)
+		}
+		var im *vhdx.Image
+		im, err = vhdx.Create(dstPath, vopts)
+		if err == nil {
+			dst = im
+		}
+	}
+	if err != nil {
+		os.Remove(dstPath)
+		return err
+	}
+	closed := false
+	defer func() {
+		if err != nil {
+			if !closed {
+				dst.Close()
+			}
+			os.Remove(dstPath)
+		}
+	}()
+
+	cp := &imageCopy{src: src, dst: dst, parent: parent}
+	if parent != nil {
+		cp.sector, _ = sectorSizes(dst)
+	}
+	if o.progress || isTerminal(c.stderr) {
+		cp.progress = newProgressBar(c.stderr, src.Size(), isTerminal(c.stderr))
+		defer func() {
+			if err != nil {
+				cp.progress.abort()
+			}
+		}()
+	}
+	if err := cp.run(ctx); err != nil {
+		return err
+	}
+	if err := dst.Flush(); err != nil {
+		return err
+	}
+	closed = true
+	if err := dst.Close(); err != nil {
+		return err
+	}
+	if cp.progress != nil {
+		cp.progress.finish()
+	}
+	return nil
+}
+
+// The copy runs as a pipeline: one goroutine reads SRC chunk by chunk and
+// decides what has to be written, the caller's goroutine writes, so reading
+// and writing overlap. A chunk is large so that each costs few calls into
+// the formats; zero detection works on smaller granules inside it.
+const (
+	copyChunk   = 4 << 20  // bytes read at once
+	copyBuffers = 6        // chunks in flight between reader and writer
+	zeroGranule = 64 << 10 // all-zero granules of SRC are not written
+)
+
+// imageCopy copies src into a fresh dst.
+type imageCopy struct {
+	src, dst disk.Image
+	// parent, when set, is what dst already reads through (a differencing
+	// dst): only sectors where src differs from parent are written.
+	parent   disk.Image
+	sector   int // dst's logical sector size, with parent
+	progress *progressBar
+
+	free       chan []byte // chunk buffers not in use
+	allocated  int         // buffers made so far (at most copyBuffers)
+	parentBuf  []byte      // the reader's buffer for parent data
+	zeroChunk  []byte      // copyChunk zero bytes, never written to
+	jobs       chan copyJob
+	readerDone chan error
+}
+
+// copyJob is one chunk handed from the reader to the writer.
+type copyJob struct {
+	off    int64
+	length int64  // bytes of the disk the job accounts for (for progress)
+	buf    []byte // the chunk's bytes; nil when they are all zero or nothing is written
+	writes []span // ranges of buf to write, relative to off
+}
+
+// span is a range [off, off+n).
+type span struct{ off, n int64 }
+
+func (cp *imageCopy) run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	cp.free = make(chan []byte, copyBuffers)
+	cp.jobs = make(chan copyJob, copyBuffers)
+	cp.readerDone = make(chan error, 1)
+	cp.zeroChunk = make([]byte, copyChunk)
+	go func() {
+		var err error
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("internal error while reading: %v", r)
+			}
+			close(cp.jobs)
+			cp.readerDone <- err
+		}()
+		err = cp.read(ctx)
+	}()
+
+	var werr error
+	for job := range cp.jobs {
+		if werr == nil {
+			werr = cp.write(ctx, job)
+			if werr != nil {
+				cancel() // stop the reader; keep draining its jobs
+			}
+		}
+		if job.buf != nil {
+			cp.free <- job.buf
+		}
+	}
+	rerr := <-cp.readerDone
+	if werr != nil {
+		return werr
+	}
+	return rerr
+}
+
+// write performs one job on dst.
+func (cp *imageCopy) write(ctx context.Context, job copyJob) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	data := job.buf
+	if data == nil {
+		data = cp.zeroChunk
+	}
+	for _, s := range job.writes {
+		if _, err := cp.dst.WriteAt(data[s.off:s.off+s.n], job.off+s.off); err != nil {
+			return fmt.Errorf("writing at offset %d: %w", job.off+s.off, err)
+		}
+	}
+	if cp.progress != nil {
+		cp.progress.add(job.length)
+	}
+	return nil
+}
+
+// read walks src's allocation map and sends the writer a job per chunk.
+func (cp *imageCopy) read(ctx context.Context) error {
+	return walkExtents(ctx, cp.src, func(e disk.Extent) error {
+		srcZero := e.Type != disk.Data
+		switch {
+		case !srcZero:
+			return cp.copyRange(ctx, e.Offset, e.Length, false)
+		case cp.parent == nil:
+			return cp.send(ctx, copyJob{off: e.Offset, length: e.Length})
+		}
+		// SRC reads as zeros here: only the parent's data needs covering.
+		list, err := imageExtents(cp.parent, e.Offset, e.Length)
+		if err != nil {
+			return fmt.Errorf("mapping the parent: %w", err)
+		}
+		for _, p := range list {
+			if p.Type == disk.Data {
+				err = cp.copyRange(ctx, p.Offset, p.Length, true)
+			} else {
+				err = cp.send(ctx, copyJob{off: p.Offset, length: p.Length})
+			}
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// copyRange reads [off, off+n) chunk by chunk (unless srcZero says src
+// reads as zeros there) and sends the writer what differs from what dst
+// already reads: zeros, or the parent's data.
+func (cp *imageCopy) copyRange(ctx context.Context, off, n int64, srcZero bool) error {
+	end := off + n
+	for off < end {
+		// Chunks end on multiples of copyChunk, so they line up with the
+		// target's blocks whatever the extent boundaries.
+		next := min(end, (off/copyChunk+1)*copyChunk)
+		length := next - off
+		job := copyJob{off: off, length: length}
+		var data []byte
+		if srcZero {
+			data = cp.zeroChunk[:length]
+		} else {
+			buf, err := cp.buffer(ctx)
+			if err != nil {
+				return err
+			}
+			data = buf[:length]
+			if err := readFull(cp.src, data, off); err != nil {
+				cp.free <- buf
+				return err
+			}
+			job.buf = buf
+		}
+		if cp.parent != nil {
+			var err error
+			job.writes, err = cp.parentDiff(data, off)
+			if err != nil {
+				if job.buf != nil {
+					cp.free <- job.buf
+				}
+				return err
+			}
+		} else {
+			job.writes = nonZeroSpans(data, zeroGranule)
+		}
+		if len(job.writes) == 0 && job.buf != nil {
+			cp.free <- job.buf
+			job.buf = nil
+		}
+		if err := cp.send(ctx, job); err != nil {
+			if job.buf != nil {
+				cp.free <- job.buf
+			}
+			return err
+		}
+		off = next
+	}
+	return nil
+}
+
+// parentDiff reads the parent's bytes under data and returns the runs of
+// sectors where they differ.
+func (cp *imageCopy) parentDiff(data []byte, off int64) ([]span, error) {
+	if cp.parentBuf == nil {
+		cp.parentBuf = make([]byte, copyChunk)
+	}
+	p := cp.parentBuf[:len(data)]
+	if err := readFull(cp.parent, p, off); err != nil {
+		return nil, fmt.Errorf("reading the parent: %w", err)
+	}
+	if bytes.Equal(data, p) {
+		return nil, nil
+	}
+	return diffSpans(data, p, cp.sector, off), nil
+}
+
+// buffer returns a free chunk buffer, making one while fewer than
+// copyBuffers exist.
+func (cp *imageCopy) buffer(ctx context.Context) ([]byte, error) {
+	select {
+	case b := <-cp.free:
+		return b, nil
+	default:
+	}
+	if cp.allocated < copyBuffers {
+		cp.allocated++
+		return make([]byte, copyChunk), nil
+	}
+	select {
+	case b := <-cp.free:
+		return b, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (cp *imageCopy) send(ctx context.Context, job copyJob) error {
+	select {
+	case cp.jobs <- job:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func readFull(im disk.Image, p []byte, off int64) error {
+	n, err := im.ReadAt(p, off)
+	if n == len(p) {
+		return nil
+	}
+	if err == nil {
+		err = errors.New("short read")
+	}
+	return fmt.Errorf("reading at offset %d: %w", off+int64(n), err)
+}
+
+// nonZeroSpans returns the runs of granules of data that hold a non-zero
+// byte, adjacent ones merged.
+func nonZeroSpans(data []byte, granule int) []span {
+	var spans []span
+	for i := 0; i < len(data); i += granule {
+		g := data[i:min(len(data), i+granule)]
+		if allZero(g) {
+			continue
+		}
+		if n := len(spans); n > 0 && spans[n-1].off+spans[n-1].n == int64(i) {
+			spans[n-1].n += int64(len(g))
+		} else {
+			spans = append(spans, span{int64(i), int64(len(g))})
+		}
+	}
+	return spans
+}
+
+// diffSpans returns the runs of sectors (of sector bytes, counted from
+// disk offset 0; base is data's disk offset) where a and b differ.
+func diffSpans(a, b []byte, sector int, base int64) []span {
+	var spans []span
+	i := 0
+	for i < len(a) {
+		// The first sector may start before data when base is unaligned.
+		j := min(len(a), i+sector-int((base+int64(i))%int64(sector)))
+		if !bytes.Equal(a[i:j], b[i:j]) {
+			if n := len(spans); n > 0 && spans[n-1].off+spans[n-1].n == int64(i) {
+				spans[n-1].n += int64(j - i)
+			} else {
+				spans = append(spans, span{int64(i), int64(j - i)})
+			}
+		}
+		i = j
+	}
+	return spans
+}
+
+var zeroGranuleBytes = make([]byte, zeroGranule)
+
+func allZero(p []byte) bool {
+	for len(p) > 0 {
+		n := min(len(p), len(zeroGranuleBytes))
+		if !bytes.Equal(p[:n], zeroGranuleBytes[:n]) {
+			return false
+		}
+		p = p[n:]
+	}
+	return true
+}

@@ -1,0 +1,17 @@
+// Command vhdkit creates, inspects, checks and converts virtual disks
+// (VHDX and raw) on Linux. Run "vhdkit help" for the commands.
+package main
+
+import (
+	"context"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}

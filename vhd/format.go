@@ -1,0 +1,336 @@
+// Package vhd reads and writes Microsoft Virtual Hard Disk (VHD) images —
+// fixed, dynamic and differencing — as described by the Virtual Hard Disk
+// Image Format Specification v1.0, and registers the format ("vhd", files
+// ending in .vhd or .avhd) with package disk.
+//
+// # On-disk layout
+//
+// All integers are big-endian. A fixed image is the disk itself followed by
+// a footer:
+//
+//	0                                  CurrentSize       +512
+//	+----------------------------------+-----------------+
+//	| virtual disk, byte for byte      | footer          |
+//	+----------------------------------+-----------------+
+//
+// (Images from before Virtual PC 2004 may end in a 511-byte footer: it is
+// read, never written.)
+//
+// A dynamic or differencing image:
+//
+//	0        512               1536
+//	+--------+-----------------+--------------+------------+---------+-----+---------+--------+
+//	| footer | dynamic header  | BAT          | parent     | block   | ... | block   | footer |
+//	| copy   | (1024 bytes)    | 4 bytes per  | locator    | (bitmap |     |         |        |
+//	|        | cookie cxsparse | block, padded| data       | + data) |     |         |        |
+//	+--------+-----------------+--------------+------------+---------+-----+---------+--------+
+//	  ^ identical to the last 512 bytes           ^ W2ku/W2ru paths, differencing only
+//
+//	footer        0 cookie "conectix"   8 features    12 version      16 data offset (header)
+//	 (512 bytes) 24 time stamp         28 creator    32 creator ver  36 creator host OS
+//	             40 original size      48 current size               56 geometry C/H/S
+//	             60 disk type          64 checksum   68 unique id    84 saved state
+//	header        0 cookie "cxsparse"   8 data offset 16 table offset  24 version
+//	 (1024)      28 max table entries  32 block size 36 checksum      40 parent unique id
+//	             56 parent time stamp  64 parent name (UTF-16BE, 512 bytes)
+//	             576 eight parent locator entries of 24 bytes:
+//	                 0 platform code  4 data space  8 data length  16 data offset
+//	BAT entry     sector number (offset/512) of a block, 0xFFFFFFFF = not allocated
+//	block         sector bitmap (1 bit per 512-byte sector, most significant bit
+//	              first, padded to 512 bytes), then BlockSize bytes of data
+//
+// A set bitmap bit means the sector is stored in this file; a clear bit
+// means it reads as zeros (dynamic) or from the parent (differencing).
+// Checksums are the one's complement of the byte sum of the structure
+// with its checksum field taken as zero.
+//
+// # Virtual size
+//
+// The footer holds both a current size and a CHS geometry, and creators
+// disagree about which is the disk's size. Size returns the current size
+// (rounded down to a whole sector) except for images whose creator is
+// "vpc " (Virtual PC) or "qemu" (QEMU before force_size existed): those
+// tools size the disk by geometry, so Size is cylinders*heads*sectors*512
+// — unless the geometry is the maximum 65535/16/255 (the disk is larger
+// than CHS can express) or the CHS size exceeds the current size, where
+// the current size wins. This matches qemu-img; 7-Zip always uses the
+// current size, so for a Virtual PC image whose geometry rounds down
+// (virtualpc-dynamic.vhd: CHS 136363130880, current 136365211648 bytes)
+// the two tools, and we with qemu-img, disagree with 7-Zip by the tail.
+// Images we create use creator "vhdk" and a size that is a whole number of
+// sectors; readers that go by geometry see the full size only when the size
+// is exact in CHS (GeometryFor(size).Size() == size).
+//
+// # Writing and crash safety
+//
+// Fixed images are written in place. In a dynamic or differencing image a
+// write to an unallocated block appends a block at the end of the file: the
+// footer moves behind the new block at once (the old footer stays intact,
+// and the copy at offset 0 never changes), the data is written into the
+// new block, and the BAT entry and sector bitmap are kept in memory. Flush
+// commits them in this order, two syncs per Flush however many blocks were
+// allocated:
+//
+//  1. write the sector bitmaps of the blocks allocated since the last
+//     Flush (no BAT entry on disk points at them yet);
+//  2. sync: user data, those bitmaps and the moved footer are durable;
+//  3. write the changed bitmaps of already published blocks and the
+//     changed BAT sectors, which publishes the new blocks;
+//  4. sync.
+//
+// A crash before step 4 leaves every BAT entry on disk pointing either
+// where it pointed before or at a block whose data and bitmap are durable,
+// and every bitmap bit on disk set only over durable data; at worst a
+// block is leaked at the end of the file. If the crash left the file
+// without a valid footer at its end, Open uses the copy at offset 0 and a
+// writable Open rewrites the end footer. An error during Flush makes the
+// image refuse further writes (the on-disk state is whatever the last
+// completed Flush left, plus unpublished blocks).
+//
+// Writes set the bitmap bits of exactly the sectors they cover; a partial
+// sector in a differencing image is completed from the parent first. There
+// is no copy-up of whole blocks.
+//
+// Trim and WriteZeroes with mayUnmap of a whole block clear its BAT entry,
+// which makes it read as zeros (dynamic) or as the parent (differencing);
+// its space in the file is not reused (converting the image compacts it).
+// A partial block is trimmed by writing zeros over its stored sectors
+// (dynamic: other readers ignore the bitmap and must see zeros) or by
+// clearing the bitmap bits of whole sectors and copying the parent's bytes
+// into partial ones (differencing).
+//
+// # Parents
+//
+// A differencing image's parent is found, in this order, from the W2ru
+// locator (relative to the child's folder), the W2ku locator (absolute),
+// the deprecated Wi2r/Wi2k and MacX locators and the header's parent name.
+// Windows paths are mapped: backslashes become slashes, and a path that
+// cannot exist here (drive letter, UNC) falls back to its file name in the
+// child's folder. The parent is opened read-only through package disk, so
+// any registered format can be a parent; a VHD parent must carry the unique
+// id the child records, or Open fails with an error wrapping
+// disk.ErrParentMismatch. The parent time stamp is not enforced: copying a
+// parent changes its modification time, and Windows opens such chains too.
+// A mismatch (against both the parent's footer time stamp and its file
+// modification time; zero means not recorded) is reported by Info and
+// Check.
+package vhd
+
+import (
+	"encoding/binary"
+	"fmt"
+	"time"
+
+	"github.com/vhdkit/vhdkit/disk"
+)
+
+const (
+	// SectorSize is the VHD sector: the unit of offsets, bitmaps and
+	// geometry.
+	SectorSize = 512
+	// DefaultBlockSize is the block size of new dynamic and differencing
+	// images, as Hyper-V and Virtual PC use.
+	DefaultBlockSize = 2 << 20
+	// MaxSize is the largest virtual size the format allows (2040 GiB).
+	MaxSize = 2040 << 30
+	// CreatorApp is the creator application written into images created
+	// here ("vhdk", version CreatorVersion); readers that do not know it
+	// use the footer's current size, which is what we mean.
+	CreatorApp     = "vhdk"
+	CreatorVersion = 0x00010000
+
+	footerSize = 512
+	headerSize = 1024
+
+	footerCookie = "conectix"
+	headerCookie = "cxsparse"
+
+	formatVersion = 0x00010000 // footer and header version 1.0
+	// featureReserved must always be set in the footer's features.
+	featureReserved = 0x00000002
+	// noDataOffset is the footer's data offset of a fixed image and the
+	// header's unused data offset.
+	noDataOffset = ^uint64(0)
+
+	batUnused = 0xFFFFFFFF
+
+	minBlockSize = SectorSize
+	maxBlockSize = 256 << 20
+	// maxBATEntries bounds the BAT we hold in memory (256 MiB of entries):
+	// a 2040 GiB disk needs 1 Mi entries at the default block size.
+	maxBATEntries = 64 << 20
+	// maxLocatorLength bounds one locator's data: a Windows path holds at
+	// most 32767 UTF-16 units.
+	maxLocatorLength = 64 << 10
+	// maxChainDepth bounds a differencing chain of VHDs.
+	maxChainDepth = 256
+
+	hostWindows = "Wi2k"
+)
+
+// vhdEpoch is the zero of VHD time stamps: seconds since 2000-01-01 UTC.
+var vhdEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+
+func vhdTime(t time.Time) uint32 {
+	s := t.Sub(vhdEpoch) / time.Second
+	if s < 0 {
+		return 0
+	}
+	if s > 0xFFFFFFFF {
+		return 0xFFFFFFFF
+	}
+	return uint32(s)
+}
+
+func fromVHDTime(s uint32) time.Time { return vhdEpoch.Add(time.Duration(s) * time.Second) }
+
+// Type is the kind of a VHD image; its values are the footer's disk type.
+type Type uint32
+
+const (
+	Fixed        Type = 2
+	Dynamic      Type = 3
+	Differencing Type = 4
+)
+
+func (t Type) String() string {
+	switch t {
+	case Fixed:
+		return "fixed"
+	case Dynamic:
+		return "dynamic"
+	case Differencing:
+		return "differencing"
+	}
+	return fmt.Sprintf("type(%d)", uint32(t))
+}
+
+// UUID is a unique id as stored in the file. It prints its bytes in file
+// order, which is how Windows tools and libvhdi show VHD ids.
+type UUID [16]byte
+
+func (u UUID) String() string {
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
+// IsZero reports whether u is all zeros (no id recorded).
+func (u UUID) IsZero() bool { return u == UUID{} }
+
+// Geometry is the CHS geometry stored in the footer.
+type Geometry struct {
+	Cylinders       uint16
+	Heads           uint8
+	SectorsPerTrack uint8
+}
+
+// Size is the disk size the geometry describes, in bytes.
+func (g Geometry) Size() int64 {
+	return int64(g.Cylinders) * int64(g.Heads) * int64(g.SectorsPerTrack) * SectorSize
+}
+
+func (g Geometry) String() string {
+	return fmt.Sprintf("%d/%d/%d", g.Cylinders, g.Heads, g.SectorsPerTrack)
+}
+
+var maxGeometry = Geometry{65535, 16, 255}
+
+// GeometryFor computes the CHS geometry of a disk of size bytes with the
+// specification's algorithm (appendix "CHS calculation"). The geometry
+// rounds down: its Size may be smaller than size.
+func GeometryFor(size int64) Geometry {
+	total := size / SectorSize
+	if total > 65535*16*255 {
+		total = 65535 * 16 * 255
+	}
+	var spt, heads, cth int64
+	if total >= 65535*16*63 {
+		spt = 255
+		heads = 16
+		cth = total / spt
+	} else {
+		spt = 17
+		cth = total / spt
+		heads = (cth + 1023) / 1024
+		if heads < 4 {
+			heads = 4
+		}
+		if cth >= heads*1024 || heads > 16 {
+			spt = 31
+			heads = 16
+			cth = total / spt
+		}
+		if cth >= heads*1024 {
+			spt = 63
+			heads = 16
+			cth = total / spt
+		}
+	}
+	return Geometry{Cylinders: uint16(cth / heads), Heads: uint8(heads), SectorsPerTrack: uint8(spt)}
+}
+
+func decodeGeometry(b []byte) Geometry {
+	return Geometry{Cylinders: binary.BigEndian.Uint16(b[0:]), Heads: b[2], SectorsPerTrack: b[3]}
+}
+
+func (g Geometry) encode(b []byte) {
+	binary.BigEndian.PutUint16(b[0:], g.Cylinders)
+	b[2] = g.Heads
+	b[3] = g.SectorsPerTrack
+}
+
+// FormatError reports a structure that is malformed, fails its checksum or
+// uses a feature we do not support. It wraps disk.ErrFormat,
+// disk.ErrChecksum or disk.ErrUnsupported.
+type FormatError struct {
+	Struct string // "footer", "dynamic header", "BAT", "parent locator 2", ...
+	Offset int64  // file offset of the structure or of the offending field
+	Msg    string
+	Err    error
+}
+
+func (e *FormatError) Error() string {
+	return fmt.Sprintf("vhd: %s at offset %d: %v: %s", e.Struct, e.Offset, e.Err, e.Msg)
+}
+
+func (e *FormatError) Unwrap() error { return e.Err }
+
+func formatErr(structure string, off int64, format string, args ...any) *FormatError {
+	return &FormatError{Struct: structure, Offset: off, Msg: fmt.Sprintf(format, args...), Err: disk.ErrFormat}
+}
+
+func unsupportedErr(structure string, off int64, format string, args ...any) *FormatError {
+	return &FormatError{Struct: structure, Offset: off, Msg: fmt.Sprintf(format, args...), Err: disk.ErrUnsupported}
+}
+
+func checksumErr(structure string, off int64, stored, computed uint32) *FormatError {
+	return &FormatError{Struct: structure, Offset: off,
+		Msg: fmt.Sprintf("stored %#08x, computed %#08x", stored, computed), Err: disk.ErrChecksum}
+}
+
+// rebase moves an error from a Validate method, whose offsets are relative
+// to the structure, to the structure's place in the file.
+func rebase(err error, base int64) error {
+	if fe, ok := err.(*FormatError); ok {
+		c := *fe
+		c.Offset += base
+		return &c
+	}
+	return err
+}
+
+// checksum is the one's complement of the byte sum of b, skipping the four
+// bytes of the checksum field at at.
+func checksum(b []byte, at int) uint32 {
+	var sum uint32
+	for i, c := range b {
+		if i >= at && i < at+4 {
+			continue
+		}
+		sum += uint32(c)
+	}
+	return ^sum
+}
+
+func isPowerOfTwo(v uint64) bool { return v != 0 && v&(v-1) == 0 }
+
+func alignUp(v, a int64) int64 { return (v + a - 1) / a * a }

@@ -751,7 +751,7 @@ type Info struct {
 	BlockSize          uint32 // 0 for fixed images
 	LogicalSectorSize  uint32
 	PhysicalSectorSize uint32
-	UniqueID           UUID // Get-VHD's DiskIdentifier
+	UniqueID           UUID   // Get-VHD's DiskIdentifier
 	Creator            string // "win", "d2v", "qemu", "vhdk" (padding trimmed)
 	CreatorVersion     string // major.minor
 	CreatorHostOS      string

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Times vhdkit convert against qemu-img convert on the same 1 GiB of
+# deterministic, disk-like data (random runs, zero runs, holes, repeated
+# patterns), in one run:
+#
+#   raw -> dynamic VHDX
+#   VHDX (made by qemu-img) -> raw
+#   VHDX (made by vhdkit)   -> raw
+#
+# Each conversion runs twice per tool and the best time counts. Every
+# output is verified (cmp, qemu-img compare). Both tools flush the target
+# at the end: qemu-img runs with -t writeback, since its default cache
+# mode for convert (unsafe) never syncs while vhdkit always does.
+# Prints ratio = qemu-img time / vhdkit time: above 1, vhdkit is faster.
+#
+# Usage: bench/convert.sh [SIZE]   (SIZE default 1G; K, M or G)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size=${1:-1G}
+block=32M # the same block size for both tools (Hyper-V's default)
+
+command -v qemu-img >/dev/null || { echo "bench/convert.sh: qemu-img is needed (apt-get install qemu-utils)" >&2; exit 1; }
+work=$(mktemp -d "${TMPDIR:-/tmp}/vhdkit-bench-XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+echo "building vhdkit and the data generator"
+go build -o "$work/vhdkit" ./cmd/vhdkit
+go build -o "$work/gendata" ./bench/gendata
+vhdkit=$work/vhdkit
+src=$work/src.img
+"$work/gendata" -size "$size" -seed 1 "$src"
+
+now() { date +%s.%N; }
+
+# best SECONDS... prints the smallest.
+best() { printf '%s\n' "$@" | sort -g | head -n1; }
+
+# timed OUT CMD... removes OUT, runs CMD and prints the seconds it took.
+timed() {
+	local out=$1
+	shift
+	rm -f "$out"
+	local t0 t1
+	t0=$(now)
+	"$@" >/dev/null
+	t1=$(now)
+	awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", b - a }'
+}
+
+rows=()
+
+# bench NAME OUT VERIFY VHDKIT_CMD -- QEMU_CMD: two runs each, alternating.
+bench() {
+	local name=$1 out=$2 verify=$3
+	shift 3
+	local vcmd=() qcmd=()
+	while [ "$1" != "--" ]; do vcmd+=("$1"); shift; done
+	shift
+	qcmd=("$@")
+	local v=() q=()
+	for run in 1 2; do
+		v+=("$(timed "$out" "${vcmd[@]}")")
+		$verify "$out" || { echo "bench/convert.sh: vhdkit output of '$name' is wrong" >&2; exit 1; }
+		q+=("$(timed "$out" "${qcmd[@]}")")
+		$verify "$out" || { echo "bench/convert.sh: qemu-img output of '$name' is wrong" >&2; exit 1; }
+	done
+	rm -f "$out"
+	rows+=("$name|$(best "${v[@]}")|$(best "${q[@]}")")
+}
+
+same_as_src_raw() { cmp "$src" "$1"; }
+same_as_src_vhdx() { qemu-img compare -q -f raw -F vhdx "$src" "$1"; }
+
+echo "raw -> vhdx"
+bench "raw -> vhdx (dynamic)" "$work/out.vhdx" same_as_src_vhdx \
+	"$vhdkit" convert --block-size "$block" "$src" "$work/out.vhdx" -- \
+	qemu-img convert -t writeback -f raw -O vhdx -o subformat=dynamic,block_size=$block "$src" "$work/out.vhdx"
+
+echo "vhdx (qemu-img) -> raw"
+qemu-img convert -f raw -O vhdx -o subformat=dynamic,block_size=$block "$src" "$work/qemu.vhdx"
+bench "vhdx (by qemu-img) -> raw" "$work/out.img" same_as_src_raw \
+	"$vhdkit" convert "$work/qemu.vhdx" "$work/out.img" -- \
+	qemu-img convert -t writeback -f vhdx -O raw "$work/qemu.vhdx" "$work/out.img"
+
+echo "vhdx (vhdkit) -> raw"
+"$vhdkit" convert --block-size "$block" "$src" "$work/vhdkit.vhdx"
+bench "vhdx (by vhdkit) -> raw" "$work/out.img" same_as_src_raw \
+	"$vhdkit" convert "$work/vhdkit.vhdx" "$work/out.img" -- \
+	qemu-img convert -t writeback -f vhdx -O raw "$work/vhdkit.vhdx" "$work/out.img"
+
+echo
+printf '%-28s %10s %10s %7s\n' "conversion ($size)" vhdkit qemu-img ratio
+for row in "${rows[@]}"; do
+	IFS='|' read -r name v q <<<"$row"
+	printf '%-28s %9.2fs %9.2fs %7.2f\n' "$name" "$v" "$q" "$(awk -v q="$q" -v v="$v" 'BEGIN { print q / v }')"
+done
+echo "(ratio = qemu-img time / vhdkit time; above 1: vhdkit is faster. Best of 2 runs; $(nproc) CPUs.)"

@@ -285,8 +285,9 @@ func (h *clientHandshake) setMetaContext(export string, queries []string) error 
 func (h *clientHandshake) goExport(export string) error {
 	data := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
 	data = append(data, export...)
-	data = binary.BigEndian.AppendUint16(data, 1)
-	data = binary.BigEndian.AppendUint16(data, infoBlockSize)
+	// No NBD_INFO_BLOCK_SIZE request: that would promise aligned I/O,
+	// and a disk.Image takes any offset. Servers send the sizes anyway.
+	data = binary.BigEndian.AppendUint16(data, 0)
 	if err := h.sendOption(optGo, data); err != nil {
 		return err
 	}
@@ -734,7 +735,8 @@ func (c *Client) BlockStatus(off int64, length uint32, flags uint16) (map[string
 }
 
 // Extents implements disk.Extenter from base:allocation and, when
-// negotiated, qemu:allocation-depth.
+// negotiated, qemu:allocation-depth. Over NBD the depth of a hole (the
+// chain's length) is unknown and reported as 0.
 func (c *Client) Extents(off, length int64) ([]disk.Extent, error) {
 	if err := disk.CheckRange(off, length, c.size); err != nil {
 		return nil, err

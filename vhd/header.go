@@ -126,7 +126,7 @@ func (h *header) Validate(limit int64) error {
 // bitmapSize is the size of a block's sector bitmap: one bit per sector,
 // padded to whole sectors.
 func bitmapSize(blockSize int64) int64 {
-	return alignUp(blockSize/SectorSize/8, SectorSize)
+	return alignUp((blockSize/SectorSize+7)/8, SectorSize)
 }
 
 // parentName decodes the header's parent name.

@@ -1,0 +1,273 @@
+package vhd
+
+import (
+	"bytes"
+	"encoding/json"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+)
+
+// chsExact returns the smallest size ≥ approx (in sectors) that the
+// spec's geometry describes exactly, so that every reader agrees on it.
+func chsExact(approx int64) int64 {
+	for s := alignUp(approx, SectorSize); ; s += SectorSize {
+		if GeometryFor(s).Size() == s {
+			return s
+		}
+	}
+}
+
+// sparseContent makes a disk's worth of bytes: runs of patterns and of
+// zeros, so that dynamic images get unallocated blocks and partial
+// bitmaps.
+func sparseContent(r *rand.Rand, size int64) []byte {
+	b := make([]byte, size)
+	for off := int64(0); off < size; {
+		n := min(size-off, int64(r.IntN(300<<10)+1))
+		if r.IntN(3) != 0 {
+			fill(r, b[off:off+n])
+		}
+		off += n
+	}
+	return b
+}
+
+func qemuVirtualSize(t *testing.T, path string) int64 {
+	t.Helper()
+	var info struct {
+		VirtualSize int64 `json:"virtual-size"`
+	}
+	if err := json.Unmarshal(run(t, "qemu-img", "info", "-f", "vpc", "--output=json", path), &info); err != nil {
+		t.Fatal(err)
+	}
+	return info.VirtualSize
+}
+
+// sevenZipExtract returns the flattened disk 7-Zip extracts from a VHD:
+// -tvhd makes it hand over the disk itself rather than open the
+// partitions inside, -so writes it to stdout.
+func sevenZipExtract(t *testing.T, path string) []byte {
+	t.Helper()
+	cmd := exec.Command("7zz", "e", "-tvhd", "-so", filepath.Base(path))
+	cmd.Dir = filepath.Dir(path)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("7zz e %s: %v\n%s", path, err, stderr.Bytes())
+	}
+	return out
+}
+
+// Images made and written by QEMU read back byte for byte, and QEMU reads
+// what we then write into them.
+func TestQemuMadeImages(t *testing.T) {
+	needTool(t, "qemu-img")
+	needTool(t, "qemu-io")
+	for _, kind := range []struct {
+		name string
+		opts []string
+	}{
+		{"dynamic", nil},
+		{"fixed", []string{"-o", "subformat=fixed"}},
+		{"force_size", []string{"-o", "force_size=on"}},
+	} {
+		t.Run(kind.name, func(t *testing.T) {
+			r := rand.New(rand.NewPCG(1, uint64(len(kind.name))))
+			dir := t.TempDir()
+			src := sparseContent(r, 9<<20+7*512)
+			srcPath := filepath.Join(dir, "src.raw")
+			if err := os.WriteFile(srcPath, src, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			q := filepath.Join(dir, "q.vhd")
+			run(t, "qemu-img", append(append([]string{"convert", "-f", "raw", "-O", "vpc"}, kind.opts...), srcPath, q)...)
+			run(t, "qemu-io", "-f", "vpc",
+				"-c", "write -P 0x5a 1000448 4096",
+				"-c", "write -P 0xa5 5242880 512",
+				"-c", "write -P 0x33 8390656 70000",
+				"-c", "write -P 0x71 12345 678",
+				q)
+			wantPath := filepath.Join(dir, "want.raw")
+			run(t, "qemu-img", "convert", "-f", "vpc", "-O", "raw", q, wantPath)
+			want, err := os.ReadFile(wantPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+
+			img, err := Open(q, OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if img.Size() != int64(len(want)) || img.Size() != qemuVirtualSize(t, q) {
+				t.Fatalf("size %d, qemu says %d", img.Size(), len(want))
+			}
+			if got := readAll(t, img); !bytes.Equal(got, want) {
+				t.Fatalf("content differs from qemu's: %s", diffAt(got, want))
+			}
+			if got := hashImage(t, img); got != md5hex(want) {
+				t.Fatalf("extent-wise content differs")
+			}
+			mustClose(t, img)
+
+			// Now we write into QEMU's image; QEMU must read it.
+			img, err = Open(q, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := 0; i < 40; i++ {
+				off := r.Int64N(img.Size() - 1)
+				n := min(img.Size()-off, r.Int64N(100<<10)+1)
+				p := make([]byte, n)
+				fill(r, p)
+				mustWrite(t, img, p, off)
+				copy(want[off:], p)
+			}
+			mustClose(t, img)
+			if err := os.WriteFile(wantPath, want, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			run(t, "qemu-img", "compare", "-f", "raw", "-F", "vpc", wantPath, q)
+		})
+	}
+}
+
+// Our fixed and dynamic images read correctly in qemu-img and 7-Zip.
+func TestOursReadByQemuAnd7zip(t *testing.T) {
+	needTool(t, "qemu-img")
+	needTool(t, "7zz")
+	size := chsExact(11 << 20)
+	for _, c := range []struct {
+		name string
+		opts CreateOptions
+	}{
+		{"fixed", CreateOptions{Type: Fixed}},
+		{"dynamic", CreateOptions{Type: Dynamic}},
+		{"dynamic-512K", CreateOptions{Type: Dynamic, BlockSize: 512 << 10}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := rand.New(rand.NewPCG(2, uint64(len(c.name))))
+			dir := t.TempDir()
+			src := sparseContent(r, size)
+			path := filepath.Join(dir, "ours.vhd")
+			c.opts.Size = uint64(size)
+			img, err := Create(path, c.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Written in unaligned pieces, in random order, skipping zeros
+			// like a converter.
+			type piece struct{ off, n int64 }
+			var pieces []piece
+			for off := int64(0); off < size; {
+				n := min(size-off, r.Int64N(200<<10)+1)
+				pieces = append(pieces, piece{off, n})
+				off += n
+			}
+			r.Shuffle(len(pieces), func(i, j int) { pieces[i], pieces[j] = pieces[j], pieces[i] })
+			for _, p := range pieces {
+				if !allZero(src[p.off : p.off+p.n]) {
+					mustWrite(t, img, src[p.off:p.off+p.n], p.off)
+				}
+			}
+			mustClose(t, img)
+			srcPath := filepath.Join(dir, "src.raw")
+			if err := os.WriteFile(srcPath, src, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			run(t, "qemu-img", "compare", "-f", "raw", "-F", "vpc", srcPath, path)
+			if got := qemuVirtualSize(t, path); got != size {
+				t.Errorf("qemu-img sees %d bytes, want %d", got, size)
+			}
+			if got := sevenZipExtract(t, path); !bytes.Equal(got, src) {
+				t.Errorf("7-Zip extracts different content: %s", diffAt(got, src))
+			}
+			if c.opts.Type == Fixed {
+				// Exactly the data plus the footer.
+				if fi, err := os.Stat(path); err != nil || fi.Size() != size+footerSize {
+					t.Errorf("fixed file is %d bytes", fi.Size())
+				}
+			}
+		})
+	}
+}
+
+// A three-level chain with partial sector bitmaps extracts identically in
+// 7-Zip, which follows the W2ru locators and checks the unique ids.
+func TestDifferencingChain7zip(t *testing.T) {
+	needTool(t, "7zz")
+	r := rand.New(rand.NewPCG(3, 3))
+	dir := t.TempDir()
+	size := chsExact(7 << 20)
+	model := make([]byte, size)
+	paths := []string{filepath.Join(dir, "base.vhd"), filepath.Join(dir, "child1.avhd"), filepath.Join(dir, "child2.vhd")}
+	var models [][]byte
+	for level, path := range paths {
+		opts := CreateOptions{Size: uint64(size)}
+		if level > 0 {
+			opts = CreateOptions{Parent: paths[level-1]}
+		}
+		img, err := Create(path, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 25; i++ {
+			off := r.Int64N(size)
+			var n int64
+			switch r.IntN(3) {
+			case 0:
+				n = r.Int64N(600) + 1 // inside or across a sector or two
+			case 1:
+				n = r.Int64N(64<<10) + 1
+			default:
+				n = r.Int64N(3<<20) + 1
+			}
+			n = min(n, size-off)
+			p := make([]byte, n)
+			fill(r, p)
+			mustWrite(t, img, p, off)
+			copy(model[off:], p)
+		}
+		if level == 2 {
+			// Trim a stretch back to the parent and zero another.
+			off := r.Int64N(size / 2)
+			if err := img.Trim(off, 1<<20+333); err != nil {
+				t.Fatal(err)
+			}
+			parent := models[1]
+			copy(model[off:off+1<<20+333], parent[off:])
+			off2 := size/2 + r.Int64N(size/4)
+			if err := img.WriteZeroes(off2, 70000, true); err != nil {
+				t.Fatal(err)
+			}
+			clear(model[off2 : off2+70000])
+		}
+		if got := readAll(t, img); !bytes.Equal(got, model) {
+			t.Fatalf("level %d reads wrong: %s", level, diffAt(got, model))
+		}
+		mustClose(t, img)
+		models = append(models, bytes.Clone(model))
+	}
+	for level, path := range paths {
+		img, err := Open(path, OpenOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := readAll(t, img); !bytes.Equal(got, models[level]) {
+			t.Fatalf("level %d reopened reads wrong: %s", level, diffAt(got, models[level]))
+		}
+		if got := hashImage(t, img); got != md5hex(models[level]) {
+			t.Fatalf("level %d: extent-wise content differs", level)
+		}
+		if n := len(img.Info().Chain); n != level+1 {
+			t.Errorf("level %d: chain of %d", level, n)
+		}
+		mustClose(t, img)
+		if got := sevenZipExtract(t, path); !bytes.Equal(got, models[level]) {
+			t.Errorf("7-Zip extracts level %d differently: %s", level, diffAt(got, models[level]))
+		}
+	}
+}

@@ -29,31 +29,47 @@ func (p Problem) String() string {
 // means consistent. With repair, a pending log is replayed first. The error
 // is for failures to run the check at all (the file cannot be read).
 func Check(path string, repair bool) ([]Problem, error) {
+	if repair {
+		f, err := storage.OpenFile(path, os.O_RDONLY, 0)
+		if err != nil {
+			return nil, err
+		}
+		pending := false
+		if im, err := openFile(keepOpen{f}, path, OpenOptions{ReadOnly: true}, nil); err == nil {
+			pending = im.replay != nil
+			im.Close()
+		}
+		f.Close()
+		if pending {
+			// A read-write open replays the log; Close marks the file clean.
+			rw, err := Open(path, OpenOptions{})
+			if err != nil {
+				return []Problem{problemOf(err)}, nil
+			}
+			if err := rw.Close(); err != nil {
+				return nil, err
+			}
+		}
+	}
 	f, err := storage.OpenFile(path, os.O_RDONLY, 0)
 	if err != nil {
 		return nil, err
 	}
+	defer f.Close()
+	return CheckFile(f, path)
+}
+
+// CheckFile is Check without repair for an image stored in f, named path
+// (for its parent locator). It does not close f.
+func CheckFile(f storage.File, path string) ([]Problem, error) {
 	size, err := f.Size()
 	if err != nil {
-		f.Close()
 		return nil, err
 	}
 	probs := checkCopies(f, size)
-	im, err := openFile(f, path, OpenOptions{ReadOnly: true}, nil)
+	im, err := openFile(keepOpen{f}, path, OpenOptions{ReadOnly: true}, nil)
 	if err != nil {
-		f.Close()
 		return append(probs, problemOf(err)), nil
-	}
-	if im.replay != nil && repair {
-		im.Close()
-		rw, err := Open(path, OpenOptions{})
-		if err != nil {
-			return append(probs, problemOf(err)), nil
-		}
-		if err := rw.Close(); err != nil {
-			return nil, err
-		}
-		return Check(path, false)
 	}
 	defer im.Close()
 	if im.replay != nil {
@@ -61,6 +77,11 @@ func Check(path string, repair bool) ([]Problem, error) {
 	}
 	return append(probs, im.checkBlocks(size)...), nil
 }
+
+// keepOpen lends a file to an Image without letting Close close it.
+type keepOpen struct{ storage.File }
+
+func (keepOpen) Close() error { return nil }
 
 func problemOf(err error) Problem {
 	var fe *FormatError

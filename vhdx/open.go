@@ -34,8 +34,8 @@ func init() {
 type Type int
 
 const (
-	Fixed Type = iota
-	Dynamic
+	Dynamic Type = iota // the zero value, as New-VHD's default
+	Fixed
 	Differencing
 )
 

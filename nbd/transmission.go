@@ -376,7 +376,10 @@ type segment struct {
 func (c *conn) read(j *job) {
 	r := &j.req
 	off, n := int64(r.off), int64(r.length)
-	j.segs = append(j.segs[:0], segment{off, n, false})
+	j.segs = j.segs[:0]
+	if n > 0 {
+		j.segs = append(j.segs, segment{off, n, false})
+	}
 	if c.structured && r.flags&CmdFlagDF == 0 && c.x.extenter != nil && n >= 2*minHoleChunk {
 		c.planRead(j)
 	}

@@ -48,7 +48,7 @@ type exitError struct {
 
 func (e *exitError) Error() string { return e.msg }
 
-const topUsage = `vhdkit - virtual disks (VHDX, raw) on Linux
+const topUsage = `vhdkit - virtual disks (VHDX, VHD, raw) on Linux
 
 Usage:
   vhdkit COMMAND [flags] [arguments]
@@ -56,7 +56,7 @@ Usage:
 Commands:
 %s
 The format of a disk follows its file extension: .vhdx and .avhdx are VHDX,
-.img, .raw and .bin are raw. SIZE is a number of bytes, optionally followed
+.vhd and .avhd are VHD, .img, .raw and .bin are raw. SIZE is a number of bytes, optionally followed
 by K, M, G or T (powers of 1024; KiB, MiB, GiB and TiB work too).
 Flags may come before or after the arguments.
 

@@ -9,8 +9,6 @@ import (
 	"os"
 
 	"github.com/vhdkit/vhdkit/disk"
-	"github.com/vhdkit/vhdkit/raw"
-	"github.com/vhdkit/vhdkit/vhdx"
 )
 
 func convertCommand() *command {
@@ -18,8 +16,8 @@ func convertCommand() *command {
 		name:     "convert",
 		synopsis: "[flags] SRC DST",
 		summary:  "copy a virtual disk into a new file of another format or kind (like qemu-img convert)",
-		help: `The formats of SRC and DST follow their extensions: raw to VHDX, VHDX to raw
-and VHDX to VHDX. Ranges of SRC that read as zeros are not written, so they
+		help: `The formats of SRC and DST follow their extensions (.vhdx/.avhdx, .vhd/.avhd,
+.img/.raw/.bin): raw to VHDX, VHDX to raw, VHDX to VHDX, and likewise VHD. Ranges of SRC that read as zeros are not written, so they
 stay unallocated in a dynamic DST (and sparse in a raw one). A differencing
 SRC is read through its whole chain: DST is the flattened disk.
 
@@ -36,110 +34,70 @@ Examples:
   vhdkit convert --parent base.vhdx new.img new.avhdx
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
-			var o convertOptions
-			fs.StringVar(&o.typ, "type", "", "VHDX `kind` of DST: fixed or dynamic (default dynamic; differencing with --parent)")
-			fs.Var(&o.blockSize, "block-size", "VHDX block `SIZE` of DST, a power of two from 1M to 256M (default 32M; 2M for differencing)")
-			fs.IntVar(&o.logical, "logical-sector", 0, "logical sector size of a VHDX DST in `bytes`: 512 or 4096 (default: SRC's, else 512)")
-			fs.StringVar(&o.parent, "parent", "", "make DST a differencing VHDX of the parent `PATH`, holding only what differs from it")
-			fs.BoolVar(&o.progress, "progress", false, "show progress on stderr even when it is not a terminal")
+			var fl imageFlags
+			var progress bool
+			fs.StringVar(&fl.typ, "type", "", "`kind` of a VHDX or VHD DST: fixed or dynamic (default dynamic; differencing with --parent)")
+			fs.Var(&fl.blockSize, "block-size", "block `SIZE` of DST, a power of two up to 256M (VHDX default 32M, 2M for differencing; VHD default 2M)")
+			fs.IntVar(&fl.logical, "logical-sector", 0, "logical sector size of a VHDX DST in `bytes`: 512 or 4096 (default: SRC's, else 512)")
+			fs.StringVar(&fl.parent, "parent", "", "make DST a differencing image of the parent `PATH`, holding only what differs from it")
+			fs.BoolVar(&progress, "progress", false, "show progress on stderr even when it is not a terminal")
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 2 {
 					return usagef("want SRC and DST, got %d arguments", len(args))
 				}
-				return c.convert(ctx, o, args[0], args[1])
+				return c.convert(ctx, fl, progress, args[0], args[1])
 			}
 		},
 	}
 }
 
-type convertOptions struct {
-	typ       string
-	blockSize sizeValue
-	logical   int
-	parent    string
-	progress  bool
-}
-
-func (c *cli) convert(ctx context.Context, o convertOptions, srcPath, dstPath string) (err error) {
-	dstFormat, err := formatOf(dstPath)
+func (c *cli) convert(ctx context.Context, fl imageFlags, progress bool, srcPath, dstPath string) (err error) {
+	plan, err := planImage(dstPath, fl)
 	if err != nil {
 		return err
 	}
-	var vopts vhdx.CreateOptions
-	switch dstFormat {
-	case "vhdx":
-		if o.typ == "differencing" && o.parent == "" {
-			return usagef("--type differencing needs --parent")
-		}
-		vopts, err = vhdxOptions(o.typ, o.blockSize, o.logical, 0, o.parent)
-		if err != nil {
-			return err
-		}
-	case "raw":
-		if err := rawOnlySize(o.typ, o.blockSize, o.logical, 0, o.parent); err != nil {
-			return err
-		}
-	default:
-		return fmt.Errorf("%s: cannot create %s images", dstPath, dstFormat)
-	}
-
 	src, err := openImage(srcPath, true)
 	if err != nil {
 		return err
 	}
 	defer src.Close()
 	var parent disk.Image
-	if o.parent != "" {
-		parent, err = openImage(o.parent, true)
+	if fl.parent != "" {
+		parent, err = openImage(fl.parent, true)
 		if err != nil {
 			return err
 		}
 		defer parent.Close()
 		if parent.Size() != src.Size() {
 			return fmt.Errorf("%s is %d bytes but the parent %s is %d: a differencing image has its parent's size",
-				srcPath, src.Size(), o.parent, parent.Size())
+				srcPath, src.Size(), fl.parent, parent.Size())
+		}
+	} else {
+		plan.size = src.Size()
+		// A VHDX copy of a disk keeps its sector sizes unless told.
+		if plan.format == "vhdx" && plan.logical == 0 {
+			if s, ok := src.(disk.SectorSizer); ok {
+				plan.logical = s.LogicalSectorSize()
+				if p := s.PhysicalSectorSize(); p >= plan.logical {
+					plan.physical = p
+				}
+			}
 		}
 	}
 	if err := refuseExisting(dstPath); err != nil {
 		return err
 	}
-
-	var dst disk.Image
-	switch dstFormat {
-	case "raw":
-		dst, err = raw.Create(dstPath, src.Size())
-	case "vhdx":
-		if parent == nil {
-			vopts.Size = uint64(src.Size())
-			if s, ok := src.(disk.SectorSizer); ok {
-				if vopts.LogicalSectorSize == 0 {
-					vopts.LogicalSectorSize = uint32(s.LogicalSectorSize())
-				}
-				if vopts.PhysicalSectorSize == 0 && s.PhysicalSectorSize() >= int(vopts.LogicalSectorSize) {
-					vopts.PhysicalSectorSize = uint32(s.PhysicalSectorSize())
-				}
-			}
-		}
-		sector := int64(vopts.LogicalSectorSize)
-		if parent != nil {
-			sector = int64(512)
-			if s, ok := parent.(disk.SectorSizer); ok {
-				sector = int64(s.LogicalSectorSize())
-			}
-		} else if sector == 0 {
-			sector = 512
+	if parent == nil {
+		sector, err := plan.sectorSize()
+		if err != nil {
+			return err
 		}
 		if src.Size()%sector != 0 {
-			return fmt.Errorf("%s: its size %d is not a multiple of the logical sector size %d", srcPath, src.Size(), sector)
-		}
-		var im *vhdx.Image
-		im, err = vhdx.Create(dstPath, vopts)
-		if err == nil {
-			dst = im
+			return fmt.Errorf("%s: its size %d is not a multiple of the logical sector size %d of %s", srcPath, src.Size(), sector, dstPath)
 		}
 	}
+	dst, err := plan.create(dstPath)
 	if err != nil {
-		os.Remove(dstPath)
 		return err
 	}
 	closed := false
@@ -156,7 +114,7 @@ func (c *cli) convert(ctx context.Context, o convertOptions, srcPath, dstPath st
 	if parent != nil {
 		cp.sector, _ = sectorSizes(dst)
 	}
-	if o.progress || isTerminal(c.stderr) {
+	if progress || isTerminal(c.stderr) {
 		cp.progress = newProgressBar(c.stderr, src.Size(), isTerminal(c.stderr))
 		defer func() {
 			if err != nil {

@@ -3,31 +3,28 @@ package main
 import (
 	"fmt"
 	"path/filepath"
-	"slices"
 	"strings"
 
 	"github.com/vhdkit/vhdkit/disk"
-	_ "github.com/vhdkit/vhdkit/raw" // registers the raw format with package disk
+	"github.com/vhdkit/vhdkit/raw"
+	"github.com/vhdkit/vhdkit/vhd"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
 
-// vhdxExtensions are the file extensions of VHDX images.
-var vhdxExtensions = []string{".vhdx", ".avhdx"}
+// The formats register themselves with package disk (raw: .img .raw .bin;
+// vhdx: .vhdx .avhdx; vhd: .vhd .avhd). vhdkit reads any registered format
+// through disk; creating and describing an image needs its package.
 
-// formatOf names the image format of path from its extension: "vhdx", or
-// the name of a format registered with package disk ("raw", ...).
+// formatOf names the image format of path from its extension.
 func formatOf(path string) (string, error) {
-	ext := strings.ToLower(filepath.Ext(path))
-	if slices.Contains(vhdxExtensions, ext) {
-		return "vhdx", nil
-	}
 	if f, ok := disk.FormatForPath(path); ok {
 		return f.Name, nil
 	}
+	ext := filepath.Ext(path)
 	if ext == "" {
-		return "", fmt.Errorf("%s: no file extension to tell the image format by (use .vhdx, .avhdx, .img or .raw)", path)
+		return "", fmt.Errorf("%s: no file extension to tell the image format by (use .vhdx, .avhdx, .vhd, .avhd, .img or .raw)", path)
 	}
-	return "", fmt.Errorf("%s: unknown image format %q (use .vhdx, .avhdx, .img or .raw)", path, ext)
+	return "", fmt.Errorf("%s: unknown image format %q (use .vhdx, .avhdx, .vhd, .avhd, .img or .raw)", path, ext)
 }
 
 // openImage opens the image at path, a differencing image with its whole
@@ -36,13 +33,6 @@ func openImage(path string, readOnly bool) (disk.Image, error) {
 	format, err := formatOf(path)
 	if err != nil {
 		return nil, err
-	}
-	if format == "vhdx" {
-		im, err := vhdx.Open(path, vhdx.OpenOptions{ReadOnly: readOnly})
-		if err != nil {
-			return nil, err
-		}
-		return im, nil
 	}
 	f, _ := disk.FormatByName(format)
 	return f.Open(path, disk.OpenOptions{ReadOnly: readOnly})
@@ -68,4 +58,187 @@ func imageExtents(im disk.Image, off, n int64) ([]disk.Extent, error) {
 		return e.Extents(off, n)
 	}
 	return []disk.Extent{{Offset: off, Length: n, Type: disk.Data}}, nil
+}
+
+// newImage is an image to create, checked against what its format takes.
+type newImage struct {
+	format string // "raw", "vhdx" or "vhd"
+	kind   string // "fixed", "dynamic" or "differencing"
+	// size is the virtual size; 0 for a child means its parent's.
+	size      int64
+	blockSize int64 // 0: the format's default
+	logical   int   // 0: the format's default (a child: its parent's)
+	physical  int   // likewise
+	parent    string
+}
+
+// imageFlags are the flags create and convert share.
+type imageFlags struct {
+	typ               string
+	blockSize         sizeValue
+	logical, physical int
+	parent            string
+}
+
+// planImage checks the flags for a new image at path and returns what to
+// create. Mistakes are usage errors.
+func planImage(path string, fl imageFlags) (*newImage, error) {
+	format, err := formatOf(path)
+	if err != nil {
+		return nil, err
+	}
+	n := &newImage{format: format, parent: fl.parent}
+	if format == "raw" {
+		switch {
+		case fl.typ != "" && fl.typ != "fixed":
+			return nil, usagef("a raw image cannot be %s (raw images take only --size)", fl.typ)
+		case fl.blockSize.set, fl.logical != 0, fl.physical != 0:
+			return nil, usagef("raw images have no block or sector sizes (they take only --size)")
+		case fl.parent != "":
+			return nil, usagef("a raw image cannot have a parent (use a .vhdx, .avhdx, .vhd or .avhd file)")
+		}
+		n.kind = "fixed"
+		return n, nil
+	}
+	if format != "vhdx" && format != "vhd" {
+		return nil, fmt.Errorf("%s: vhdkit cannot create %s images", path, format)
+	}
+	switch fl.typ {
+	case "", "dynamic":
+		n.kind = "dynamic"
+		if fl.parent != "" {
+			if fl.typ != "" {
+				return nil, usagef("--parent makes a differencing image, not --type %s", fl.typ)
+			}
+			n.kind = "differencing"
+		}
+	case "fixed":
+		if fl.parent != "" {
+			return nil, usagef("--parent makes a differencing image, not --type %s", fl.typ)
+		}
+		n.kind = "fixed"
+	case "differencing":
+		if fl.parent == "" {
+			return nil, usagef("--type differencing needs --parent")
+		}
+		n.kind = "differencing"
+	default:
+		return nil, usagef("unknown --type %q (want fixed, dynamic or differencing)", fl.typ)
+	}
+	minBlock, maxBlock := int64(1<<20), int64(256<<20)
+	if format == "vhd" {
+		minBlock = 512
+	}
+	if fl.blockSize.set {
+		b := fl.blockSize.n
+		if b < minBlock || b > maxBlock || b&(b-1) != 0 {
+			return nil, usagef("--block-size %s: want a power of two from %s to 256M", formatSize(b), strings.ReplaceAll(formatSize(minBlock), " MiB", "M"))
+		}
+		if n.kind == "fixed" && format == "vhd" {
+			return nil, usagef("a fixed VHD has no blocks (--block-size is for dynamic and differencing VHDs)")
+		}
+		n.blockSize = b
+	}
+	for _, s := range []struct {
+		name string
+		v    int
+		dst  *int
+	}{{"logical-sector", fl.logical, &n.logical}, {"physical-sector", fl.physical, &n.physical}} {
+		switch {
+		case s.v == 0:
+		case format == "vhd" && s.v != 512:
+			return nil, usagef("--%s %d: VHD images have 512-byte sectors only", s.name, s.v)
+		case s.v == 512 || s.v == 4096:
+			*s.dst = s.v
+		default:
+			return nil, usagef("--%s %d: want 512 or 4096", s.name, s.v)
+		}
+	}
+	if n.logical == 4096 && n.physical == 512 {
+		return nil, usagef("a logical sector size of 4096 needs a physical sector size of 4096")
+	}
+	if n.kind == "differencing" && (n.logical != 0 || n.physical != 0) {
+		return nil, usagef("a differencing image takes its sector sizes from its parent")
+	}
+	return n, nil
+}
+
+// sectorSize is the logical sector size the new image will have.
+func (n *newImage) sectorSize() (int64, error) {
+	switch {
+	case n.format == "raw":
+		return 1, nil
+	case n.format == "vhd":
+		return vhd.SectorSize, nil
+	case n.parent != "":
+		p, err := openImage(n.parent, true)
+		if err != nil {
+			return 0, err
+		}
+		defer p.Close()
+		l, _ := sectorSizes(p)
+		return int64(l), nil
+	case n.logical != 0:
+		return int64(n.logical), nil
+	}
+	return 512, nil
+}
+
+// create creates the image at path, which must not exist.
+func (n *newImage) create(path string) (disk.Image, error) {
+	if err := refuseExisting(path); err != nil {
+		return nil, err
+	}
+	if n.kind != "differencing" || n.size != 0 {
+		sector, err := n.sectorSize()
+		if err != nil {
+			return nil, err
+		}
+		if n.size%sector != 0 {
+			return nil, fmt.Errorf("the size %d is not a multiple of the logical sector size %d", n.size, sector)
+		}
+	}
+	switch n.format {
+	case "raw":
+		return raw.Create(path, n.size)
+	case "vhdx":
+		o := vhdx.CreateOptions{
+			Type:               map[string]vhdx.Type{"fixed": vhdx.Fixed, "dynamic": vhdx.Dynamic, "differencing": vhdx.Differencing}[n.kind],
+			Size:               uint64(n.size),
+			BlockSize:          uint32(n.blockSize),
+			LogicalSectorSize:  uint32(n.logical),
+			PhysicalSectorSize: uint32(n.physical),
+			Parent:             n.parent,
+		}
+		im, err := vhdx.Create(path, o)
+		if err != nil {
+			return nil, err
+		}
+		return im, nil
+	case "vhd":
+		o := vhd.CreateOptions{
+			Type:      map[string]vhd.Type{"fixed": vhd.Fixed, "dynamic": vhd.Dynamic, "differencing": vhd.Differencing}[n.kind],
+			Size:      uint64(n.size),
+			BlockSize: uint32(n.blockSize),
+			Parent:    n.parent,
+		}
+		im, err := vhd.Create(path, o)
+		if err != nil {
+			return nil, err
+		}
+		return im, nil
+	}
+	return nil, fmt.Errorf("%s: vhdkit cannot create %s images", path, n.format)
+}
+
+// describe says what was created, e.g. "dynamic VHDX, 64 MiB".
+func (n *newImage) describe(size int64) string {
+	if n.format == "raw" {
+		return "raw, " + formatSize(size)
+	}
+	s := fmt.Sprintf("%s %s, %s", n.kind, strings.ToUpper(n.format), formatSize(size))
+	if n.parent != "" {
+		s += ", parent " + n.parent
+	}
+	return s
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/vhdkit/vhdkit/vhd"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
 
@@ -76,36 +77,39 @@ func describe(path string) (*imageInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	if format == "vhdx" {
-		im, err := vhdx.Open(path, vhdx.OpenOptions{ReadOnly: true})
-		if err != nil {
-			return nil, err
-		}
-		defer im.Close()
-		return vhdxInfo(path, im.Info())
-	}
 	im, err := openImage(path, true)
 	if err != nil {
 		return nil, err
 	}
 	defer im.Close()
-	fi, err := os.Stat(path)
-	if err != nil {
-		return nil, err
+	var info *imageInfo
+	switch im := im.(type) {
+	case *vhdx.Image:
+		info = vhdxInfo(path, im.Info())
+	case *vhd.Image:
+		info = vhdInfo(path, im.Info())
+	default:
+		logical, physical := sectorSizes(im)
+		info = &imageInfo{
+			Path:               path,
+			Format:             format,
+			Type:               "fixed",
+			VirtualSize:        im.Size(),
+			LogicalSectorSize:  logical,
+			PhysicalSectorSize: physical,
+		}
 	}
-	logical, physical := sectorSizes(im)
-	return &imageInfo{
-		Path:               path,
-		Format:             format,
-		Type:               "fixed",
-		VirtualSize:        im.Size(),
-		FileSize:           fi.Size(),
-		LogicalSectorSize:  logical,
-		PhysicalSectorSize: physical,
-	}, nil
+	if info.FileSize == 0 {
+		fi, err := os.Stat(path)
+		if err != nil {
+			return nil, err
+		}
+		info.FileSize = fi.Size()
+	}
+	return info, nil
 }
 
-func vhdxInfo(path string, in vhdx.Info) (*imageInfo, error) {
+func vhdxInfo(path string, in vhdx.Info) *imageInfo {
 	info := &imageInfo{
 		Path:               path,
 		Format:             "vhdx",
@@ -115,36 +119,48 @@ func vhdxInfo(path string, in vhdx.Info) (*imageInfo, error) {
 		BlockSize:          int64(in.BlockSize),
 		LogicalSectorSize:  int(in.LogicalSectorSize),
 		PhysicalSectorSize: int(in.PhysicalSectorSize),
-		DiskID:             guidString(in.DiskID),
-		DataWriteGUID:      guidString(in.DataWriteGUID),
-		FileWriteGUID:      guidString(in.FileWriteGUID),
+		DiskID:             stringOf(in.DiskID),
+		DataWriteGUID:      stringOf(in.DataWriteGUID),
+		FileWriteGUID:      stringOf(in.FileWriteGUID),
 		LogPending:         in.LogReplayed,
 		Creator:            in.Creator,
 	}
-	if info.FileSize == 0 {
-		fi, err := os.Stat(path)
-		if err != nil {
-			return nil, err
-		}
-		info.FileSize = fi.Size()
-	}
 	if in.Type == vhdx.Differencing {
-		parent := in.ParentPath
-		info.Parent = &parent
-		info.ParentLinkage = guidString(in.ParentLinkage)
+		info.Parent = &in.ParentPath
+		info.ParentLinkage = stringOf(in.ParentLinkage)
 		if !in.ParentLinkage2.IsZero() {
-			info.ParentLinkage2 = guidString(in.ParentLinkage2)
+			info.ParentLinkage2 = stringOf(in.ParentLinkage2)
 		}
 		info.Chain = in.Chain
-		if len(info.Chain) == 0 {
-			info.Chain = []string{path, parent}
-		}
 	}
-	return info, nil
+	return info
 }
 
-// guidString formats a GUID the way Windows prints it.
-func guidString(g vhdx.GUID) *string {
+// vhdInfo reports a VHD: its unique id is the disk id; it has no data
+// write GUID.
+func vhdInfo(path string, in vhd.Info) *imageInfo {
+	info := &imageInfo{
+		Path:               path,
+		Format:             "vhd",
+		Type:               in.Type.String(),
+		VirtualSize:        in.Size,
+		FileSize:           in.FileSize,
+		BlockSize:          int64(in.BlockSize),
+		LogicalSectorSize:  int(in.LogicalSectorSize),
+		PhysicalSectorSize: int(in.PhysicalSectorSize),
+		DiskID:             stringOf(in.UniqueID),
+		Creator:            strings.TrimSpace(in.Creator + " " + in.CreatorVersion),
+	}
+	if in.Type == vhd.Differencing {
+		info.Parent = &in.ParentPath
+		info.ParentLinkage = stringOf(in.ParentUniqueID)
+		info.Chain = in.Chain
+	}
+	return info
+}
+
+// stringOf returns a GUID's text form, as Windows prints it.
+func stringOf(g fmt.Stringer) *string {
 	s := g.String()
 	return &s
 }

@@ -1,5 +1,5 @@
 // Command vhdkit creates, inspects, checks and converts virtual disks
-// (VHDX and raw) on Linux. Run "vhdkit help" for the commands.
+// (VHDX, VHD and raw) on Linux. Run "vhdkit help" for the commands.
 package main
 
 import (

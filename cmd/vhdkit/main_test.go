@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"compress/bzip2"
 	"compress/gzip"
 	"context"
@@ -39,6 +40,7 @@ func TestScript(t *testing.T) {
 			"exitcode":    cmdExitCode,
 			"unpack":      cmdUnpack,
 			"md5":         cmdMD5,
+			"cmpbin":      cmdCmpBin,
 		},
 	})
 }
@@ -101,6 +103,28 @@ func cmdUnpack(ts *testscript.TestScript, neg bool, args []string) {
 	ts.Check(out.Close())
 }
 
+// cmdCmpBin compares two binary files and reports the first difference
+// (cmp would print a diff of binary data).
+//
+//	cmpbin FILE1 FILE2
+func cmdCmpBin(ts *testscript.TestScript, neg bool, args []string) {
+	if len(args) != 2 {
+		ts.Fatalf("usage: cmpbin FILE1 FILE2")
+	}
+	a, err := os.ReadFile(ts.MkAbs(args[0]))
+	ts.Check(err)
+	b, err := os.ReadFile(ts.MkAbs(args[1]))
+	ts.Check(err)
+	same := bytes.Equal(a, b)
+	switch {
+	case same && neg:
+		ts.Fatalf("%s and %s are the same", args[0], args[1])
+	case !same && !neg:
+		ts.Fatalf("%s (%d bytes) and %s (%d bytes) differ from offset %d",
+			args[0], len(a), args[1], len(b), firstDifference(a, b))
+	}
+}
+
 // cmdMD5 checks the MD5 sum of a file.
 //
 //	md5 FILE HEX
@@ -121,8 +145,9 @@ func cmdMD5(ts *testscript.TestScript, neg bool, args []string) {
 }
 
 // cmdFill writes LENGTH deterministic bytes at OFFSET into FILE: random
-// bytes from SEED, or zeros for SEED "zero". A raw or new FILE is written
-// as a plain file (growing it as needed); a VHDX through vhdkit's image.
+// bytes from SEED, or zeros for SEED "zero". A raw FILE (or one of no known
+// format) is written as a plain file, created or grown as needed; a VHDX or
+// VHD through its format.
 //
 //	fill FILE OFFSET LENGTH SEED
 func cmdFill(ts *testscript.TestScript, neg bool, args []string) {
@@ -141,7 +166,7 @@ func cmdFill(ts *testscript.TestScript, neg bool, args []string) {
 		r := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8), byte(seed >> 16), byte(seed >> 24)})
 		r.Read(data)
 	}
-	if format, _ := formatOf(path); format == "vhdx" {
+	if format, _ := formatOf(path); format != "" && format != "raw" {
 		im, err := openImage(path, false)
 		ts.Check(err)
 		_, err = im.WriteAt(data, off)

@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
@@ -78,12 +79,13 @@ type Client struct {
 
 	wmu sync.Mutex // one request at a time on the wire
 
-	mu      sync.Mutex
-	pending map[uint64]*call
-	cookie  uint64
-	err     error // set once the connection is unusable
-	closed  bool
-	done    chan struct{} // closed when the reply reader exits
+	mu       sync.Mutex
+	pending  map[uint64]*call
+	inflight sync.WaitGroup // registered calls not yet answered
+	cookie   uint64
+	err      error // set once the connection is unusable
+	closed   bool
+	done     chan struct{} // closed when the reply reader exits
 }
 
 // Dial connects to an NBD server ("unix" or "tcp") and negotiates.
@@ -357,38 +359,60 @@ func (c *Client) MetaContexts() []string {
 	return names
 }
 
-// call is one request awaiting its reply.
+// call is one request awaiting its reply. Calls are pooled: a 4 KiB
+// read should not cost a handful of allocations.
 type call struct {
 	req     request
 	hdr     [requestLen]byte
+	iov     [2][]byte
+	nb      net.Buffers
 	p       []byte // READ destination
 	covered int64  // READ bytes received
 	status  map[string][]Descriptor
 	err     error
-	done    chan struct{}
+	done    chan struct{} // signalled once per use
+}
+
+var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}, 1)} }}
+
+func newCall(typ, flags uint16, off int64, length uint32, dst []byte) *call {
+	cl := callPool.Get().(*call)
+	cl.req = request{typ: typ, flags: flags, off: uint64(off), length: length}
+	cl.p = dst
+	return cl
+}
+
+func putCall(cl *call) {
+	cl.p, cl.status, cl.err, cl.covered = nil, nil, nil, 0
+	cl.iov = [2][]byte{}
+	callPool.Put(cl)
 }
 
 // start sends a request and registers it; wait collects the result.
 func (c *Client) start(cl *call, payload []byte) error {
 	c.mu.Lock()
-	if c.err != nil {
+	if c.err != nil || c.closed {
 		err := c.err
 		c.mu.Unlock()
+		if err == nil {
+			err = net.ErrClosed
+		}
 		return err
 	}
 	c.cookie++
 	cl.req.cookie = c.cookie
-	cl.done = make(chan struct{})
 	c.pending[cl.req.cookie] = cl
+	c.inflight.Add(1)
 	c.mu.Unlock()
 
 	encodeRequest(cl.hdr[:], cl.req)
-	bufs := net.Buffers{cl.hdr[:]}
+	cl.iov[0], cl.iov[1] = cl.hdr[:], payload
+	cl.nb = cl.iov[:1]
 	if len(payload) > 0 {
-		bufs = append(bufs, payload)
+		cl.nb = cl.iov[:2]
 	}
 	c.wmu.Lock()
-	_, err := bufs.WriteTo(c.conn)
+	_, err := cl.nb.WriteTo(c.conn)
 	c.wmu.Unlock()
 	if err != nil {
 		// A partial request breaks the stream for everyone.
@@ -402,12 +426,18 @@ func (c *Client) wait(cl *call) error {
 	return cl.err
 }
 
+// do runs one request to completion; the caller must putCall the result.
 func (c *Client) do(typ, flags uint16, off int64, length uint32, payload, dst []byte) (*call, error) {
-	cl := &call{req: request{typ: typ, flags: flags, off: uint64(off), length: length}, p: dst}
+	cl := newCall(typ, flags, off, length, dst)
 	if err := c.start(cl, payload); err != nil {
+		putCall(cl)
 		return nil, err
 	}
-	return cl, c.wait(cl)
+	if err := c.wait(cl); err != nil {
+		putCall(cl)
+		return nil, err
+	}
+	return cl, nil
 }
 
 // fail makes the connection unusable and fails every pending request.
@@ -424,7 +454,8 @@ func (c *Client) fail(err error) {
 		if cl.err == nil {
 			cl.err = err
 		}
-		close(cl.done)
+		cl.done <- struct{}{}
+		c.inflight.Done()
 	}
 }
 
@@ -432,7 +463,9 @@ func (c *Client) fail(err error) {
 // connection ends.
 func (c *Client) readReplies() {
 	defer close(c.done)
-	r := &replyReader{c: c, br: c.conn}
+	// Buffered: a reply header arrives in pieces of 4, 16 and 8 bytes;
+	// large data reads bypass the buffer.
+	r := &replyReader{c: c, br: bufio.NewReaderSize(c.conn, 64<<10)}
 	for {
 		if err := r.next(); err != nil {
 			c.mu.Lock()
@@ -468,7 +501,8 @@ func (r *replyReader) finish(cl *call) {
 	r.c.mu.Lock()
 	delete(r.c.pending, cl.req.cookie)
 	r.c.mu.Unlock()
-	close(cl.done)
+	cl.done <- struct{}{}
+	r.c.inflight.Done()
 }
 
 func (r *replyReader) payload(n uint32) ([]byte, error) {
@@ -620,7 +654,9 @@ func (c *Client) pieces(off, n, max int64, f func(off, n int64) (*call, error)) 
 		if err != nil {
 			return err
 		}
-		return c.wait(cl)
+		err = c.wait(cl)
+		putCall(cl)
+		return err
 	}
 	var calls []*call
 	var firstErr error
@@ -639,13 +675,15 @@ func (c *Client) pieces(off, n, max int64, f func(off, n int64) (*call, error)) 
 		if err := c.wait(cl); err != nil && firstErr == nil {
 			firstErr = err
 		}
+		putCall(cl)
 	}
 	return firstErr
 }
 
 func (c *Client) startCall(typ, flags uint16, off, n int64, payload, dst []byte) (*call, error) {
-	cl := &call{req: request{typ: typ, flags: flags, off: uint64(off), length: uint32(n)}, p: dst}
+	cl := newCall(typ, flags, off, uint32(n), dst)
 	if err := c.start(cl, payload); err != nil {
+		putCall(cl)
 		return nil, err
 	}
 	return cl, nil
@@ -686,7 +724,10 @@ func (c *Client) Write(p []byte, off int64, flags uint16) error {
 
 // Flush makes every write acknowledged so far durable.
 func (c *Client) Flush() error {
-	_, err := c.do(CmdFlush, 0, 0, 0, nil, nil)
+	cl, err := c.do(CmdFlush, 0, 0, 0, nil, nil)
+	if err == nil {
+		putCall(cl)
+	}
 	return err
 }
 
@@ -731,7 +772,9 @@ func (c *Client) BlockStatus(off int64, length uint32, flags uint16) (map[string
 	if err != nil {
 		return nil, err
 	}
-	return cl.status, nil
+	st := cl.status
+	putCall(cl)
+	return st, nil
 }
 
 // Extents implements disk.Extenter from base:allocation and, when
@@ -810,15 +853,9 @@ func (c *Client) Close() error {
 		return nil
 	}
 	c.closed = true
-	pending := make([]*call, 0, len(c.pending))
-	for _, cl := range c.pending {
-		pending = append(pending, cl)
-	}
 	broken := c.err != nil
 	c.mu.Unlock()
-	for _, cl := range pending {
-		<-cl.done
-	}
+	c.inflight.Wait()
 	if !broken {
 		var b [requestLen]byte
 		encodeRequest(b[:], request{typ: CmdDisc})

@@ -67,6 +67,8 @@ type conn struct {
 	tflags   uint16
 	wmu      sync.Mutex // one reply at a time on the wire
 	writeErr error      // first write failure, under wmu
+	wbufs    [][]byte   // reply vector, under wmu
+	wvec     net.Buffers
 	budget   budget
 }
 

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"math/bits"
-	"net"
 	"slices"
 	"sync"
 	"syscall"
@@ -612,8 +611,13 @@ func (c *conn) send(iov [][]byte) error {
 	if c.writeErr != nil {
 		return c.writeErr
 	}
-	bufs := net.Buffers(iov)
-	if _, err := bufs.WriteTo(c.rw); err != nil {
+	// WriteTo consumes the net.Buffers it is called on; keep it in the
+	// conn so that this does not allocate per reply.
+	c.wbufs = append(c.wbufs[:0], iov...)
+	c.wvec = c.wbufs
+	_, err := c.wvec.WriteTo(c.rw)
+	clear(c.wbufs) // do not pin pooled buffers until the next reply
+	if err != nil {
 		c.writeErr = err
 		c.abort()
 		return err

@@ -207,11 +207,11 @@ func FuzzBAT(f *testing.F) {
 // structures themselves, not megabytes of padding around them.
 var openFragments = []struct{ off, len int64 }{
 	{header1Offset, 256}, {header2Offset, 256}, // headers (checksums fixed up)
-	{region1Offset, 256},                       // region table 1 (checksum fixed up)
-	{newLogOffset, 8 * kib},                    // the log's first entry
-	{newMetaOffset, 512},                       // metadata table
-	{newMetaOffset + metaTableSize, 1024},      // metadata items
-	{newBATOffset, 512},                        // BAT
+	{region1Offset, 256},                  // region table 1 (checksum fixed up)
+	{newLogOffset, 8 * kib},               // the log's first entry
+	{newMetaOffset, 512},                  // metadata table
+	{newMetaOffset + metaTableSize, 1024}, // metadata items
+	{newBATOffset, 512},                   // BAT
 }
 
 // FuzzOpen opens whole images whose structures are mutated, reads, writes

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -403,4 +404,107 @@ func TestTLSRequiredOwnClient(t *testing.T) {
 	ts2 := startServer(t, func(s *Server) { s.TLSConfig = srvCfg }, Export{Image: img})
 	ts2.dial(t, nil)
 	ts2.dial(t, &ClientOptions{TLSConfig: cliCfg})
+}
+
+// durableImage records, at each Flush, what a crash would keep.
+type durableImage struct {
+	*memImage
+	mu      sync.Mutex
+	durable []byte
+}
+
+func (d *durableImage) Flush() error {
+	snap := d.snapshot()
+	d.mu.Lock()
+	d.durable = snap
+	d.mu.Unlock()
+	return d.memImage.Flush()
+}
+
+// TestMultiConnFlush: with one shared image per export, a FLUSH on one
+// connection makes a write acknowledged on another durable and visible.
+func TestMultiConnFlush(t *testing.T) {
+	img := &durableImage{memImage: newMemImage(1<<20, 512, nil)}
+	ts := startServer(t, nil, Export{Image: img})
+	a, b := ts.dial(t, nil), ts.dial(t, nil)
+	if a.Flags()&FlagCanMultiConn == 0 {
+		t.Fatal("CAN_MULTI_CONN not advertised")
+	}
+	data := make([]byte, 8192)
+	pattern(data, 0, 4)
+	if _, err := a.WriteAt(data, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	img.mu.Lock()
+	durable := img.durable
+	img.mu.Unlock()
+	if !bytes.Equal(durable[4096:4096+8192], data) {
+		t.Fatal("write on one connection not durable after flush on another")
+	}
+	got := make([]byte, len(data))
+	if _, err := b.ReadAt(got, 4096); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("write not visible on the other connection: %v", err)
+	}
+}
+
+// faultImage fails I/O beyond half the disk.
+type faultImage struct{ *memImage }
+
+func (f faultImage) ReadAt(p []byte, off int64) (int, error) {
+	if off+int64(len(p)) > f.size/2 {
+		return 0, syscall.EIO
+	}
+	return f.memImage.ReadAt(p, off)
+}
+
+func (f faultImage) WriteAt(p []byte, off int64) (int, error) {
+	if off+int64(len(p)) > f.size/2 {
+		return 0, fmt.Errorf("allocating: %w", syscall.ENOSPC)
+	}
+	return f.memImage.WriteAt(p, off)
+}
+
+func TestImageErrors(t *testing.T) {
+	img := faultImage{newMemImage(1<<20, 512, nil)}
+	ts := startServer(t, nil, Export{Image: img})
+	for _, structured := range []bool{true, false} {
+		c := ts.dial(t, &ClientOptions{NoStructuredReplies: !structured})
+		if _, err := c.ReadAt(make([]byte, 4096), 1<<19); !errors.Is(err, EIO) {
+			t.Fatalf("read error: %v", err)
+		}
+		if _, err := c.WriteAt(make([]byte, 4096), 1<<19); !errors.Is(err, ENOSPC) {
+			t.Fatalf("write error: %v", err)
+		}
+		if _, err := c.ReadAt(make([]byte, 4096), 0); err != nil {
+			t.Fatalf("read after errors: %v", err)
+		}
+	}
+}
+
+// TestShutdownHandshake: connections still negotiating are closed and do
+// not hold Shutdown up.
+func TestShutdownHandshake(t *testing.T) {
+	ts := startServer(t, nil, Export{Image: newMemImage(1<<20, 512, nil)})
+	r := dialRaw(t, ts.sock)
+	r.greet(clientFlagFixedNewstyle)
+	r.option(optList, nil)
+	r.expectOpt(optList, repServer)
+	r.expectOpt(optList, repAck)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := ts.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.expectClosed()
+}
+
+func TestHandshakeTimeout(t *testing.T) {
+	ts := startServer(t, func(s *Server) { s.HandshakeTimeout = 50 * time.Millisecond }, Export{Image: newMemImage(1<<20, 512, nil)})
+	r := dialRaw(t, ts.sock)
+	r.greet(clientFlagFixedNewstyle)
+	r.expectClosed() // the client never sent an option
+	ts.dial(t, nil).Flush()
 }

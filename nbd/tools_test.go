@@ -394,7 +394,7 @@ func TestFio(t *testing.T) {
 	needTool(t, "fio")
 	img := newMemImage(32<<20, 512, nil)
 	ts := startServer(t, nil, Export{Name: "d", Image: img})
-	common := []string{"--ioengine=nbd", "--uri=" + ts.uri("d"), "--size=32m", "--iodepth=16", "--output-format=terse"}
+	common := []string{"--ioengine=nbd", "--uri=" + ts.uri("d"), "--size=8m", "--iodepth=16", "--output-format=terse"}
 	run(t, 60*time.Second, nil, "fio", append([]string{"--name=verify", "--rw=randwrite", "--bs=4k",
 		"--verify=crc32c", "--do_verify=1"}, common...)...)
 	run(t, 60*time.Second, nil, "fio", append([]string{"--name=mixed", "--rw=randrw", "--bs=4k", "--numjobs=2",

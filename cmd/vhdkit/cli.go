@@ -66,11 +66,22 @@ Run "vhdkit COMMAND --help" for a command's flags and examples.
 // run runs the vhdkit command line args (without the program name) and
 // returns the process exit status: 0 on success, 2 for a usage error, 1
 // for any other failure, which is reported as exactly one line on stderr.
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) (code int) {
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	return commandSet(commands()).run(ctx, args, stdout, stderr)
+}
+
+// commandSet is the verbs run dispatches to.
+type commandSet []*command
+
+func (cs commandSet) run(ctx context.Context, args []string, stdout, stderr io.Writer) (code int) {
 	verb := ""
 	defer func() {
 		if r := recover(); r != nil {
-			fmt.Fprintln(stderr, oneLine(fmt.Sprintf("vhdkit: %sinternal error: %v", verbPrefix(verb), r)))
+			prefix := ""
+			if cs.lookup(verb) != nil {
+				prefix = verb + ": "
+			}
+			fmt.Fprintln(stderr, oneLine(fmt.Sprintf("vhdkit: %sinternal error: %v", prefix, r)))
 			code = 1
 		}
 	}()
@@ -82,7 +93,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (code int
 	switch verb {
 	case "help", "-h", "-help", "--help":
 		if len(args) > 1 && args[1] != "" {
-			cmd := lookupCommand(args[1])
+			cmd := cs.lookup(args[1])
 			if cmd == nil {
 				fmt.Fprintf(stderr, "vhdkit: help: unknown command %q\n", args[1])
 				return 2
@@ -92,10 +103,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (code int
 			printCommandHelp(stdout, cmd, fs)
 			return 0
 		}
-		printTopUsage(stdout)
+		cs.printUsage(stdout)
 		return 0
 	}
-	cmd := lookupCommand(verb)
+	cmd := cs.lookup(verb)
 	if cmd == nil {
 		fmt.Fprintf(stderr, "vhdkit: unknown command %q (run \"vhdkit help\" for the list)\n", oneLine(verb))
 		return 2
@@ -131,20 +142,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (code int
 	return code
 }
 
-func verbPrefix(verb string) string {
-	if lookupCommand(verb) == nil {
-		return ""
-	}
-	return verb + ": "
-}
-
 // oneLine keeps a message on one line whatever the error text holds.
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", "; ")), " ")
 }
 
-func lookupCommand(name string) *command {
-	for _, c := range commands() {
+func (cs commandSet) lookup(name string) *command {
+	for _, c := range cs {
 		if c.name == name {
 			return c
 		}
@@ -158,9 +162,9 @@ func newFlagSet(cmd *command) *flag.FlagSet {
 	return fs
 }
 
-func printTopUsage(w io.Writer) {
+func (cs commandSet) printUsage(w io.Writer) {
 	var list strings.Builder
-	for _, c := range commands() {
+	for _, c := range cs {
 		fmt.Fprintf(&list, "  %-8s  %s\n", c.name, c.summary)
 	}
 	fmt.Fprintf(w, topUsage, list.String())

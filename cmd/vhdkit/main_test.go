@@ -8,6 +8,7 @@ import (
 	"crypto/md5"
 	"encoding/hex"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -255,6 +256,27 @@ func TestRunInProcess(t *testing.T) {
 		if lines := strings.Count(stderr.String(), "\n"); lines != 1 || !strings.HasPrefix(stderr.String(), "vhdkit: ") {
 			t.Errorf("run %q: stderr %q, want one line starting with \"vhdkit: \"", tc.args, stderr.String())
 		}
+	}
+}
+
+// TestRunPanic checks that a panic in a verb ends in one line on stderr
+// and exit status 1, not a trace.
+func TestRunPanic(t *testing.T) {
+	boom := &command{
+		name: "boom",
+		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
+			return func(context.Context, *cli, []string) error {
+				var m map[string]int
+				m["x"]++ // nil map: panics
+				return nil
+			}
+		},
+	}
+	var stdout, stderr strings.Builder
+	code := commandSet{boom}.run(context.Background(), []string{"boom"}, &stdout, &stderr)
+	want := "vhdkit: boom: internal error: assignment to entry in nil map\n"
+	if code != 1 || stderr.String() != want {
+		t.Errorf("exit %d, stderr %q; want 1, %q", code, stderr.String(), want)
 	}
 }
 

@@ -121,7 +121,7 @@ func testConcurrent(fx *fixture) {
 					n = 1 + rng.Int64N(min(64<<10, size-shared))
 					off = shared + rng.Int64N(size-shared-n+1)
 				} else {
-					n = 1 + rng.Int64N(64<<10)
+					n = 1 + rng.Int64N(min(64<<10, size))
 					off = rng.Int64N(size - n + 1)
 				}
 				p := make([]byte, n)

@@ -5,6 +5,20 @@
 // compares every read with a plain []byte model of what the disk must
 // hold. Each subtest starts from a fresh image made by the Harness.
 //
+// A format's test supplies a Harness:
+//
+//	func TestConformance(t *testing.T) {
+//		disktest.Run(t, disktest.Harness{
+//			New: func(t *testing.T, size int64) (disk.Image, []byte) {
+//				img, err := raw.Create(filepath.Join(t.TempDir(), "d.img"), size)
+//				if err != nil {
+//					t.Fatal(err)
+//				}
+//				return img, nil
+//			},
+//		})
+//	}
+//
 // Random choices come from a seed that failing tests log; setting the
 // environment variable DISKTEST_SEED to it repeats the run.
 package disktest

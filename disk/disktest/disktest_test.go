@@ -165,6 +165,18 @@ func TestMemImage(t *testing.T) {
 	t.Run("parent", func(t *testing.T) { disktest.Run(t, memHarness(512, true)) })
 }
 
+// TestOddSizes makes sure the suite itself copes with images smaller than
+// its fixed cases or not a whole number of sectors.
+func TestOddSizes(t *testing.T) {
+	for _, size := range []int64{1, 511, 4097, 64<<10 + 7} {
+		t.Run(fmt.Sprint(size), func(t *testing.T) {
+			h := memHarness(512, false)
+			h.Size = size
+			disktest.Run(t, h)
+		})
+	}
+}
+
 func TestRaw(t *testing.T) {
 	var mu sync.Mutex
 	paths := map[disk.Image]string{}

@@ -41,6 +41,9 @@ func (im *Image) flushLocked() error {
 // writes one entry at the start of the log; when more pages remain than
 // one entry holds, the applied pages are synced before the log is reused.
 func (im *Image) commit(pages []page, fileEnd int64) error {
+	if len(pages) == 0 {
+		return im.f.Sync()
+	}
 	// Allocated blocks are written only where data went; readers such as
 	// 7-Zip expect the file to cover every block the BAT names.
 	size, err := im.f.Size()

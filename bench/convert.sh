@@ -41,6 +41,7 @@ timed() {
 	local out=$1
 	shift
 	rm -f "$out"
+	sync # start each run with no dirty pages of earlier steps to write back
 	local t0 t1
 	t0=$(now)
 	"$@" >/dev/null

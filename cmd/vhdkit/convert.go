@@ -146,6 +146,10 @@ const (
 	copyChunk   = 4 << 20  // bytes read at once
 	copyBuffers = 6        // chunks in flight between reader and writer
 	zeroGranule = 64 << 10 // all-zero granules of SRC are not written
+	// maxWrite caps one WriteAt: on Linux (ext4), copying a 4 MiB write
+	// into the page cache costs several times the kernel time of four
+	// 1 MiB writes, measured; reads show no such effect.
+	maxWrite = 1 << 20
 )
 
 // imageCopy copies src into a fresh dst.
@@ -224,8 +228,12 @@ func (cp *imageCopy) write(ctx context.Context, job copyJob) error {
 		data = cp.zeroChunk
 	}
 	for _, s := range job.writes {
-		if _, err := cp.dst.WriteAt(data[s.off:s.off+s.n], job.off+s.off); err != nil {
-			return fmt.Errorf("writing at offset %d: %w", job.off+s.off, err)
+		for off, end := s.off, s.off+s.n; off < end; {
+			n := min(end-off, maxWrite)
+			if _, err := cp.dst.WriteAt(data[off:off+n], job.off+off); err != nil {
+				return fmt.Errorf("writing at offset %d: %w", job.off+off, err)
+			}
+			off += n
 		}
 	}
 	if cp.progress != nil {

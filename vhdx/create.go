@@ -37,12 +37,35 @@ const (
 // file appears under its name only once complete, so a crash during Create
 // never leaves a half-made image at path.
 func Create(path string, opts CreateOptions) (*Image, error) {
+	if err := createFile(path, opts); err != nil {
+		return nil, err
+	}
+	return Open(path, OpenOptions{})
+}
+
+// CreateChild freezes im (flushed, log closed, read-only from now on) and
+// makes a differencing child of it at path: a checkpoint. The child is
+// returned open, reading through im, which it then owns. opts.Parent is
+// ignored.
+func (im *Image) CreateChild(path string, opts CreateOptions) (*Image, error) {
+	if err := im.Freeze(); err != nil {
+		return nil, err
+	}
+	opts.Parent = im.path
+	if err := createFile(path, opts); err != nil {
+		return nil, err
+	}
+	return Open(path, OpenOptions{ParentImage: im})
+}
+
+// createFile writes a new image at path atomically.
+func createFile(path string, opts CreateOptions) error {
 	if _, err := os.Lstat(path); err == nil {
-		return nil, fmt.Errorf("vhdx: %s: %w", path, os.ErrExist)
+		return fmt.Errorf("vhdx: %s: %w", path, os.ErrExist)
 	}
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
 	if err != nil {
-		return nil, err
+		return err
 	}
 	tmpName := tmp.Name()
 	f := storage.FromOS(tmp)
@@ -56,12 +79,9 @@ func Create(path string, opts CreateOptions) (*Image, error) {
 	}
 	os.Remove(tmpName)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	if err := syncDir(filepath.Dir(path)); err != nil {
-		return nil, err
-	}
-	return Open(path, OpenOptions{})
+	return syncDir(filepath.Dir(path))
 }
 
 func syncDir(dir string) error {

@@ -8,7 +8,7 @@ import (
 // Flush makes every completed write durable, following the commit protocol
 // in the package documentation.
 func (im *Image) Flush() error {
-	if im.readOnly {
+	if im.readOnly || im.frozen.Load() {
 		return nil
 	}
 	im.flushMu.Lock()
@@ -112,7 +112,7 @@ func (im *Image) applyPages(pages []page) error {
 // its parents. The image is closed even when an error is returned.
 func (im *Image) Close() error {
 	var errs []error
-	if !im.readOnly {
+	if !im.readOnly && !im.frozen.Load() {
 		im.flushMu.Lock()
 		err := im.flushLocked()
 		if err == nil && im.writing {
@@ -140,4 +140,29 @@ func (im *Image) Close() error {
 		errs = append(errs, im.parent.Close())
 	}
 	return errors.Join(errs...)
+}
+
+// Freeze flushes the image, closes its log (the file needs no replay) and
+// makes the open image read-only: the state a checkpoint's parent is in.
+func (im *Image) Freeze() error {
+	if im.readOnly || im.frozen.Load() {
+		return nil
+	}
+	im.flushMu.Lock()
+	defer im.flushMu.Unlock()
+	if err := im.flushLocked(); err != nil {
+		return err
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.writing {
+		h := im.hdr
+		h.LogGUID = GUID{}
+		if err := im.writeHeader(h); err != nil {
+			return err
+		}
+		im.writing = false
+	}
+	im.frozen.Store(true)
+	return nil
 }

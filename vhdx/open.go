@@ -62,13 +62,24 @@ type OpenOptions struct {
 	// ParentPath, when set, is the parent of a differencing image instead of
 	// the one its locator names. Its DataWriteGuid must still match.
 	ParentPath string
+	// ParentImage, when set, is the open parent to read through (it must
+	// still match the child's linkage); the child owns it from then on.
+	ParentImage *Image
+	// NoParent opens a differencing image without its parent, to change
+	// its links (SetParent, SetParentLinkage2): reading a range the file
+	// does not hold fails with ErrParentNotFound.
+	NoParent bool
+	// OpenFile, when set, opens the image's and its parents' files instead
+	// of storage.OpenFile: the seam fault and crash tests use.
+	OpenFile func(path string, flag int) (storage.File, error)
 }
 
 // Image is an open VHDX file. It is safe for concurrent use.
 type Image struct {
 	f        storage.File // with any read-only log overlay
 	path     string
-	readOnly bool
+	readOnly bool        // opened read-only
+	frozen   atomic.Bool // made read-only by Freeze
 	creator  string
 
 	hdr     header
@@ -91,6 +102,7 @@ type Image struct {
 	bitmaps []atomic.Pointer[[]byte] // per chunk, loaded lazily
 	bmLoad  sync.Mutex
 	dirty   map[int64]struct{} // file offsets of 4 KiB metadata pages to log
+	metaBuf []byte             // the metadata region as rewritten, if it was
 	fileEnd int64              // where the next block is allocated (1 MiB-aligned)
 	writing bool               // header updated: GUIDs changed, log open
 	logSeq  uint64
@@ -108,7 +120,13 @@ func openChain(path string, opts OpenOptions, seen []os.FileInfo) (*Image, error
 	if opts.ReadOnly {
 		flag = os.O_RDONLY
 	}
-	f, err := storage.OpenFile(path, flag, 0)
+	var f storage.File
+	var err error
+	if opts.OpenFile != nil {
+		f, err = opts.OpenFile(path, flag)
+	} else {
+		f, err = storage.OpenFile(path, flag, 0)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -151,12 +169,25 @@ func openFile(f storage.File, path string, opts OpenOptions, seen []os.FileInfo)
 		return nil, err
 	}
 	if im.p.HasParent {
-		if err := im.openParent(opts, seen); err != nil {
+		if opts.NoParent {
+			im.parent = missingParent{im.geo.virtualSize}
+		} else if err := im.openParent(opts, seen); err != nil {
 			return nil, err
 		}
 	}
 	return im, nil
 }
+
+// missingParent stands in for a parent not opened (OpenOptions.NoParent).
+type missingParent struct{ size int64 }
+
+func (missingParent) ReadAt([]byte, int64) (int, error) {
+	return 0, fmt.Errorf("vhdx: parent not opened: %w", ErrParentNotFound)
+}
+func (missingParent) WriteAt([]byte, int64) (int, error) { return 0, ErrReadOnly }
+func (p missingParent) Size() int64                      { return p.size }
+func (missingParent) Flush() error                       { return nil }
+func (missingParent) Close() error                       { return nil }
 
 func (im *Image) readAt(p []byte, off int64, what string) error {
 	if _, err := im.f.ReadAt(p, off); err != nil {

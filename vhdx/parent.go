@@ -20,6 +20,13 @@ const (
 // differencing image. seen holds the files already in the chain, to refuse
 // a loop.
 func (im *Image) openParent(opts OpenOptions, seen []os.FileInfo) error {
+	if p := opts.ParentImage; p != nil {
+		if err := im.checkParent(p); err != nil {
+			return err
+		}
+		im.parent, im.parentPath = p, p.path
+		return nil
+	}
 	if fi, err := os.Stat(im.path); err == nil {
 		seen = append(seen, fi)
 	}
@@ -39,7 +46,7 @@ func (im *Image) openParent(opts OpenOptions, seen []os.FileInfo) error {
 				return fmt.Errorf("vhdx: %s: parent chain loops back to %s: %w", im.path, c, ErrParentMismatch)
 			}
 		}
-		parent, err := openChain(c, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs}, seen)
+		parent, err := openChain(c, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile}, seen)
 		if err != nil {
 			return fmt.Errorf("vhdx: %s: opening parent: %w", im.path, err)
 		}

@@ -12,8 +12,8 @@ var zeros = make([]byte, mib)
 // file go straight to them, concurrently with other I/O; writes that
 // allocate take the image's lock.
 func (im *Image) WriteAt(p []byte, off int64) (int, error) {
-	if im.readOnly {
-		return 0, fmt.Errorf("vhdx: %s: %w", im.path, ErrReadOnly)
+	if err := im.writable(); err != nil {
+		return 0, err
 	}
 	if err := im.checkIO(off, int64(len(p))); err != nil {
 		return 0, err
@@ -48,6 +48,14 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// writable reports ErrReadOnly for an image opened read-only or frozen.
+func (im *Image) writable() error {
+	if im.readOnly || im.frozen.Load() {
+		return fmt.Errorf("vhdx: %s: %w", im.path, ErrReadOnly)
+	}
+	return nil
 }
 
 // beginWrite prepares the file for its first change since open: one header
@@ -320,8 +328,8 @@ func (im *Image) Trim(off, n int64) error {
 }
 
 func (im *Image) zeroRange(off, n int64, mayUnmap bool, state uint8) error {
-	if im.readOnly {
-		return fmt.Errorf("vhdx: %s: %w", im.path, ErrReadOnly)
+	if err := im.writable(); err != nil {
+		return err
 	}
 	if err := im.checkIO(off, n); err != nil {
 		return err
@@ -396,7 +404,7 @@ func (im *Image) dirtyPages() []page {
 }
 
 // pageContent renders the 4 KiB page at file offset off from memory: a
-// page of the BAT or of a sector bitmap block.
+// page of the BAT, of the metadata region or of a sector bitmap block.
 func (im *Image) pageContent(off int64) []byte {
 	b := make([]byte, pageSize)
 	batOff := int64(im.regs.BAT.Offset)
@@ -407,6 +415,13 @@ func (im *Image) pageContent(off int64) []byte {
 			for k := 0; k < 8; k++ {
 				b[8*i+int64(k)] = byte(e >> (8 * k))
 			}
+		}
+		return b
+	}
+	metaOff := int64(im.regs.Metadata.Offset)
+	if off >= metaOff && off < metaOff+int64(im.regs.Metadata.Length) {
+		if rel := off - metaOff; rel < int64(len(im.metaBuf)) {
+			copy(b, im.metaBuf[rel:])
 		}
 		return b
 	}

@@ -1,0 +1,200 @@
+package vhdx
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/vhdkit/vhdkit/storage"
+)
+
+// Changes to a chain's links: a child's parent locator and a parent's
+// DataWriteGuid. They are what merge and re-parenting are made of, and
+// they follow the rules that keep a chain openable at every moment: the
+// locator changes through the log like any metadata, and a parent's new
+// DataWriteGuid is chosen by the caller so it can be recorded in the child
+// (parent_linkage2) before the parent changes.
+
+// BeginDataChange makes g the image's DataWriteGuid, before any change to
+// its data: the header update that opens the image for writing uses g
+// instead of a random GUID. It fails if the image was already written to
+// with another DataWriteGuid.
+func (im *Image) BeginDataChange(g GUID) error {
+	if err := im.writable(); err != nil {
+		return err
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.closed {
+		return errClosed
+	}
+	if im.writing {
+		if im.hdr.DataWriteGUID != g {
+			return fmt.Errorf("vhdx: %s: already written with DataWriteGuid {%s}", im.path, im.hdr.DataWriteGUID)
+		}
+		return nil
+	}
+	h := im.hdr
+	h.FileWriteGUID = newGUID()
+	h.DataWriteGUID = g
+	h.LogGUID = newGUID()
+	if err := im.writeHeader(h); err != nil {
+		return fmt.Errorf("vhdx: updating header: %w", err)
+	}
+	im.writing = true
+	return nil
+}
+
+// NewGUID returns a random GUID, for BeginDataChange.
+func NewGUID() GUID { return newGUID() }
+
+// SetParentLinkage2 records g as a second DataWriteGuid the parent may
+// have: the child then opens over its parent before and after the parent
+// changes to g. Durable once Flush returns.
+func (im *Image) SetParentLinkage2(g GUID) error {
+	return im.updateLocator(func(l *parentLocator) {
+		l.Set(keyLinkage2, "{"+g.String()+"}")
+	})
+}
+
+// SetParent points the child at a new parent file whose DataWriteGuid is
+// linkage: the locator's paths are rewritten for parentPath (relative to
+// the child's folder, and absolute), parent_linkage becomes linkage and
+// parent_linkage2 is dropped. The open image keeps reading through the
+// parent it had; reopen it to use the new one. Durable once Flush returns.
+func (im *Image) SetParent(parentPath string, linkage GUID) error {
+	abs, err := filepath.Abs(parentPath)
+	if err != nil {
+		return err
+	}
+	return im.updateLocator(func(l *parentLocator) {
+		var kept []locatorEntry
+		for _, e := range l.Entries {
+			switch e.Key {
+			case keyLinkage2, keyVolumePath:
+				// Stale with a new parent.
+			default:
+				kept = append(kept, e)
+			}
+		}
+		l.Entries = kept
+		l.Set(keyLinkage, "{"+linkage.String()+"}")
+		l.Set(keyRelativePath, relativeLocator(im.path, parentPath))
+		l.Set(keyAbsolutePath, strings.ReplaceAll(abs, "/", `\`))
+	})
+}
+
+// updateLocator applies change to a copy of the parent locator and logs
+// the rewritten metadata region.
+func (im *Image) updateLocator(change func(*parentLocator)) error {
+	if err := im.writable(); err != nil {
+		return err
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.closed {
+		return errClosed
+	}
+	if !im.p.HasParent {
+		return fmt.Errorf("vhdx: %s: not a differencing image", im.path)
+	}
+	loc := parentLocator{Type: im.p.Locator.Type, Entries: append([]locatorEntry(nil), im.p.Locator.Entries...)}
+	change(&loc)
+	if err := im.beginWrite(false); err != nil {
+		return err
+	}
+	if err := im.rewriteMetadata(itemParentLocator, loc.marshal()); err != nil {
+		return err
+	}
+	im.p.Locator = &loc
+	return nil
+}
+
+// rewriteMetadata renders the metadata region with item id's content
+// replaced by data, items packed after the table in their table order,
+// and marks the pages that change for the log. The caller holds mu.
+func (im *Image) rewriteMetadata(id GUID, data []byte) error {
+	regionOff := int64(im.regs.Metadata.Offset)
+	buf := make([]byte, metaTableSize)
+	entries := append([]metaEntry(nil), im.meta...)
+	oldEnd := int64(metaTableSize)
+	for i := range entries {
+		e := &entries[i]
+		oldEnd = max(oldEnd, int64(e.Offset)+int64(e.Length))
+		item := data
+		if e.ID != id || e.IsUser {
+			item = make([]byte, e.Length)
+			if e.Length > 0 {
+				if err := im.readAt(item, regionOff+int64(e.Offset), "metadata item"); err != nil {
+					return err
+				}
+			}
+		}
+		e.Offset, e.Length = 0, uint32(len(item))
+		if len(item) > 0 {
+			e.Offset = uint32(len(buf))
+			buf = append(buf, item...)
+		}
+	}
+	if int64(len(buf)) > int64(im.regs.Metadata.Length) {
+		return fmt.Errorf("vhdx: %s: metadata does not fit its %d-byte region", im.path, im.regs.Metadata.Length)
+	}
+	copy(buf, marshalMetaTable(entries))
+	im.metaBuf = buf
+	im.meta = entries
+	end := max(oldEnd, int64(len(buf)))
+	// The table's used part and every page of items, old or new.
+	for off := int64(0); off < end; off += pageSize {
+		if off >= alignUp(32+32*int64(len(entries)), pageSize) && off < metaTableSize {
+			continue
+		}
+		im.dirty[regionOff+off] = struct{}{}
+	}
+	return nil
+}
+
+// ParentLink is where a differencing image says its parent is.
+type ParentLink struct {
+	Candidates []string // paths the locator names, best first
+	Linkage    GUID     // parent_linkage
+	Linkage2   GUID     // parent_linkage2, zero when absent
+}
+
+// ReadParentLink reads a differencing image's parent locator without
+// opening the parent; it returns nil for an image without a parent.
+func ReadParentLink(path string) (*ParentLink, error) {
+	f, err := storage.OpenFile(path, os.O_RDONLY, 0)
+	if err != nil {
+		return nil, err
+	}
+	im := &Image{f: f, path: path, readOnly: true, dirty: map[int64]struct{}{}}
+	defer f.Close()
+	size, err := f.Size()
+	if err != nil {
+		return nil, err
+	}
+	if err := im.readHeaders(size); err != nil {
+		return nil, err
+	}
+	if err := im.replayLog(size); err != nil {
+		return nil, err
+	}
+	if size, err = im.f.Size(); err != nil {
+		return nil, err
+	}
+	if err := im.readRegions(size); err != nil {
+		return nil, err
+	}
+	if err := im.readMetadata(); err != nil {
+		return nil, err
+	}
+	if !im.p.HasParent {
+		return nil, nil
+	}
+	l := &ParentLink{Candidates: im.parentCandidates("")}
+	if l.Linkage, l.Linkage2, err = im.linkages(); err != nil {
+		return nil, err
+	}
+	return l, nil
+}

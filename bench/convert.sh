@@ -7,7 +7,8 @@
 #   VHDX (made by qemu-img) -> raw
 #   VHDX (made by vhdkit)   -> raw
 #
-# Each conversion runs twice per tool and the best time counts. Every
+# Each conversion runs twice per tool (BENCH_RUNS=N for more) and the best
+# time counts, elapsed and CPU (user+system) separately. Every
 # output is verified (cmp, qemu-img compare). Both tools flush the target
 # at the end: qemu-img runs with -t writeback, since its default cache
 # mode for convert (unsafe) never syncs while vhdkit always does.
@@ -31,27 +32,30 @@ vhdkit=$work/vhdkit
 src=$work/src.img
 "$work/gendata" -size "$size" -seed 1 "$src"
 
-now() { date +%s.%N; }
+runs=${BENCH_RUNS:-2}
 
-# best SECONDS... prints the smallest.
+# best VALUES... prints the smallest.
 best() { printf '%s\n' "$@" | sort -g | head -n1; }
 
-# timed OUT CMD... removes OUT, runs CMD and prints the seconds it took.
+# timed OUT CMD... removes OUT, runs CMD and sets wall and cpu: elapsed
+# seconds and user+system CPU seconds.
 timed() {
 	local out=$1
 	shift
 	rm -f "$out"
 	sync # start each run with no dirty pages of earlier steps to write back
-	local t0 t1
-	t0=$(now)
-	"$@" >/dev/null
-	t1=$(now)
-	awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", b - a }'
+	local TIMEFORMAT='%R %U %S'
+	if ! { time "$@" >/dev/null 2>"$work/stderr"; } 2>"$work/time"; then
+		echo "bench/convert.sh: $* failed:" >&2
+		cat "$work/stderr" >&2
+		exit 1
+	fi
+	read -r wall cpu < <(awk '{ printf "%.3f %.3f\n", $1, $2 + $3 }' "$work/time")
 }
 
 rows=()
 
-# bench NAME OUT VERIFY VHDKIT_CMD -- QEMU_CMD: two runs each, alternating.
+# bench NAME OUT VERIFY VHDKIT_CMD -- QEMU_CMD: $runs runs each, alternating.
 bench() {
 	local name=$1 out=$2 verify=$3
 	shift 3
@@ -59,15 +63,17 @@ bench() {
 	while [ "$1" != "--" ]; do vcmd+=("$1"); shift; done
 	shift
 	qcmd=("$@")
-	local v=() q=()
-	for run in 1 2; do
-		v+=("$(timed "$out" "${vcmd[@]}")")
+	local vw=() vc=() qw=() qc=()
+	for ((run = 1; run <= runs; run++)); do
+		timed "$out" "${vcmd[@]}"
+		vw+=("$wall") vc+=("$cpu")
 		$verify "$out" || { echo "bench/convert.sh: vhdkit output of '$name' is wrong" >&2; exit 1; }
-		q+=("$(timed "$out" "${qcmd[@]}")")
+		timed "$out" "${qcmd[@]}"
+		qw+=("$wall") qc+=("$cpu")
 		$verify "$out" || { echo "bench/convert.sh: qemu-img output of '$name' is wrong" >&2; exit 1; }
 	done
 	rm -f "$out"
-	rows+=("$name|$(best "${v[@]}")|$(best "${q[@]}")")
+	rows+=("$name|$(best "${vw[@]}")|$(best "${qw[@]}")|$(best "${vc[@]}")|$(best "${qc[@]}")")
 }
 
 same_as_src_raw() { cmp "$src" "$1"; }
@@ -91,9 +97,11 @@ bench "vhdx (by vhdkit) -> raw" "$work/out.img" same_as_src_raw \
 	qemu-img convert -t writeback -f vhdx -O raw "$work/vhdkit.vhdx" "$work/out.img"
 
 echo
-printf '%-28s %10s %10s %7s\n' "conversion ($size)" vhdkit qemu-img ratio
+printf '%-27s %8s %9s %6s   %8s %9s %6s\n' "conversion ($size)" vhdkit qemu-img ratio "cpu:vhdkit" qemu-img ratio
 for row in "${rows[@]}"; do
-	IFS='|' read -r name v q <<<"$row"
-	printf '%-28s %9.2fs %9.2fs %7.2f\n' "$name" "$v" "$q" "$(awk -v q="$q" -v v="$v" 'BEGIN { print q / v }')"
+	IFS='|' read -r name vw qw vc qc <<<"$row"
+	printf '%-27s %7.2fs %8.2fs %6.2f   %9.2fs %8.2fs %6.2f\n' "$name" "$vw" "$qw" "$(awk -v q="$qw" -v v="$vw" 'BEGIN { print q / v }')" \
+		"$vc" "$qc" "$(awk -v q="$qc" -v v="$vc" 'BEGIN { print (v > 0 ? q / v : 0) }')"
 done
-echo "(ratio = qemu-img time / vhdkit time; above 1: vhdkit is faster. Best of 2 runs; $(nproc) CPUs.)"
+echo "ratio = qemu-img time / vhdkit time: above 1, vhdkit is faster. Elapsed (left) and"
+echo "user+system CPU (right) seconds, best of $runs runs each; $(nproc) CPUs."

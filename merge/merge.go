@@ -71,6 +71,15 @@ var ErrOtherChildren = errors.New("other images depend on the merge target")
 
 // Merge merges TOP down into its parent, or into opts.Into.
 func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
+	if j, err := loadJournal(top); err != nil {
+		return nil, err
+	} else if j != nil {
+		// An earlier run copied everything; finish its clean-up.
+		if err := j.finish(opts); err != nil {
+			return nil, err
+		}
+		return &Result{Target: j.Target, Removed: j.Remove, Relinked: j.Relink}, nil
+	}
 	layers, err := chainPaths(top, opts)
 	if err != nil {
 		return nil, err
@@ -85,7 +94,7 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 		return nil, fmt.Errorf("merge: %s is not a differencing image", top)
 	}
 	target := layers[k]
-	others, err := otherChildren(target, layers, opts.Children)
+	others, err := otherChildren(target, layers, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -103,33 +112,20 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 	if err := copyInto(ctx, top, target, k, g, opts, res); err != nil {
 		return nil, err
 	}
-	// Step 4: re-point TOP (when layers lie between) and the other
-	// children at T, then drop the intermediate layers.
-	relink := others
+	// Steps 4 and 5 run from a journal, so a re-run after a crash
+	// finishes them even when TOP no longer shows the chain.
+	j := &journal{Top: top, Target: target, GUID: g.String(), Relink: others}
 	if k > 1 {
-		relink = append([]string{top}, others...)
+		j.Relink = append([]string{top}, others...)
 	}
-	for _, c := range relink {
-		if err := setParent(c, target, g, opts); err != nil {
-			return nil, err
-		}
+	j.Remove = append(append([]string(nil), layers[1:k]...), top)
+	if err := j.save(); err != nil {
+		return nil, err
 	}
-	res.Relinked = others
-	remove := opts.Remove
-	if remove == nil {
-		remove = os.Remove
+	if err := j.finish(opts); err != nil {
+		return nil, err
 	}
-	for _, p := range layers[1:k] {
-		if err := remove(p); err != nil {
-			return nil, fmt.Errorf("merge: removing %s: %w", p, err)
-		}
-		res.Removed = append(res.Removed, p)
-	}
-	// Step 5.
-	if err := remove(top); err != nil {
-		return nil, fmt.Errorf("merge: removing %s: %w", top, err)
-	}
-	res.Removed = append([]string{top}, res.Removed...)
+	res.Relinked, res.Removed = others, append([]string{top}, layers[1:k]...)
 	return res, nil
 }
 
@@ -163,12 +159,12 @@ func indexOf(layers []string, path string) int {
 
 // otherChildren lists images, other than the chain's own, whose locator
 // points at target: those in target's folder and those named.
-func otherChildren(target string, layers []string, named []string) ([]string, error) {
+func otherChildren(target string, layers []string, opts Options) ([]string, error) {
 	tfi, err := os.Stat(target)
 	if err != nil {
 		return nil, err
 	}
-	candidates := append([]string(nil), named...)
+	candidates := append([]string(nil), opts.Children...)
 	for _, pat := range []string{"*.vhdx", "*.avhdx"} {
 		m, _ := filepath.Glob(filepath.Join(filepath.Dir(target), pat))
 		candidates = append(candidates, m...)
@@ -178,7 +174,7 @@ func otherChildren(target string, layers []string, named []string) ([]string, er
 		if indexOf(layers, c) >= 0 || indexOf(out, c) >= 0 {
 			continue
 		}
-		link, err := vhdx.ReadParentLink(c)
+		link, err := vhdx.ReadParentLink(c, openOpts(opts, true))
 		if err != nil || link == nil {
 			continue // not a child of anything we can read
 		}
@@ -202,7 +198,7 @@ func prepare(target string, children []string, opts Options) (vhdx.GUID, error) 
 	}
 	current := t.Info().DataWriteGUID
 	t.Close()
-	link, err := vhdx.ReadParentLink(children[0])
+	link, err := vhdx.ReadParentLink(children[0], openOpts(opts, true))
 	if err != nil {
 		return vhdx.GUID{}, fmt.Errorf("merge: %w", err)
 	}
@@ -211,7 +207,7 @@ func prepare(target string, children []string, opts Options) (vhdx.GUID, error) 
 		g = vhdx.NewGUID() // not resuming: a fresh identity for the target
 	}
 	for _, c := range children {
-		link, err := vhdx.ReadParentLink(c)
+		link, err := vhdx.ReadParentLink(c, openOpts(opts, true))
 		if err != nil {
 			return g, fmt.Errorf("merge: %w", err)
 		}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/vhdkit/vhdkit/storage"
 )
@@ -68,6 +69,12 @@ func createFile(path string, opts CreateOptions) error {
 		return err
 	}
 	tmpName := tmp.Name()
+	// CreateTemp makes 0600 files; an image gets the mode os.Create gives.
+	if err := tmp.Chmod(0o666 &^ umask()); err != nil {
+		tmp.Close()
+		os.Remove(tmpName)
+		return err
+	}
 	f := storage.FromOS(tmp)
 	err = build(f, path, opts)
 	if cerr := f.Close(); err == nil {
@@ -262,4 +269,11 @@ func (w *errWriter) write(p []byte, off int64) {
 	if w.err == nil {
 		_, w.err = w.f.WriteAt(p, off)
 	}
+}
+
+// umask returns the process's file mode creation mask.
+func umask() os.FileMode {
+	m := syscall.Umask(0)
+	syscall.Umask(m)
+	return os.FileMode(m)
 }

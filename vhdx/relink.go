@@ -162,9 +162,16 @@ type ParentLink struct {
 }
 
 // ReadParentLink reads a differencing image's parent locator without
-// opening the parent; it returns nil for an image without a parent.
-func ReadParentLink(path string) (*ParentLink, error) {
-	f, err := storage.OpenFile(path, os.O_RDONLY, 0)
+// opening the parent; it returns nil for an image without a parent. Of
+// opts only OpenFile is used.
+func ReadParentLink(path string, opts OpenOptions) (*ParentLink, error) {
+	var f storage.File
+	var err error
+	if opts.OpenFile != nil {
+		f, err = opts.OpenFile(path, os.O_RDONLY)
+	} else {
+		f, err = storage.OpenFile(path, os.O_RDONLY, 0)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -1,0 +1,205 @@
+package merge
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	randv2 "math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/vhdkit/vhdkit/storage"
+	"github.com/vhdkit/vhdkit/vhdx"
+)
+
+// memDisk holds a chain's files in MemFiles, so a merge can be stopped at
+// its i-th I/O and the files crash-cloned. Empty files of the same names
+// stand on the real file system for the path lookups (stat, glob).
+type memDisk struct {
+	mu     sync.Mutex
+	files  map[string]*storage.MemFile
+	ops    atomic.Int64
+	failAt int64 // the disk stops at this operation; -1 never
+	hit    atomic.Bool
+}
+
+var errStopped = errors.New("disk stopped")
+
+func (d *memDisk) open(path string, flag int) (storage.File, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f, ok := d.files[path]
+	if !ok {
+		return nil, fmt.Errorf("open %s: %w", path, os.ErrNotExist)
+	}
+	return &stoppable{File: f, d: d}, nil
+}
+
+func (d *memDisk) remove(path string) error {
+	if err := d.step(); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	delete(d.files, path)
+	d.mu.Unlock()
+	return os.Remove(path)
+}
+
+// step counts one operation and fails it and all after it once the disk
+// has stopped.
+func (d *memDisk) step() error {
+	if n := d.ops.Add(1) - 1; d.failAt >= 0 && n >= d.failAt {
+		d.hit.Store(true)
+		return errStopped
+	}
+	return nil
+}
+
+// crash replaces every file by a crash clone of it.
+func (d *memDisk) crash(rng *randv2.Rand) *memDisk {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	c := &memDisk{files: map[string]*storage.MemFile{}, failAt: -1}
+	for p, f := range d.files {
+		c.files[p] = f.CrashClone(rng)
+	}
+	return c
+}
+
+type stoppable struct {
+	storage.File
+	d *memDisk
+}
+
+func (f *stoppable) ReadAt(p []byte, off int64) (int, error) {
+	if err := f.d.step(); err != nil {
+		return 0, err
+	}
+	return f.File.ReadAt(p, off)
+}
+
+func (f *stoppable) WriteAt(p []byte, off int64) (int, error) {
+	if err := f.d.step(); err != nil {
+		return 0, err
+	}
+	return f.File.WriteAt(p, off)
+}
+
+func (f *stoppable) Sync() error {
+	if err := f.d.step(); err != nil {
+		return err
+	}
+	return f.File.Sync()
+}
+
+func (f *stoppable) Truncate(n int64) error {
+	if err := f.d.step(); err != nil {
+		return err
+	}
+	return f.File.Truncate(n)
+}
+
+func (f *stoppable) Close() error { return nil } // the MemFile outlives its handles
+
+func (d *memDisk) options(into string) Options {
+	return Options{Into: into, OpenFile: d.open, Remove: d.remove}
+}
+
+// leafContent reads the chain from top, or from the target once top is
+// gone (the merge finished).
+func (d *memDisk) leafContent(t *testing.T, top, target string) []byte {
+	t.Helper()
+	leaf := top
+	d.mu.Lock()
+	if _, ok := d.files[top]; !ok {
+		leaf = target
+	}
+	d.mu.Unlock()
+	im, err := vhdx.Open(leaf, vhdx.OpenOptions{ReadOnly: true, OpenFile: d.open})
+	if err != nil {
+		t.Fatalf("opening %s after the crash: %v", filepath.Base(leaf), err)
+	}
+	defer im.Close()
+	b := make([]byte, im.Size())
+	if _, err := im.ReadAt(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestMergeCrash stops the disk at every I/O of a merge (top into parent,
+// and three levels into the base) and crash-clones every file, keeping a
+// random part of what was not synced. The leaf must open and read the
+// newest data, and running the merge again must finish it.
+func TestMergeCrash(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		into int // index of the target in the chain, base 0
+	}{{"top-into-parent", 2}, {"into-base", 0}} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			paths, contents := buildChain(t, dir, 3)
+			want := contents[3]
+			orig := map[string][]byte{}
+			for _, p := range paths {
+				b, err := os.ReadFile(p)
+				if err != nil {
+					t.Fatal(err)
+				}
+				orig[p] = b
+			}
+			top, target := paths[3], paths[c.into]
+			points := 0
+			for i := int64(0); ; i++ {
+				d := &memDisk{files: map[string]*storage.MemFile{}, failAt: i}
+				for p, b := range orig {
+					d.files[p] = storage.NewMemFile(b)
+					os.WriteFile(p, nil, 0o644) // placeholder
+				}
+				_, err := Merge(context.Background(), top, d.options(target))
+				if !d.hit.Load() {
+					if err != nil {
+						t.Fatal(err)
+					}
+					break
+				}
+				if err == nil {
+					t.Fatalf("point %d: merge succeeded on a stopped disk", i)
+				}
+				points++
+				// The journal is synced before it is used: each clone
+				// starts with it as the stopped run left it.
+				jb, jerr := os.ReadFile(journalPath(top))
+				for s := 0; s < 2; s++ {
+					if jerr == nil {
+						os.WriteFile(journalPath(top), jb, 0o644)
+					}
+					cd := d.crash(randv2.New(randv2.NewPCG(uint64(i), uint64(s))))
+					for p := range orig {
+						if _, ok := cd.files[p]; ok {
+							os.WriteFile(p, nil, 0o644)
+						} else {
+							os.Remove(p)
+						}
+					}
+					if got := cd.leafContent(t, top, target); !bytes.Equal(got, want) {
+						t.Fatalf("point %d: the leaf reads different data after the crash", i)
+					}
+					if _, ok := cd.files[top]; ok {
+						if _, err := Merge(context.Background(), top, cd.options(target)); err != nil {
+							t.Fatalf("point %d: re-running the merge: %v", i, err)
+						}
+					}
+					if got := cd.leafContent(t, top, target); !bytes.Equal(got, want) {
+						t.Fatalf("point %d: the target does not hold the merge after a re-run", i)
+					}
+				}
+			}
+			t.Logf("%d crash points", points)
+		})
+	}
+}

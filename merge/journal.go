@@ -1,0 +1,114 @@
+package merge
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/vhdkit/vhdkit/vhdx"
+)
+
+// journal records the clean-up left once a merge's copy is durable: the
+// children to point at the target (with its new DataWriteGuid) and the
+// merged-away files to delete, TOP last. It sits beside TOP, so re-running
+// the same merge finds it even after TOP is gone.
+type journal struct {
+	Top    string   `json:"top"`
+	Target string   `json:"target"`
+	GUID   string   `json:"target_data_write_guid"`
+	Relink []string `json:"relink"`
+	Remove []string `json:"remove"`
+}
+
+func journalPath(top string) string {
+	return filepath.Join(filepath.Dir(top), ".vhdkit-merge-"+filepath.Base(top)+".json")
+}
+
+func loadJournal(top string) (*journal, error) {
+	b, err := os.ReadFile(journalPath(top))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("merge: %w", err)
+	}
+	var j journal
+	if err := json.Unmarshal(b, &j); err != nil {
+		return nil, fmt.Errorf("merge: journal %s: %w", journalPath(top), err)
+	}
+	return &j, nil
+}
+
+// save writes the journal durably: a temporary file, synced, renamed into
+// place, and the folder synced.
+func (j *journal) save() error {
+	b, err := json.MarshalIndent(j, "", "  ")
+	if err != nil {
+		return err
+	}
+	path := journalPath(j.Top)
+	tmp := path + ".tmp"
+	f, err := os.Create(tmp)
+	if err != nil {
+		return fmt.Errorf("merge: journal: %w", err)
+	}
+	_, err = f.Write(b)
+	if serr := f.Sync(); err == nil {
+		err = serr
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(filepath.Dir(path))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("merge: journal: %w", err)
+	}
+	return nil
+}
+
+// finish re-links, deletes and drops the journal; every step may already
+// have been done by an interrupted run.
+func (j *journal) finish(opts Options) error {
+	g, err := vhdx.ParseGUID(j.GUID)
+	if err != nil {
+		return fmt.Errorf("merge: journal: %w", err)
+	}
+	for _, c := range j.Relink {
+		if _, err := os.Stat(c); errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err := setParent(c, j.Target, g, opts); err != nil {
+			return err
+		}
+	}
+	remove := opts.Remove
+	if remove == nil {
+		remove = os.Remove
+	}
+	for _, p := range j.Remove {
+		if err := remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("merge: removing %s: %w", p, err)
+		}
+	}
+	if err := os.Remove(journalPath(j.Top)); err != nil {
+		return fmt.Errorf("merge: journal: %w", err)
+	}
+	return syncDir(filepath.Dir(j.Top))
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 
 	"github.com/vhdkit/vhdkit/storage"
 )
@@ -64,15 +63,11 @@ func createFile(path string, opts CreateOptions) error {
 	if _, err := os.Lstat(path); err == nil {
 		return fmt.Errorf("vhdx: %s: %w", path, os.ErrExist)
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	// Not os.CreateTemp: it makes 0600 files, and an image should get the
+	// mode os.Create gives (0666 less the umask).
+	tmpName := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp-"+newGUID().String())
+	tmp, err := os.OpenFile(tmpName, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o666)
 	if err != nil {
-		return err
-	}
-	tmpName := tmp.Name()
-	// CreateTemp makes 0600 files; an image gets the mode os.Create gives.
-	if err := tmp.Chmod(0o666 &^ umask()); err != nil {
-		tmp.Close()
-		os.Remove(tmpName)
 		return err
 	}
 	f := storage.FromOS(tmp)
@@ -271,9 +266,3 @@ func (w *errWriter) write(p []byte, off int64) {
 	}
 }
 
-// umask returns the process's file mode creation mask.
-func umask() os.FileMode {
-	m := syscall.Umask(0)
-	syscall.Umask(m)
-	return os.FileMode(m)
-}

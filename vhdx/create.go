@@ -265,4 +265,3 @@ func (w *errWriter) write(p []byte, off int64) {
 		_, w.err = w.f.WriteAt(p, off)
 	}
 }
-

@@ -22,7 +22,7 @@ type command struct {
 }
 
 func commands() []*command {
-	return []*command{createCommand(), infoCommand(), checkCommand(), convertCommand(), mapCommand(), demoCommand()}
+	return []*command{createCommand(), infoCommand(), checkCommand(), convertCommand(), mapCommand(), mergeCommand(), setParentCommand(), demoCommand()}
 }
 
 // cli is what a running verb writes to.
@@ -138,7 +138,8 @@ func (cs commandSet) run(ctx context.Context, args []string, stdout, stderr io.W
 	case errors.Is(err, context.Canceled):
 		err = errors.New("interrupted")
 	}
-	fmt.Fprintln(stderr, oneLine("vhdkit: "+cmd.name+": "+err.Error()))
+	// A library error may already name the verb ("merge: ..."): say it once.
+	fmt.Fprintln(stderr, oneLine("vhdkit: "+cmd.name+": "+strings.TrimPrefix(err.Error(), cmd.name+": ")))
 	return code
 }
 

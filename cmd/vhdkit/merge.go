@@ -1,0 +1,153 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"path/filepath"
+
+	"github.com/vhdkit/vhdkit/merge"
+	"github.com/vhdkit/vhdkit/vhdx"
+)
+
+func mergeCommand() *command {
+	return &command{
+		name:     "merge",
+		synopsis: "[--into ANCESTOR] [--relink] [--child FILE]... [--progress] TOP",
+		summary:  "merge a differencing disk into its parent or an ancestor (like Merge-VHD)",
+		help: `Copies what TOP (and every layer between TOP and ANCESTOR) holds into
+ANCESTOR — by default TOP's parent — then removes the merged-away files:
+ANCESTOR becomes the leaf. Only the sectors the merged layers hold are
+copied; ranges they declare zero become zero in ANCESTOR.
+
+The merge is crash-safe: interrupted at any point (crash, kill -9, I/O
+error, full disk), the chain still opens from TOP and reads the newest data,
+and running the same command again completes it.
+
+A merge changes ANCESTOR, so it is refused when another disk depends on
+ANCESTOR: a file in its folder whose parent locator names it, or one given
+with --child. --relink merges anyway and points those disks at the merged
+ANCESTOR (they will then read its new content).
+
+A progress bar goes to stderr when it is a terminal, or with --progress.
+
+Examples:
+  vhdkit merge child.avhdx                      # into its parent
+  vhdkit merge --into base.vhdx top.avhdx       # every layer down to base.vhdx
+`,
+		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
+			into := fs.String("into", "", "the ancestor to merge into (default: TOP's parent)")
+			relink := fs.Bool("relink", false, "re-link other children of the ancestor instead of refusing")
+			var children stringList
+			fs.Var(&children, "child", "another `FILE` that depends on the ancestor (repeatable)")
+			progress := fs.Bool("progress", false, "show progress on stderr even when it is not a terminal")
+			return func(ctx context.Context, c *cli, args []string) error {
+				if len(args) != 1 {
+					return usagef("want exactly one TOP, got %d arguments", len(args))
+				}
+				return c.merge(ctx, args[0], merge.Options{Into: *into, Relink: *relink, Children: children}, *progress)
+			}
+		},
+	}
+}
+
+func (c *cli) merge(ctx context.Context, top string, opts merge.Options, progress bool) error {
+	var bar *progressBar
+	if progress || isTerminal(c.stderr) {
+		opts.Progress = func(done, total int64) {
+			if bar == nil {
+				bar = newProgressBar(c.stderr, total, isTerminal(c.stderr))
+			}
+			bar.add(done - bar.done)
+		}
+	}
+	res, err := merge.Merge(ctx, top, opts)
+	if bar != nil {
+		if err != nil {
+			bar.abort()
+		} else {
+			bar.finish()
+		}
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(c.stdout, "merged into %s: %s of data, %s declared zero\n", res.Target, humanBytes(res.Copied), humanBytes(res.Zeroed))
+	for _, p := range res.Removed {
+		fmt.Fprintf(c.stdout, "removed %s\n", p)
+	}
+	for _, p := range res.Relinked {
+		fmt.Fprintf(c.stdout, "re-linked %s to %s\n", p, filepath.Base(res.Target))
+	}
+	return nil
+}
+
+func setParentCommand() *command {
+	return &command{
+		name:     "set-parent",
+		synopsis: "--parent NEW [--ignore-id-mismatch] CHILD",
+		summary:  "point a differencing disk at a moved or renamed parent (like Set-VHD -ParentPath)",
+		help: `Rewrites CHILD's parent locator so it finds its parent at NEW. NEW must be
+the disk CHILD was made from: its DataWriteGuid must match CHILD's
+parent_linkage (or parent_linkage2). --ignore-id-mismatch links it anyway
+(CHILD will then read through NEW whatever NEW holds).
+
+Examples:
+  vhdkit set-parent --parent /vms/base.vhdx child.avhdx
+`,
+		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
+			parent := fs.String("parent", "", "the parent's new `PATH`")
+			ignore := fs.Bool("ignore-id-mismatch", false, "link even when NEW's DataWriteGuid matches neither linkage")
+			return func(ctx context.Context, c *cli, args []string) error {
+				if len(args) != 1 {
+					return usagef("want exactly one CHILD, got %d arguments", len(args))
+				}
+				if *parent == "" {
+					return usagef("--parent is required")
+				}
+				return c.setParent(args[0], *parent, *ignore)
+			}
+		},
+	}
+}
+
+func (c *cli) setParent(child, parentPath string, ignore bool) error {
+	link, err := vhdx.ReadParentLink(child, vhdx.OpenOptions{})
+	if err != nil {
+		return err
+	}
+	if link == nil {
+		return fmt.Errorf("%s is not a differencing disk", child)
+	}
+	p, err := vhdx.Open(parentPath, vhdx.OpenOptions{ReadOnly: true})
+	if err != nil {
+		return err
+	}
+	g := p.Info().DataWriteGUID
+	p.Close()
+	if g != link.Linkage && (link.Linkage2.IsZero() || g != link.Linkage2) {
+		if !ignore {
+			return fmt.Errorf("%s has DataWriteGuid {%s}, but %s was made from {%s}: not its parent (--ignore-id-mismatch links it anyway): %w",
+				parentPath, g, child, link.Linkage, vhdx.ErrParentMismatch)
+		}
+	}
+	im, err := vhdx.Open(child, vhdx.OpenOptions{NoParent: true})
+	if err != nil {
+		return err
+	}
+	err = im.SetParent(parentPath, g)
+	if cerr := im.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(c.stdout, "%s: parent is now %s\n", child, parentPath)
+	return nil
+}
+
+// stringList is a repeatable string flag.
+type stringList []string
+
+func (s *stringList) String() string     { return fmt.Sprint(*s) }
+func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }

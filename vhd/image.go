@@ -76,21 +76,10 @@ func (im *Image) Type() Type { return im.ft.DiskType }
 // Parent returns the open parent of a differencing image, or nil.
 func (im *Image) Parent() disk.Image { return im.parent }
 
-// ReadAt reads len(p) bytes at off. Like io.ReaderAt it returns io.EOF
-// with the bytes up to the end of the disk when p reaches past it.
+// ReadAt reads len(p) bytes at off; the range must lie within the disk.
 func (im *Image) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("vhd: read at %d: %w", off, disk.ErrOutOfRange)
-	}
-	if off >= im.size {
-		if len(p) == 0 {
-			return 0, nil
-		}
-		return 0, io.EOF
-	}
-	var eof error
-	if int64(len(p)) > im.size-off {
-		p, eof = p[:im.size-off], io.EOF
+	if err := disk.CheckRange(off, int64(len(p)), im.size); err != nil {
+		return 0, fmt.Errorf("vhd: read [%d, +%d) on a %d-byte disk: %w", off, len(p), im.size, err)
 	}
 	im.mu.RLock()
 	defer im.mu.RUnlock()
@@ -106,7 +95,7 @@ func (im *Image) ReadAt(p []byte, off int64) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	return len(p), eof
+	return len(p), nil
 }
 
 // readBlocks reads a dynamic or differencing image block by block, and

@@ -1,6 +1,7 @@
 package vhdx
 
 import (
+	"fmt"
 	"math/rand"
 	"path/filepath"
 	"testing"
@@ -121,5 +122,48 @@ func BenchmarkDynamic(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+// BenchmarkChainDepth reads random 4 KiB through chains of 1 and 32
+// layers whose data lives in the base, with a few sectors written in every
+// layer (partially present blocks on the way down).
+func BenchmarkChainDepth(b *testing.B) {
+	for _, depth := range []int{1, 32} {
+		b.Run(fmt.Sprint(depth), func(b *testing.B) {
+			dir := b.TempDir()
+			const size = 64 << 20
+			path := filepath.Join(dir, "base.vhdx")
+			im, err := Create(path, CreateOptions{Size: size, BlockSize: 2 << 20})
+			if err != nil {
+				b.Fatal(err)
+			}
+			buf := make([]byte, 1<<20)
+			rand.New(rand.NewSource(1)).Read(buf)
+			for off := int64(0); off < size; off += int64(len(buf)) {
+				im.WriteAt(buf, off)
+			}
+			for i := 1; i < depth; i++ {
+				if err := im.Close(); err != nil {
+					b.Fatal(err)
+				}
+				child := filepath.Join(dir, fmt.Sprintf("l%d.avhdx", i))
+				if im, err = Create(child, CreateOptions{Parent: path}); err != nil {
+					b.Fatal(err)
+				}
+				im.WriteAt(buf[:512], int64(i)*(2<<20)+4096)
+				path = child
+			}
+			defer im.Close()
+			r := rand.New(rand.NewSource(2))
+			p := make([]byte, 4096)
+			b.SetBytes(4096)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if _, err := im.ReadAt(p, r.Int63n(size/4096)*4096); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

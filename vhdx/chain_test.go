@@ -166,3 +166,57 @@ func utf16le(s string) []byte {
 	}
 	return b
 }
+
+// TestCheckpointWhileOpen: CreateChild freezes an open, written disk and
+// returns its child; writes go on in the child, the frozen parent refuses
+// them and keeps the checkpoint's content, and 7-Zip reads the chain.
+func TestCheckpointWhileOpen(t *testing.T) {
+	dir := t.TempDir()
+	base := filepath.Join(dir, "vm.vhdx")
+	im, err := Create(base, CreateOptions{Size: 16 << 20, BlockSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := make([]byte, 16<<20)
+	fillRandom(t, im, model, 1, 10, 1<<20) // not flushed: CreateChild must
+	frozen := bytes.Clone(model)
+	leaf, err := im.CreateChild(filepath.Join(dir, "vm_cp1.avhdx"), CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt([]byte{1}, 0); !errors.Is(err, ErrReadOnly) {
+		t.Errorf("write to the frozen parent: %v", err)
+	}
+	fillRandom(t, leaf, model, 2, 10, 100<<10)
+	if got := readAll(t, leaf); !bytes.Equal(got, model) {
+		t.Fatal("the new leaf does not read parent + new writes")
+	}
+	if err := leaf.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := readAll(t, mustOpen(t, base)); !bytes.Equal(got, frozen) {
+		t.Fatal("the checkpoint's file changed")
+	}
+	if probs, err := Check(base, false); err != nil || len(probs) > 0 {
+		t.Errorf("check parent: %v %v", probs, err)
+	}
+	leafPath := filepath.Join(dir, "vm_cp1.avhdx")
+	if got := readAll(t, mustOpen(t, leafPath)); !bytes.Equal(got, model) {
+		t.Fatal("the reopened leaf differs")
+	}
+	needTool(t, "7zz")
+	run(t, "7zz", "x", "-y", "-o"+filepath.Join(dir, "x"), leafPath)
+	if got, _ := os.ReadFile(filepath.Join(dir, "x", "vm_cp1.img")); !bytes.Equal(got, model) {
+		t.Error("7zz reads the checkpoint chain differently")
+	}
+}
+
+func mustOpen(t *testing.T, path string) *Image {
+	t.Helper()
+	im, err := Open(path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { im.Close() })
+	return im
+}

@@ -91,13 +91,17 @@
 // sector in a differencing image is completed from the parent first. There
 // is no copy-up of whole blocks.
 //
-// Trim and WriteZeroes with mayUnmap of a whole block clear its BAT entry,
-// which makes it read as zeros (dynamic) or as the parent (differencing);
-// its space in the file is not reused (converting the image compacts it).
-// A partial block is trimmed by writing zeros over its stored sectors
-// (dynamic: other readers ignore the bitmap and must see zeros) or by
-// clearing the bitmap bits of whole sectors and copying the parent's bytes
-// into partial ones (differencing).
+// Trim of a whole block, and WriteZeroes with mayUnmap of a whole block
+// of a dynamic image, clear its BAT entry: the block then reads as zeros
+// (dynamic) or as the parent (differencing). Its space in the file is not
+// reused; Check reports it and converting the image compacts it. Trimming
+// or zeroing part of a dynamic block writes zeros over its stored sectors
+// (QEMU ignores the bitmap and must see zeros; 7-Zip insists on them).
+// Trimming part of a differencing block clears the bits of its whole
+// sectors and copies the parent's bytes over the stored part of partial
+// ones. WriteZeroes on a differencing image writes zeros, since unmapping
+// would expose the parent; on a fixed image Trim and WriteZeroes write
+// zeros.
 //
 // # Parents
 //

@@ -3,10 +3,12 @@ package vhd
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -268,6 +270,44 @@ func TestDifferencingChain7zip(t *testing.T) {
 		mustClose(t, img)
 		if got := sevenZipExtract(t, path); !bytes.Equal(got, models[level]) {
 			t.Errorf("7-Zip extracts level %d differently: %s", level, diffAt(got, models[level]))
+		}
+	}
+}
+
+// libvhdi's vhdiinfo agrees on the metadata of our images (its data
+// reading is not used: version 20210425 misreads partial bitmaps).
+func TestVhdiinfo(t *testing.T) {
+	needTool(t, "vhdiinfo")
+	dir := t.TempDir()
+	size := chsExact(3 << 20)
+	base, _ := makeImage(t, dir, "base.vhd", CreateOptions{Size: uint64(size)})
+	fixed, _ := makeImage(t, dir, "fixed.vhd", CreateOptions{Type: Fixed, Size: uint64(size)})
+	child := filepath.Join(dir, "child.vhd")
+	img, err := Create(child, CreateOptions{Parent: base})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustClose(t, img)
+	for _, c := range []struct{ path, typ string }{{base, "Dynamic"}, {fixed, "Fixed"}, {child, "Differential"}} {
+		out := string(run(t, "vhdiinfo", c.path))
+		img, err := Open(c.path, OpenOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		info := img.Info()
+		img.Close()
+		want := []string{
+			"Disk type\t\t: " + c.typ,
+			fmt.Sprintf("(%d bytes)", size),
+			"Identifier\t\t: " + info.UniqueID.String(),
+		}
+		if c.path == child {
+			want = append(want, "Parent identifier\t: "+info.ParentUniqueID.String(), "Parent filename\t\t: "+base)
+		}
+		for _, w := range want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%s: vhdiinfo lacks %q:\n%s", c.path, w, out)
+			}
 		}
 	}
 }

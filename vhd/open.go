@@ -175,10 +175,21 @@ func (im *Image) load(ignoreChecksum bool) error {
 	}
 	im.nextAlloc = at
 	if fromCopy {
-		// The next block goes after everything the file references.
+		// The next block goes after everything the file references,
+		// including the space reserved for locators (which Hyper-V may
+		// rewrite in place; it counts it in bytes, the spec in sectors).
 		end := t.dataEnd(im.bitmapSize + im.blockSize)
 		for _, r := range reserved {
 			end = max(end, r.end)
+		}
+		for _, e := range h.Locators {
+			if e.known() && e.DataLength > 0 {
+				space := int64(e.DataSpace)
+				if space < int64(e.DataLength) {
+					space *= SectorSize
+				}
+				end = max(end, min(int64(e.DataOffset)+space, limit))
+			}
 		}
 		im.nextAlloc = alignUp(end, SectorSize)
 	}

@@ -60,7 +60,13 @@ type bitmapCache struct {
 	m  map[int64][]byte
 }
 
-const maxCachedBitmaps = 8192
+const (
+	maxCachedBitmaps = 8192
+	// maxPendingBitmaps bounds the new and changed bitmaps a long run of
+	// writes without Flush keeps in memory (8 GiB of data at the default
+	// block size): past it a write flushes first.
+	maxPendingBitmaps = 4096
+)
 
 var errClosed = fmt.Errorf("vhd: %w", os.ErrClosed)
 
@@ -286,6 +292,13 @@ func (im *Image) write(p []byte, off int64) error {
 // needed. A partial sector this image does not store yet is completed from
 // below (parent or zeros) so that setting its bit exposes no stale bytes.
 func (im *Image) writeBlock(bi, in int64, src []byte) error {
+	if len(im.newBlocks)+len(im.dirtyBitmaps) >= maxPendingBitmaps {
+		// Bound the bitmaps held for the next Flush by flushing early.
+		if err := im.flush(); err != nil {
+			im.failed = err
+			return err
+		}
+	}
 	e := im.bat.entry(bi)
 	if e == batUnused {
 		var err error

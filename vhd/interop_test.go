@@ -311,3 +311,58 @@ func TestVhdiinfo(t *testing.T) {
 		}
 	}
 }
+
+// Writing into Hyper-V's images (its block alignment, its locator space)
+// keeps them readable by 7-Zip and, for the dynamic one, qemu-img.
+func TestWriteIntoHyperVImages(t *testing.T) {
+	needTool(t, "7zz")
+	needTool(t, "qemu-img")
+	dir := t.TempDir()
+	cp := func(rel, name string) string {
+		b, err := os.ReadFile(sample(t, rel))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	dyn := cp("hyperv/dynamic.vhd.gz", "dynamic.vhd")
+	cp("synthetic-parents/fat-parent.vhd.gz", "fat-parent.vhd")
+	diff := cp("hyperv/fat-differential.vhd.gz", "fat-differential.vhd")
+	r := rand.New(rand.NewPCG(12, 12))
+	for _, path := range []string{dyn, diff} {
+		img, err := Open(path, OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		model := readAll(t, img)
+		for range 30 {
+			off, n := randomRange(r, img.Size(), DefaultBlockSize)
+			p := make([]byte, n)
+			fill(r, p)
+			mustWrite(t, img, p, off)
+			copy(model[off:], p)
+		}
+		mustClose(t, img)
+		if got := sevenZipExtract(t, path); !bytes.Equal(got, model) {
+			t.Errorf("%s: 7-Zip reads %s", path, diffAt(got, model))
+		}
+		if path == dyn {
+			raw := filepath.Join(dir, "model.raw")
+			os.WriteFile(raw, model, 0o644)
+			run(t, "qemu-img", "compare", "-f", "raw", "-F", "vpc", raw, path)
+		}
+		probs, err := Check(path, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range probs {
+			if !p.Warning {
+				t.Errorf("%s: %v", path, p)
+			}
+		}
+	}
+}

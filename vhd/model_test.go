@@ -181,3 +181,30 @@ func checkExtents(t *testing.T, img *Image, off, n int64, model, parent []byte) 
 		t.Fatalf("extents end at %d, want %d", pos, off+n)
 	}
 }
+
+// Writing more blocks than a Flush batch holds flushes on the way.
+func TestManyPendingBlocks(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "d.vhd")
+	const size = 3 << 20
+	img, err := Create(path, CreateOptions{Size: size, BlockSize: 512})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := make([]byte, size)
+	fill(rand.New(rand.NewPCG(11, 11)), model)
+	for off := 0; off < size; off += 64 << 10 {
+		mustWrite(t, img, model[off:off+64<<10], int64(off))
+	}
+	if n := len(img.newBlocks); n >= maxPendingBitmaps || n == 0 {
+		t.Errorf("%d blocks pending", n)
+	}
+	mustClose(t, img)
+	img, err = Open(path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readAll(t, img); !bytes.Equal(got, model) {
+		t.Fatal(diffAt(got, model))
+	}
+	mustClose(t, img)
+}

@@ -120,9 +120,19 @@ func (im *Image) writeInPlace(p []byte, off int64) error {
 	return nil
 }
 
+// maxWrite caps one write to the file: on Linux (ext4, 6.x kernels seen
+// here) a page-cache write above 1 MiB costs several times the kernel time
+// of the same bytes in 1 MiB writes (dd: 0.07 s vs 0.6 s of system time for
+// 256 MiB).
+const maxWrite = 1 * mib
+
 func (im *Image) writeFile(p []byte, off int64) error {
-	if _, err := im.f.WriteAt(p, off); err != nil {
-		return fmt.Errorf("vhdx: writing payload at file offset %#x: %w", off, err)
+	for len(p) > 0 {
+		n := min(len(p), maxWrite)
+		if _, err := im.f.WriteAt(p[:n], off); err != nil {
+			return fmt.Errorf("vhdx: writing payload at file offset %#x: %w", off, err)
+		}
+		p, off = p[n:], off+int64(n)
 	}
 	return nil
 }

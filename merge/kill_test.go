@@ -124,4 +124,3 @@ func readImage(t *testing.T, path string) []byte {
 	}
 	return b
 }
-

@@ -24,6 +24,7 @@ type memDisk struct {
 	files  map[string]*storage.MemFile
 	ops    atomic.Int64
 	failAt int64 // the disk stops at this operation; -1 never
+	once   bool  // only operation failAt fails; the disk goes on working
 	hit    atomic.Bool
 }
 
@@ -52,7 +53,7 @@ func (d *memDisk) remove(path string) error {
 // step counts one operation and fails it and all after it once the disk
 // has stopped.
 func (d *memDisk) step() error {
-	if n := d.ops.Add(1) - 1; d.failAt >= 0 && n >= d.failAt {
+	if n := d.ops.Add(1) - 1; d.failAt >= 0 && (n == d.failAt || (!d.once && n > d.failAt)) {
 		d.hit.Store(true)
 		return errStopped
 	}
@@ -202,4 +203,57 @@ func TestMergeCrash(t *testing.T) {
 			t.Logf("%d crash points", points)
 		})
 	}
+}
+
+// TestMergeIOError fails one I/O of a merge, for every I/O, with the disk
+// working on: the merge reports the error, the leaf still reads the newest
+// data, and running the merge again finishes it.
+func TestMergeIOError(t *testing.T) {
+	dir := t.TempDir()
+	paths, contents := buildChain(t, dir, 2)
+	want := contents[2]
+	orig := map[string][]byte{}
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		orig[p] = b
+	}
+	top, target := paths[2], paths[0]
+	points := 0
+	for i := int64(0); ; i++ {
+		os.Remove(journalPath(top))
+		d := &memDisk{files: map[string]*storage.MemFile{}, failAt: i, once: true}
+		for p, b := range orig {
+			d.files[p] = storage.NewMemFile(b)
+			os.WriteFile(p, nil, 0o644)
+		}
+		_, err := Merge(context.Background(), top, d.options(target))
+		if !d.hit.Load() {
+			if err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+		points++
+		if err == nil {
+			// The failed operation was retried or not needed: done.
+			if got := d.leafContent(t, top, target); !bytes.Equal(got, want) {
+				t.Fatalf("point %d: a merge that succeeded left wrong data", i)
+			}
+			continue
+		}
+		d.failAt = -1
+		if got := d.leafContent(t, top, target); !bytes.Equal(got, want) {
+			t.Fatalf("point %d: the leaf reads different data after %v", i, err)
+		}
+		if _, err := Merge(context.Background(), top, d.options(target)); err != nil {
+			t.Fatalf("point %d: re-running the merge: %v", i, err)
+		}
+		if got := d.leafContent(t, top, target); !bytes.Equal(got, want) {
+			t.Fatalf("point %d: the target does not hold the merge after a re-run", i)
+		}
+	}
+	t.Logf("%d error points", points)
 }

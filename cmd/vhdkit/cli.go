@@ -22,7 +22,7 @@ type command struct {
 }
 
 func commands() []*command {
-	return []*command{createCommand(), infoCommand(), checkCommand(), convertCommand(), mapCommand(), mergeCommand(), setParentCommand(), demoCommand()}
+	return []*command{createCommand(), infoCommand(), checkCommand(), convertCommand(), mapCommand(), mergeCommand(), setParentCommand(), nbdCommand(), demoCommand()}
 }
 
 // cli is what a running verb writes to.

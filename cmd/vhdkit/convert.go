@@ -17,12 +17,20 @@ func convertCommand() *command {
 		synopsis: "[flags] SRC DST",
 		summary:  "copy a virtual disk into a new file of another format or kind (like qemu-img convert)",
 		help: `The formats of SRC and DST follow their extensions (.vhdx/.avhdx, .vhd/.avhd,
-.img/.raw/.bin): raw to VHDX, VHDX to raw, VHDX to VHDX, and likewise VHD. Ranges of SRC that read as zeros are not written, so they
-stay unallocated in a dynamic DST (and sparse in a raw one). A differencing
-SRC is read through its whole chain: DST is the flattened disk.
+.img/.raw/.bin): raw, VHD and VHDX convert to one another and to themselves,
+any kind to any kind. Ranges of SRC that read as zeros are not written, so
+they stay unallocated in a dynamic DST (and sparse in a raw one). A
+differencing SRC is read through its whole chain: DST is the flattened disk.
 
-With --parent, DST becomes a differencing VHDX whose parent is PATH, holding
-only the sectors where SRC differs from PATH (like qemu-img convert -B).
+With --parent, DST becomes a differencing VHDX or VHD whose parent is PATH,
+holding only the sectors where SRC differs from PATH (like qemu-img convert -B).
+
+A fixed VHD (--type fixed to a .vhd) is exactly the data followed by the
+512-byte VHD footer: the form Azure takes, for a disk whose size is a whole
+number of MiB. Azure rejects other sizes, so give the disk such a size before
+converting (DST has SRC's size; a raw SRC grows with truncate -s). QEMU and
+Virtual PC size a VHD made by vhdkit by its CHS geometry, which may round down
+(a 1 GiB disk reads as 1073479680 bytes there); a size exact in CHS reads whole.
 
 DST must not exist; if the conversion fails, the partial DST is removed.
 A progress bar goes to stderr when it is a terminal, or with --progress.
@@ -30,7 +38,8 @@ A progress bar goes to stderr when it is a terminal, or with --progress.
 Examples:
   vhdkit convert disk.img disk.vhdx
   vhdkit convert --type fixed --logical-sector 4096 disk.img disk.vhdx
-  vhdkit convert child.avhdx flat.img            # flatten a chain
+  vhdkit convert --type fixed disk.vhdx azure.vhd  # a fixed VHD for Azure
+  vhdkit convert child.avhdx flat.img              # flatten a chain
   vhdkit convert --parent base.vhdx new.img new.avhdx
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {

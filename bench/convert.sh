@@ -6,6 +6,12 @@
 #   raw -> dynamic VHDX
 #   VHDX (made by qemu-img) -> raw
 #   VHDX (made by vhdkit)   -> raw
+#   raw -> dynamic VHD      (qemu-img: -O vpc -o force_size=on)
+#   VHD (made by vhdkit)    -> dynamic VHDX
+#
+# The VHD rows use $size rounded down to a size exact in CHS: qemu-img sizes
+# a VHD made by vhdkit by its CHS geometry, so only such a size reads whole
+# there. Both tools write 2 MiB VHD blocks (qemu-img has no other).
 #
 # Each conversion runs twice per tool (BENCH_RUNS=N for more) and the best
 # time counts, elapsed and CPU (user+system) separately. Every
@@ -79,6 +85,12 @@ bench() {
 same_as_src_raw() { cmp "$src" "$1"; }
 same_as_src_vhdx() { qemu-img compare -q -f raw -F vhdx "$src" "$1"; }
 
+# qemu_size FORMAT FILE prints the virtual size qemu-img reads for FILE.
+qemu_size() { qemu-img info -f "$1" --output=json "$2" | sed -n 's/^ *"virtual-size": \([0-9]*\),$/\1/p'; }
+# qemu-img compare passes a larger image whose tail is zeros: check sizes too.
+same_as_vsrc_vhd() { [ "$(qemu_size vpc "$1")" = "$vsize" ] && qemu-img compare -q -f raw -F vpc "$vsrc" "$1"; }
+same_as_vsrc_vhdx() { [ "$(qemu_size vhdx "$1")" = "$vsize" ] && qemu-img compare -q -f raw -F vhdx "$vsrc" "$1"; }
+
 echo "raw -> vhdx"
 bench "raw -> vhdx (dynamic)" "$work/out.vhdx" same_as_src_vhdx \
 	"$vhdkit" convert --block-size "$block" "$src" "$work/out.vhdx" -- \
@@ -96,6 +108,25 @@ bench "vhdx (by vhdkit) -> raw" "$work/out.img" same_as_src_raw \
 	"$vhdkit" convert "$work/vhdkit.vhdx" "$work/out.img" -- \
 	qemu-img convert -t writeback -f vhdx -O raw "$work/vhdkit.vhdx" "$work/out.img"
 
+# The VHD rows' source: as much of the same kind of data as is exact in
+# CHS, which is what qemu-img reads as the size of a VHD made by vhdkit.
+"$vhdkit" create --size "$size" "$work/probe.vhd" >/dev/null
+vsize=$(qemu_size vpc "$work/probe.vhd")
+vsrc=$work/src-vhd.img
+"$work/gendata" -size "$vsize" -seed 1 "$vsrc"
+"$vhdkit" convert "$vsrc" "$work/vhdkit.vhd"
+same_as_vsrc_vhd "$work/vhdkit.vhd" || { echo "bench/convert.sh: qemu-img does not read vhdkit's VHD as its source" >&2; exit 1; }
+
+echo "raw -> vhd"
+bench "raw -> vhd (dynamic)" "$work/out.vhd" same_as_vsrc_vhd \
+	"$vhdkit" convert "$vsrc" "$work/out.vhd" -- \
+	qemu-img convert -t writeback -f raw -O vpc -o subformat=dynamic,force_size=on "$vsrc" "$work/out.vhd"
+
+echo "vhd (vhdkit) -> vhdx"
+bench "vhd (by vhdkit) -> vhdx" "$work/out.vhdx" same_as_vsrc_vhdx \
+	"$vhdkit" convert --block-size "$block" "$work/vhdkit.vhd" "$work/out.vhdx" -- \
+	qemu-img convert -t writeback -f vpc -O vhdx -o subformat=dynamic,block_size=$block "$work/vhdkit.vhd" "$work/out.vhdx"
+
 echo
 printf '%-27s %8s %9s %6s   %8s %9s %6s\n' "conversion ($size)" vhdkit qemu-img ratio "cpu:vhdkit" qemu-img ratio
 for row in "${rows[@]}"; do
@@ -104,4 +135,5 @@ for row in "${rows[@]}"; do
 		"$vc" "$qc" "$(awk -v q="$qc" -v v="$vc" 'BEGIN { print (v > 0 ? q / v : 0) }')"
 done
 echo "ratio = qemu-img time / vhdkit time: above 1, vhdkit is faster. Elapsed (left) and"
-echo "user+system CPU (right) seconds, best of $runs runs each; $(nproc) CPUs."
+echo "user+system CPU (right) seconds, best of $runs runs each; $(nproc) CPUs. VHD rows:"
+echo "$vsize bytes ($size rounded down to be exact in CHS)."

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/vhdkit/vhdkit/storage"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
 
@@ -65,7 +66,7 @@ func (j *journal) save() error {
 		err = os.Rename(tmp, path)
 	}
 	if err == nil {
-		err = syncDir(filepath.Dir(path))
+		err = storage.SyncDir(filepath.Dir(path))
 	}
 	if err != nil {
 		os.Remove(tmp)
@@ -101,14 +102,5 @@ func (j *journal) finish(opts Options) error {
 	if err := os.Remove(journalPath(j.Top)); err != nil {
 		return fmt.Errorf("merge: journal: %w", err)
 	}
-	return syncDir(filepath.Dir(j.Top))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return storage.SyncDir(filepath.Dir(j.Top))
 }

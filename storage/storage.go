@@ -49,3 +49,14 @@ func OpenFile(name string, flag int, perm os.FileMode) (File, error) {
 
 // FromOS wraps an already open *os.File.
 func FromOS(f *os.File) File { return osFile{f} }
+
+// SyncDir makes a directory's entries durable: a file created, renamed or
+// removed in it survives a crash once SyncDir returns.
+func SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

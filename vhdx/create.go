@@ -83,16 +83,7 @@ func createFile(path string, opts CreateOptions) error {
 	if err != nil {
 		return err
 	}
-	return syncDir(filepath.Dir(path))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return storage.SyncDir(filepath.Dir(path))
 }
 
 // CreateFile writes a new image into the empty file f and opens it; path

@@ -146,23 +146,8 @@ func OpenFile(f storage.File, path string, opts OpenOptions) (*Image, error) {
 
 func openFile(f storage.File, path string, opts OpenOptions, seen []os.FileInfo) (*Image, error) {
 	im := &Image{f: f, path: path, readOnly: opts.ReadOnly, dirty: map[int64]struct{}{}}
-	size, err := f.Size()
+	size, err := im.readStructure()
 	if err != nil {
-		return nil, err
-	}
-	if err := im.readHeaders(size); err != nil {
-		return nil, err
-	}
-	if err := im.replayLog(size); err != nil {
-		return nil, err
-	}
-	if size, err = im.f.Size(); err != nil {
-		return nil, err
-	}
-	if err := im.readRegions(size); err != nil {
-		return nil, err
-	}
-	if err := im.readMetadata(); err != nil {
 		return nil, err
 	}
 	if err := im.readBAT(size); err != nil {
@@ -188,6 +173,28 @@ func (missingParent) WriteAt([]byte, int64) (int, error) { return 0, ErrReadOnly
 func (p missingParent) Size() int64                      { return p.size }
 func (missingParent) Flush() error                       { return nil }
 func (missingParent) Close() error                       { return nil }
+
+// readStructure reads everything but the BAT: headers, the log (replayed),
+// region table and metadata. It returns the file size after replay.
+func (im *Image) readStructure() (int64, error) {
+	size, err := im.f.Size()
+	if err != nil {
+		return 0, err
+	}
+	if err := im.readHeaders(size); err != nil {
+		return 0, err
+	}
+	if err := im.replayLog(size); err != nil {
+		return 0, err
+	}
+	if size, err = im.f.Size(); err != nil {
+		return 0, err
+	}
+	if err := im.readRegions(size); err != nil {
+		return 0, err
+	}
+	return size, im.readMetadata()
+}
 
 func (im *Image) readAt(p []byte, off int64, what string) error {
 	if _, err := im.f.ReadAt(p, off); err != nil {

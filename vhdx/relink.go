@@ -177,23 +177,7 @@ func ReadParentLink(path string, opts OpenOptions) (*ParentLink, error) {
 	}
 	im := &Image{f: f, path: path, readOnly: true, dirty: map[int64]struct{}{}}
 	defer f.Close()
-	size, err := f.Size()
-	if err != nil {
-		return nil, err
-	}
-	if err := im.readHeaders(size); err != nil {
-		return nil, err
-	}
-	if err := im.replayLog(size); err != nil {
-		return nil, err
-	}
-	if size, err = im.f.Size(); err != nil {
-		return nil, err
-	}
-	if err := im.readRegions(size); err != nil {
-		return nil, err
-	}
-	if err := im.readMetadata(); err != nil {
+	if _, err := im.readStructure(); err != nil {
 		return nil, err
 	}
 	if !im.p.HasParent {

@@ -147,13 +147,12 @@ func runToolErr(timeout time.Duration, name string, args ...string) (string, err
 	cmd.WaitDelay = 5 * time.Second
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	if cmd.Process != nil {
-		// Whatever the program left behind in its group (a server it
-		// started and failed to stop) goes with it. ESRCH: nothing left.
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-	}
-	if err != nil {
+	if err := cmd.Run(); err != nil {
+		if cmd.Process != nil {
+			// A server the failed program started and did not stop
+			// goes with it. ESRCH: nothing was left.
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		}
 		return stdout.String(), errors.New(err.Error() + "\nstderr: " + stderr.String() + "\nstdout: " + stdout.String())
 	}
 	return stdout.String(), nil

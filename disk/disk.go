@@ -9,6 +9,7 @@
 package disk
 
 import (
+	"bytes"
 	"errors"
 	"io"
 )
@@ -121,4 +122,19 @@ func CheckRange(off, n, size int64) error {
 		return ErrOutOfRange
 	}
 	return nil
+}
+
+var zeroChunk [64 << 10]byte
+
+// IsZero reports whether p holds only zero bytes: how writers tell data
+// that need not be stored.
+func IsZero(p []byte) bool {
+	for len(p) > 0 {
+		n := min(len(p), len(zeroChunk))
+		if !bytes.Equal(p[:n], zeroChunk[:n]) {
+			return false
+		}
+		p = p[n:]
+	}
+	return true
 }

@@ -119,7 +119,7 @@ func (im *Image) lint() []Problem {
 	if ft.SavedState != 0 {
 		warn(im.footerAt+84, "saved state is set: the image belongs to a suspended machine")
 	}
-	if !allZero(im.footerRaw[85:]) {
+	if !disk.IsZero(im.footerRaw[85:]) {
 		warn(im.footerAt+85, "footer reserved bytes are not zero (7-Zip refuses such images)")
 	}
 	if ft.DiskType == Fixed {
@@ -171,13 +171,4 @@ func (im *Image) lintSpace() []Problem {
 	}
 	return []Problem{{Offset: -1, Warning: true,
 		What: fmt.Sprintf("%d bytes in %d gaps of the file are referenced by nothing (leaked blocks; converting the image compacts it)", leaked, gaps)}}
-}
-
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/vhdkit/vhdkit/disk"
 )
 
 func hasProblem(probs []Problem, warning bool, text string) bool {
@@ -116,7 +118,7 @@ func TestCreateOptions(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := make([]byte, 4096)
-	if _, err := img.ReadAt(b, MaxSize-4096); err != nil || !allZero(b) {
+	if _, err := img.ReadAt(b, MaxSize-4096); err != nil || !disk.IsZero(b) {
 		t.Fatal(err)
 	}
 	mustWrite(t, img, []byte("end"), MaxSize-3)

@@ -120,7 +120,7 @@ func sample(t testing.TB, rel string) string {
 	for {
 		n, err := io.ReadFull(r, buf)
 		if n > 0 {
-			if !allZero(buf[:n]) {
+			if !disk.IsZero(buf[:n]) {
 				if _, err := out.WriteAt(buf[:n], off); err != nil {
 					t.Fatal(err)
 				}

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/vhdkit/vhdkit/disk"
 )
 
 // chsExact returns the smallest size ≥ approx (in sectors) that the
@@ -171,7 +173,7 @@ func TestOursReadByQemuAnd7zip(t *testing.T) {
 			}
 			r.Shuffle(len(pieces), func(i, j int) { pieces[i], pieces[j] = pieces[j], pieces[i] })
 			for _, p := range pieces {
-				if !allZero(src[p.off : p.off+p.n]) {
+				if !disk.IsZero(src[p.off : p.off+p.n]) {
 					mustWrite(t, img, src[p.off:p.off+p.n], p.off)
 				}
 			}

@@ -170,7 +170,7 @@ func checkExtents(t *testing.T, img *Image, off, n int64, model, parent []byte) 
 		}
 		seg := model[e.Offset : e.Offset+e.Length]
 		switch {
-		case e.Type == disk.Hole && !allZero(seg):
+		case e.Type == disk.Hole && !disk.IsZero(seg):
 			t.Fatalf("hole %+v holds data", e)
 		case e.Depth >= 1 && parent != nil && e.Type != disk.Hole && !bytes.Equal(seg, parent[e.Offset:e.Offset+e.Length]):
 			t.Fatalf("extent %+v from the parent differs from it", e)

@@ -331,7 +331,7 @@ func dataDigest(t testing.TB, im *Image) string {
 			if _, err := im.ReadAt(buf[:n], off); err != nil {
 				t.Fatal(err)
 			}
-			if !isZero(buf[:n]) {
+			if !disk.IsZero(buf[:n]) {
 				fmt.Fprintf(h, "%d:", off)
 				h.Write(buf[:n])
 			}

@@ -3,6 +3,8 @@ package vhdx
 import (
 	"fmt"
 	"slices"
+
+	"github.com/vhdkit/vhdkit/disk"
 )
 
 // zeros is a shared source of zero bytes for filling blocks.
@@ -175,7 +177,7 @@ func (im *Image) writeBlock(p []byte, off, blk, in int64) error {
 	default:
 		// The block reads as zeros (in a differencing image too: ZERO,
 		// UNMAPPED and UNDEFINED do not fall through to the parent).
-		if isZero(p) {
+		if disk.IsZero(p) {
 			return nil
 		}
 		return im.fillBlock(idx, p, in, im.reusable(e))
@@ -305,21 +307,6 @@ func (im *Image) allocate(n int64) int64 {
 func (im *Image) setBAT(idx int64, e uint64) {
 	im.bat[idx] = e
 	im.dirty[int64(im.regs.BAT.Offset)+idx*8/pageSize*pageSize] = struct{}{}
-}
-
-func isZero(p []byte) bool {
-	for len(p) >= 8 {
-		if p[0]|p[1]|p[2]|p[3]|p[4]|p[5]|p[6]|p[7] != 0 {
-			return false
-		}
-		p = p[8:]
-	}
-	for _, b := range p {
-		if b != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // WriteZeroes makes [off, off+n) read as zeros. Whole blocks change state

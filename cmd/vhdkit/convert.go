@@ -395,7 +395,7 @@ func nonZeroSpans(data []byte, granule int) []span {
 	var spans []span
 	for i := 0; i < len(data); i += granule {
 		g := data[i:min(len(data), i+granule)]
-		if allZero(g) {
+		if disk.IsZero(g) {
 			continue
 		}
 		if n := len(spans); n > 0 && spans[n-1].off+spans[n-1].n == int64(i) {
@@ -425,17 +425,4 @@ func diffSpans(a, b []byte, sector int, base int64) []span {
 		i = j
 	}
 	return spans
-}
-
-var zeroGranuleBytes = make([]byte, zeroGranule)
-
-func allZero(p []byte) bool {
-	for len(p) > 0 {
-		n := min(len(p), len(zeroGranuleBytes))
-		if !bytes.Equal(p[:n], zeroGranuleBytes[:n]) {
-			return false
-		}
-		p = p[n:]
-	}
-	return true
 }

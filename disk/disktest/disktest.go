@@ -265,7 +265,7 @@ func (fx *fixture) adopt(off, n int64, what string) {
 	for i := int64(0); i < n; i += fx.sector {
 		j := min(i+fx.sector, n)
 		s := p[i:j]
-		if isZero(s) || bytes.Equal(s, old[i:j]) || initial != nil && bytes.Equal(s, initial[i:j]) {
+		if disk.IsZero(s) || bytes.Equal(s, old[i:j]) || initial != nil && bytes.Equal(s, initial[i:j]) {
 			continue
 		}
 		for k := i; k < j; k++ { // a mix within the sector: check each byte
@@ -301,19 +301,6 @@ func (fx *fixture) flush(what string) {
 	if err := fx.img.Flush(); err != nil {
 		fx.t.Fatalf("%s: Flush: %v", what, err)
 	}
-}
-
-var zeroChunk [64 << 10]byte
-
-func isZero(p []byte) bool {
-	for len(p) > 0 {
-		n := min(len(p), len(zeroChunk))
-		if !bytes.Equal(p[:n], zeroChunk[:n]) {
-			return false
-		}
-		p = p[n:]
-	}
-	return true
 }
 
 // firstDiff returns the index of the first byte where a and b (of equal

@@ -60,7 +60,7 @@ func (fx *fixture) extents(ext disk.Extenter, off, n int64, what string) []disk.
 }
 
 func firstNonZero(p []byte) int {
-	if isZero(p) {
+	if disk.IsZero(p) {
 		return -1
 	}
 	for i, b := range p {

@@ -30,6 +30,32 @@ type memDisk struct {
 
 var errStopped = errors.New("disk stopped")
 
+// newMemDisk holds a copy of files, each with an empty placeholder of its
+// name on the real file system; it stops (or with once, fails once) at
+// operation failAt.
+func newMemDisk(files map[string][]byte, failAt int64, once bool) *memDisk {
+	d := &memDisk{files: map[string]*storage.MemFile{}, failAt: failAt, once: once}
+	for p, b := range files {
+		d.files[p] = storage.NewMemFile(b)
+		os.WriteFile(p, nil, 0o644)
+	}
+	return d
+}
+
+// readFiles returns the content of each path.
+func readFiles(t *testing.T, paths []string) map[string][]byte {
+	t.Helper()
+	out := map[string][]byte{}
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[p] = b
+	}
+	return out
+}
+
 func (d *memDisk) open(path string, flag int) (storage.File, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -145,22 +171,11 @@ func TestMergeCrash(t *testing.T) {
 			dir := t.TempDir()
 			paths, contents := buildChain(t, dir, 3)
 			want := contents[3]
-			orig := map[string][]byte{}
-			for _, p := range paths {
-				b, err := os.ReadFile(p)
-				if err != nil {
-					t.Fatal(err)
-				}
-				orig[p] = b
-			}
+			orig := readFiles(t, paths)
 			top, target := paths[3], paths[c.into]
 			points := 0
 			for i := int64(0); ; i++ {
-				d := &memDisk{files: map[string]*storage.MemFile{}, failAt: i}
-				for p, b := range orig {
-					d.files[p] = storage.NewMemFile(b)
-					os.WriteFile(p, nil, 0o644) // placeholder
-				}
+				d := newMemDisk(orig, i, false)
 				_, err := Merge(context.Background(), top, d.options(target))
 				if !d.hit.Load() {
 					if err != nil {
@@ -212,23 +227,12 @@ func TestMergeIOError(t *testing.T) {
 	dir := t.TempDir()
 	paths, contents := buildChain(t, dir, 2)
 	want := contents[2]
-	orig := map[string][]byte{}
-	for _, p := range paths {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		orig[p] = b
-	}
+	orig := readFiles(t, paths)
 	top, target := paths[2], paths[0]
 	points := 0
 	for i := int64(0); ; i++ {
 		os.Remove(journalPath(top))
-		d := &memDisk{files: map[string]*storage.MemFile{}, failAt: i, once: true}
-		for p, b := range orig {
-			d.files[p] = storage.NewMemFile(b)
-			os.WriteFile(p, nil, 0o644)
-		}
+		d := newMemDisk(orig, i, true)
 		_, err := Merge(context.Background(), top, d.options(target))
 		if !d.hit.Load() {
 			if err != nil {

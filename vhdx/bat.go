@@ -49,7 +49,6 @@ func (g *geometry) batBytes() int64 { return alignUp(g.totalEntries*8, mib) }
 // checkBAT validates entry i of the BAT against the file: a known state, and
 // an offset whose block lies inside the file. fileSize is the physical size.
 func (g *geometry) checkEntry(i int64, e uint64, fileSize int64, hasParent bool, batOff int64) error {
-	name := fmt.Sprintf("BAT entry %d", i)
 	eoff := batOff + 8*i
 	st := batState(e)
 	isBitmap := (i+1)%(g.chunkRatio+1) == 0
@@ -63,31 +62,35 @@ func (g *geometry) checkEntry(i int64, e uint64, fileSize int64, hasParent bool,
 				// images without a parent.
 				return nil
 			}
-			return checkExtent(name, eoff, batOffset(e), bitmapBlockSize, fileSize)
+			return checkExtent(i, eoff, batOffset(e), bitmapBlockSize, fileSize)
 		}
-		return formatErr(name, eoff, "sector bitmap state %d", st)
+		return formatErr(entryName(i), eoff, "sector bitmap state %d", st)
 	}
 	switch st {
 	case payloadNotPresent, payloadUndefined, payloadZero, payloadUnmapped:
 		return nil
 	case payloadFullyPresent:
-		return checkExtent(name, eoff, batOffset(e), g.blockSize, fileSize)
+		return checkExtent(i, eoff, batOffset(e), g.blockSize, fileSize)
 	case payloadPartiallyPresent:
 		if !hasParent {
-			return formatErr(name, eoff, "PARTIALLY_PRESENT in an image without a parent")
+			return formatErr(entryName(i), eoff, "PARTIALLY_PRESENT in an image without a parent")
 		}
-		return checkExtent(name, eoff, batOffset(e), g.blockSize, fileSize)
+		return checkExtent(i, eoff, batOffset(e), g.blockSize, fileSize)
 	}
-	return formatErr(name, eoff, "payload state %d", st)
+	return formatErr(entryName(i), eoff, "payload state %d", st)
 }
 
-func checkExtent(name string, eoff, off, length, fileSize int64) error {
+func checkExtent(i, eoff, off, length, fileSize int64) error {
 	// A block may not start in the first 1 MiB (headers) nor past the end of
 	// the file. One that ends past the end reads as zeros there: files cut
 	// short after a crash are repaired by the log's LastFileOffset, and
 	// some writers do not extend the file over a final partial block.
 	if off < mib || off >= fileSize {
-		return formatErr(name, eoff, "block at %#x outside the file (%d bytes)", off, fileSize)
+		return formatErr(entryName(i), eoff, "block at %#x outside the file (%d bytes)", off, fileSize)
 	}
 	return nil
 }
+
+// entryName names BAT entry i in errors; built only when one is reported,
+// since open checks every entry.
+func entryName(i int64) string { return fmt.Sprintf("BAT entry %d", i) }

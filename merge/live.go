@@ -1,0 +1,424 @@
+package merge
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/vhdx"
+)
+
+// # Live merge
+//
+// A Disk is a VHDX chain in use: the image a server exports, whose layers
+// change under it while clients keep reading and writing. A live merge
+// folds the running leaf L into its parent T without stopping the disk:
+//
+//  1. Under a pause (in-flight I/O drained, new I/O held): T's new
+//     DataWriteGuid G goes into L's parent_linkage2 and L is flushed, then
+//     T is opened for writing and takes G (BeginDataChange). From here on
+//     every client write is applied to L and then mirrored into T, under a
+//     lock on its range.
+//  2. A copier walks the ranges L held when the merge started and copies
+//     each from L into T under the same range lock, so a client write and
+//     the copy of its range never interleave. Writes mirrored while the
+//     copy runs keep T current behind the copier, so one pass converges
+//     whatever the write rate.
+//  3. Completion: T is flushed, then under a pause flushed again (only the
+//     last moments' writes) and becomes the disk's leaf; L is closed.
+//
+// Reads go to L until the switch. L's chain holds its own read-only handle
+// on T, whose cached BAT goes stale as T changes; that is harmless because
+// L holds every sector written into T, so L never reads those from T. A
+// crash at any moment leaves L openable over T (linkage2) with every
+// acknowledged write in L; the caller restarts the merge with the same G.
+
+// Disk is a running VHDX chain. It implements disk.Image, disk.Trimmer,
+// disk.Zeroer, disk.Extenter and disk.SectorSizer, and is safe for
+// concurrent use.
+type Disk struct {
+	mu     sync.RWMutex // I/O holds it shared; changing layers, exclusively
+	leaf   *vhdx.Image
+	mirror *LiveMerge // set while a live merge runs
+	size   int64
+	opts   vhdx.OpenOptions
+}
+
+// OpenDisk opens the chain whose leaf is path for reading and writing.
+// opts.ReadOnly is ignored; opts.OpenFile is kept for the files a live
+// merge opens.
+func OpenDisk(path string, opts vhdx.OpenOptions) (*Disk, error) {
+	opts.ReadOnly = false
+	im, err := vhdx.Open(path, opts)
+	if err != nil {
+		return nil, err
+	}
+	return &Disk{leaf: im, size: im.Size(), opts: opts}, nil
+}
+
+// Size returns the virtual size.
+func (d *Disk) Size() int64 { return d.size }
+
+// Leaf returns the path of the file the disk runs on.
+func (d *Disk) Leaf() string {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.leaf.Path()
+}
+
+// Chain lists the disk's files, leaf first.
+func (d *Disk) Chain() []string {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.leaf.Info().Chain
+}
+
+func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.leaf.ReadAt(p, off)
+}
+
+func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	m := d.mirror
+	if m == nil {
+		return d.leaf.WriteAt(p, off)
+	}
+	end := off + int64(len(p))
+	m.locks.lock(off, end)
+	defer m.locks.unlock(off, end)
+	n, err := d.leaf.WriteAt(p, off)
+	if err == nil {
+		_, merr := m.target.WriteAt(p, off)
+		m.mirrorFailed(off, merr)
+	}
+	return n, err
+}
+
+func (d *Disk) WriteZeroes(off, n int64, mayUnmap bool) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	m := d.mirror
+	if m == nil {
+		return d.leaf.WriteZeroes(off, n, mayUnmap)
+	}
+	m.locks.lock(off, off+n)
+	defer m.locks.unlock(off, off+n)
+	err := d.leaf.WriteZeroes(off, n, mayUnmap)
+	if err == nil {
+		m.mirrorFailed(off, m.target.WriteZeroes(off, n, mayUnmap))
+	}
+	return err
+}
+
+// Trim discards a range. During a live merge it writes zeros to both
+// layers instead, so that the range reads the same before and after the
+// switch.
+func (d *Disk) Trim(off, n int64) error {
+	d.mu.RLock()
+	if d.mirror != nil {
+		d.mu.RUnlock()
+		return d.WriteZeroes(off, n, true)
+	}
+	defer d.mu.RUnlock()
+	return d.leaf.Trim(off, n)
+}
+
+// Flush makes every completed write durable: in the merge target first,
+// then in the leaf, which is what a restart reads.
+func (d *Disk) Flush() error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if m := d.mirror; m != nil {
+		m.mirrorFailed(0, m.target.Flush())
+	}
+	return d.leaf.Flush()
+}
+
+func (d *Disk) Extents(off, n int64) ([]disk.Extent, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.leaf.Extents(off, n)
+}
+
+func (d *Disk) LogicalSectorSize() int  { return d.leaf.LogicalSectorSize() }
+func (d *Disk) PhysicalSectorSize() int { return d.leaf.PhysicalSectorSize() }
+
+// Close flushes and closes the chain, and a live merge's target if one
+// runs (the merge is then resumed by a later StartMerge with the same G).
+func (d *Disk) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var errs []error
+	if m := d.mirror; m != nil {
+		errs = append(errs, m.target.Close())
+		d.mirror = nil
+	}
+	errs = append(errs, d.leaf.Close())
+	return errors.Join(errs...)
+}
+
+// Pause drains in-flight I/O and holds new I/O until Resume: the moment
+// to change layers, and to checkpoint several disks consistently.
+func (d *Disk) Pause() { d.mu.Lock() }
+
+// Resume lets I/O held by Pause proceed.
+func (d *Disk) Resume() { d.mu.Unlock() }
+
+// SwapPaused replaces the leaf with what change returns; the caller holds
+// Pause. change gets the current leaf and must leave it closed or owned by
+// the new one (as CreateChild does) when it succeeds, and untouched when
+// it fails.
+func (d *Disk) SwapPaused(change func(leaf *vhdx.Image) (*vhdx.Image, error)) error {
+	if d.mirror != nil {
+		return errors.New("merge: a live merge is running on this disk")
+	}
+	im, err := change(d.leaf)
+	if err != nil {
+		return err
+	}
+	d.leaf = im
+	return nil
+}
+
+// Checkpoint freezes the leaf and continues on a new differencing child at
+// path; the caller holds Pause.
+func (d *Disk) CheckpointPaused(path string) error {
+	return d.SwapPaused(func(leaf *vhdx.Image) (*vhdx.Image, error) {
+		return leaf.CreateChild(path, vhdx.CreateOptions{})
+	})
+}
+
+// LiveMerge is a running merge of a Disk's leaf into its parent.
+type LiveMerge struct {
+	d      *Disk
+	top    string
+	target *vhdx.Image
+	todo   []disk.Extent // the ranges the leaf held at the start, in order
+	total  int64
+
+	locks rangeLocks
+
+	errMu     sync.Mutex
+	mirrorErr error // the first failed mirrored write since the last Err
+	redoFrom  int64 // where the copy must restart to cover it
+}
+
+// StartMerge begins merging the disk's leaf into its parent, whose new
+// DataWriteGuid is g (step 1). Resuming an interrupted merge passes the
+// same g.
+func (d *Disk) StartMerge(g vhdx.GUID) (*LiveMerge, error) {
+	d.Pause()
+	defer d.Resume()
+	if d.mirror != nil {
+		return nil, errors.New("merge: a live merge is already running on this disk")
+	}
+	leaf := d.leaf
+	info := leaf.Info()
+	if len(info.Chain) < 2 {
+		return nil, fmt.Errorf("merge: %s is not a differencing image", leaf.Path())
+	}
+	if info.ParentLinkage2 != g {
+		if err := leaf.SetParentLinkage2(g); err != nil {
+			return nil, fmt.Errorf("merge: recording the target's new identity in %s: %w", leaf.Path(), err)
+		}
+		if err := leaf.Flush(); err != nil {
+			return nil, fmt.Errorf("merge: %w", err)
+		}
+	}
+	opts := d.opts
+	opts.ParentPath, opts.ParentImage = "", nil
+	t, err := vhdx.Open(info.Chain[1], opts)
+	if err != nil {
+		return nil, fmt.Errorf("merge: opening the target: %w", err)
+	}
+	if err := t.BeginDataChange(g); err != nil {
+		t.Close()
+		return nil, fmt.Errorf("merge: %w", err)
+	}
+	exts, err := leaf.Extents(0, d.size)
+	if err != nil {
+		t.Close()
+		return nil, fmt.Errorf("merge: %w", err)
+	}
+	m := &LiveMerge{d: d, top: leaf.Path(), target: t, redoFrom: -1}
+	for _, e := range exts {
+		if e.Depth == 0 && e.Type != disk.Hole {
+			m.todo = append(m.todo, e)
+			m.total += e.Length
+		}
+	}
+	d.mirror = m
+	return m, nil
+}
+
+// Top and Target name the merged file and the one it merges into.
+func (m *LiveMerge) Top() string    { return m.top }
+func (m *LiveMerge) Target() string { return m.target.Path() }
+
+// Total is the number of bytes the copy covers.
+func (m *LiveMerge) Total() int64 { return m.total }
+
+// liveChunk is the most a copy step moves: small enough that a client
+// write waiting on its range lock waits briefly.
+const liveChunk = 1 << 20
+
+// CopyStep copies the next piece of the merge at or after virtual offset
+// off (step 2) and returns the offset after it and the bytes it covered;
+// next is -1 when nothing is left.
+func (m *LiveMerge) CopyStep(off int64, buf []byte) (next, n int64, err error) {
+	for _, e := range m.todo {
+		end := e.Offset + e.Length
+		if end <= off {
+			continue
+		}
+		start := max(off, e.Offset)
+		n = min(end-start, liveChunk, int64(len(buf)))
+		return start + n, n, m.copy(e.Type, start, buf[:n])
+	}
+	return -1, 0, nil
+}
+
+func (m *LiveMerge) copy(t disk.ExtentType, off int64, buf []byte) error {
+	d := m.d
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.mirror != m {
+		return errors.New("merge: the live merge was stopped")
+	}
+	end := off + int64(len(buf))
+	m.locks.lock(off, end)
+	defer m.locks.unlock(off, end)
+	if t == disk.Zero {
+		return m.target.WriteZeroes(off, int64(len(buf)), true)
+	}
+	if _, err := d.leaf.ReadAt(buf, off); err != nil {
+		return fmt.Errorf("reading %s: %w", m.top, err)
+	}
+	_, err := m.target.WriteAt(buf, off)
+	return err
+}
+
+// FlushTarget makes what was copied so far durable in the target, so the
+// caller may record its progress.
+func (m *LiveMerge) FlushTarget() error { return m.target.Flush() }
+
+// mirrorFailed notes a failed mirrored write at off (a failed flush passes
+// 0: nothing mirrored since the last good one is known durable). The
+// client's write succeeded in the leaf; the copy must cover the range
+// again before the merge can complete.
+func (m *LiveMerge) mirrorFailed(off int64, err error) {
+	if err == nil {
+		return
+	}
+	m.errMu.Lock()
+	defer m.errMu.Unlock()
+	if m.mirrorErr == nil {
+		m.mirrorErr = err
+	}
+	if m.redoFrom < 0 || off < m.redoFrom {
+		m.redoFrom = off
+	}
+}
+
+// MirrorError returns, and clears, the first mirrored write that failed
+// since the last call, with the offset the copy must restart from.
+func (m *LiveMerge) MirrorError() (err error, redoFrom int64) {
+	m.errMu.Lock()
+	defer m.errMu.Unlock()
+	err, redoFrom = m.mirrorErr, m.redoFrom
+	m.mirrorErr, m.redoFrom = nil, -1
+	return err, redoFrom
+}
+
+// ErrNotConverged reports that a mirrored write failed since the copy
+// finished: the copy must run again from the offset MirrorError returns.
+var ErrNotConverged = errors.New("merge: a mirrored write failed; the copy must cover it again")
+
+// Complete switches the disk to the target (step 3) once the copy is
+// done. The merged file is closed but not deleted: the caller records the
+// new leaf, then removes it.
+func (m *LiveMerge) Complete() error {
+	if err := m.target.Flush(); err != nil {
+		return err
+	}
+	d := m.d
+	d.Pause()
+	if err := m.target.Flush(); err != nil {
+		d.Resume()
+		return err
+	}
+	m.errMu.Lock()
+	failed := m.mirrorErr != nil
+	m.errMu.Unlock()
+	if failed {
+		d.Resume()
+		return ErrNotConverged
+	}
+	old := d.leaf
+	d.leaf, d.mirror = m.target, nil
+	d.Resume()
+	// Closing the old leaf can no longer matter to the disk, whose every
+	// write is in the target now.
+	old.Close()
+	return nil
+}
+
+// Stop ends a live merge without switching: mirroring stops and the
+// target is closed. The target has changed; the leaf still reads the
+// newest data over it, and a later StartMerge with the same G resumes.
+func (m *LiveMerge) Stop() error {
+	d := m.d
+	d.Pause()
+	defer d.Resume()
+	if d.mirror != m {
+		return nil
+	}
+	d.mirror = nil
+	return m.target.Close()
+}
+
+// rangeLocks serialises writes to overlapping ranges.
+type rangeLocks struct {
+	mu     sync.Mutex
+	cond   *sync.Cond
+	active []span
+}
+
+type span struct{ off, end int64 }
+
+func (r *rangeLocks) lock(off, end int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cond == nil {
+		r.cond = sync.NewCond(&r.mu)
+	}
+	for r.overlaps(off, end) {
+		r.cond.Wait()
+	}
+	r.active = append(r.active, span{off, end})
+}
+
+func (r *rangeLocks) overlaps(off, end int64) bool {
+	for _, s := range r.active {
+		if s.off < end && off < s.end {
+			return true
+		}
+	}
+	return false
+}
+
+func (r *rangeLocks) unlock(off, end int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for i, s := range r.active {
+		if s == (span{off, end}) {
+			r.active = append(r.active[:i], r.active[i+1:]...)
+			break
+		}
+	}
+	r.cond.Broadcast()
+}

@@ -1,0 +1,258 @@
+package merge
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"github.com/vhdkit/vhdkit/vhdx"
+)
+
+// liveChain makes base.vhdx holding data and a checkpoint of it, and
+// returns the Disk running on the child, with the expected content.
+func liveChain(t *testing.T, size int64) (*Disk, []byte, string) {
+	t.Helper()
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.vhdx")
+	im, err := vhdx.Create(base, vhdx.CreateOptions{Size: uint64(size), BlockSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, size)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 40; i++ {
+		off := rng.Int64N(size/512-64) * 512
+		p := want[off : off+int64(rng.IntN(64)+1)*512]
+		fillRand(rng, p)
+		if _, err := im.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	child, err := im.CreateChild(filepath.Join(dir, "base_1.avhdx"), vhdx.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := child.Close(); err != nil {
+		t.Fatal(err)
+	}
+	d, err := OpenDisk(filepath.Join(dir, "base_1.avhdx"), vhdx.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, want, base
+}
+
+func fillRand(rng *rand.Rand, p []byte) {
+	for i := range p {
+		p[i] = byte(rng.Uint32())
+	}
+}
+
+// TestLiveMerge merges a running leaf into its parent while writers keep
+// writing (each to its own region, so the expected content is known), and
+// checks that the disk, before and after the switch, and the merged file
+// reopened, all read the newest data.
+func TestLiveMerge(t *testing.T) {
+	const size = 32 << 20
+	d, want, base := liveChain(t, size)
+	top := d.Leaf()
+	// Writes before the merge: the child's own data.
+	rng := rand.New(rand.NewPCG(3, 4))
+	for i := 0; i < 30; i++ {
+		off := rng.Int64N(size/512-300) * 512
+		p := want[off : off+int64(rng.IntN(300)+1)*512]
+		fillRand(rng, p)
+		if _, err := d.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := d.WriteZeroes(4<<20, 2<<20, true); err != nil {
+		t.Fatal(err)
+	}
+	clear(want[4<<20 : 6<<20])
+
+	g := vhdx.NewGUID()
+	m, err := d.StartMerge(g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	const writers = 4
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 9))
+			region := int64(size / writers)
+			buf := make([]byte, 64<<10)
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				n := int64(rng.IntN(128)+1) * 512
+				off := int64(w)*region + rng.Int64N((region-n)/512)*512
+				fillRand(rng, buf[:n])
+				var err error
+				switch i % 7 {
+				case 5:
+					err = d.WriteZeroes(off, n, true)
+					clear(buf[:n])
+				case 6:
+					err = d.Trim(off, n)
+					clear(buf[:n])
+				default:
+					_, err = d.WriteAt(buf[:n], off)
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				copy(want[off:off+n], buf[:n])
+				mu.Unlock()
+				if i%50 == 0 {
+					if err := d.Flush(); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}
+		}(w)
+	}
+	buf := make([]byte, liveChunk)
+	var copied int64
+	for off := int64(0); off >= 0; {
+		next, n, err := m.CopyStep(off, buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		off, copied = next, copied+n
+	}
+	if copied != m.Total() {
+		t.Errorf("copied %d bytes, want %d", copied, m.Total())
+	}
+	if err := m.Complete(); err != nil {
+		t.Fatal(err)
+	}
+	if d.Leaf() != base {
+		t.Errorf("leaf after merge = %s, want %s", d.Leaf(), base)
+	}
+	// Writers keep going on the target for a moment after the switch.
+	for i := 0; i < 20; i++ {
+		if _, err := d.Extents(0, size); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	got := make([]byte, size)
+	if _, err := d.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("disk after merge differs at %d", i)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(top); err != nil {
+		t.Fatal(err)
+	}
+	im, err := vhdx.Open(base, vhdx.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	if im.Info().DataWriteGUID != g {
+		t.Errorf("target DataWriteGuid %s, want %s", im.Info().DataWriteGUID, g)
+	}
+	if _, err := im.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("merged file differs at %d", i)
+	}
+}
+
+// TestLiveMergeResume stops a live merge halfway (as a daemon restart
+// does), reopens the leaf, which must read the newest data over the
+// changed target, and resumes with the same GUID.
+func TestLiveMergeResume(t *testing.T) {
+	const size = 16 << 20
+	d, want, base := liveChain(t, size)
+	top := d.Leaf()
+	rng := rand.New(rand.NewPCG(5, 6))
+	p := want[1<<20 : 9<<20]
+	fillRand(rng, p)
+	if _, err := d.WriteAt(p, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	g := vhdx.NewGUID()
+	m, err := d.StartMerge(g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, liveChunk)
+	off := int64(0)
+	for i := 0; i < 3; i++ {
+		if off, _, err = m.CopyStep(off, buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if d, err = OpenDisk(top, vhdx.OpenOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, size)
+	if _, err := d.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("leaf reopened mid-merge differs at %d", i)
+	}
+	if m, err = d.StartMerge(g); err != nil {
+		t.Fatal(err)
+	}
+	for ; off >= 0; off, _, err = m.CopyStep(off, buf) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m.Complete(); err != nil {
+		t.Fatal(err)
+	}
+	if d.Leaf() != base {
+		t.Fatalf("leaf %s, want %s", d.Leaf(), base)
+	}
+	if _, err := d.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("after resumed merge differs at %d", i)
+	}
+	d.Close()
+}
+
+func firstDiff(a, b []byte) int {
+	if bytes.Equal(a, b) {
+		return -1
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return len(a)
+}

@@ -1,0 +1,143 @@
+// Package api is the vhdkit daemon's management API as its clients see it:
+// the JSON documents it exchanges and a client for the HTTP API the daemon
+// serves on the unix socket DIR/vhdkit.sock.
+//
+// Routes (JSON bodies; errors are {"error": "..."} with a 4xx or 5xx status):
+//
+//	GET    /v1/vms                                list machines
+//	POST   /v1/vms                                create (CreateVM)
+//	GET    /v1/vms/{vm}                           one machine
+//	DELETE /v1/vms/{vm}                           delete it and its files
+//	GET    /v1/vms/{vm}/checkpoints               the checkpoint tree
+//	POST   /v1/vms/{vm}/checkpoints               create (CreateCheckpoint)
+//	PATCH  /v1/vms/{vm}/checkpoints/{cp}          rename (RenameCheckpoint)
+//	POST   /v1/vms/{vm}/checkpoints/{cp}/apply    revert to it (ApplyCheckpoint)
+//	POST   /v1/vms/{vm}/checkpoints/{cp}/export   flatten it (ExportCheckpoint)
+//	DELETE /v1/vms/{vm}/checkpoints/{cp}          delete: starts a merge job (?subtree=1, ?bandwidth=N)
+//	GET    /v1/jobs, /v1/jobs/{id}                jobs
+//	POST   /v1/jobs/{id}/pause|resume|cancel      control a job
+//	PATCH  /v1/jobs/{id}                          set its bandwidth (SetJob)
+package api
+
+import "time"
+
+// VM is a machine: its disks and where it is in its checkpoint tree.
+type VM struct {
+	Name    string    `json:"name"`
+	Created time.Time `json:"created"`
+	Disks   []Disk    `json:"disks"`
+	// Current is the checkpoint the running state continues from; empty
+	// before the first checkpoint.
+	Current     string `json:"current,omitempty"`
+	Checkpoints int    `json:"checkpoints"`
+}
+
+// Disk is one of a machine's disks.
+type Disk struct {
+	Index  int    `json:"index"`
+	Export string `json:"export"` // NBD export name
+	Size   int64  `json:"size"`
+	// Path is the file the disk runs on now; Chain is its chain of files,
+	// Path first.
+	Path     string   `json:"path"`
+	Chain    []string `json:"chain"`
+	Attached bool     `json:"attached,omitempty"` // an existing file: kept when the machine is deleted
+}
+
+// Checkpoint is a node of a machine's checkpoint tree.
+type Checkpoint struct {
+	ID      string    `json:"id"`
+	Name    string    `json:"name"`
+	Parent  string    `json:"parent,omitempty"` // parent checkpoint's ID
+	Created time.Time `json:"created"`
+	Files   []string  `json:"files"` // the frozen file of each disk
+	// Current is set on the checkpoint the running state continues from.
+	Current bool `json:"current,omitempty"`
+}
+
+// Checkpoints is a machine's tree, in creation order.
+type Checkpoints struct {
+	VM          string       `json:"vm"`
+	Current     string       `json:"current,omitempty"`
+	Checkpoints []Checkpoint `json:"checkpoints"`
+}
+
+// Job states.
+const (
+	JobQueued     = "queued"
+	JobRunning    = "running"
+	JobPaused     = "paused"
+	JobCompleting = "completing"
+	JobDone       = "done"
+	JobFailed     = "failed"
+	JobCanceled   = "canceled"
+)
+
+// Job is a checkpoint deletion: the merges it takes, as a state machine.
+type Job struct {
+	ID         string `json:"id"`
+	Kind       string `json:"kind"` // "delete-checkpoint"
+	VM         string `json:"vm"`
+	Checkpoint string `json:"checkpoint"` // name at the time of the request
+	Subtree    bool   `json:"subtree,omitempty"`
+	State      string `json:"state"`
+	// Reason says why a job is paused or failed.
+	Reason string `json:"reason,omitempty"`
+	// Done and Total are bytes merged and to merge; Done never decreases.
+	Done      int64     `json:"done"`
+	Total     int64     `json:"total"`
+	Bandwidth int64     `json:"bandwidth,omitempty"` // bytes per second, 0: unlimited
+	ETA       float64   `json:"eta_seconds,omitempty"`
+	Created   time.Time `json:"created"`
+	Updated   time.Time `json:"updated"`
+}
+
+// Finished reports whether the job has reached a final state.
+func (j *Job) Finished() bool {
+	return j.State == JobDone || j.State == JobFailed || j.State == JobCanceled
+}
+
+// CreateVM is the body of POST /v1/vms: new dynamic VHDX disks of the
+// given sizes, or existing files attached.
+type CreateVM struct {
+	Name   string   `json:"name"`
+	Disks  []int64  `json:"disks,omitempty"`
+	Attach []string `json:"attach,omitempty"`
+}
+
+// CreateCheckpoint is the body of POST /v1/vms/{vm}/checkpoints.
+type CreateCheckpoint struct {
+	Name string `json:"name,omitempty"` // default: a timestamp
+}
+
+// RenameCheckpoint is the body of PATCH /v1/vms/{vm}/checkpoints/{cp}.
+type RenameCheckpoint struct {
+	Name string `json:"name"`
+}
+
+// ApplyCheckpoint is the body of POST .../apply.
+type ApplyCheckpoint struct {
+	// Save checkpoints the current state first instead of discarding it.
+	Save     bool   `json:"save,omitempty"`
+	SaveName string `json:"save_name,omitempty"`
+}
+
+// ExportCheckpoint is the body of POST .../export.
+type ExportCheckpoint struct {
+	Dir string `json:"dir"`
+}
+
+// Exported lists the files an export wrote.
+type Exported struct {
+	Files []string `json:"files"`
+}
+
+// SetJob is the body of PATCH /v1/jobs/{id}.
+type SetJob struct {
+	Bandwidth *int64 `json:"bandwidth,omitempty"`
+}
+
+// Error is the body of every error response.
+type Error struct {
+	Error string `json:"error"`
+}

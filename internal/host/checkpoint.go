@@ -1,0 +1,457 @@
+package host
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/storage"
+	"github.com/vhdkit/vhdkit/vhdx"
+)
+
+// Checkpoints returns a machine's checkpoint tree.
+func (h *Host) Checkpoints(name string) (*api.Checkpoints, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v, err := h.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	out := &api.Checkpoints{VM: name, Checkpoints: []api.Checkpoint{}}
+	for _, c := range v.st.Checkpoints {
+		out.Checkpoints = append(out.Checkpoints, checkpointView(v.st, c))
+		if c.ID == v.st.Current {
+			out.Current = c.ID
+		}
+	}
+	return out, nil
+}
+
+func checkpointView(m *machineState, c *checkpointState) api.Checkpoint {
+	return api.Checkpoint{ID: c.ID, Name: c.Name, Parent: c.Parent, Created: c.Created,
+		Files: slices.Clone(c.Files), Current: m.Current == c.ID}
+}
+
+// checkpointable returns the machine, refusing while a job changes its
+// tree; the caller holds mu.
+func (h *Host) checkpointable(name string) (*vm, error) {
+	v, err := h.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	if v.job != nil {
+		return nil, errorf(statusConflict, "machine %s: checkpoint job %s is %s; wait for it to finish", name, v.job.st.ID, v.job.st.State)
+	}
+	return v, nil
+}
+
+// CreateCheckpoint freezes every disk of the machine at one instant: new
+// I/O is held and in-flight I/O drained on all disks, each disk continues
+// on a new differencing child, then I/O resumes.
+func (h *Host) CreateCheckpoint(name string, req api.CreateCheckpoint) (*api.Checkpoint, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v, err := h.checkpointable(name)
+	if err != nil {
+		return nil, err
+	}
+	c, err := h.checkpoint(v, req.Name)
+	if err != nil {
+		return nil, err
+	}
+	out := checkpointView(v.st, c)
+	return &out, nil
+}
+
+// checkpoint does CreateCheckpoint's work; the caller holds mu.
+func (h *Host) checkpoint(v *vm, name string) (*checkpointState, error) {
+	now := time.Now().UTC()
+	if name == "" {
+		name = fmt.Sprintf("%s - (%s)", v.st.Name, now.Format("2006-01-02 15:04:05.000"))
+	}
+	if v.st.findCheckpoint(name) != nil {
+		return nil, errorf(statusConflict, "machine %s already has a checkpoint named %q", v.st.Name, name)
+	}
+	c := &checkpointState{ID: h.st.nextID(), Name: name, Parent: v.st.Current, Created: now}
+	for _, d := range v.disks {
+		d.Pause()
+	}
+	defer func() {
+		for _, d := range v.disks {
+			d.Resume()
+		}
+	}()
+	// The state is saved after the children exist and before I/O
+	// resumes: a crash before the save leaves unreferenced children,
+	// removed at the next start, and frozen parents that simply reopen.
+	var done []int
+	undo := func() {
+		for _, i := range done {
+			d := v.disks[i]
+			child := v.st.Disks[i].Leaf
+			d.SwapPaused(func(leaf *vhdx.Image) (*vhdx.Image, error) {
+				leaf.Close()
+				os.Remove(leaf.Path())
+				return vhdx.Open(child, h.openOptions())
+			})
+		}
+	}
+	for i, d := range v.disks {
+		c.Files = append(c.Files, v.st.Disks[i].Leaf)
+		path := filepath.Join(h.machineDir(v.st.Name), fmt.Sprintf("disk%d_%s.avhdx", i, c.ID))
+		if err := d.CheckpointPaused(path); err != nil {
+			undo()
+			return nil, fmt.Errorf("checkpointing disk %d: %w", i, err)
+		}
+		done = append(done, i)
+	}
+	old := v.st.Current
+	v.st.Checkpoints = append(v.st.Checkpoints, c)
+	v.st.Current = c.ID
+	for i, d := range v.disks {
+		v.st.Disks[i].Leaf = d.Leaf()
+	}
+	if err := h.st.save(h.dir); err != nil {
+		v.st.Checkpoints = v.st.Checkpoints[:len(v.st.Checkpoints)-1]
+		v.st.Current = old
+		for i := range v.disks {
+			v.st.Disks[i].Leaf = c.Files[i]
+		}
+		undo()
+		return nil, err
+	}
+	h.log.Info("checkpoint created", "vm", v.st.Name, "checkpoint", c.Name, "id", c.ID)
+	return c, nil
+}
+
+func (h *Host) findCheckpoint(v *vm, ref string) (*checkpointState, error) {
+	c := v.st.findCheckpoint(ref)
+	if c == nil {
+		return nil, errorf(statusNotFound, "machine %s has no checkpoint %q", v.st.Name, ref)
+	}
+	return c, nil
+}
+
+// RenameCheckpoint renames a checkpoint.
+func (h *Host) RenameCheckpoint(name, ref, newName string) (*api.Checkpoint, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v, err := h.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	c, err := h.findCheckpoint(v, ref)
+	if err != nil {
+		return nil, err
+	}
+	if newName == "" {
+		return nil, errorf(statusBadRequest, "a checkpoint name cannot be empty")
+	}
+	if o := v.st.findCheckpoint(newName); o != nil && o != c {
+		return nil, errorf(statusConflict, "machine %s already has a checkpoint named %q", name, newName)
+	}
+	old := c.Name
+	c.Name = newName
+	if err := h.st.save(h.dir); err != nil {
+		c.Name = old
+		return nil, err
+	}
+	out := checkpointView(v.st, c)
+	return &out, nil
+}
+
+// ApplyCheckpoint reverts the machine to a checkpoint (Restore-VMSnapshot):
+// each disk continues on a new child of the checkpoint's file and the
+// current state is discarded, or first checkpointed when req.Save is set.
+func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.VM, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v, err := h.checkpointable(name)
+	if err != nil {
+		return nil, err
+	}
+	c, err := h.findCheckpoint(v, ref)
+	if err != nil {
+		return nil, err
+	}
+	if req.Save {
+		if _, err := h.checkpoint(v, req.SaveName); err != nil {
+			return nil, err
+		}
+	}
+	for _, d := range v.disks {
+		d.Pause()
+	}
+	defer func() {
+		for _, d := range v.disks {
+			d.Resume()
+		}
+	}()
+	id := h.st.nextID()
+	var discard []string
+	for i, d := range v.disks {
+		path := filepath.Join(h.machineDir(v.st.Name), fmt.Sprintf("disk%d_%s.avhdx", i, id))
+		err := d.SwapPaused(func(leaf *vhdx.Image) (*vhdx.Image, error) {
+			// The new child is made before the old leaf closes, so a
+			// failure leaves the disk as it was.
+			im, err := vhdx.Create(path, vhdx.CreateOptions{Parent: c.Files[i]})
+			if err != nil {
+				return nil, err
+			}
+			discard = append(discard, leaf.Path())
+			leaf.Close()
+			return im, nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("reverting disk %d (disks before it are reverted already): %w", i, err)
+		}
+		v.st.Disks[i].Leaf = path
+	}
+	v.st.Current = c.ID
+	if err := h.st.save(h.dir); err != nil {
+		return nil, err
+	}
+	// Only now may the discarded state go: the saved state no longer
+	// names it. A file some checkpoint holds is never the running leaf.
+	for _, f := range discard {
+		if !h.referenced(f) {
+			os.Remove(f)
+		}
+	}
+	h.log.Info("checkpoint applied", "vm", name, "checkpoint", c.Name)
+	out := h.view(v)
+	return &out, nil
+}
+
+// referenced reports whether a disk or checkpoint uses file; the caller
+// holds mu.
+func (h *Host) referenced(file string) bool {
+	for _, m := range h.st.Machines {
+		for _, d := range m.Disks {
+			if d.Leaf == file || d.Attached == file {
+				return true
+			}
+		}
+		for _, c := range m.Checkpoints {
+			if slices.Contains(c.Files, file) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// ExportCheckpoint writes each disk's state at the checkpoint to a
+// standalone dynamic VHDX in dir (flattened: no parent).
+func (h *Host) ExportCheckpoint(name, ref, dir string) (*api.Exported, error) {
+	h.mu.Lock()
+	v, err := h.lookup(name)
+	if err != nil {
+		h.mu.Unlock()
+		return nil, err
+	}
+	c, err := h.findCheckpoint(v, ref)
+	if err != nil {
+		h.mu.Unlock()
+		return nil, err
+	}
+	files := slices.Clone(c.Files)
+	// A job merging into the checkpoint's files changes them; exporting
+	// then would read a mix.
+	busy := v.job != nil
+	h.mu.Unlock()
+	if busy {
+		return nil, errorf(statusConflict, "machine %s has a running checkpoint job; export after it finishes", name)
+	}
+	if dir == "" {
+		return nil, errorf(statusBadRequest, "export needs a target directory")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	out := &api.Exported{Files: []string{}}
+	for i, f := range files {
+		dst := filepath.Join(dir, fmt.Sprintf("%s-disk%d.vhdx", name, i))
+		if _, err := os.Lstat(dst); err == nil {
+			return out, errorf(statusConflict, "%s exists (vhdkit does not overwrite files)", dst)
+		}
+		if err := flatten(f, dst); err != nil {
+			return out, fmt.Errorf("exporting disk %d: %w", i, err)
+		}
+		out.Files = append(out.Files, dst)
+	}
+	return out, nil
+}
+
+// flatten copies the content of the chain at src into a new dynamic VHDX.
+func flatten(src, dst string) error {
+	in, err := vhdx.Open(src, vhdx.OpenOptions{ReadOnly: true})
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	info := in.Info()
+	tmp := dst + ".partial"
+	os.Remove(tmp)
+	out, err := vhdx.Create(tmp, vhdx.CreateOptions{Size: info.VirtualSize,
+		LogicalSectorSize: info.LogicalSectorSize, PhysicalSectorSize: info.PhysicalSectorSize})
+	if err != nil {
+		return err
+	}
+	err = copyData(in, out)
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, dst)
+	}
+	if err == nil {
+		err = storage.SyncDir(filepath.Dir(dst))
+	}
+	if err != nil {
+		os.Remove(tmp)
+	}
+	return err
+}
+
+func copyData(in *vhdx.Image, out *vhdx.Image) error {
+	exts, err := in.Extents(0, in.Size())
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, 1<<20)
+	for _, e := range exts {
+		if e.Type != disk.Data {
+			continue
+		}
+		for off := e.Offset; off < e.Offset+e.Length; {
+			n := min(int64(len(buf)), e.Offset+e.Length-off)
+			if _, err := in.ReadAt(buf[:n], off); err != nil {
+				return err
+			}
+			if !disk.IsZero(buf[:n]) {
+				if _, err := out.WriteAt(buf[:n], off); err != nil {
+					return err
+				}
+			}
+			off += n
+		}
+	}
+	return nil
+}
+
+// DeleteCheckpoint starts the job that deletes a checkpoint, or with
+// subtree the checkpoint and its descendants, by the tree rules: a
+// checkpoint nothing depends on goes with its files; one with a single
+// dependent has that dependent merged into its files (live, when the
+// dependent is the running state); one with several dependents cannot be
+// deleted alone.
+func (h *Host) DeleteCheckpoint(name, ref string, subtree bool, bandwidth int64) (*api.Job, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v, err := h.checkpointable(name)
+	if err != nil {
+		return nil, err
+	}
+	c, err := h.findCheckpoint(v, ref)
+	if err != nil {
+		return nil, err
+	}
+	if bandwidth < 0 {
+		return nil, errorf(statusBadRequest, "bandwidth cannot be negative")
+	}
+	targets := []string{c.ID}
+	if subtree {
+		targets = v.st.subtree(c)
+	} else if kids, now := v.st.dependents(c); len(kids)+btoi(now) > 1 {
+		return nil, errorf(statusConflict, "checkpoint %q has %d dependents (child checkpoints or the running state); delete them first, or delete the subtree", c.Name, len(kids)+btoi(now))
+	}
+	// Space: the first merge needs room for what its top layer holds.
+	if need, dir, err := h.spaceNeeded(v, c); err != nil {
+		return nil, err
+	} else if need > 0 {
+		free, err := h.opts.FreeSpace(dir)
+		if err != nil {
+			return nil, err
+		}
+		if free < need {
+			return nil, errorf(statusInsufficient, "not enough space to merge checkpoint %q: the merge needs up to %d bytes in %s, which has %d free", c.Name, need, dir, free)
+		}
+	}
+	now := time.Now().UTC()
+	js := &jobState{Job: api.Job{ID: h.st.nextID(), Kind: "delete-checkpoint", VM: name, Checkpoint: c.Name,
+		Subtree: subtree, State: api.JobQueued, Bandwidth: bandwidth, Created: now, Updated: now}, Targets: targets}
+	h.st.Jobs = append(h.st.Jobs, js)
+	if err := h.st.save(h.dir); err != nil {
+		h.st.Jobs = h.st.Jobs[:len(h.st.Jobs)-1]
+		return nil, err
+	}
+	j := h.newJob(js)
+	v.job = j
+	h.startJob(j)
+	h.log.Info("checkpoint delete started", "vm", name, "checkpoint", c.Name, "job", js.ID, "subtree", subtree)
+	out := j.view()
+	return &out, nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// spaceNeeded estimates the bytes deleting c merges into its files: the
+// data its single dependent holds; the caller holds mu.
+func (h *Host) spaceNeeded(v *vm, c *checkpointState) (int64, string, error) {
+	kids, now := v.st.dependents(c)
+	var tops []string
+	switch {
+	case now && len(kids) == 0:
+		for _, d := range v.disks {
+			tops = append(tops, d.Leaf())
+		}
+	case !now && len(kids) == 1:
+		tops = kids[0].Files
+	default:
+		return 0, "", nil
+	}
+	var need int64
+	for _, top := range tops {
+		n, err := ownData(top, h.openOptions())
+		if err != nil {
+			return 0, "", err
+		}
+		need += n
+	}
+	return need, filepath.Dir(c.Files[0]), nil
+}
+
+// ownData counts the bytes a layer itself holds.
+func ownData(path string, opts vhdx.OpenOptions) (int64, error) {
+	opts.ReadOnly = true
+	im, err := vhdx.Open(path, opts)
+	if err != nil {
+		return 0, err
+	}
+	defer im.Close()
+	exts, err := im.Extents(0, im.Size())
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, e := range exts {
+		if e.Depth == 0 && e.Type == disk.Data {
+			n += e.Length
+		}
+	}
+	return n, nil
+}
+
+// errStopped ends a job runner when the host closes.
+var errStopped = errors.New("host closing")

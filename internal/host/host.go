@@ -1,0 +1,411 @@
+// Package host is the vhdkit daemon: machines and their disks, each disk
+// a VHDX chain served over NBD; a checkpoint tree per machine; jobs that
+// delete checkpoints by merging, live, under the running disks; the state
+// that survives restarts; and the HTTP API of package api.
+//
+// Files live under the data directory:
+//
+//	DIR/state.json              the persisted state (see state)
+//	DIR/vhdkit.sock             the API socket (mode 0600)
+//	DIR/vms/NAME/diskI.vhdx     a machine's disks
+//	DIR/vms/NAME/diskI_ID.avhdx differencing children made by checkpoints
+package host
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/merge"
+	"github.com/vhdkit/vhdkit/nbd"
+	"github.com/vhdkit/vhdkit/storage"
+	"github.com/vhdkit/vhdkit/vhdx"
+)
+
+// Options configure a Host.
+type Options struct {
+	Logger *slog.Logger
+	// NBD serves the machines' disks; Open adds and removes its exports.
+	NBD *nbd.Server
+	// FreeSpace reports the bytes available to files in dir; nil uses
+	// statfs. (Tests replace it to simulate a small filesystem.)
+	FreeSpace func(dir string) (int64, error)
+	// OpenFile opens image files; nil uses the operating system. (Tests
+	// inject faults through it.)
+	OpenFile func(path string, flag int) (storage.File, error)
+}
+
+// Host is a running daemon's machines and jobs.
+type Host struct {
+	dir  string
+	opts Options
+	log  *slog.Logger
+	lock *os.File // flock on DIR/lock: one daemon per directory
+
+	mu   sync.Mutex // guards st, vms, jobs
+	st   *state
+	vms  map[string]*vm
+	jobs map[string]*job
+
+	ctx    context.Context // ends at Close: job runners stop
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// vm is a machine's open disks.
+type vm struct {
+	st    *machineState
+	disks []*merge.Disk
+	job   *job // the job running on it, if any
+}
+
+// Error is a failure with an HTTP status: what the API reports.
+type Error struct {
+	Status int
+	Msg    string
+}
+
+func (e *Error) Error() string { return e.Msg }
+
+func errorf(status int, format string, args ...any) error {
+	return &Error{Status: status, Msg: fmt.Sprintf(format, args...)}
+}
+
+const (
+	statusBadRequest   = 400
+	statusNotFound     = 404
+	statusConflict     = 409
+	statusInsufficient = 507
+)
+
+// Open starts a host on the data directory dir, creating it if needed:
+// it loads the state, removes files a crash left unreferenced, reopens
+// every machine's disks, re-establishes interrupted merges and exports
+// the disks; jobs resume in the background.
+func Open(dir string, opts Options) (*Host, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if opts.NBD == nil {
+		opts.NBD = &nbd.Server{}
+	}
+	if opts.FreeSpace == nil {
+		opts.FreeSpace = freeSpace
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "vms"), 0o755); err != nil {
+		return nil, err
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("%s is in use by another vhdkit daemon", dir)
+	}
+	st, err := loadState(dir)
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	h := &Host{dir: dir, opts: opts, log: opts.Logger, lock: lock, st: st, vms: map[string]*vm{}, jobs: map[string]*job{}}
+	h.ctx, h.cancel = context.WithCancel(context.Background())
+	h.removeOrphans()
+	for _, ms := range st.Machines {
+		v := &vm{st: ms}
+		for i, ds := range ms.Disks {
+			d, err := merge.OpenDisk(ds.Leaf, h.openOptions())
+			if err != nil {
+				h.Close()
+				return nil, fmt.Errorf("machine %s disk %d: %w", ms.Name, i, err)
+			}
+			v.disks = append(v.disks, d)
+		}
+		h.vms[ms.Name] = v
+	}
+	// Merges that were under way mirror writes again before any client
+	// can write: the copy behind them relies on it.
+	for _, js := range st.Jobs {
+		if js.Finished() {
+			continue
+		}
+		j := h.newJob(js)
+		if v := h.vms[js.VM]; v != nil {
+			v.job = j
+			if err := j.restart(h, v); err != nil {
+				h.log.Error("resuming a merge", "job", js.ID, "err", err)
+			}
+		}
+	}
+	for _, v := range h.vms {
+		h.export(v)
+	}
+	for _, j := range h.jobs {
+		h.startJob(j)
+	}
+	h.log.Info("host open", "dir", dir, "machines", len(st.Machines), "jobs", len(h.jobs))
+	return h, nil
+}
+
+func (h *Host) openOptions() vhdx.OpenOptions {
+	return vhdx.OpenOptions{OpenFile: h.opts.OpenFile}
+}
+
+// Close stops the jobs at a safe point (they resume at the next Open),
+// closes every disk and saves the state.
+func (h *Host) Close() error {
+	h.cancel()
+	h.wg.Wait()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var errs []error
+	for _, v := range h.vms {
+		for i, d := range v.disks {
+			h.opts.NBD.RemoveExport(exportName(v.st.Name, i))
+			errs = append(errs, d.Close())
+		}
+	}
+	h.vms = map[string]*vm{}
+	errs = append(errs, h.st.save(h.dir))
+	h.lock.Close()
+	return errors.Join(errs...)
+}
+
+// Dir returns the data directory.
+func (h *Host) Dir() string { return h.dir }
+
+func exportName(vm string, disk int) string {
+	if disk == 0 {
+		return vm
+	}
+	return fmt.Sprintf("%s/%d", vm, disk)
+}
+
+func (h *Host) export(v *vm) {
+	for i, d := range v.disks {
+		err := h.opts.NBD.AddExport(nbd.Export{Name: exportName(v.st.Name, i), Image: d,
+			Description: fmt.Sprintf("vhdkit machine %s disk %d", v.st.Name, i)})
+		if err != nil {
+			h.log.Error("exporting a disk", "vm", v.st.Name, "disk", i, "err", err)
+		}
+	}
+}
+
+// removeOrphans deletes image files in the machines' folders that no
+// state references: a checkpoint or revert interrupted before its state
+// was saved, or a merged file whose deletion was.
+func (h *Host) removeOrphans() {
+	used := map[string]bool{}
+	for _, m := range h.st.Machines {
+		for _, d := range m.Disks {
+			used[d.Leaf] = true
+		}
+		for _, c := range m.Checkpoints {
+			for _, f := range c.Files {
+				used[f] = true
+			}
+		}
+	}
+	for _, j := range h.st.Jobs {
+		if s := j.Step; s != nil && !j.Finished() {
+			used[s.Top], used[s.Target] = true, true
+		}
+	}
+	for _, m := range h.st.Machines {
+		files, _ := filepath.Glob(filepath.Join(h.machineDir(m.Name), "*.avhdx"))
+		for _, f := range files {
+			if !used[f] {
+				h.log.Warn("removing a file no state references", "file", f)
+				os.Remove(f)
+			}
+		}
+	}
+}
+
+func (h *Host) machineDir(name string) string { return filepath.Join(h.dir, "vms", name) }
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+func (h *Host) lookup(name string) (*vm, error) {
+	v := h.vms[name]
+	if v == nil {
+		return nil, errorf(statusNotFound, "no machine named %q", name)
+	}
+	return v, nil
+}
+
+// view renders a machine for the API; the caller holds mu.
+func (h *Host) view(v *vm) api.VM {
+	out := api.VM{Name: v.st.Name, Created: v.st.Created, Current: v.st.Current, Checkpoints: len(v.st.Checkpoints)}
+	if c := v.st.checkpoint(v.st.Current); c != nil {
+		out.Current = c.Name
+	}
+	for i, d := range v.disks {
+		ds := v.st.Disks[i]
+		out.Disks = append(out.Disks, api.Disk{Index: i, Export: exportName(v.st.Name, i), Size: d.Size(),
+			Path: d.Leaf(), Chain: d.Chain(), Attached: ds.Attached != ""})
+	}
+	return out
+}
+
+// VMs lists the machines by name.
+func (h *Host) VMs() []api.VM {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var out []api.VM
+	for _, v := range h.vms {
+		out = append(out, h.view(v))
+	}
+	slices.SortFunc(out, func(a, b api.VM) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}
+
+// VM describes one machine.
+func (h *Host) VM(name string) (*api.VM, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v, err := h.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	out := h.view(v)
+	return &out, nil
+}
+
+// CreateVM makes a machine with new dynamic disks or attached files and
+// exports its disks.
+func (h *Host) CreateVM(req api.CreateVM) (*api.VM, error) {
+	if !nameRE.MatchString(req.Name) {
+		return nil, errorf(statusBadRequest, "machine name %q: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit", req.Name)
+	}
+	if len(req.Disks)+len(req.Attach) == 0 {
+		return nil, errorf(statusBadRequest, "a machine needs at least one disk (--disk SIZE or --attach FILE)")
+	}
+	for _, s := range req.Disks {
+		if s < 1<<20 || s%(1<<20) != 0 || s > 64<<40 {
+			return nil, errorf(statusBadRequest, "disk size %d: use a whole number of MiB between 1 MiB and 64 TiB", s)
+		}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.vms[req.Name] != nil {
+		return nil, errorf(statusConflict, "a machine named %q exists", req.Name)
+	}
+	dir := h.machineDir(req.Name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	ms := &machineState{Name: req.Name, Created: time.Now().UTC()}
+	v := &vm{st: ms}
+	fail := func(err error) (*api.VM, error) {
+		for _, d := range v.disks {
+			d.Close()
+		}
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	for _, size := range req.Disks {
+		path := filepath.Join(dir, fmt.Sprintf("disk%d.vhdx", len(ms.Disks)))
+		im, err := vhdx.Create(path, vhdx.CreateOptions{Size: uint64(size)})
+		if err != nil {
+			return fail(err)
+		}
+		if err := im.Close(); err != nil {
+			return fail(err)
+		}
+		ms.Disks = append(ms.Disks, &diskState{Leaf: path, Size: size})
+	}
+	for _, f := range req.Attach {
+		abs, err := filepath.Abs(f)
+		if err != nil {
+			return fail(err)
+		}
+		if !strings.HasSuffix(strings.ToLower(abs), ".vhdx") && !strings.HasSuffix(strings.ToLower(abs), ".avhdx") {
+			return fail(errorf(statusBadRequest, "%s: only VHDX files can be attached", f))
+		}
+		if h.inUse(abs) {
+			return fail(errorf(statusConflict, "%s is already a disk of a machine", f))
+		}
+		ms.Disks = append(ms.Disks, &diskState{Leaf: abs, Attached: abs})
+	}
+	for i, ds := range ms.Disks {
+		d, err := merge.OpenDisk(ds.Leaf, h.openOptions())
+		if err != nil {
+			return fail(errorf(statusBadRequest, "disk %d: %v", i, err))
+		}
+		ds.Size = d.Size()
+		v.disks = append(v.disks, d)
+	}
+	h.st.Machines = append(h.st.Machines, ms)
+	if err := h.st.save(h.dir); err != nil {
+		h.st.Machines = h.st.Machines[:len(h.st.Machines)-1]
+		return fail(err)
+	}
+	h.vms[req.Name] = v
+	h.export(v)
+	h.log.Info("machine created", "vm", req.Name, "disks", len(ms.Disks))
+	out := h.view(v)
+	return &out, nil
+}
+
+// inUse reports whether any machine's chain holds path; the caller holds mu.
+func (h *Host) inUse(path string) bool {
+	for _, v := range h.vms {
+		for _, d := range v.disks {
+			if slices.Contains(d.Chain(), path) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// DeleteVM removes a machine: its exports, and the files the host made.
+func (h *Host) DeleteVM(name string) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v, err := h.lookup(name)
+	if err != nil {
+		return err
+	}
+	if v.job != nil {
+		return errorf(statusConflict, "machine %s has a running job (%s); wait for it or cancel it first", name, v.job.st.ID)
+	}
+	for _, ds := range v.st.Disks {
+		if ds.Attached != "" && len(v.st.Checkpoints) > 0 {
+			return errorf(statusConflict, "machine %s has checkpoints over the attached file %s: delete them first, so that the file holds the current state", name, ds.Attached)
+		}
+	}
+	for i, d := range v.disks {
+		h.opts.NBD.RemoveExport(exportName(name, i))
+		if err := d.Close(); err != nil {
+			h.log.Warn("closing a disk", "vm", name, "disk", i, "err", err)
+		}
+	}
+	delete(h.vms, name)
+	h.st.Machines = slices.DeleteFunc(h.st.Machines, func(m *machineState) bool { return m.Name == name })
+	if err := h.st.save(h.dir); err != nil {
+		return err
+	}
+	h.log.Info("machine deleted", "vm", name)
+	return os.RemoveAll(h.machineDir(name))
+}
+
+func freeSpace(dir string) (int64, error) {
+	var s syscall.Statfs_t
+	if err := syscall.Statfs(dir, &s); err != nil {
+		return 0, err
+	}
+	return int64(s.Bavail) * int64(s.Bsize), nil
+}

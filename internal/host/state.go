@@ -1,0 +1,195 @@
+package host
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/storage"
+)
+
+// state is everything the daemon persists: one JSON document in
+// DIR/state.json, replaced whole (temp file, fsync, rename, fsync of the
+// directory) after every change, so a crash leaves the old or the new
+// version, never a mix. Image files change first and state second, in an
+// order that makes either version consistent with the files (see the
+// comments at each change); files no version references are removed at
+// start.
+type state struct {
+	Machines []*machineState `json:"machines"`
+	Jobs     []*jobState     `json:"jobs"`
+	Seq      int64           `json:"seq"` // last ID handed out
+}
+
+type machineState struct {
+	Name        string             `json:"name"`
+	Created     time.Time          `json:"created"`
+	Disks       []*diskState       `json:"disks"`
+	Checkpoints []*checkpointState `json:"checkpoints"`
+	Current     string             `json:"current,omitempty"` // checkpoint ID
+}
+
+type diskState struct {
+	Leaf     string `json:"leaf"` // the file the disk runs on
+	Size     int64  `json:"size"`
+	Attached string `json:"attached,omitempty"` // a file the user attached: never deleted
+}
+
+type checkpointState struct {
+	ID      string    `json:"id"`
+	Name    string    `json:"name"`
+	Parent  string    `json:"parent,omitempty"`
+	Created time.Time `json:"created"`
+	Files   []string  `json:"files"` // per disk
+}
+
+// jobState is a job as persisted: what the API shows, what is left to
+// delete, and the merge step in progress.
+type jobState struct {
+	api.Job
+	Targets []string   `json:"targets"` // IDs of the checkpoints still to delete
+	Step    *mergeStep `json:"step,omitempty"`
+}
+
+// mergeStep is one live merge of a disk's leaf into a checkpoint's file.
+type mergeStep struct {
+	Checkpoint string `json:"checkpoint"` // ID
+	Disk       int    `json:"disk"`
+	Top        string `json:"top"`
+	Target     string `json:"target"`
+	GUID       string `json:"guid"`   // the target's new DataWriteGuid
+	Offset     int64  `json:"offset"` // copied and flushed below this
+	Total      int64  `json:"total"`
+}
+
+const stateName = "state.json"
+
+func loadState(dir string) (*state, error) {
+	b, err := os.ReadFile(filepath.Join(dir, stateName))
+	if errors.Is(err, os.ErrNotExist) {
+		return &state{}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var st state
+	if err := json.Unmarshal(b, &st); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, stateName), err)
+	}
+	return &st, nil
+}
+
+func (st *state) save(dir string) error {
+	b, err := json.MarshalIndent(st, "", "\t")
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, stateName+".tmp")
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, filepath.Join(dir, stateName))
+	}
+	if err == nil {
+		err = storage.SyncDir(dir)
+	}
+	if err != nil {
+		return fmt.Errorf("saving state: %w", err)
+	}
+	return nil
+}
+
+func (st *state) machine(name string) *machineState {
+	for _, m := range st.Machines {
+		if m.Name == name {
+			return m
+		}
+	}
+	return nil
+}
+
+func (m *machineState) checkpoint(id string) *checkpointState {
+	for _, c := range m.Checkpoints {
+		if c.ID == id {
+			return c
+		}
+	}
+	return nil
+}
+
+// findCheckpoint looks a checkpoint up by ID or name.
+func (m *machineState) findCheckpoint(ref string) *checkpointState {
+	if c := m.checkpoint(ref); c != nil {
+		return c
+	}
+	for _, c := range m.Checkpoints {
+		if c.Name == ref {
+			return c
+		}
+	}
+	return nil
+}
+
+// children lists the checkpoints whose parent is id.
+func (m *machineState) children(id string) []*checkpointState {
+	var out []*checkpointState
+	for _, c := range m.Checkpoints {
+		if c.Parent == id {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// dependents counts what depends on checkpoint c's files: its child
+// checkpoints and, if the machine runs on from c, the running state.
+func (m *machineState) dependents(c *checkpointState) (children []*checkpointState, now bool) {
+	return m.children(c.ID), m.Current == c.ID
+}
+
+// subtree lists c and its descendants.
+func (m *machineState) subtree(c *checkpointState) []string {
+	ids := []string{c.ID}
+	for i := 0; i < len(ids); i++ {
+		for _, k := range m.children(ids[i]) {
+			ids = append(ids, k.ID)
+		}
+	}
+	return ids
+}
+
+func (m *machineState) removeCheckpoint(id string) {
+	for i, c := range m.Checkpoints {
+		if c.ID == id {
+			m.Checkpoints = append(m.Checkpoints[:i], m.Checkpoints[i+1:]...)
+			return
+		}
+	}
+}
+
+func (st *state) job(id string) *jobState {
+	for _, j := range st.Jobs {
+		if j.ID == id {
+			return j
+		}
+	}
+	return nil
+}
+
+func (st *state) nextID() string {
+	st.Seq++
+	return fmt.Sprint(st.Seq)
+}

@@ -19,10 +19,14 @@ type command struct {
 	// setup defines the verb's flags on fs and returns the function that
 	// runs the verb once fs has been parsed; it gets the positional args.
 	setup func(fs *flag.FlagSet) func(ctx context.Context, c *cli, args []string) error
+	// sub, for a group such as "vm", holds its verbs, named "vm create"
+	// and so on; setup is then unused.
+	sub []*command
 }
 
 func commands() []*command {
-	return []*command{createCommand(), infoCommand(), checkCommand(), convertCommand(), mapCommand(), mergeCommand(), setParentCommand(), nbdCommand(), demoCommand()}
+	return []*command{createCommand(), infoCommand(), checkCommand(), convertCommand(), mapCommand(), mergeCommand(), setParentCommand(), nbdCommand(),
+		serveCommand(), vmCommand(), checkpointCommand(), jobCommand(), demoCommand()}
 }
 
 // cli is what a running verb writes to.
@@ -98,6 +102,9 @@ func (cs commandSet) run(ctx context.Context, args []string, stdout, stderr io.W
 				fmt.Fprintf(stderr, "vhdkit: help: unknown command %q\n", args[1])
 				return 2
 			}
+			if cmd.sub != nil {
+				return commandSet(cmd.sub).runGroup(ctx, cmd, append([]string{"--help"}, args[2:]...), stdout, stderr)
+			}
 			fs := newFlagSet(cmd)
 			cmd.setup(fs)
 			printCommandHelp(stdout, cmd, fs)
@@ -110,6 +117,9 @@ func (cs commandSet) run(ctx context.Context, args []string, stdout, stderr io.W
 	if cmd == nil {
 		fmt.Fprintf(stderr, "vhdkit: unknown command %q (run \"vhdkit help\" for the list)\n", oneLine(verb))
 		return 2
+	}
+	if cmd.sub != nil {
+		return commandSet(cmd.sub).runGroup(ctx, cmd, args[1:], stdout, stderr)
 	}
 	fs := newFlagSet(cmd)
 	runVerb := cmd.setup(fs)
@@ -148,6 +158,22 @@ func oneLine(s string) string {
 	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", "; ")), " ")
 }
 
+// runGroup runs a group's verb: args start with the verb's second word.
+func (cs commandSet) runGroup(ctx context.Context, group *command, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" || args[0] == "-help" {
+		fmt.Fprintf(stdout, "Usage: vhdkit %s %s\n\n%s\n\nCommands:\n", group.name, group.synopsis, group.summary)
+		for _, c := range cs {
+			fmt.Fprintf(stdout, "  %-18s  %s\n", c.name, c.summary)
+		}
+		fmt.Fprintf(stdout, "\n%s", strings.TrimLeft(group.help, "\n"))
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	return cs.run(ctx, append([]string{group.name + " " + args[0]}, args[1:]...), stdout, stderr)
+}
+
 func (cs commandSet) lookup(name string) *command {
 	for _, c := range cs {
 		if c.name == name {
@@ -166,7 +192,7 @@ func newFlagSet(cmd *command) *flag.FlagSet {
 func (cs commandSet) printUsage(w io.Writer) {
 	var list strings.Builder
 	for _, c := range cs {
-		fmt.Fprintf(&list, "  %-8s  %s\n", c.name, c.summary)
+		fmt.Fprintf(&list, "  %-10s  %s\n", c.name, c.summary)
 	}
 	fmt.Fprintf(w, topUsage, list.String())
 }

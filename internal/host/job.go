@@ -31,11 +31,11 @@ type job struct {
 	st   *jobState
 	wake chan struct{} // pokes the runner: state or bandwidth changed
 
-	pauseReq bool              // a pause was asked for; guarded by Host.mu
-	live     *merge.LiveMerge  // the live merge in progress, mirroring
-	cursor   int64             // copy position, ahead of st.Step.Offset
-	since    time.Time         // start of the current rate window
-	base     int64             // Done at since
+	pauseReq bool             // a pause was asked for; guarded by Host.mu
+	live     *merge.LiveMerge // the live merge in progress, mirroring
+	cursor   int64            // copy position, ahead of st.Step.Offset
+	since    time.Time        // start of the current rate window
+	base     int64            // Done at since
 }
 
 func (h *Host) newJob(js *jobState) *job {

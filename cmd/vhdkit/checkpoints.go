@@ -1,0 +1,348 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"github.com/vhdkit/vhdkit/internal/api"
+)
+
+func checkpointCommand() *command {
+	return &command{
+		name:     "checkpoint",
+		synopsis: "COMMAND [flags] [arguments]",
+		summary:  "checkpoints of a machine: create, list, apply, rename, export, delete (live merge)",
+		help: `A checkpoint freezes every disk of a machine at one instant; the machine
+goes on writing to new differencing children (.avhdx). Deleting a
+checkpoint merges, live, while the machine keeps running.
+
+Examples:
+  vhdkit checkpoint create web --name before-upgrade
+  vhdkit checkpoint list web
+  vhdkit checkpoint delete web before-upgrade --wait
+`,
+		sub: []*command{
+			checkpointCreateCommand(),
+			clientVerb("checkpoint list", "VM", "show a machine's checkpoint tree and where it runs now", "", true, 1, nil,
+				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+					t, err := cl.Checkpoints(ctx, args[0])
+					if err != nil {
+						return err
+					}
+					if f.json {
+						return printJSON(c.stdout, t)
+					}
+					printTree(c.stdout, t)
+					return nil
+				}),
+			checkpointApplyCommand(),
+			clientVerb("checkpoint rename", "VM CHECKPOINT NEWNAME", "rename a checkpoint", "", true, 3, nil,
+				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+					cp, err := cl.RenameCheckpoint(ctx, args[0], args[1], args[2])
+					if err != nil {
+						return err
+					}
+					if f.json {
+						return printJSON(c.stdout, cp)
+					}
+					fmt.Fprintf(c.stdout, "renamed checkpoint %s to %q\n", cp.ID, cp.Name)
+					return nil
+				}),
+			clientVerb("checkpoint export", "VM CHECKPOINT DIR", "write each disk's state at a checkpoint as a standalone VHDX into DIR",
+				"The files are DIR/VM-diskN.vhdx, dynamic and without a parent.\n", true, 3, nil,
+				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+					dir := args[2]
+					if abs, err := filepath.Abs(dir); err == nil {
+						dir = abs // the daemon may run elsewhere
+					}
+					out, err := cl.ExportCheckpoint(ctx, args[0], args[1], dir)
+					if err != nil {
+						return err
+					}
+					if f.json {
+						return printJSON(c.stdout, out)
+					}
+					for _, p := range out.Files {
+						fmt.Fprintf(c.stdout, "exported %s\n", p)
+					}
+					return nil
+				}),
+			checkpointDeleteCommand(),
+		},
+	}
+}
+
+func checkpointCreateCommand() *command {
+	var name string
+	return clientVerb("checkpoint create", "VM [--name NAME]", "checkpoint every disk of a running machine at one instant",
+		"I/O is held and drained on all disks, each continues on a new .avhdx child,\nthen I/O resumes: connected clients notice nothing.\n", true, 1,
+		func(fs *flag.FlagSet) { fs.StringVar(&name, "name", "", "the checkpoint's `NAME` (default: machine name and time)") },
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			cp, err := cl.CreateCheckpoint(ctx, args[0], api.CreateCheckpoint{Name: name})
+			if err != nil {
+				return err
+			}
+			if f.json {
+				return printJSON(c.stdout, cp)
+			}
+			fmt.Fprintf(c.stdout, "checkpoint %q (id %s) of %s\n", cp.Name, cp.ID, args[0])
+			for i, p := range cp.Files {
+				fmt.Fprintf(c.stdout, "  disk %d frozen in %s\n", i, p)
+			}
+			return nil
+		})
+}
+
+func checkpointApplyCommand() *command {
+	var save bool
+	var saveName string
+	return clientVerb("checkpoint apply", "VM CHECKPOINT [--save]", "revert a machine to a checkpoint (Restore-VMSnapshot)",
+		"The disks continue from the checkpoint's state on new children. The current\nstate is discarded, unless --save checkpoints it first.\n", true, 2,
+		func(fs *flag.FlagSet) {
+			fs.BoolVar(&save, "save", false, "checkpoint the current state before reverting")
+			fs.StringVar(&saveName, "save-name", "", "the `NAME` of the --save checkpoint")
+		},
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			v, err := cl.ApplyCheckpoint(ctx, args[0], args[1], api.ApplyCheckpoint{Save: save, SaveName: saveName})
+			if err != nil {
+				return err
+			}
+			if f.json {
+				return printJSON(c.stdout, v)
+			}
+			fmt.Fprintf(c.stdout, "%s now runs from checkpoint %q\n", v.Name, v.Current)
+			return nil
+		})
+}
+
+func checkpointDeleteCommand() *command {
+	var wait, subtree, progress bool
+	var bw sizeValue
+	return clientVerb("checkpoint delete", "VM CHECKPOINT [--wait] [--subtree]", "delete a checkpoint, merging live (Remove-VMSnapshot)",
+		`Starts a job that deletes the checkpoint by Hyper-V's tree rules: if nothing
+depends on it, its files go; if one thing does (a child checkpoint or the
+running machine), that is merged into the checkpoint's files, live, while
+the machine runs. --subtree deletes its descendants too. The command returns
+the job at once; --wait follows it to the end with a progress bar.
+
+Examples:
+  vhdkit checkpoint delete web before-upgrade --wait
+  vhdkit checkpoint delete web old --subtree --bandwidth 50M
+`, true, 2,
+		func(fs *flag.FlagSet) {
+			wait, subtree, progress = false, false, false
+			fs.BoolVar(&wait, "wait", false, "wait for the job to finish, showing progress")
+			fs.BoolVar(&subtree, "subtree", false, "delete the checkpoint's descendants too")
+			fs.BoolVar(&progress, "progress", false, "draw the progress bar even when stderr is not a terminal")
+			fs.Var(&bw, "bandwidth", "limit the merge to `RATE` bytes per second (K, M, G suffixes)")
+		},
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			j, err := cl.DeleteCheckpoint(ctx, args[0], args[1], subtree, bw.n)
+			if err != nil {
+				return err
+			}
+			if !wait {
+				if f.json {
+					return printJSON(c.stdout, j)
+				}
+				fmt.Fprintf(c.stdout, "job %s: deleting checkpoint %q of %s (%s)\n", j.ID, j.Checkpoint, j.VM, j.State)
+				return nil
+			}
+			if j, err = c.follow(ctx, cl, j.ID, progress); err != nil {
+				return err
+			}
+			if f.json {
+				return printJSON(c.stdout, j)
+			}
+			fmt.Fprintf(c.stdout, "job %s: checkpoint %q of %s deleted, %s merged\n", j.ID, j.Checkpoint, j.VM, humanBytes(j.Done))
+			return nil
+		})
+}
+
+// follow polls a job until it finishes, drawing its progress on stderr.
+// A job that pauses on an error ends the wait with that error.
+func (c *cli) follow(ctx context.Context, cl *api.Client, id string, force bool) (*api.Job, error) {
+	bar := newProgressBar(c.stderr, 0, force || isTerminal(c.stderr))
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		j, err := cl.Job(ctx, id)
+		if err != nil {
+			bar.abort()
+			return nil, err
+		}
+		bar.total = j.Total
+		bar.add(j.Done - bar.done)
+		switch {
+		case j.State == api.JobDone:
+			bar.finish()
+			return j, nil
+		case j.Finished():
+			bar.abort()
+			return j, fmt.Errorf("job %s %s: %s", j.ID, j.State, j.Reason)
+		case j.State == api.JobPaused && j.Reason != "paused by request":
+			bar.abort()
+			return j, fmt.Errorf("job %s paused: %s (fix the cause, then \"vhdkit job resume %s\")", j.ID, j.Reason, j.ID)
+		}
+		select {
+		case <-ctx.Done():
+			bar.abort()
+			return j, fmt.Errorf("stopped waiting; job %s goes on (%w)", j.ID, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// printTree draws the checkpoint tree with the running state ("Now")
+// under the checkpoint it continues from.
+func printTree(w io.Writer, t *api.Checkpoints) {
+	kids := map[string][]api.Checkpoint{}
+	for _, c := range t.Checkpoints {
+		kids[c.Parent] = append(kids[c.Parent], c)
+	}
+	var walk func(parent, indent string)
+	walk = func(parent, indent string) {
+		list := kids[parent]
+		n := len(list)
+		if t.Current == parent {
+			n++
+		}
+		i := 0
+		branch := func() (string, string) {
+			i++
+			if i == n {
+				return indent + "`-- ", indent + "    "
+			}
+			return indent + "|-- ", indent + "|   "
+		}
+		for _, c := range list {
+			head, next := branch()
+			fmt.Fprintf(w, "%s%s  (id %s, %s)\n", head, c.Name, c.ID, c.Created.Local().Format(time.DateTime))
+			walk(c.ID, next)
+		}
+		if t.Current == parent {
+			head, _ := branch()
+			fmt.Fprintf(w, "%sNow\n", head)
+		}
+	}
+	fmt.Fprintf(w, "%s\n", t.VM)
+	walk("", "")
+}
+
+func jobCommand() *command {
+	control := func(action, summary string) *command {
+		return clientVerb("job "+action, "ID", summary, "", true, 1, nil,
+			func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+				j, err := cl.ControlJob(ctx, args[0], action)
+				if err != nil {
+					return err
+				}
+				if f.json {
+					return printJSON(c.stdout, j)
+				}
+				printJob(c.stdout, j)
+				return nil
+			})
+	}
+	return &command{
+		name:     "job",
+		synopsis: "COMMAND [flags] [arguments]",
+		summary:  "list and control the daemon's jobs (checkpoint merges)",
+		help: `A job survives daemon restarts: a running merge resumes where its copy was
+made durable. Pausing stops the copy (writes keep being mirrored, so
+nothing is lost); a job paused by an error (a full disk, an I/O error)
+names the reason and resumes once it is fixed.
+
+Examples:
+  vhdkit job list
+  vhdkit job pause 7
+  vhdkit job set 7 --bandwidth 20M
+`,
+		sub: []*command{
+			clientVerb("job list", "", "list jobs", "", true, 0, nil,
+				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+					jobs, err := cl.Jobs(ctx)
+					if err != nil {
+						return err
+					}
+					if f.json {
+						return printJSON(c.stdout, jobs)
+					}
+					tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+					fmt.Fprintln(tw, "ID\tVM\tCHECKPOINT\tSTATE\tPROGRESS\tREASON")
+					for _, j := range jobs {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", j.ID, j.VM, j.Checkpoint, j.State, jobProgress(&j), j.Reason)
+					}
+					return tw.Flush()
+				}),
+			clientVerb("job show", "ID", "show a job", "", true, 1, nil,
+				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+					j, err := cl.Job(ctx, args[0])
+					if err != nil {
+						return err
+					}
+					if f.json {
+						return printJSON(c.stdout, j)
+					}
+					printJob(c.stdout, j)
+					return nil
+				}),
+			control("pause", "pause a job"),
+			control("resume", "resume a paused job"),
+			control("cancel", "cancel a job (between merges; a merge under way cannot be undone)"),
+			jobSetCommand(),
+		},
+	}
+}
+
+func jobSetCommand() *command {
+	var bw sizeValue
+	return clientVerb("job set", "ID --bandwidth RATE", "change a running job's bandwidth limit", "--bandwidth 0 removes the limit.\n", true, 1,
+		func(fs *flag.FlagSet) {
+			bw = sizeValue{}
+			fs.Var(&bw, "bandwidth", "limit the copy to `RATE` bytes per second (K, M, G suffixes; 0: no limit)")
+		},
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			if !bw.set {
+				return usagef("--bandwidth is required")
+			}
+			j, err := cl.SetJob(ctx, args[0], api.SetJob{Bandwidth: &bw.n})
+			if err != nil {
+				return err
+			}
+			if f.json {
+				return printJSON(c.stdout, j)
+			}
+			printJob(c.stdout, j)
+			return nil
+		})
+}
+
+func jobProgress(j *api.Job) string {
+	if j.Total == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%d%% of %s", j.Done*100/j.Total, humanBytes(j.Total))
+}
+
+func printJob(w io.Writer, j *api.Job) {
+	fmt.Fprintf(w, "job %s: %s of checkpoint %q of %s\n", j.ID, j.Kind, j.Checkpoint, j.VM)
+	fmt.Fprintf(w, "  state: %s", j.State)
+	if j.Reason != "" {
+		fmt.Fprintf(w, " (%s)", j.Reason)
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintf(w, "  progress: %s of %s", humanBytes(j.Done), humanBytes(j.Total))
+	if j.ETA > 0 {
+		fmt.Fprintf(w, ", about %s left", (time.Duration(j.ETA) * time.Second).Round(time.Second))
+	}
+	fmt.Fprintln(w)
+	if j.Bandwidth > 0 {
+		fmt.Fprintf(w, "  bandwidth: %s/s\n", humanBytes(j.Bandwidth))
+	}
+}

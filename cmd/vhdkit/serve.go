@@ -1,0 +1,127 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/host"
+	"github.com/vhdkit/vhdkit/nbd"
+)
+
+func serveCommand() *command {
+	return &command{
+		name:     "serve",
+		synopsis: "[--data DIR] [--nbd-socket PATH | --nbd HOST:PORT]",
+		summary:  "run the host daemon: machines, checkpoints, live merge, NBD exports",
+		help: `Runs the vhdkit host until SIGINT or SIGTERM. Its state (machines, disks,
+checkpoint trees, jobs) lives in DIR (default ./vhdkit-data, or $VHDKIT_DATA),
+created on first use; the management API listens on DIR/vhdkit.sock (mode
+0600), which the vm, checkpoint and job commands use.
+
+Each machine's disks are NBD exports: NAME for the first, NAME/1, NAME/2, ...
+for the others, on --nbd-socket (default DIR/nbd.sock) or on --nbd, a TCP
+address (loopback unless you say otherwise). On shutdown, requests in
+flight finish, disks are flushed and closed, and running jobs stop at a
+safe point; they resume when the daemon starts again, also after a crash.
+
+Examples:
+  vhdkit serve --data /var/lib/vhdkit
+  vhdkit serve --nbd 127.0.0.1:10809
+  qemu-io -f raw nbd+unix:///web?socket=vhdkit-data/nbd.sock
+`,
+		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
+			data := fs.String("data", "", "data `DIR` (default $VHDKIT_DATA or ./vhdkit-data)")
+			sock := fs.String("nbd-socket", "", "serve NBD on the unix socket `PATH` (default DIR/nbd.sock)")
+			tcp := fs.String("nbd", "", "serve NBD on TCP `HOST:PORT` instead")
+			verbose := fs.Bool("verbose", false, "log debug messages too")
+			return func(ctx context.Context, c *cli, args []string) error {
+				if len(args) != 0 {
+					return usagef("serve takes no arguments")
+				}
+				if *sock != "" && *tcp != "" {
+					return usagef("--nbd-socket and --nbd exclude each other")
+				}
+				level := slog.LevelInfo
+				if *verbose {
+					level = slog.LevelDebug
+				}
+				log := slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: level}))
+				ready := func(h *host.Host, nbdAddr string) {
+					fmt.Fprintf(c.stdout, "vhdkit serving %s: API %s, NBD %s\n", h.Dir(),
+						filepath.Join(h.Dir(), api.SocketName), nbdAddr)
+				}
+				return serve(ctx, api.DataDir(*data), *sock, *tcp, log, ready)
+			}
+		},
+	}
+}
+
+// serve runs a host on dir until ctx ends; ready is called once it
+// listens.
+func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, log *slog.Logger, ready func(*host.Host, string)) (err error) {
+	srv := &nbd.Server{Logger: log}
+	h, err := host.Open(dir, host.Options{Logger: log, NBD: srv})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := h.Close(); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+	}()
+	apiL, err := h.ListenAPI()
+	if err != nil {
+		return err
+	}
+	var nbdL net.Listener
+	var addr string
+	if nbdTCP != "" {
+		nbdL, err = net.Listen("tcp", nbdTCP)
+		addr = "nbd://" + nbdTCP
+	} else {
+		if nbdSocket == "" {
+			nbdSocket = filepath.Join(dir, "nbd.sock")
+		}
+		if err = removeStaleSocket(nbdSocket); err == nil {
+			nbdL, err = net.Listen("unix", nbdSocket)
+		}
+		addr = "nbd+unix:///NAME?socket=" + nbdSocket
+	}
+	if err != nil {
+		apiL.Close()
+		return fmt.Errorf("NBD: %w", err)
+	}
+	hs := &http.Server{Handler: h.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 2)
+	go func() { errc <- hs.Serve(apiL) }()
+	go func() { errc <- srv.Serve(nbdL) }()
+	if ready != nil {
+		ready(h, addr)
+	}
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+		err = fmt.Errorf("listener failed: %w", err)
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), nbdShutdownTimeout)
+	defer cancel()
+	hs.Shutdown(sctx)
+	if serr := srv.Shutdown(sctx); serr != nil {
+		err = errors.Join(err, serr)
+	}
+	if nbdSocket != "" && nbdTCP == "" && !strings.HasPrefix(nbdSocket, "@") {
+		os.Remove(nbdSocket)
+	}
+	return err
+}

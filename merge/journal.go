@@ -27,6 +27,13 @@ func journalPath(top string) string {
 	return filepath.Join(filepath.Dir(top), ".vhdkit-merge-"+filepath.Base(top)+".json")
 }
 
+// Pending reports whether a merge of top copied everything and left its
+// clean-up unfinished: running it again finishes it, even once top is gone.
+func Pending(top string) bool {
+	_, err := os.Stat(journalPath(top))
+	return err == nil
+}
+
 func loadJournal(top string) (*journal, error) {
 	b, err := os.ReadFile(journalPath(top))
 	if errors.Is(err, os.ErrNotExist) {

@@ -40,6 +40,9 @@ import (
 type Disk struct {
 	mu     sync.RWMutex // I/O holds it shared; changing layers, exclusively
 	leaf   *vhdx.Image
+	// leafMu also guards leaf, for Leaf and Chain, which must work while
+	// the disk is paused; whoever changes leaf holds both.
+	leafMu sync.Mutex
 	mirror *LiveMerge // set while a live merge runs
 	size   int64
 	opts   vhdx.OpenOptions
@@ -62,15 +65,15 @@ func (d *Disk) Size() int64 { return d.size }
 
 // Leaf returns the path of the file the disk runs on.
 func (d *Disk) Leaf() string {
-	d.mu.RLock()
-	defer d.mu.RUnlock()
+	d.leafMu.Lock()
+	defer d.leafMu.Unlock()
 	return d.leaf.Path()
 }
 
 // Chain lists the disk's files, leaf first.
 func (d *Disk) Chain() []string {
-	d.mu.RLock()
-	defer d.mu.RUnlock()
+	d.leafMu.Lock()
+	defer d.leafMu.Unlock()
 	return d.leaf.Info().Chain
 }
 
@@ -161,6 +164,13 @@ func (d *Disk) Close() error {
 	return errors.Join(errs...)
 }
 
+// setLeaf changes the leaf; the caller holds mu.
+func (d *Disk) setLeaf(im *vhdx.Image) {
+	d.leafMu.Lock()
+	d.leaf = im
+	d.leafMu.Unlock()
+}
+
 // Pause drains in-flight I/O and holds new I/O until Resume: the moment
 // to change layers, and to checkpoint several disks consistently.
 func (d *Disk) Pause() { d.mu.Lock() }
@@ -180,8 +190,20 @@ func (d *Disk) SwapPaused(change func(leaf *vhdx.Image) (*vhdx.Image, error)) er
 	if err != nil {
 		return err
 	}
-	d.leaf = im
+	d.setLeaf(im)
 	return nil
+}
+
+// Reparent points the leaf at parent, whose DataWriteGuid is g (the
+// target its old parent was merged into), under a pause: the disk reads
+// through parent from then on. It makes a Disk an OpenChild.
+func (d *Disk) Reparent(parent string, g vhdx.GUID) error {
+	d.Pause()
+	defer d.Resume()
+	if d.mirror != nil {
+		return errors.New("merge: a live merge is running on this disk")
+	}
+	return d.leaf.Reparent(parent, g, d.opts)
 }
 
 // Checkpoint freezes the leaf and continues on a new differencing child at
@@ -339,9 +361,11 @@ func (m *LiveMerge) MirrorError() (err error, redoFrom int64) {
 var ErrNotConverged = errors.New("merge: a mirrored write failed; the copy must cover it again")
 
 // Complete switches the disk to the target (step 3) once the copy is
-// done. The merged file is closed but not deleted: the caller records the
-// new leaf, then removes it.
-func (m *LiveMerge) Complete() error {
+// done. Under the pause, after the target's last flush, commit records
+// the switch (the caller's state now names the target as the leaf); if it
+// fails, nothing switches and mirroring goes on. The merged file is
+// closed but not deleted: the caller removes it.
+func (m *LiveMerge) Complete(commit func() error) error {
 	if err := m.target.Flush(); err != nil {
 		return err
 	}
@@ -358,8 +382,15 @@ func (m *LiveMerge) Complete() error {
 		d.Resume()
 		return ErrNotConverged
 	}
+	if commit != nil {
+		if err := commit(); err != nil {
+			d.Resume()
+			return err
+		}
+	}
 	old := d.leaf
-	d.leaf, d.mirror = m.target, nil
+	d.setLeaf(m.target)
+	d.mirror = nil
 	d.Resume()
 	// Closing the old leaf can no longer matter to the disk, whose every
 	// write is in the target now.

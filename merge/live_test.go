@@ -138,7 +138,7 @@ func TestLiveMerge(t *testing.T) {
 	if copied != m.Total() {
 		t.Errorf("copied %d bytes, want %d", copied, m.Total())
 	}
-	if err := m.Complete(); err != nil {
+	if err := m.Complete(nil); err != nil {
 		t.Fatal(err)
 	}
 	if d.Leaf() != base {
@@ -230,7 +230,7 @@ func TestLiveMergeResume(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := m.Complete(); err != nil {
+	if err := m.Complete(nil); err != nil {
 		t.Fatal(err)
 	}
 	if d.Leaf() != base {

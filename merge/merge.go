@@ -1,5 +1,6 @@
 // Package merge folds differencing layers of a VHDX chain into an ancestor
-// (Hyper-V's Merge-VHD), crash-safely and resumably.
+// (Hyper-V's Merge-VHD), crash-safely and resumably, offline (Merge) or
+// under a running disk (Disk, LiveMerge).
 //
 // # Protocol
 //
@@ -12,18 +13,23 @@
 //     parent_linkage2 (through L's log); L now opens over T before and after
 //     T changes. A re-run finds G there, equal to T's DataWriteGuid, and
 //     reuses it.
-//  2. T's header takes G before its first change.
+//  2. T's header takes G before its first change; T grows if TOP is
+//     larger.
 //  3. Every range the merged layers define (data, and zeros they declare)
 //     is copied into T; T is flushed and closed. Reads through TOP are
 //     unaffected: TOP's chain still holds every merged range above T.
-//  4. If layers lie between TOP and T, TOP is re-pointed at T (linkage G),
-//     then they are deleted; TOP still opens, over T alone.
-//  5. TOP is deleted: T is the leaf.
+//  4. A journal beside TOP records what is left: the files to point at T
+//     (with linkage G) and the merged-away files to delete. Then TOP's own
+//     children, which read the same data through T as through TOP, are
+//     re-pointed at T; so is TOP itself if layers lie between it and T,
+//     whereupon those are deleted; TOP still opens, over T alone.
+//  5. TOP is deleted and the journal dropped: T is the leaf.
 //
-// Other children of T (files in T's folder whose locator names T, or ones
-// the caller names) would see T's content change under them; the merge is
-// refused unless the caller asks for them to be re-linked, in which case
-// they get G as parent_linkage2 in step 1 and are re-pointed at T in step 4.
+// Other children of T or of the layers between (files in their folders
+// whose locator names them, or ones the caller names) would see their
+// content change; the merge is refused unless the caller asks for them
+// to be re-linked, in which case the children of T get G as
+// parent_linkage2 in step 1 and all are re-pointed at T in step 4.
 package merge
 
 import (
@@ -31,11 +37,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
-	"sync"
 
-	"github.com/vhdkit/vhdkit/disk"
 	"github.com/vhdkit/vhdkit/storage"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
@@ -44,17 +47,44 @@ import (
 type Options struct {
 	// Into is the ancestor to merge into; empty means TOP's parent.
 	Into string
-	// Relink re-links the other children of the target instead of
-	// refusing the merge; Children names more of them than a scan of the
-	// target's folder finds.
-	Relink   bool
+	// Relink re-links the other children of the target and of the layers
+	// between instead of refusing the merge.
+	Relink bool
+	// Children names more files that may depend on the chain's layers than
+	// a scan of their folders finds; the merge sorts out which do.
 	Children []string
+	// NoScan leaves the folders unscanned: the caller names every file
+	// that may depend on the layers (Children, Open).
+	NoScan bool
+	// Open lists children of TOP that are open elsewhere (a running
+	// disk's leaf): the merge re-points them through Reparent instead of
+	// opening their files, and the folder scan leaves their files alone.
+	Open []OpenChild
 	// Progress, when set, is called as bytes are copied.
 	Progress func(done, total int64)
+	// Pace, when set, is called after each piece of the copy with its
+	// length; it may sleep to limit the bandwidth.
+	Pace func(n int64)
+	// From resumes a copy: the ranges below this virtual offset are
+	// already durable in the target (Durable said so). Only valid for
+	// the same merge with nothing written to TOP's chain since.
+	From int64
+	// Durable, when set, is told now and then that every range below off
+	// is copied and durable in the target.
+	Durable func(off int64)
 	// OpenFile, when set, opens every image file (the test seam for
 	// injected faults); Remove, when set, deletes the merged files.
 	OpenFile func(path string, flag int) (storage.File, error)
 	Remove   func(path string) error
+}
+
+// An OpenChild is a disk running on a child of TOP.
+type OpenChild interface {
+	// Leaf is the path of the child file.
+	Leaf() string
+	// Reparent points the child at parent, whose DataWriteGuid is g, and
+	// goes on reading through it.
+	Reparent(parent string, g vhdx.GUID) error
 }
 
 // Result says what a merge did.
@@ -63,7 +93,8 @@ type Result struct {
 	Removed  []string // merged-away files, TOP first
 	Copied   int64    // bytes copied (data) into the target
 	Zeroed   int64    // bytes the merged layers declared zero
-	Relinked []string
+	Grown    int64    // the target's new size if it grew, else 0
+	Relinked []string // other files now pointing at the target
 }
 
 // ErrOtherChildren reports children of the target a merge would break.
@@ -84,27 +115,24 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	if len(layers) < 2 {
+		return nil, fmt.Errorf("merge: %s is not a differencing image", top)
+	}
 	k := 1
 	if opts.Into != "" {
 		if k = indexOf(layers, opts.Into); k < 1 {
 			return nil, fmt.Errorf("merge: %s is not an ancestor of %s (its chain: %s)", opts.Into, top, strings.Join(layers, " -> "))
 		}
 	}
-	if len(layers) < 2 {
-		return nil, fmt.Errorf("merge: %s is not a differencing image", top)
-	}
 	target := layers[k]
-	others, err := otherChildren(target, layers, opts)
-	if err != nil {
-		return nil, err
-	}
-	if len(others) > 0 && !opts.Relink {
-		return nil, fmt.Errorf("merge: %s: %w: %s (re-link them to merge anyway)", target, ErrOtherChildren, strings.Join(others, ", "))
+	deps := findDependents(layers, k, opts)
+	if others := deps.others(); len(others) > 0 && !opts.Relink {
+		return nil, fmt.Errorf("merge: %w: %s (re-link them to merge anyway)", ErrOtherChildren, strings.Join(others, ", "))
 	}
 	res := &Result{Target: target}
 
 	// Step 1: choose T's new DataWriteGuid and record it above T.
-	g, err := prepare(target, append([]string{layers[k-1]}, others...), opts)
+	g, err := prepare(target, append([]string{layers[k-1]}, deps.ofTarget...), opts)
 	if err != nil {
 		return nil, err
 	}
@@ -114,9 +142,10 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 	}
 	// Steps 4 and 5 run from a journal, so a re-run after a crash
 	// finishes them even when TOP no longer shows the chain.
-	j := &journal{Top: top, Target: target, GUID: g.String(), Relink: others}
+	j := &journal{Top: top, Target: target, GUID: g.String()}
+	j.Relink = append(append(append(j.Relink, deps.ofTop...), deps.ofTarget...), deps.between...)
 	if k > 1 {
-		j.Relink = append([]string{top}, others...)
+		j.Relink = append(j.Relink, top)
 	}
 	j.Remove = append(append([]string(nil), layers[1:k]...), top)
 	if err := j.save(); err != nil {
@@ -125,7 +154,8 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 	if err := j.finish(opts); err != nil {
 		return nil, err
 	}
-	res.Relinked, res.Removed = others, append([]string{top}, layers[1:k]...)
+	res.Relinked = append(append(append(res.Relinked, deps.ofTop...), deps.ofTarget...), deps.between...)
+	res.Removed = append([]string{top}, layers[1:k]...)
 	return res, nil
 }
 
@@ -155,37 +185,6 @@ func indexOf(layers []string, path string) int {
 		}
 	}
 	return -1
-}
-
-// otherChildren lists images, other than the chain's own, whose locator
-// points at target: those in target's folder and those named.
-func otherChildren(target string, layers []string, opts Options) ([]string, error) {
-	tfi, err := os.Stat(target)
-	if err != nil {
-		return nil, err
-	}
-	candidates := append([]string(nil), opts.Children...)
-	for _, pat := range []string{"*.vhdx", "*.avhdx"} {
-		m, _ := filepath.Glob(filepath.Join(filepath.Dir(target), pat))
-		candidates = append(candidates, m...)
-	}
-	var out []string
-	for _, c := range candidates {
-		if indexOf(layers, c) >= 0 || indexOf(out, c) >= 0 {
-			continue
-		}
-		link, err := vhdx.ReadParentLink(c, openOpts(opts, true))
-		if err != nil || link == nil {
-			continue // not a child of anything we can read
-		}
-		for _, p := range link.Candidates {
-			if fi, err := os.Stat(p); err == nil && os.SameFile(fi, tfi) {
-				out = append(out, c)
-				break
-			}
-		}
-	}
-	return out, nil
 }
 
 // prepare returns the DataWriteGuid the target is to take, recording it in
@@ -221,8 +220,17 @@ func prepare(target string, children []string, opts Options) (vhdx.GUID, error) 
 	return g, nil
 }
 
-// setParent points child at target, whose DataWriteGuid is g.
+// setParent points child at target, whose DataWriteGuid is g: through
+// its owner if it is open, else by changing its file.
 func setParent(child, target string, g vhdx.GUID, opts Options) error {
+	for _, o := range opts.Open {
+		if o.Leaf() == child {
+			if err := o.Reparent(target, g); err != nil {
+				return fmt.Errorf("merge: re-linking the running disk %s: %w", child, err)
+			}
+			return nil
+		}
+	}
 	if err := relink(child, opts, func(im *vhdx.Image) error { return im.SetParent(target, g) }); err != nil {
 		return fmt.Errorf("merge: re-linking %s: %w", child, err)
 	}
@@ -240,117 +248,4 @@ func relink(child string, opts Options, change func(*vhdx.Image) error) error {
 		err = cerr
 	}
 	return err
-}
-
-// copyInto copies every range the k layers above the target define into
-// it (steps 2 and 3): data is read through TOP, declared zeros become
-// zero ranges. A reader and a writer run side by side.
-func copyInto(ctx context.Context, top, target string, k int, g vhdx.GUID, opts Options, res *Result) error {
-	src, err := vhdx.Open(top, openOpts(opts, true))
-	if err != nil {
-		return fmt.Errorf("merge: %w", err)
-	}
-	defer src.Close()
-	dst, err := vhdx.Open(target, openOpts(opts, false))
-	if err != nil {
-		return fmt.Errorf("merge: %w", err)
-	}
-	if err := dst.BeginDataChange(g); err != nil {
-		dst.Close()
-		return fmt.Errorf("merge: %w", err)
-	}
-	exts, err := src.Extents(0, src.Size())
-	if err != nil {
-		dst.Close()
-		return fmt.Errorf("merge: %w", err)
-	}
-	var todo []disk.Extent
-	var total int64
-	for _, e := range exts {
-		if e.Depth < k && e.Type != disk.Hole {
-			todo = append(todo, e)
-			total += e.Length
-		}
-	}
-	err = pump(ctx, src, dst, todo, total, opts.Progress, res)
-	if ferr := dst.Flush(); err == nil {
-		err = ferr
-	}
-	if cerr := dst.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("merge: copying into %s: %w", target, err)
-	}
-	return nil
-}
-
-const chunkSize = 4 << 20
-
-// chunk is a piece of the copy: data in buf, or n zero bytes (buf nil).
-type chunk struct {
-	off int64
-	n   int64
-	buf []byte
-}
-
-// pump copies extents from src to dst with one reader and one writer.
-func pump(ctx context.Context, src disk.Image, dst *vhdx.Image, todo []disk.Extent, total int64, progress func(int64, int64), res *Result) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	ch := make(chan chunk, 4)
-	pool := sync.Pool{New: func() any { return make([]byte, chunkSize) }}
-	var rerr error
-	go func() {
-		defer close(ch)
-		for _, e := range todo {
-			for off := e.Offset; off < e.Offset+e.Length; {
-				n := min(int64(chunkSize), e.Offset+e.Length-off)
-				c := chunk{off: off, n: n}
-				if e.Type == disk.Data {
-					c.buf = pool.Get().([]byte)[:n]
-					if _, err := src.ReadAt(c.buf, off); err != nil {
-						rerr = err
-						return
-					}
-				}
-				select {
-				case ch <- c:
-				case <-ctx.Done():
-					return
-				}
-				off += n
-			}
-		}
-	}()
-	var done int64
-	for c := range ch {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		n := c.n
-		var err error
-		if c.buf == nil {
-			err = dst.WriteZeroes(c.off, n, true)
-			res.Zeroed += n
-		} else {
-			_, err = dst.WriteAt(c.buf, c.off)
-			res.Copied += n
-			pool.Put(c.buf[:cap(c.buf)])
-		}
-		if err != nil {
-			cancel()
-			for range ch {
-			}
-			return err
-		}
-		done += n
-		if progress != nil {
-			progress(done, total)
-		}
-	}
-	if rerr != nil {
-		return rerr
-	}
-	return ctx.Err()
 }

@@ -189,3 +189,40 @@ func ReadParentLink(path string, opts OpenOptions) (*ParentLink, error) {
 	}
 	return l, nil
 }
+
+// Reparent points the open child at parentPath, whose DataWriteGuid must
+// be linkage, and reads through that file from then on: the locator
+// changes (SetParent) and is made durable, then the new parent, opened
+// read-only, replaces the old one, which is closed. It is how a running
+// disk whose parent was merged away goes on without being reopened.
+func (im *Image) Reparent(parentPath string, linkage GUID, opts OpenOptions) error {
+	p, err := openChain(parentPath, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile}, nil)
+	if err != nil {
+		return fmt.Errorf("vhdx: %s: opening the new parent: %w", im.path, err)
+	}
+	if got := p.hdr.DataWriteGUID; got != linkage {
+		p.Close()
+		return fmt.Errorf("vhdx: %s: new parent %s has DataWriteGuid {%s}, not {%s}: %w", im.path, parentPath, got, linkage, ErrParentMismatch)
+	}
+	if err := im.SetParent(parentPath, linkage); err != nil {
+		p.Close()
+		return err
+	}
+	if err := im.Flush(); err != nil {
+		p.Close()
+		return err
+	}
+	im.mu.Lock()
+	if err := im.checkParent(p); err != nil {
+		im.mu.Unlock()
+		p.Close()
+		return err
+	}
+	old := im.parent
+	im.parent, im.parentPath = p, parentPath
+	im.mu.Unlock()
+	if old != nil {
+		old.Close()
+	}
+	return nil
+}

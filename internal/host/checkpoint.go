@@ -1,7 +1,6 @@
 package host
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -406,52 +405,55 @@ func btoi(b bool) int {
 	return 0
 }
 
-// spaceNeeded estimates the bytes deleting c merges into its files: the
+// spaceNeeded estimates the bytes deleting c writes into its files: the
 // data its single dependent holds; the caller holds mu.
 func (h *Host) spaceNeeded(v *vm, c *checkpointState) (int64, string, error) {
+	data, _, err := h.mergeSize(v, c)
+	return data, filepath.Dir(c.Files[0]), err
+}
+
+// mergeSize measures what deleting c merges into its files, over all
+// disks: the data the merged layers hold, and that plus the ranges they
+// declare zero (what the copy covers). The caller holds mu.
+func (h *Host) mergeSize(v *vm, c *checkpointState) (data, merged int64, err error) {
 	kids, now := v.st.dependents(c)
-	var tops []string
+	var layers []extenter
 	switch {
 	case now && len(kids) == 0:
+		// The running leaves, through their disks: another handle on a
+		// file being written would read it half-way through a change.
 		for _, d := range v.disks {
-			tops = append(tops, d.Leaf())
+			layers = append(layers, d)
 		}
 	case !now && len(kids) == 1:
-		tops = kids[0].Files
-	default:
-		return 0, "", nil
+		for _, f := range kids[0].Files {
+			im, err := vhdx.Open(f, vhdx.OpenOptions{ReadOnly: true, OpenFile: h.opts.OpenFile})
+			if err != nil {
+				return 0, 0, err
+			}
+			defer im.Close()
+			layers = append(layers, im)
+		}
 	}
-	var need int64
-	for _, top := range tops {
-		n, err := ownData(top, h.openOptions())
+	for _, l := range layers {
+		exts, err := l.Extents(0, l.Size())
 		if err != nil {
-			return 0, "", err
+			return 0, 0, err
 		}
-		need += n
-	}
-	return need, filepath.Dir(c.Files[0]), nil
-}
-
-// ownData counts the bytes a layer itself holds.
-func ownData(path string, opts vhdx.OpenOptions) (int64, error) {
-	opts.ReadOnly = true
-	im, err := vhdx.Open(path, opts)
-	if err != nil {
-		return 0, err
-	}
-	defer im.Close()
-	exts, err := im.Extents(0, im.Size())
-	if err != nil {
-		return 0, err
-	}
-	var n int64
-	for _, e := range exts {
-		if e.Depth == 0 && e.Type == disk.Data {
-			n += e.Length
+		for _, e := range exts {
+			if e.Depth != 0 || e.Type == disk.Hole {
+				continue
+			}
+			merged += e.Length
+			if e.Type == disk.Data {
+				data += e.Length
+			}
 		}
 	}
-	return n, nil
+	return data, merged, nil
 }
 
-// errStopped ends a job runner when the host closes.
-var errStopped = errors.New("host closing")
+type extenter interface {
+	Size() int64
+	Extents(off, n int64) ([]disk.Extent, error)
+}

@@ -148,6 +148,12 @@ func Open(dir string, opts Options) (*Host, error) {
 			}
 		}
 	}
+	// Restarted steps no longer count as cleanly stopped: save that
+	// before any client writes.
+	if err := st.save(dir); err != nil {
+		h.Close()
+		return nil, err
+	}
 	for _, v := range h.vms {
 		h.export(v)
 	}
@@ -171,10 +177,17 @@ func (h *Host) Close() error {
 	defer h.mu.Unlock()
 	var errs []error
 	for _, v := range h.vms {
+		var verrs []error
 		for i, d := range v.disks {
 			h.opts.NBD.RemoveExport(exportName(v.st.Name, i))
-			errs = append(errs, d.Close())
+			verrs = append(verrs, d.Close())
 		}
+		// A live merge's target was flushed with its disk: the copy may
+		// resume where it stopped.
+		if j := v.job; j != nil && j.st.Step != nil && j.st.Step.Kind == stepLive && errors.Join(verrs...) == nil {
+			j.st.Step.Clean = true
+		}
+		errs = append(errs, verrs...)
 	}
 	h.vms = map[string]*vm{}
 	errs = append(errs, h.st.save(h.dir))

@@ -15,27 +15,32 @@ import (
 	"github.com/vhdkit/vhdkit/vhdx"
 )
 
-// A job deletes checkpoints: one step at a time, each removing one
-// checkpoint by the tree rules (drop, or merge its single dependent into
-// it). Its state machine:
+// A job deletes checkpoints: one at a time, each by the tree rules (drop
+// it, or merge its single dependent into it), each merge one disk at a
+// time. Its states:
 //
 //	queued -> running -> (completing -> running)* -> done
-//	running/queued <-> paused   (by request, or by an I/O error with its reason)
-//	queued/paused/running between merges -> canceled
+//	queued/running <-> paused   (by request, or by an error, with its reason)
+//	any unfinished state -> canceled   (at once between merges; a merge
+//	                                    under way finishes first, since it
+//	                                    has changed the checkpoint's file)
+//	any unfinished state -> failed     (the tree no longer allows the deletion)
 //
-// A live merge step persists, in its mergeStep, the target's new GUID and
-// the offset below which the copy is durable in the target; a restart
-// re-establishes mirroring before clients reconnect and copies on from
-// there. Progress (Done) is saved with it and never decreases.
+// Each merge step is persisted in jobState.Step before it changes a file,
+// so a restart resumes it: a live step re-establishes mirroring before the
+// disk is exported again; an offline step re-runs merge.Merge, which
+// finishes from its own journal. Done only grows.
 type job struct {
 	st   *jobState
 	wake chan struct{} // pokes the runner: state or bandwidth changed
 
-	pauseReq bool             // a pause was asked for; guarded by Host.mu
-	live     *merge.LiveMerge // the live merge in progress, mirroring
-	cursor   int64            // copy position, ahead of st.Step.Offset
-	since    time.Time        // start of the current rate window
-	base     int64            // Done at since
+	// Guarded by Host.mu.
+	pauseReq bool               // a pause was asked for (or an error paused it)
+	stopStep context.CancelFunc // stops an offline merge in progress
+	live     *merge.LiveMerge   // the live merge in progress, mirroring
+	cursor   int64              // live copy position, ahead of st.Step.Offset
+	since    time.Time          // start of the current rate window
+	base     int64              // Done at since
 }
 
 func (h *Host) newJob(js *jobState) *job {
@@ -64,11 +69,14 @@ func (j *job) view() api.Job {
 	return out
 }
 
+// errFatal marks an error that fails the job instead of pausing it.
+type errFatal struct{ error }
+
 // restart re-establishes an interrupted live merge at Open, before the
 // disk is exported; the caller owns h.
 func (j *job) restart(h *Host, v *vm) error {
 	s := j.st.Step
-	if s == nil || s.GUID == "" {
+	if s == nil || s.Kind != stepLive {
 		return nil
 	}
 	if v.st.Disks[s.Disk].Leaf == s.Target {
@@ -77,6 +85,10 @@ func (j *job) restart(h *Host, v *vm) error {
 		j.st.Step = nil
 		return nil
 	}
+	if !s.Clean {
+		s.Offset = 0
+	}
+	s.Clean = false
 	g, err := vhdx.ParseGUID(s.GUID)
 	if err != nil {
 		return err
@@ -102,9 +114,15 @@ func (h *Host) run(j *job) {
 			return
 		}
 		done, err := h.advance(j)
+		var fatal errFatal
 		switch {
-		case errors.Is(err, errStopped):
+		case h.ctx.Err() != nil:
 			return
+		case errors.As(err, &fatal):
+			h.finish(j, api.JobFailed, err.Error())
+			return
+		case err != nil && errors.Is(err, context.Canceled):
+			// A pause stopped an offline merge; waitRunnable waits.
 		case err != nil:
 			h.pause(j, err.Error())
 		case done:
@@ -118,9 +136,9 @@ func (h *Host) run(j *job) {
 func (h *Host) waitRunnable(j *job) bool {
 	for {
 		h.mu.Lock()
-		state, paused := j.st.State, j.pauseReq
+		finished, paused := j.st.Finished(), j.pauseReq
 		h.mu.Unlock()
-		if j.st.Finished() || state == api.JobCanceled {
+		if finished {
 			return false
 		}
 		if !paused {
@@ -134,6 +152,7 @@ func (h *Host) waitRunnable(j *job) bool {
 	}
 }
 
+// pause records that an error paused the job; resuming retries.
 func (h *Host) pause(j *job, reason string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -146,11 +165,18 @@ func (h *Host) pause(j *job, reason string) {
 func (h *Host) finish(j *job, state, reason string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	h.finishLocked(j, state, reason)
+}
+
+func (h *Host) finishLocked(j *job, state, reason string) {
 	j.st.State, j.st.Reason, j.st.Updated = state, reason, time.Now().UTC()
+	if state == api.JobDone {
+		j.st.Done = j.st.Total
+	}
 	if v := h.vms[j.st.VM]; v != nil && v.job == j {
 		v.job = nil
 	}
-	h.log.Info("job finished", "job", j.st.ID, "state", state)
+	h.log.Info("job finished", "job", j.st.ID, "state", state, "reason", reason)
 	h.saveLocked()
 }
 
@@ -169,14 +195,21 @@ func (h *Host) advance(j *job) (bool, error) {
 	v := h.vms[j.st.VM]
 	if v == nil {
 		h.mu.Unlock()
-		return false, fmt.Errorf("machine %s no longer exists", j.st.VM)
+		return false, errFatal{fmt.Errorf("machine %s no longer exists", j.st.VM)}
 	}
 	if j.st.State == api.JobQueued || j.st.State == api.JobPaused {
 		j.st.State, j.st.Reason = api.JobRunning, ""
+		if j.st.Cancel {
+			j.st.Reason = cancelReason
+		}
 	}
 	var c *checkpointState
 	if s := j.st.Step; s != nil {
 		c = v.st.checkpoint(s.Checkpoint)
+	} else if j.st.Cancel {
+		h.finishLocked(j, api.JobCanceled, "canceled by request")
+		h.mu.Unlock()
+		return false, nil
 	} else {
 		c = h.pick(v, j)
 	}
@@ -185,6 +218,14 @@ func (h *Host) advance(j *job) (bool, error) {
 		return true, nil
 	}
 	kids, now := v.st.dependents(c)
+	if (len(kids) > 0 || now) && !slices.Contains(j.st.Counted, c.ID) {
+		// The whole checkpoint's merges count in Total from the start, so
+		// that the share done only grows while it is deleted.
+		if err := h.count(j, v, c); err != nil {
+			h.mu.Unlock()
+			return false, err
+		}
+	}
 	h.mu.Unlock()
 	switch {
 	case len(kids) == 0 && !now:
@@ -194,7 +235,21 @@ func (h *Host) advance(j *job) (bool, error) {
 	case len(kids) == 1 && !now:
 		return false, h.mergeOffline(j, v, c, kids[0])
 	}
-	return false, fmt.Errorf("checkpoint %q has %d dependents and cannot be deleted alone", c.Name, len(kids)+btoi(now))
+	return false, errFatal{fmt.Errorf("checkpoint %q has %d dependents and cannot be deleted alone", c.Name, len(kids)+btoi(now))}
+}
+
+const cancelReason = "cancel requested: the merge under way finishes first (it has changed the checkpoint's file)"
+
+// count adds the bytes deleting c merges to the job's Total; the caller
+// holds mu.
+func (h *Host) count(j *job, v *vm, c *checkpointState) error {
+	_, merged, err := h.mergeSize(v, c)
+	if err != nil {
+		return err
+	}
+	j.st.Total += merged
+	j.st.Counted = append(j.st.Counted, c.ID)
+	return h.st.save(h.dir)
 }
 
 // pick chooses the next checkpoint to delete among the job's targets:
@@ -251,6 +306,21 @@ func (h *Host) drop(j *job, v *vm, c *checkpointState) error {
 	return nil
 }
 
+// checkpointDeleted updates the tree once c's merges are done; the caller
+// holds mu.
+func (h *Host) checkpointDeleted(j *job, v *vm, c *checkpointState) error {
+	j.st.Step = nil
+	j.st.Done = max(j.st.Done, j.st.Total)
+	if j.st.Cancel {
+		j.st.Targets = nil
+	}
+	if err := h.st.save(h.dir); err != nil {
+		return err
+	}
+	h.log.Info("checkpoint merged", "vm", v.st.Name, "checkpoint", c.Name)
+	return nil
+}
+
 // mergeLive deletes the checkpoint the running state continues from:
 // each disk's leaf is merged, live, into the checkpoint's file, which the
 // disk then runs on.
@@ -265,9 +335,10 @@ func (h *Host) mergeLive(j *job, v *vm, c *checkpointState) error {
 			chain := d.Chain()
 			if len(chain) < 2 || chain[1] != c.Files[i] {
 				h.mu.Unlock()
-				return fmt.Errorf("disk %d runs on %s, which is not a child of checkpoint file %s", i, chain[0], c.Files[i])
+				return errFatal{fmt.Errorf("disk %d runs on %s, which is not a child of checkpoint file %s", i, chain[0], c.Files[i])}
 			}
-			j.st.Step = &mergeStep{Checkpoint: c.ID, Disk: i, Top: chain[0], Target: c.Files[i], GUID: vhdx.NewGUID().String()}
+			j.st.Step = &mergeStep{Kind: stepLive, Checkpoint: c.ID, Disk: i, Top: chain[0], Target: c.Files[i],
+				GUID: vhdx.NewGUID().String(), Base: j.st.Done}
 			// The GUID is saved before any file changes, so a restart
 			// resumes with it.
 			if err := h.st.save(h.dir); err != nil {
@@ -284,42 +355,32 @@ func (h *Host) mergeLive(j *job, v *vm, c *checkpointState) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	v.st.removeCheckpoint(c.ID)
-	for _, k := range v.st.children(c.ID) { // none: the running state was the only dependent
-		k.Parent = c.Parent
-	}
 	v.st.Current = c.Parent
-	j.st.Step = nil
-	if err := h.st.save(h.dir); err != nil {
-		return err
-	}
-	h.log.Info("checkpoint merged", "vm", v.st.Name, "checkpoint", c.Name)
-	return nil
+	return h.checkpointDeleted(j, v, c)
 }
 
 // copyLive runs the job's current live merge step to its end.
 func (h *Host) copyLive(j *job, v *vm, d *merge.Disk) error {
+	h.mu.Lock()
 	s := j.st.Step
-	if j.live == nil {
+	m := j.live
+	h.mu.Unlock()
+	if m == nil {
 		g, err := vhdx.ParseGUID(s.GUID)
 		if err != nil {
-			return err
+			return errFatal{err}
 		}
-		m, err := d.StartMerge(g)
-		if err != nil {
+		if m, err = d.StartMerge(g); err != nil {
 			return err
 		}
 		h.mu.Lock()
 		j.live, j.cursor = m, s.Offset
-		if s.Total == 0 {
-			s.Total = m.Total()
-			j.st.Total += s.Total
-		}
 		h.mu.Unlock()
 	}
-	m := j.live
 	buf := make([]byte, 1<<20)
 	h.mu.Lock()
 	j.since, j.base = time.Now(), j.st.Done
+	copied := int64(0) // in this run: a restarted copy counts again from 0
 	h.mu.Unlock()
 	throttle := newThrottle()
 	lastSave := time.Now()
@@ -335,12 +396,12 @@ func (h *Host) copyLive(j *job, v *vm, d *merge.Disk) error {
 		cursor := j.cursor
 		h.mu.Unlock()
 		if stop || paused || time.Since(lastSave) > time.Second {
-			if err := h.checkpointProgress(j, m, cursor); err != nil {
+			if err := h.saveProgress(j, m, cursor); err != nil {
 				return err
 			}
 			lastSave = time.Now()
 			if stop {
-				return errStopped
+				return context.Canceled
 			}
 			if paused {
 				return nil
@@ -353,46 +414,60 @@ func (h *Host) copyLive(j *job, v *vm, d *merge.Disk) error {
 		if err != nil {
 			return fmt.Errorf("copying into %s: %w", s.Target, err)
 		}
+		copied += n
 		h.mu.Lock()
 		j.cursor = next
-		j.st.Done = min(j.st.Done+n, j.st.Total)
+		j.st.Done = min(max(j.st.Done, s.Base+copied), j.st.Total)
 		h.mu.Unlock()
 		throttle.wait(h.ctx, j.wake, n, bw)
 	}
-	// Completion: the copy is durable; the switch is brief.
+	// Completion: the copy is durable; the switch is brief. The target's
+	// flush outside the pause leaves little for the one inside it.
 	h.mu.Lock()
 	j.st.State = api.JobCompleting
 	h.saveLocked()
 	h.mu.Unlock()
+	if err := m.FlushTarget(); err != nil {
+		return fmt.Errorf("flushing %s: %w", s.Target, err)
+	}
+	// mu before the disk's pause: the order CreateCheckpoint takes them in.
+	h.mu.Lock()
 	start := time.Now()
-	err := m.Complete()
+	err := m.Complete(func() error {
+		// The switch is saved before I/O resumes on the target: a restart
+		// must not go back to the leaf, which lacks what comes next.
+		v.st.Disks[s.Disk].Leaf = s.Target
+		j.st.Step = nil
+		if err := h.st.save(h.dir); err != nil {
+			v.st.Disks[s.Disk].Leaf, j.st.Step = s.Top, s
+			return err
+		}
+		return nil
+	})
+	stall := time.Since(start)
+	if err == nil {
+		j.live = nil
+	}
+	j.st.State = api.JobRunning
+	if j.st.Cancel {
+		j.st.Reason = cancelReason
+	}
+	h.mu.Unlock()
 	if errors.Is(err, merge.ErrNotConverged) {
-		h.mu.Lock()
-		j.st.State = api.JobRunning
-		h.mu.Unlock()
 		return nil // the next round reads the mirror error and rewinds
 	}
 	if err != nil {
 		return fmt.Errorf("switching to %s: %w", s.Target, err)
 	}
-	h.log.Info("disk switched to merged file", "vm", v.st.Name, "disk", s.Disk, "file", s.Target, "stall", time.Since(start))
-	h.mu.Lock()
-	v.st.Disks[s.Disk].Leaf = s.Target
-	j.st.Step, j.live = nil, nil
-	j.st.State = api.JobRunning
-	err = h.st.save(h.dir)
-	h.mu.Unlock()
-	if err != nil {
-		return err
-	}
+	h.log.Info("disk switched to merged file", "vm", v.st.Name, "disk", s.Disk, "file", s.Target, "stall", stall)
 	if err := os.Remove(s.Top); err != nil && !errors.Is(err, os.ErrNotExist) {
 		h.log.Warn("removing the merged file", "file", s.Top, "err", err)
 	}
 	return storage.SyncDir(filepath.Dir(s.Top))
 }
 
-// checkpointProgress makes the copy below cursor durable and records it.
-func (h *Host) checkpointProgress(j *job, m *merge.LiveMerge, cursor int64) error {
+// saveProgress makes the copy below cursor durable and records it.
+func (h *Host) saveProgress(j *job, m *merge.LiveMerge, cursor int64) error {
 	if err := m.FlushTarget(); err != nil {
 		return fmt.Errorf("flushing %s: %w", m.Target(), err)
 	}
@@ -415,10 +490,92 @@ func rewind(pos, redo int64) int64 {
 }
 
 // mergeOffline deletes checkpoint c whose single dependent is checkpoint
-// k: k's files are merged into c's, k's dependents re-pointed at them,
-// and k takes c's place in the tree.
+// k: k's files, which nothing writes, are merged into c's; what depends
+// on k's files (its child checkpoints' files, and the running disk when
+// the machine runs from k) is re-pointed at c's; k takes c's place in the
+// tree, with c's files.
 func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
-	return fmt.Errorf("deleting checkpoint %q needs an offline merge of %q into it, which is not implemented yet", c.Name, k.Name)
+	for i, d := range v.disks {
+		h.mu.Lock()
+		s := j.st.Step
+		if s != nil && s.Disk > i {
+			h.mu.Unlock()
+			continue // merged already
+		}
+		if s == nil {
+			s = &mergeStep{Kind: stepOffline, Checkpoint: c.ID, Dependent: k.ID, Disk: i, Top: k.Files[i], Target: c.Files[i], Base: j.st.Done}
+			j.st.Step = s
+			if err := h.st.save(h.dir); err != nil {
+				j.st.Step = nil
+				h.mu.Unlock()
+				return err
+			}
+		}
+		opts := merge.Options{Into: s.Target, NoScan: true, OpenFile: h.opts.OpenFile, From: s.Offset}
+		for _, kk := range v.st.children(k.ID) {
+			opts.Children = append(opts.Children, kk.Files[i])
+		}
+		if v.st.Current == k.ID {
+			opts.Open = []merge.OpenChild{d}
+		}
+		ctx, cancel := context.WithCancel(h.ctx)
+		j.stopStep = cancel
+		paused, bw := j.pauseReq, j.st.Bandwidth
+		j.since, j.base = time.Now(), j.st.Done
+		h.mu.Unlock()
+		if paused {
+			cancel()
+		}
+		throttle := newThrottle()
+		opts.Progress = func(done, total int64) {
+			h.mu.Lock()
+			j.st.Done = min(max(j.st.Done, s.Base+done), j.st.Total)
+			bw = j.st.Bandwidth
+			h.mu.Unlock()
+		}
+		opts.Pace = func(n int64) { throttle.wait(ctx, j.wake, n, bw) }
+		opts.Durable = func(off int64) {
+			h.mu.Lock()
+			s.Offset = off
+			j.st.Updated = time.Now().UTC()
+			h.saveLocked()
+			h.mu.Unlock()
+		}
+		err := h.mergeFile(ctx, s, opts)
+		cancel()
+		h.mu.Lock()
+		j.stopStep = nil
+		if err == nil {
+			if i+1 < len(v.disks) {
+				j.st.Step = &mergeStep{Kind: stepOffline, Checkpoint: c.ID, Dependent: k.ID, Disk: i + 1,
+					Top: k.Files[i+1], Target: c.Files[i+1], Base: j.st.Done}
+			}
+			err = h.st.save(h.dir)
+		}
+		h.mu.Unlock()
+		if err != nil {
+			return err
+		}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	k.Files, k.Parent = slices.Clone(c.Files), c.Parent
+	v.st.removeCheckpoint(c.ID)
+	return h.checkpointDeleted(j, v, c)
+}
+
+// mergeFile runs one offline merge step; a step whose merged file is gone
+// and left no journal finished before a restart.
+func (h *Host) mergeFile(ctx context.Context, s *mergeStep, opts merge.Options) error {
+	if _, err := os.Stat(s.Top); errors.Is(err, os.ErrNotExist) && !merge.Pending(s.Top) {
+		return nil
+	}
+	res, err := merge.Merge(ctx, s.Top, opts)
+	if err != nil {
+		return err
+	}
+	h.log.Info("checkpoint file merged", "top", s.Top, "target", res.Target, "copied", res.Copied, "relinked", res.Relinked)
+	return nil
 }
 
 // throttle paces the copy to a bandwidth.
@@ -492,17 +649,17 @@ func (h *Host) activeJob(id string) (*job, error) {
 	}
 	j := h.jobs[id]
 	if j == nil || js.Finished() {
-		return nil, errorf(statusConflict, "job %s has already %s", id, js.State)
+		return nil, errorf(statusConflict, "job %s has already ended (%s)", id, js.State)
 	}
 	return j, nil
 }
 
 // ControlJob pauses, resumes or cancels a job. Pausing stops the copy at
-// once (writes keep being mirrored); a job paused by an error resumes by
-// retrying what failed. Cancelling stops the job between merges, leaving
-// the checkpoints it has not deleted yet; a merge under way has already
-// changed the checkpoint's files and cannot be undone, so cancelling then
-// is refused.
+// once (a live merge keeps mirroring writes, so nothing is lost); a job
+// paused by an error resumes by retrying what failed. Cancelling ends the
+// job between merges, leaving the checkpoints it has not deleted; a merge
+// under way has already changed the checkpoint's file, so it finishes
+// first (when resumed, if paused), and the job then ends canceled.
 func (h *Host) ControlJob(id, action string) (*api.Job, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -510,30 +667,34 @@ func (h *Host) ControlJob(id, action string) (*api.Job, error) {
 	if err != nil {
 		return nil, err
 	}
-	now := time.Now().UTC()
 	switch action {
 	case "pause":
 		if !j.pauseReq {
 			j.pauseReq = true
 			j.st.State, j.st.Reason = api.JobPaused, "paused by request"
+			if j.stopStep != nil {
+				j.stopStep()
+			}
 		}
 	case "resume":
 		if j.pauseReq {
 			j.pauseReq = false
 			j.st.State, j.st.Reason = api.JobRunning, ""
+			if j.st.Cancel {
+				j.st.Reason = cancelReason
+			}
 		}
 	case "cancel":
-		if j.st.Step != nil {
-			return nil, errorf(statusConflict, "job %s is merging into %s, which it has already changed: a merge cannot be undone; pause it, or let it finish", id, j.st.Step.Target)
-		}
-		j.st.State, j.st.Reason = api.JobCanceled, "canceled by request"
-		if v := h.vms[j.st.VM]; v != nil && v.job == j {
-			v.job = nil
+		j.st.Cancel = true
+		if j.st.Step == nil {
+			h.finishLocked(j, api.JobCanceled, "canceled by request")
+		} else if !j.pauseReq {
+			j.st.Reason = cancelReason
 		}
 	default:
-		return nil, errorf(statusNotFound, "unknown job action %q (pause, resume or cancel)", action)
+		return nil, errorf(statusBadRequest, "unknown job action %q (pause, resume or cancel)", action)
 	}
-	j.st.Updated = now
+	j.st.Updated = time.Now().UTC()
 	if err := h.st.save(h.dir); err != nil {
 		return nil, err
 	}

@@ -51,19 +51,34 @@ type checkpointState struct {
 // delete, and the merge step in progress.
 type jobState struct {
 	api.Job
-	Targets []string   `json:"targets"` // IDs of the checkpoints still to delete
+	Targets []string   `json:"targets"`          // IDs of the checkpoints still to delete
+	Counted []string   `json:"counted"`          // IDs whose merges Total includes
+	Cancel  bool       `json:"cancel,omitempty"` // end after the merge under way
 	Step    *mergeStep `json:"step,omitempty"`
 }
 
-// mergeStep is one live merge of a disk's leaf into a checkpoint's file.
+// Step kinds.
+const (
+	stepLive    = "live"    // the running leaf into the checkpoint's file
+	stepOffline = "offline" // a child checkpoint's file into the checkpoint's file
+)
+
+// mergeStep is the merge of one disk's file into a checkpoint's file.
 type mergeStep struct {
-	Checkpoint string `json:"checkpoint"` // ID
+	Kind       string `json:"kind"`
+	Checkpoint string `json:"checkpoint"`          // ID of the checkpoint deleted
+	Dependent  string `json:"dependent,omitempty"` // offline: ID of the child checkpoint merged
 	Disk       int    `json:"disk"`
 	Top        string `json:"top"`
 	Target     string `json:"target"`
-	GUID       string `json:"guid"`   // the target's new DataWriteGuid
-	Offset     int64  `json:"offset"` // copied and flushed below this
-	Total      int64  `json:"total"`
+	GUID       string `json:"guid,omitempty"` // live: the target's new DataWriteGuid
+	// Offset is where the copy resumes: below it the target holds the
+	// copy durably. A live merge trusts it only after a clean shutdown
+	// (Clean): after a crash the leaf may hold writes whose mirrored copy
+	// in the target was lost, so the copy starts over.
+	Offset int64 `json:"offset"`
+	Clean  bool  `json:"clean,omitempty"`
+	Base   int64 `json:"base"` // the job's Done when the step began
 }
 
 const stateName = "state.json"

@@ -38,8 +38,8 @@ import (
 // disk.Zeroer, disk.Extenter and disk.SectorSizer, and is safe for
 // concurrent use.
 type Disk struct {
-	mu     sync.RWMutex // I/O holds it shared; changing layers, exclusively
-	leaf   *vhdx.Image
+	mu   sync.RWMutex // I/O holds it shared; changing layers, exclusively
+	leaf *vhdx.Image
 	// leafMu also guards leaf, for Leaf and Chain, which must work while
 	// the disk is paused; whoever changes leaf holds both.
 	leafMu sync.Mutex

@@ -81,7 +81,9 @@ func checkpointCreateCommand() *command {
 	var name string
 	return clientVerb("checkpoint create", "VM [--name NAME]", "checkpoint every disk of a running machine at one instant",
 		"I/O is held and drained on all disks, each continues on a new .avhdx child,\nthen I/O resumes: connected clients notice nothing.\n", true, 1,
-		func(fs *flag.FlagSet) { fs.StringVar(&name, "name", "", "the checkpoint's `NAME` (default: machine name and time)") },
+		func(fs *flag.FlagSet) {
+			fs.StringVar(&name, "name", "", "the checkpoint's `NAME` (default: machine name and time)")
+		},
 		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 			cp, err := cl.CreateCheckpoint(ctx, args[0], api.CreateCheckpoint{Name: name})
 			if err != nil {

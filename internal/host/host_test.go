@@ -121,11 +121,12 @@ func (th *testHost) waitJob(t testing.TB, id string) *api.Job {
 // workload writes random data, zeros and trims through an NBD client and
 // keeps the model of what the disk must hold: every acknowledged request.
 type workload struct {
-	c     *nbd.Client
-	rng   *rand.Rand
-	mu    sync.Mutex
-	model []byte
-	ops   int
+	c      *nbd.Client
+	rng    *rand.Rand
+	mu     sync.Mutex
+	model  []byte
+	ops    int
+	lo, hi int64 // the range written; hi 0: the whole disk
 }
 
 func newWorkload(c *nbd.Client, seed uint64) *workload {
@@ -134,9 +135,12 @@ func newWorkload(c *nbd.Client, seed uint64) *workload {
 
 // step issues one request; every tenth is a flush.
 func (w *workload) step() error {
-	size := int64(len(w.model))
+	lo, hi := w.lo, w.hi
+	if hi == 0 {
+		hi = int64(len(w.model))
+	}
 	n := (w.rng.Int64N(64) + 1) * 4096
-	off := w.rng.Int64N((size-n)/4096+1) * 4096
+	off := lo + w.rng.Int64N((hi-lo-n)/4096+1)*4096
 	buf := make([]byte, n)
 	var err error
 	w.ops++

@@ -69,6 +69,9 @@ func (j *job) view() api.Job {
 	return out
 }
 
+// errPaused stops a step when the job is paused or the host closes.
+var errPaused = errors.New("paused")
+
 // errFatal marks an error that fails the job instead of pausing it.
 type errFatal struct{ error }
 
@@ -121,8 +124,8 @@ func (h *Host) run(j *job) {
 		case errors.As(err, &fatal):
 			h.finish(j, api.JobFailed, err.Error())
 			return
-		case err != nil && errors.Is(err, context.Canceled):
-			// A pause stopped an offline merge; waitRunnable waits.
+		case errors.Is(err, errPaused) || errors.Is(err, context.Canceled):
+			// A pause stopped the merge; waitRunnable waits.
 		case err != nil:
 			h.pause(j, err.Error())
 		case done:
@@ -359,8 +362,31 @@ func (h *Host) mergeLive(j *job, v *vm, c *checkpointState) error {
 	return h.checkpointDeleted(j, v, c)
 }
 
-// copyLive runs the job's current live merge step to its end.
+// copyLive runs the job's current live merge step to its end. After an
+// error the live merge stops (mirroring too) and starts over on resume:
+// the target's handle may hold a failed state, and the leaf then takes
+// writes the target does not see, so the copy must cover it all again.
 func (h *Host) copyLive(j *job, v *vm, d *merge.Disk) error {
+	err := h.runLive(j, v, d)
+	if err == nil || errors.Is(err, errPaused) {
+		return err
+	}
+	h.mu.Lock()
+	m := j.live
+	j.live = nil
+	if s := j.st.Step; s != nil && s.Kind == stepLive {
+		s.Offset = 0
+	}
+	h.mu.Unlock()
+	if m != nil {
+		if serr := m.Stop(); serr != nil {
+			h.log.Warn("stopping a failed live merge", "err", serr)
+		}
+	}
+	return err
+}
+
+func (h *Host) runLive(j *job, v *vm, d *merge.Disk) error {
 	h.mu.Lock()
 	s := j.st.Step
 	m := j.live
@@ -400,11 +426,8 @@ func (h *Host) copyLive(j *job, v *vm, d *merge.Disk) error {
 				return err
 			}
 			lastSave = time.Now()
-			if stop {
-				return context.Canceled
-			}
-			if paused {
-				return nil
+			if stop || paused {
+				return errPaused
 			}
 		}
 		if cursor < 0 {

@@ -124,8 +124,9 @@
 // A mismatch (against both the parent's footer time stamp and its file
 // modification time; zero means not recorded) is reported by Info and
 // Check. A child larger than its parent (grown by Resize) reads zeros
-// past the parent's end; a smaller one hides the parent's tail, which
-// Open reports as a warning.
+// past the parent's end (7-Zip and libvhdi fail there instead: grow the
+// parent too for them); a smaller one hides the parent's tail, which Open
+// reports as a warning.
 //
 // OpenOptions.NoParent opens a differencing image without its parent, and
 // ReadParentLink reads where the parent should be without opening

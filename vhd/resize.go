@@ -62,6 +62,11 @@ func (im *Image) Resize(size int64) error {
 func (im *Image) resizeFixed(size int64, ft footer) error {
 	old, at := im.size, im.footerAt
 	raw := ft.encode()
+	// Earlier writes first, as Flush would make them: the new size must
+	// not become durable without them.
+	if err := im.f.Sync(); err != nil {
+		return err
+	}
 	if size > old {
 		// Bytes between the old end and the footer (a size from the
 		// geometry, an interrupted shrink) are not zeros.

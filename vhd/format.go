@@ -181,13 +181,16 @@
 // switches to the new footer, and a sync. It shrinks by rewriting the end
 // footer for the new size (the commit), then writing it right after the
 // new end, syncing and cutting the file there. A crash leaves the old size
-// or the new one, the new range reading as zeros — except in one state:
-// if a crash makes the grown length of the file durable but not the
-// footer written at its end, the file ends in zeros and a fixed image has
-// no copy to fall back to (the old footer is still in place at the old
-// end; copying it to the end of the file restores the image). File
-// systems that write appended data before the size that covers it do not
-// produce that state.
+// or the new one, the new range reading as zeros — unless it tears the
+// change of the file's length, which a fixed image, having no footer copy,
+// cannot survive by itself: the grown length durable without the footer
+// written at its end, or a cut that reached part of the tail but not its
+// last sector. Open then finds no footer. Check with repair searches back
+// from the end for the footer the resize left (a valid fixed footer whose
+// current size is its own offset) and cuts the file after it, which gives
+// the old image (growth) or the new one (shrink). File systems that make a
+// length durable only with the data it covers, and cut files atomically,
+// do not produce these states.
 package vhd
 
 import (

@@ -510,3 +510,54 @@ func TestReadParentLink(t *testing.T) {
 		t.Errorf("moved child: %+v %v", l, err)
 	}
 }
+
+// An image opened without its parent writes whole sectors, refuses what
+// needs the parent with ErrParentNotFound, and stays usable.
+func TestNoParent(t *testing.T) {
+	dir := t.TempDir()
+	base, content := makeImage(t, dir, "base.vhd", CreateOptions{Size: 1 << 20})
+	child := filepath.Join(dir, "child.vhd")
+	img, err := Create(child, CreateOptions{Parent: base, BlockSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustClose(t, img)
+	img, err = Open(child, OpenOptions{NoParent: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img.Parent() == nil || img.Info().ParentPath != "" {
+		t.Errorf("parent %v, path %q", img.Parent(), img.Info().ParentPath)
+	}
+	whole := bytes.Repeat([]byte{0x77}, 1024)
+	mustWrite(t, img, whole, 8192)
+	copy(content[8192:], whole)
+	if _, err := img.WriteAt([]byte("partial"), 20000); !errors.Is(err, disk.ErrParentNotFound) {
+		t.Errorf("partial sector write: %v", err)
+	}
+	if _, err := img.ReadAt(make([]byte, 100), 0); !errors.Is(err, disk.ErrParentNotFound) {
+		t.Errorf("read from the missing parent: %v", err)
+	}
+	got := make([]byte, 1024)
+	if _, err := img.ReadAt(got, 8192); err != nil || !bytes.Equal(got, whole) {
+		t.Errorf("stored sectors: %v", err)
+	}
+	exts, err := img.Extents(0, 1<<20)
+	if err != nil || len(exts) != 3 || exts[0].Depth != 1 || exts[1].Depth != 0 {
+		t.Errorf("extents %+v %v", exts, err)
+	}
+	if err := img.Resize(2 << 20); err != nil {
+		t.Fatal(err)
+	}
+	mustClose(t, img)
+	img, err = Open(child, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := append(bytes.Clone(content), make([]byte, 1<<20)...)
+	if got := readAll(t, img); !bytes.Equal(got, want) {
+		t.Fatal(diffAt(got, want))
+	}
+	mustClose(t, img)
+	checkClean(t, child)
+}

@@ -447,3 +447,52 @@ func TestResizeChainInterop(t *testing.T) {
 		t.Errorf("vhdimount reads %s", diffAt(got, model))
 	}
 }
+
+// Readers run while the size changes: each read is checked against the
+// size under the same lock, so it either succeeds or reports the range
+// out of the disk (run with -race).
+func TestResizeConcurrentReads(t *testing.T) {
+	path, _ := makeImage(t, t.TempDir(), "d.vhd", CreateOptions{Size: 2 << 20, BlockSize: 64 << 10})
+	img, err := Open(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mustClose(t, img)
+	done := make(chan struct{})
+	errs := make(chan error, 4)
+	for g := range 4 {
+		go func() {
+			r := rand.New(rand.NewPCG(uint64(g), 5))
+			buf := make([]byte, 8192)
+			for {
+				select {
+				case <-done:
+					errs <- nil
+					return
+				default:
+				}
+				off := r.Int64N(3 << 20)
+				if _, err := img.ReadAt(buf, off); err != nil && !errors.Is(err, disk.ErrOutOfRange) {
+					errs <- err
+					return
+				}
+				if _, err := img.Extents(off, 8192); err != nil && !errors.Is(err, disk.ErrOutOfRange) {
+					errs <- err
+					return
+				}
+				_ = img.Size()
+			}
+		}()
+	}
+	for i := range 40 {
+		if err := img.Resize(int64(2<<20 + (i%3)*(512<<10))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(done)
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}

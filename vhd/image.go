@@ -82,7 +82,11 @@ func (im *Image) Size() int64 {
 }
 
 // Type returns the image's kind.
-func (im *Image) Type() Type { return im.ft.DiskType }
+func (im *Image) Type() Type {
+	im.mu.RLock() // Resize and SetParent replace the footer
+	defer im.mu.RUnlock()
+	return im.ft.DiskType
+}
 
 // Parent returns the open parent of a differencing image, or nil.
 func (im *Image) Parent() disk.Image { return im.parent }

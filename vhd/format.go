@@ -184,8 +184,8 @@
 // or the new one, the new range reading as zeros — unless it tears the
 // change of the file's length, which a fixed image, having no footer copy,
 // cannot survive by itself: the grown length durable without the footer
-// written at its end, or a cut that reached part of the tail but not its
-// last sector. Open then finds no footer. Check with repair searches back
+// written at its end, or a cut that zeroed the old last sector without
+// shortening the file. Open then finds no footer. Check with repair searches back
 // from the end for the footer the resize left (a valid fixed footer whose
 // current size is its own offset) and cuts the file after it, which gives
 // the old image (growth) or the new one (shrink). File systems that make a

@@ -38,6 +38,12 @@ func (im *Image) SetParent(parentPath string) error {
 	if err != nil {
 		return fmt.Errorf("vhd: %s: set parent: %w", im.path, err)
 	}
+	locs := newLocators(im.path, abs)
+	for _, l := range locs {
+		if len(l.data) > maxLocatorLength {
+			return fmt.Errorf("vhd: %s: set parent: %w: a %d-byte locator for %s exceeds %d", im.path, disk.ErrUnsupported, len(l.data), abs, maxLocatorLength)
+		}
+	}
 	h := im.hdr
 	h.ParentUniqueID, h.ParentTimeStamp = id, ts
 	h.setParentName(abs, filepath.Base(abs))
@@ -46,7 +52,7 @@ func (im *Image) SetParent(parentPath string) error {
 		im.failed = err
 		return fmt.Errorf("vhd: %s: flush: %w", im.path, err)
 	}
-	if err := im.relocate(h, newLocators(im.path, abs), im.batFor(im.bat.n), im.ft); err != nil {
+	if err := im.relocate(h, locs, im.batFor(im.bat.n), im.ft); err != nil {
 		im.failed = err
 		return fmt.Errorf("vhd: %s: set parent: %w", im.path, err)
 	}

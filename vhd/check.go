@@ -36,7 +36,9 @@ func (p Problem) String() string {
 // consistent). A checksum failure is reported, then checking goes on as
 // if the checksum were right. With repair, a damaged footer (at the end
 // or the copy at 0) is rewritten from the intact one when nothing worse
-// is wrong. The error is for I/O failures only.
+// is wrong, and a fixed image whose resize a crash tore (see "Resizing"
+// in the package doc) is cut after the footer the resize left. The error
+// is for I/O failures only.
 func Check(path string, repair bool) ([]Problem, error) {
 	f, err := storage.OpenFile(path, os.O_RDONLY, 0)
 	if err != nil {
@@ -64,6 +66,17 @@ func Check(path string, repair bool) ([]Problem, error) {
 			return probs, err
 		}
 		add(err)
+		if repair && errors.Is(err, disk.ErrFormat) {
+			at, err := findFixedFooter(f)
+			if err != nil || at < 0 {
+				return probs, err
+			}
+			if err := cutAfter(path, at+footerSize); err != nil {
+				return probs, err
+			}
+			probs = append(probs, Problem{Offset: at, Warning: true,
+				What: "no footer at the end (a resize torn by a crash): file cut after the fixed image footer found here"})
+		}
 		return probs, nil
 	}
 	defer im.closeParent()
@@ -101,6 +114,66 @@ func repairFooters(path string) error {
 		return err
 	}
 	return im.Close() // syncs
+}
+
+// findFixedFooter searches a file that ends without a footer for the one
+// a torn resize of a fixed image left: from the end backwards, the first
+// sector holding a valid footer of a fixed image whose current size is its
+// own offset. It returns -1 when there is none, or when the file starts
+// with a footer copy (a dynamic or differencing image). It may read the
+// whole file, so only Check's repair uses it.
+func findFixedFooter(f storage.File) (int64, error) {
+	size, err := f.Size()
+	if err != nil {
+		return -1, err
+	}
+	var head [footerSize]byte
+	if size < footerSize {
+		return -1, nil
+	}
+	if err := readFull(f, head[:], 0); err != nil {
+		return -1, err
+	}
+	if checkFooter(head, 0, false) == nil {
+		return -1, nil
+	}
+	buf := make([]byte, 1<<20)
+	for end := size / SectorSize * SectorSize; end > 0; {
+		n := min(end, int64(len(buf)))
+		start := end - n
+		if err := readFull(f, buf[:n], start); err != nil {
+			return -1, err
+		}
+		for s := n - SectorSize; s >= 0; s -= SectorSize {
+			raw := [footerSize]byte(buf[s : s+SectorSize])
+			if string(raw[:8]) != footerCookie {
+				continue
+			}
+			at := start + s
+			if ft := decodeFooter(raw[:]); ft.DiskType == Fixed && int64(ft.CurrentSize) == at && checkFooter(raw, at, false) == nil {
+				return at, nil
+			}
+		}
+		end = start
+	}
+	return -1, nil
+}
+
+// cutAfter truncates the file at path to size and syncs it.
+func cutAfter(path string, size int64) error {
+	f, err := storage.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // lint reports what Open tolerates but other readers may not.

@@ -169,21 +169,13 @@ func create(f storage.File, path string, opts CreateOptions) (*Image, error) {
 		if t == Differencing {
 			h.ParentUniqueID, h.ParentTimeStamp = parentID, parentTS
 			h.setParentName(parentAbs, filepath.Base(parentAbs))
-			locs := []struct {
-				code uint32
-				path string
-			}{
-				{platformW2ku, parentAbs},
-				{platformW2ru, relativeLocator(filepath.Dir(absPath(path)), parentAbs)},
-			}
-			for i, l := range locs {
-				data := encodeUTF16LE(l.path)
-				space := alignUp(int64(len(data)), SectorSize)
+			for i, l := range newLocators(path, parentAbs) {
+				space := alignUp(int64(len(l.data)), SectorSize)
 				// Data space in bytes, as Hyper-V writes it (the spec says
 				// sectors; readers use the length).
-				h.Locators[i] = locatorEntry{Code: l.code, DataSpace: uint32(space), DataLength: uint32(len(data)), DataOffset: uint64(next)}
+				h.Locators[i] = locatorEntry{Code: l.code, DataSpace: uint32(space), DataLength: uint32(len(l.data)), DataOffset: uint64(next)}
 				buf := make([]byte, space)
-				copy(buf, data)
+				copy(buf, l.data)
 				if _, err := f.WriteAt(buf, next); err != nil {
 					return nil, err
 				}

@@ -26,6 +26,10 @@
 //	+--------+-----------------+--------------+------------+---------+-----+---------+--------+
 //	  ^ identical to the last 512 bytes           ^ W2ku/W2ru paths, differencing only
 //
+// That is how Create lays them out; only the footer's data offset says
+// where the header is, and only the header where the BAT and the locator
+// data are (SetParent and Resize move them, see "Moving the header").
+//
 //	footer        0 cookie "conectix"   8 features    12 version      16 data offset (header)
 //	 (512 bytes) 24 time stamp         28 creator    32 creator ver  36 creator host OS
 //	             40 original size      48 current size               56 geometry C/H/S
@@ -83,9 +87,11 @@
 // and every bitmap bit on disk set only over durable data; at worst a
 // block is leaked at the end of the file. If the crash left the file
 // without a valid footer at its end, Open uses the copy at offset 0 and a
-// writable Open rewrites the end footer. An error during Flush makes the
-// image refuse further writes (the on-disk state is whatever the last
-// completed Flush left, plus unpublished blocks).
+// writable Open rewrites the end footer; a writable Open also rewrites a
+// copy at 0 that differs from a valid end footer (see "Moving the
+// header"). An error during Flush makes the image refuse further writes
+// (the on-disk state is whatever the last completed Flush left, plus
+// unpublished blocks).
 //
 // Writes set the bitmap bits of exactly the sectors they cover; a partial
 // sector in a differencing image is completed from the parent first. There
@@ -117,7 +123,74 @@
 // parent changes its modification time, and Windows opens such chains too.
 // A mismatch (against both the parent's footer time stamp and its file
 // modification time; zero means not recorded) is reported by Info and
-// Check.
+// Check. A child larger than its parent (grown by Resize) reads zeros
+// past the parent's end (7-Zip and libvhdi fail there instead: grow the
+// parent too for them); a smaller one hides the parent's tail, which Open
+// reports as a warning.
+//
+// OpenOptions.NoParent opens a differencing image without its parent, and
+// ReadParentLink reads where the parent should be without opening
+// anything else. SetParent rewrites the link for another parent file, as
+// Create writes it for a new child, by moving the header.
+//
+// # Moving the header
+//
+// SetParent and Resize change the dynamic header (the parent link,
+// MaxTableEntries, the BAT's offset) and, for Resize, the footer's sizes.
+// The header spans two sectors and has no copy, so it is never rewritten
+// in place. A new header goes where the next block would go, followed by
+// the new locator data (SetParent) and a copy of the BAT — last, so that
+// readers that put new blocks after the BAT and the blocks they know of
+// (QEMU) do not write over the header — and the footer moves behind them.
+// Only the footer's data offset leads to the header, so switching footers
+// switches headers. After a Flush of pending writes:
+//
+//  1. write the header, the locator data and the BAT at the end of the
+//     file, and the current footer behind them; sync: nothing on disk
+//     refers to them yet;
+//  2. write the new footer (new data offset, new sizes) over the end
+//     footer; sync: this one sector is the commit;
+//  3. write the new footer over the copy at offset 0; sync.
+//
+// A crash in step 1 leaves the old end footer or a damaged end, for which
+// Open uses the copy at 0: both lead to the old header. In step 2 the end
+// holds one whole footer or the other. After it the end leads to the new
+// header while the copy may still lead to the old one; since the copy is
+// read only when the end is damaged, a writable Open rewrites a copy that
+// differs from the end footer, before a later crash can make it matter
+// (it would bring back a BAT that lacks the blocks allocated since). The
+// old header, locator data and BAT stay behind, referenced by nothing:
+// Check reports such space once it adds up to a block, and converting the
+// image compacts it.
+//
+// # Resizing
+//
+// Resize of a dynamic or differencing image moves the header as above,
+// with a BAT of exactly the entries the new size needs (7-Zip insists on
+// MaxTableEntries being that): new entries are unused, and entries past
+// the new end are dropped with their blocks, whose space leaks. Before it
+// grows the disk, the part of the old last block past the old end is
+// cleared — zeros over its stored sectors (dynamic), its bits (differencing)
+// — since a shrink may have left data there; the old disk does not show
+// those bytes, so the Flush before step 1 orders them enough.
+//
+// A fixed image grows by moving its footer: the old footer is written at
+// the new end and synced, so that the file ends in a footer for the old
+// size; zeros go over the old footer (and over any bytes between the old
+// end and it) and are synced; then one sector written at the new end
+// switches to the new footer, and a sync. It shrinks by rewriting the end
+// footer for the new size (the commit), then writing it right after the
+// new end, syncing and cutting the file there. A crash leaves the old size
+// or the new one, the new range reading as zeros — unless it tears the
+// change of the file's length, which a fixed image, having no footer copy,
+// cannot survive by itself: the grown length durable without the footer
+// written at its end, or a cut that zeroed the old last sector without
+// shortening the file. Open then finds no footer. Check with repair searches back
+// from the end for the footer the resize left (a valid fixed footer whose
+// current size is its own offset) and cuts the file after it, which gives
+// the old image (growth) or the new one (shrink). File systems that make a
+// length durable only with the data it covers, and cut files atomically,
+// do not produce these states.
 package vhd
 
 import (

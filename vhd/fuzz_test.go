@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -228,11 +229,32 @@ func FuzzBAT(f *testing.F) {
 	})
 }
 
+// changedImage is ourImage after change (SetParent, Resize): its header
+// and BAT sit at the end of the file.
+func changedImage(f *testing.F, typ Type, path, parent string, change func(*Image) error) []byte {
+	m := newMemFile()
+	img, err := CreateFile(m, path, CreateOptions{Type: typ, Size: 64 << 10, BlockSize: 4096, Parent: parent})
+	if err != nil {
+		f.Fatal(err)
+	}
+	if _, err := img.WriteAt(bytes.Repeat([]byte{0xCD}, 5000), 7000); err != nil {
+		f.Fatal(err)
+	}
+	if err := change(img); err != nil {
+		f.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		f.Fatal(err)
+	}
+	return m.cur
+}
+
 // FuzzOpen opens whole files: anything goes but a panic, an error that is
-// not a FormatError, or reads that disagree with Extents. The seeds are our
-// own small images (the samples are too large for the fuzzer's
-// minimization to finish), among them a differencing child whose parent
-// sits next to where the fuzzed file claims to be.
+// not a FormatError, or reads that disagree with Extents; ReadParentLink
+// agrees with what Open found. The seeds are our own small images (the
+// samples are too large for the fuzzer's minimization to finish), among
+// them a differencing child whose parent sits next to where the fuzzed
+// file claims to be, and images whose header SetParent or Resize moved.
 func FuzzOpen(f *testing.F) {
 	dir := f.TempDir()
 	parent := filepath.Join(dir, "parent.vhd")
@@ -243,9 +265,16 @@ func FuzzOpen(f *testing.F) {
 	f.Add(ourImage(f, Dynamic, child, ""))
 	f.Add(ourImage(f, Fixed, child, ""))
 	f.Add(ourImage(f, Differencing, child, parent))
+	f.Add(changedImage(f, Differencing, child, parent, func(img *Image) error { return img.SetParent(parent) }))
+	f.Add(changedImage(f, Dynamic, child, "", func(img *Image) error { return img.Resize(100 << 10) }))
+	f.Add(changedImage(f, Fixed, child, "", func(img *Image) error { return img.Resize(40 << 10) }))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m := newMemFile()
 		m.cur = bytes.Clone(b)
+		link, linkErr := readParentLink(m, child)
+		if linkErr != nil && !errors.Is(linkErr, disk.ErrFormat) && !errors.Is(linkErr, disk.ErrChecksum) && !errors.Is(linkErr, disk.ErrUnsupported) {
+			t.Fatalf("ReadParentLink: error %v", linkErr)
+		}
 		for _, ignore := range []bool{false, true} {
 			img, err := OpenFile(m.reopen(), child, OpenOptions{ReadOnly: true, IgnoreChecksum: ignore})
 			if err != nil {
@@ -254,6 +283,17 @@ func FuzzOpen(f *testing.F) {
 					t.Fatalf("error %v", err)
 				}
 				continue
+			}
+			if !ignore {
+				info := img.Info()
+				switch {
+				case linkErr != nil:
+					t.Fatalf("Open succeeded, ReadParentLink failed: %v", linkErr)
+				case (link != nil) != (info.Type == Differencing):
+					t.Fatalf("ReadParentLink %+v for a %s image", link, info.Type)
+				case link != nil && (link.UniqueID != info.ParentUniqueID || !slices.Contains(link.Candidates, info.ParentPath)):
+					t.Fatalf("ReadParentLink %+v, Open found %s (id %s)", link, info.ParentPath, info.ParentUniqueID)
+				}
 			}
 			size := img.Size()
 			exts, err := img.Extents(0, size)

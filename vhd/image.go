@@ -29,8 +29,9 @@ type Image struct {
 	ft          footer
 	footerRaw   [footerSize]byte // rewritten as is when the footer moves
 	footerAt    int64
-	fromCopy    bool // the footer came from the copy at offset 0
-	size        int64
+	fromCopy    bool  // the footer came from the copy at offset 0
+	copyStale   bool  // the copy at offset 0 differs from the end footer
+	size        int64 // changes under mu exclusively (Resize)
 	sizeFromCHS bool
 
 	// Dynamic and differencing images.
@@ -74,23 +75,32 @@ var errClosed = fmt.Errorf("vhd: %w", os.ErrClosed)
 var zeros = make([]byte, 1<<20)
 
 // Size returns the virtual size in bytes.
-func (im *Image) Size() int64 { return im.size }
+func (im *Image) Size() int64 {
+	im.mu.RLock()
+	defer im.mu.RUnlock()
+	return im.size
+}
 
 // Type returns the image's kind.
-func (im *Image) Type() Type { return im.ft.DiskType }
+func (im *Image) Type() Type {
+	im.mu.RLock() // Resize and SetParent replace the footer
+	defer im.mu.RUnlock()
+	return im.ft.DiskType
+}
 
 // Parent returns the open parent of a differencing image, or nil.
 func (im *Image) Parent() disk.Image { return im.parent }
 
 // ReadAt reads len(p) bytes at off; the range must lie within the disk.
 func (im *Image) ReadAt(p []byte, off int64) (int, error) {
-	if err := disk.CheckRange(off, int64(len(p)), im.size); err != nil {
-		return 0, fmt.Errorf("vhd: read [%d, +%d) on a %d-byte disk: %w", off, len(p), im.size, err)
-	}
 	im.mu.RLock()
 	defer im.mu.RUnlock()
 	if im.closed {
 		return 0, errClosed
+	}
+	// Under the lock: Resize changes the size.
+	if err := disk.CheckRange(off, int64(len(p)), im.size); err != nil {
+		return 0, fmt.Errorf("vhd: read [%d, +%d) on a %d-byte disk: %w", off, len(p), im.size, err)
 	}
 	var err error
 	if im.ft.DiskType == Fixed {
@@ -244,13 +254,13 @@ func (im *Image) markBits(bi int64, bm []byte, from, to int64, set bool) {
 
 // WriteAt writes p at off; the range must lie within the disk.
 func (im *Image) WriteAt(p []byte, off int64) (int, error) {
-	if err := disk.CheckRange(off, int64(len(p)), im.size); err != nil {
-		return 0, fmt.Errorf("vhd: write [%d, +%d) on a %d-byte disk: %w", off, len(p), im.size, err)
-	}
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	if err := im.writable(); err != nil {
 		return 0, err
+	}
+	if err := disk.CheckRange(off, int64(len(p)), im.size); err != nil {
+		return 0, fmt.Errorf("vhd: write [%d, +%d) on a %d-byte disk: %w", off, len(p), im.size, err)
 	}
 	if err := im.write(p, off); err != nil {
 		return 0, err
@@ -510,13 +520,13 @@ func (im *Image) WriteZeroes(off, length int64, mayUnmap bool) error {
 }
 
 func (im *Image) discard(off, length int64, trim, mayUnmap bool) error {
-	if err := disk.CheckRange(off, length, im.size); err != nil {
-		return fmt.Errorf("vhd: discard [%d, +%d) on a %d-byte disk: %w", off, length, im.size, err)
-	}
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	if err := im.writable(); err != nil {
 		return err
+	}
+	if err := disk.CheckRange(off, length, im.size); err != nil {
+		return fmt.Errorf("vhd: discard [%d, +%d) on a %d-byte disk: %w", off, length, im.size, err)
 	}
 	if im.ft.DiskType == Fixed {
 		return im.writeZeros(off, length)
@@ -630,13 +640,13 @@ func (im *Image) trimSectors(bi int64, e uint32, in, n int64) error {
 // are Data at depth 0; the rest comes from the parent one level deeper,
 // or is a Hole.
 func (im *Image) Extents(off, length int64) ([]disk.Extent, error) {
-	if err := disk.CheckRange(off, length, im.size); err != nil {
-		return nil, fmt.Errorf("vhd: extents [%d, +%d) on a %d-byte disk: %w", off, length, im.size, err)
-	}
 	im.mu.RLock()
 	defer im.mu.RUnlock()
 	if im.closed {
 		return nil, errClosed
+	}
+	if err := disk.CheckRange(off, length, im.size); err != nil {
+		return nil, fmt.Errorf("vhd: extents [%d, +%d) on a %d-byte disk: %w", off, length, im.size, err)
 	}
 	if im.ft.DiskType == Fixed {
 		return disk.AppendExtent(nil, disk.Extent{Offset: off, Length: length, Type: disk.Data}), nil

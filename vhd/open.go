@@ -43,6 +43,13 @@ type OpenOptions struct {
 	// IgnoreChecksum reads structures whose checksum is wrong (for the
 	// whole chain of VHDs). Their fields are still validated.
 	IgnoreChecksum bool
+	// NoParent opens a differencing image without looking for its parent,
+	// to change its link (SetParent) or resize it when the parent is
+	// missing or being replaced. Reading a range the file does not hold
+	// fails with an error wrapping disk.ErrParentNotFound, and so does a
+	// write that must complete a partial sector from the parent; Extents
+	// reports such ranges as coming from the parent (depth 1).
+	NoParent bool
 }
 
 // Open opens the VHD image at path.
@@ -80,21 +87,45 @@ func openFile(f storage.File, path string, opts OpenOptions, chain []os.FileInfo
 		return nil, fmt.Errorf("vhd: %s: %w", path, err)
 	}
 	if im.ft.DiskType == Differencing {
-		if fi, err := os.Stat(path); err == nil {
-			chain = append(chain, fi)
-		}
-		if err := im.openParent(opts, chain); err != nil {
-			return nil, fmt.Errorf("vhd: %s: %w", path, err)
+		if opts.NoParent {
+			im.parent = missingParent{}
+		} else {
+			if fi, err := os.Stat(path); err == nil {
+				chain = append(chain, fi)
+			}
+			if err := im.openParent(opts, chain); err != nil {
+				return nil, fmt.Errorf("vhd: %s: %w", path, err)
+			}
 		}
 	}
-	if !im.readOnly && im.fromCopy {
-		if err := im.restoreFooter(); err != nil {
+	if !im.readOnly {
+		var err error
+		switch {
+		case im.fromCopy:
+			err = im.restoreFooter()
+		case im.copyStale:
+			err = im.restoreCopy()
+		}
+		if err != nil {
 			im.closeParent()
 			return nil, fmt.Errorf("vhd: %s: restoring the footer: %w", path, err)
 		}
 	}
 	return im, nil
 }
+
+// missingParent stands in for the parent of an image opened with
+// NoParent. It is as large as a disk can be, so that every range the
+// child does not hold is asked of it.
+type missingParent struct{}
+
+func (missingParent) ReadAt([]byte, int64) (int, error) {
+	return 0, fmt.Errorf("vhd: parent not opened (NoParent): %w", disk.ErrParentNotFound)
+}
+func (missingParent) WriteAt([]byte, int64) (int, error) { return 0, disk.ErrReadOnly }
+func (missingParent) Size() int64                        { return MaxSize }
+func (missingParent) Flush() error                       { return nil }
+func (missingParent) Close() error                       { return nil }
 
 // load reads and checks every structure but the parent.
 func (im *Image) load(ignoreChecksum bool) error {
@@ -126,6 +157,7 @@ func (im *Image) load(ignoreChecksum bool) error {
 		}
 		if c != raw {
 			im.warn("the footer copy at offset 0 differs from the footer at the end")
+			im.copyStale = true
 		}
 	}
 
@@ -216,6 +248,21 @@ func (im *Image) restoreFooter() error {
 	return nil
 }
 
+// restoreCopy rewrites the footer copy at offset 0 from the end footer in
+// use: the copy is what Open falls back to when a crash damages the end,
+// so it must describe the same header (see "Moving the header" in the
+// package doc).
+func (im *Image) restoreCopy() error {
+	if _, err := im.f.WriteAt(im.footerRaw[:], 0); err != nil {
+		return err
+	}
+	if err := im.f.Sync(); err != nil {
+		return err
+	}
+	im.copyStale = false
+	return nil
+}
+
 // openParent finds the parent (see the package doc), checks it and opens
 // it read-only. chain holds the images below which it is opened, to refuse
 // loops.
@@ -276,8 +323,10 @@ func (im *Image) openParent(opts OpenOptions, chain []os.FileInfo) error {
 			im.warn(fmt.Sprintf("parent time stamp %s does not match %s (modified %s): the parent may have changed since the child was made",
 				fromVHDTime(ts).Format("2006-01-02 15:04:05Z"), c, fi.ModTime().UTC().Format("2006-01-02 15:04:05Z")))
 		}
-		if ps := parent.Size(); ps != im.size {
-			im.warn(fmt.Sprintf("parent is %d bytes, the child %d", ps, im.size))
+		// A larger child is what Resize makes: it reads zeros past the
+		// parent's end. A smaller one hides the parent's tail.
+		if ps := parent.Size(); ps > im.size {
+			im.warn(fmt.Sprintf("parent is %d bytes, the child only %d", ps, im.size))
 		}
 		return nil
 	}

@@ -14,12 +14,12 @@ import (
 // it (steps 2 and 3): data is read through TOP, declared zeros become
 // zero ranges. A reader and a writer run side by side.
 func copyInto(ctx context.Context, top, target string, k int, g vhdx.GUID, opts Options, res *Result) error {
-	src, err := vhdx.Open(top, openOpts(opts, true))
+	src, err := open(top, true, opts)
 	if err != nil {
 		return fmt.Errorf("merge: %w", err)
 	}
 	defer src.Close()
-	dst, err := vhdx.Open(target, openOpts(opts, false))
+	dst, err := open(target, false, opts)
 	if err != nil {
 		return fmt.Errorf("merge: %w", err)
 	}
@@ -36,14 +36,21 @@ func copyInto(ctx context.Context, top, target string, k int, g vhdx.GUID, opts 
 	return nil
 }
 
-func copyOpen(ctx context.Context, src, dst *vhdx.Image, k int, g vhdx.GUID, opts Options, res *Result) error {
-	if err := dst.BeginDataChange(g); err != nil {
+func copyOpen(ctx context.Context, src, dst disk.Image, k int, g vhdx.GUID, opts Options, res *Result) error {
+	if err := beginChange(dst, g); err != nil {
 		return err
 	}
 	if size := src.Size(); size > dst.Size() {
-		return fmt.Errorf("the target is %d bytes, TOP %d: growing it is not supported yet", dst.Size(), size)
+		if err := grow(dst, size); err != nil {
+			return err
+		}
+		res.Grown = size
 	}
-	exts, err := src.Extents(0, src.Size())
+	x, ok := src.(disk.Extenter)
+	if !ok {
+		return fmt.Errorf("%T reports no allocation map", src)
+	}
+	exts, err := x.Extents(0, src.Size())
 	if err != nil {
 		return err
 	}
@@ -83,7 +90,7 @@ type chunk struct {
 // pump copies extents from src to dst with one reader and one writer.
 type pump struct {
 	src        disk.Image
-	dst        *vhdx.Image
+	dst        disk.Image
 	opts       Options
 	res        *Result
 	total      int64
@@ -135,7 +142,7 @@ func (p *pump) run(ctx context.Context, todo []disk.Extent) error {
 		}
 		var err error
 		if c.buf == nil {
-			err = p.dst.WriteZeroes(c.off, c.n, true)
+			err = zeroFill(p.dst, c.off, c.n)
 			p.res.Zeroed += c.n
 		} else {
 			_, err = p.dst.WriteAt(c.buf, c.off)

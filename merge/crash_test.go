@@ -13,7 +13,6 @@ import (
 	"testing"
 
 	"github.com/vhdkit/vhdkit/storage"
-	"github.com/vhdkit/vhdkit/vhdx"
 )
 
 // memDisk holds a chain's files in MemFiles, so a merge can be stopped at
@@ -146,7 +145,7 @@ func (d *memDisk) leafContent(t *testing.T, top, target string) []byte {
 		leaf = target
 	}
 	d.mu.Unlock()
-	im, err := vhdx.Open(leaf, vhdx.OpenOptions{ReadOnly: true, OpenFile: d.open})
+	im, err := open(leaf, true, Options{OpenFile: d.open})
 	if err != nil {
 		t.Fatalf("opening %s after the crash: %v", filepath.Base(leaf), err)
 	}
@@ -164,12 +163,18 @@ func (d *memDisk) leafContent(t *testing.T, top, target string) []byte {
 // newest data, and running the merge again must finish it.
 func TestMergeCrash(t *testing.T) {
 	for _, c := range []struct {
-		name string
-		into int // index of the target in the chain, base 0
-	}{{"top-into-parent", 2}, {"into-base", 0}} {
+		name  string
+		build func(testing.TB, string, int) ([]string, [][]byte)
+		into  int // index of the target in the chain, base 0
+	}{
+		{"vhdx/top-into-parent", buildChain, 2},
+		{"vhdx/into-base", buildChain, 0},
+		{"vhd/top-into-parent", buildVHDChain, 2},
+		{"vhd/into-base", buildVHDChain, 0},
+	} {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
-			paths, contents := buildChain(t, dir, 3)
+			paths, contents := c.build(t, dir, 3)
 			want := contents[3]
 			orig := readFiles(t, paths)
 			top, target := paths[3], paths[c.into]
@@ -224,8 +229,13 @@ func TestMergeCrash(t *testing.T) {
 // working on: the merge reports the error, the leaf still reads the newest
 // data, and running the merge again finishes it.
 func TestMergeIOError(t *testing.T) {
+	t.Run("vhdx", func(t *testing.T) { testMergeIOError(t, buildChain) })
+	t.Run("vhd", func(t *testing.T) { testMergeIOError(t, buildVHDChain) })
+}
+
+func testMergeIOError(t *testing.T, build func(testing.TB, string, int) ([]string, [][]byte)) {
 	dir := t.TempDir()
-	paths, contents := buildChain(t, dir, 2)
+	paths, contents := build(t, dir, 2)
 	want := contents[2]
 	orig := readFiles(t, paths)
 	top, target := paths[2], paths[0]

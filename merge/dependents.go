@@ -1,11 +1,8 @@
 package merge
 
 import (
-	"os"
 	"path/filepath"
 	"slices"
-
-	"github.com/vhdkit/vhdkit/vhdx"
 )
 
 // dependents are the files outside the merged chain whose parent is one
@@ -53,7 +50,7 @@ func findDependents(layers []string, k int, opts Options) *dependents {
 			continue
 		}
 		dirs[dir] = true
-		for _, pat := range []string{"*.vhdx", "*.avhdx"} {
+		for _, pat := range []string{"*.vhdx", "*.avhdx", "*.vhd", "*.avhd"} {
 			m, _ := filepath.Glob(filepath.Join(dir, pat))
 			for _, p := range m {
 				add(p)
@@ -74,18 +71,3 @@ func findDependents(layers []string, k int, opts Options) *dependents {
 	return d
 }
 
-// parentOf returns the file a differencing image would open as its
-// parent: the first of its locator's candidates that exists. It returns
-// "" for files that are not differencing images, or not images at all.
-func parentOf(path string, opts Options) string {
-	link, err := vhdx.ReadParentLink(path, openOpts(opts, true))
-	if err != nil || link == nil {
-		return ""
-	}
-	for _, c := range link.Candidates {
-		if _, err := os.Stat(c); err == nil {
-			return c
-		}
-	}
-	return ""
-}

@@ -1,6 +1,7 @@
-// Package merge folds differencing layers of a VHDX chain into an ancestor
+// Package merge folds differencing layers of a VHDX or VHD chain into an
+// ancestor
 // (Hyper-V's Merge-VHD), crash-safely and resumably, offline (Merge) or
-// under a running disk (Disk, LiveMerge).
+// under a running VHDX disk (Disk, LiveMerge).
 //
 // # Protocol
 //
@@ -121,7 +122,7 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 	k := 1
 	if opts.Into != "" {
 		if k = indexOf(layers, opts.Into); k < 1 {
-			return nil, fmt.Errorf("merge: %s is not an ancestor of %s (its chain: %s)", opts.Into, top, strings.Join(layers, " -> "))
+			return nil, fmt.Errorf("merge: %s is not an ancestor of %s (its chain: %s)", opts.Into, top, chainNames(layers))
 		}
 	}
 	target := layers[k]
@@ -159,18 +160,14 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 	return res, nil
 }
 
-func openOpts(opts Options, ro bool) vhdx.OpenOptions {
-	return vhdx.OpenOptions{ReadOnly: ro, OpenFile: opts.OpenFile}
-}
-
 // chainPaths opens TOP's chain read-only and lists its files, TOP first.
 func chainPaths(top string, opts Options) ([]string, error) {
-	im, err := vhdx.Open(top, openOpts(opts, true))
+	im, err := open(top, true, opts)
 	if err != nil {
 		return nil, fmt.Errorf("merge: %w", err)
 	}
 	defer im.Close()
-	return im.Info().Chain, nil
+	return layers(im, top), nil
 }
 
 // indexOf finds path among layers by file identity.
@@ -187,33 +184,34 @@ func indexOf(layers []string, path string) int {
 	return -1
 }
 
-// prepare returns the DataWriteGuid the target is to take, recording it in
-// each child's parent_linkage2 first (step 1). A target that already has
-// the GUID its child L records (an interrupted merge) keeps it.
+// prepare returns the DataWriteGuid a VHDX target is to take (zero for
+// other formats), recording it in each child's parent_linkage2 first
+// (step 1). A target that already has the GUID its child L records (an
+// interrupted merge) keeps it.
 func prepare(target string, children []string, opts Options) (vhdx.GUID, error) {
-	t, err := vhdx.Open(target, openOpts(opts, true))
+	if kindOf(target) != kindVHDX {
+		return vhdx.GUID{}, nil
+	}
+	current, err := identity(target, opts)
 	if err != nil {
 		return vhdx.GUID{}, fmt.Errorf("merge: %w", err)
 	}
-	current := t.Info().DataWriteGUID
-	t.Close()
-	link, err := vhdx.ReadParentLink(children[0], openOpts(opts, true))
+	g, err := linkage2(children[0], opts)
 	if err != nil {
 		return vhdx.GUID{}, fmt.Errorf("merge: %w", err)
 	}
-	g := link.Linkage2
 	if g != current || g.IsZero() {
 		g = vhdx.NewGUID() // not resuming: a fresh identity for the target
 	}
 	for _, c := range children {
-		link, err := vhdx.ReadParentLink(c, openOpts(opts, true))
+		l2, err := linkage2(c, opts)
 		if err != nil {
 			return g, fmt.Errorf("merge: %w", err)
 		}
-		if link.Linkage2 == g {
+		if l2 == g {
 			continue
 		}
-		if err := relink(c, opts, func(im *vhdx.Image) error { return im.SetParentLinkage2(g) }); err != nil {
+		if err := setLinkage2(c, g, opts); err != nil {
 			return g, fmt.Errorf("merge: recording the target's new identity in %s: %w", c, err)
 		}
 	}
@@ -231,21 +229,8 @@ func setParent(child, target string, g vhdx.GUID, opts Options) error {
 			return nil
 		}
 	}
-	if err := relink(child, opts, func(im *vhdx.Image) error { return im.SetParent(target, g) }); err != nil {
+	if err := repoint(child, target, g, opts); err != nil {
 		return fmt.Errorf("merge: re-linking %s: %w", child, err)
 	}
 	return nil
-}
-
-// relink opens a child without its parent, changes its links and closes it.
-func relink(child string, opts Options, change func(*vhdx.Image) error) error {
-	im, err := vhdx.Open(child, vhdx.OpenOptions{OpenFile: opts.OpenFile, NoParent: true})
-	if err != nil {
-		return err
-	}
-	err = change(im)
-	if cerr := im.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }

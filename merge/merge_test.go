@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -55,7 +56,7 @@ func buildChain(t testing.TB, dir string, levels int) ([]string, [][]byte) {
 	return paths, contents
 }
 
-func scribble(t testing.TB, im *vhdx.Image, model []byte, seed int64, n int, maxLen int64) {
+func scribble(t testing.TB, im io.WriterAt, model []byte, seed int64, n int, maxLen int64) {
 	t.Helper()
 	r := rand.New(rand.NewSource(seed))
 	for i := 0; i < n; i++ {
@@ -71,7 +72,7 @@ func scribble(t testing.TB, im *vhdx.Image, model []byte, seed int64, n int, max
 
 func content(t testing.TB, path string) []byte {
 	t.Helper()
-	im, err := vhdx.Open(path, vhdx.OpenOptions{ReadOnly: true})
+	im, err := open(path, true, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

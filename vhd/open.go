@@ -50,6 +50,17 @@ type OpenOptions struct {
 	// write that must complete a partial sector from the parent; Extents
 	// reports such ranges as coming from the parent (depth 1).
 	NoParent bool
+	// OpenFile, when set, opens the image's file and its VHD parents'
+	// instead of storage.OpenFile: the seam fault and crash tests use.
+	OpenFile func(path string, flag int) (storage.File, error)
+}
+
+// open opens a file through the OpenFile seam.
+func (o OpenOptions) open(path string, flag int) (storage.File, error) {
+	if o.OpenFile != nil {
+		return o.OpenFile(path, flag)
+	}
+	return storage.OpenFile(path, flag, 0)
 }
 
 // Open opens the VHD image at path.
@@ -69,7 +80,7 @@ func openPath(path string, opts OpenOptions, chain []os.FileInfo) (*Image, error
 	if opts.ReadOnly {
 		flag = os.O_RDONLY
 	}
-	f, err := storage.OpenFile(path, flag, 0)
+	f, err := opts.open(path, flag)
 	if err != nil {
 		return nil, fmt.Errorf("vhd: %w", err)
 	}
@@ -82,7 +93,7 @@ func openPath(path string, opts OpenOptions, chain []os.FileInfo) (*Image, error
 }
 
 func openFile(f storage.File, path string, opts OpenOptions, chain []os.FileInfo) (*Image, error) {
-	im := &Image{f: f, path: path, readOnly: opts.ReadOnly}
+	im := &Image{f: f, path: path, readOnly: opts.ReadOnly, openFile: opts.OpenFile}
 	if err := im.load(opts.IgnoreChecksum); err != nil {
 		return nil, fmt.Errorf("vhd: %s: %w", path, err)
 	}
@@ -294,7 +305,7 @@ func (im *Image) openParent(opts OpenOptions, chain []os.FileInfo) error {
 				return formatErr("dynamic header", im.hdrOff, "differencing chain loops back to %s", c)
 			}
 		}
-		pf, isVHD := peekFooter(c, opts.IgnoreChecksum)
+		pf, isVHD := peekFooterWith(opts, c, opts.IgnoreChecksum)
 		if isVHD && pf.UniqueID != want {
 			if mismatch == nil {
 				mismatch = fmt.Errorf("%w: %s has unique id %s, the child expects %s", disk.ErrParentMismatch, c, pf.UniqueID, want)
@@ -303,7 +314,7 @@ func (im *Image) openParent(opts OpenOptions, chain []os.FileInfo) error {
 		}
 		var parent disk.Image
 		if isVHD {
-			p, err := openPath(c, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, IgnoreChecksum: opts.IgnoreChecksum}, chain)
+			p, err := openPath(c, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, IgnoreChecksum: opts.IgnoreChecksum, OpenFile: opts.OpenFile}, chain)
 			if err != nil {
 				return fmt.Errorf("parent: %w", err)
 			}
@@ -343,7 +354,11 @@ func (im *Image) openParent(opts OpenOptions, chain []os.FileInfo) error {
 // peekFooter reads the footer of the file at path, reporting whether it
 // is a VHD.
 func peekFooter(path string, ignoreChecksum bool) (footer, bool) {
-	f, err := storage.OpenFile(path, os.O_RDONLY, 0)
+	return peekFooterWith(OpenOptions{}, path, ignoreChecksum)
+}
+
+func peekFooterWith(opts OpenOptions, path string, ignoreChecksum bool) (footer, bool) {
+	f, err := opts.open(path, os.O_RDONLY)
 	if err != nil {
 		return footer{}, false
 	}

@@ -34,7 +34,7 @@ func (im *Image) SetParent(parentPath string) error {
 		return fmt.Errorf("vhd: %s: %w: a %s image has no parent", im.path, disk.ErrUnsupported, im.ft.DiskType)
 	}
 	abs := absPath(parentPath)
-	id, ts, err := parentLink(abs, im.path)
+	id, ts, err := parentLink(OpenOptions{OpenFile: im.openFile}, abs, im.path)
 	if err != nil {
 		return fmt.Errorf("vhd: %s: set parent: %w", im.path, err)
 	}
@@ -62,7 +62,7 @@ func (im *Image) SetParent(parentPath string) error {
 // parentLink returns what a child records about the parent at path (an
 // absolute path): its unique id when it is a VHD, and its modification
 // time.
-func parentLink(path, child string) (UUID, uint32, error) {
+func parentLink(opts OpenOptions, path, child string) (UUID, uint32, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return UUID{}, 0, fmt.Errorf("parent: %w", err)
@@ -74,7 +74,7 @@ func parentLink(path, child string) (UUID, uint32, error) {
 		return UUID{}, 0, fmt.Errorf("%w: parent %s is the image itself", disk.ErrUnsupported, path)
 	}
 	var id UUID
-	if pf, ok := peekFooter(path, false); ok {
+	if pf, ok := peekFooterWith(opts, path, false); ok {
 		id = pf.UniqueID
 	} else if f, err := disk.Detect(path); err != nil {
 		return UUID{}, 0, fmt.Errorf("parent: %w", err)
@@ -118,9 +118,9 @@ type ParentLink struct {
 
 // ReadParentLink reads a differencing image's parent locators and parent
 // unique id without opening the parent; it returns nil for an image that
-// has no parent.
-func ReadParentLink(path string) (*ParentLink, error) {
-	f, err := storage.OpenFile(path, os.O_RDONLY, 0)
+// has no parent. Of opts only OpenFile is used.
+func ReadParentLink(path string, opts OpenOptions) (*ParentLink, error) {
+	f, err := opts.open(path, os.O_RDONLY)
 	if err != nil {
 		return nil, fmt.Errorf("vhd: %w", err)
 	}

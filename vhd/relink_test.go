@@ -174,7 +174,7 @@ func TestSetParentMoved(t *testing.T) {
 	}
 	mustClose(t, img)
 	checkClean(t, child)
-	link, err := ReadParentLink(child)
+	link, err := ReadParentLink(child, OpenOptions{})
 	if err != nil || link == nil || link.UniqueID != oldInfo.ParentUniqueID || len(link.Candidates) == 0 || link.Candidates[0] != moved {
 		t.Fatalf("ReadParentLink: %+v, %v", link, err)
 	}
@@ -435,7 +435,7 @@ func TestSetParentHyperV(t *testing.T) {
 	}
 	parent := cp("synthetic-parents/fat-parent.vhd.gz", "another name.vhd")
 	child := cp("hyperv/fat-differential.vhd.gz", "fat-differential.vhd")
-	before, err := ReadParentLink(child)
+	before, err := ReadParentLink(child, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -450,7 +450,7 @@ func TestSetParentHyperV(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustClose(t, img)
-	after, err := ReadParentLink(child)
+	after, err := ReadParentLink(child, OpenOptions{})
 	if err != nil || after.UniqueID != before.UniqueID || after.Candidates[0] != parent {
 		t.Fatalf("after: %+v %v", after, err)
 	}
@@ -473,14 +473,14 @@ func TestSetParentHyperV(t *testing.T) {
 func TestReadParentLink(t *testing.T) {
 	dir := t.TempDir()
 	base, child := makeChain(t, dir)
-	if l, err := ReadParentLink(base); l != nil || err != nil {
+	if l, err := ReadParentLink(base, OpenOptions{}); l != nil || err != nil {
 		t.Errorf("dynamic image: %+v, %v", l, err)
 	}
 	fixed, _ := makeImage(t, dir, "fixed.vhd", CreateOptions{Type: Fixed, Size: 1 << 20})
-	if l, err := ReadParentLink(fixed); l != nil || err != nil {
+	if l, err := ReadParentLink(fixed, OpenOptions{}); l != nil || err != nil {
 		t.Errorf("fixed image: %+v, %v", l, err)
 	}
-	l, err := ReadParentLink(child)
+	l, err := ReadParentLink(child, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -489,15 +489,15 @@ func TestReadParentLink(t *testing.T) {
 	}
 	// The parent need not exist.
 	os.Remove(base)
-	if l2, err := ReadParentLink(child); err != nil || !slices.Equal(l2.Candidates, l.Candidates) {
+	if l2, err := ReadParentLink(child, OpenOptions{}); err != nil || !slices.Equal(l2.Candidates, l.Candidates) {
 		t.Errorf("without the parent: %+v %v", l2, err)
 	}
-	if _, err := ReadParentLink(filepath.Join(dir, "none.vhd")); !errors.Is(err, os.ErrNotExist) {
+	if _, err := ReadParentLink(filepath.Join(dir, "none.vhd"), OpenOptions{}); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("missing file: %v", err)
 	}
 	junk := filepath.Join(dir, "junk.vhd")
 	os.WriteFile(junk, bytes.Repeat([]byte{1}, 4096), 0o644)
-	if _, err := ReadParentLink(junk); !errors.Is(err, disk.ErrFormat) {
+	if _, err := ReadParentLink(junk, OpenOptions{}); !errors.Is(err, disk.ErrFormat) {
 		t.Errorf("junk: %v", err)
 	}
 	// A moved child: the relative locator is resolved from where it is.
@@ -505,7 +505,7 @@ func TestReadParentLink(t *testing.T) {
 	os.Mkdir(sub, 0o755)
 	moved := filepath.Join(sub, "child.vhd")
 	os.Rename(child, moved)
-	l, err = ReadParentLink(moved)
+	l, err = ReadParentLink(moved, OpenOptions{})
 	if err != nil || !slices.Equal(l.Candidates, []string{filepath.Join(sub, "base.vhd"), base}) {
 		t.Errorf("moved child: %+v %v", l, err)
 	}

@@ -2,12 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"path/filepath"
 
+	"github.com/vhdkit/vhdkit/disk"
 	"github.com/vhdkit/vhdkit/merge"
-	"github.com/vhdkit/vhdkit/vhdx"
 )
 
 func mergeCommand() *command {
@@ -88,9 +89,11 @@ func setParentCommand() *command {
 		synopsis: "--parent NEW [--ignore-id-mismatch] CHILD",
 		summary:  "point a differencing disk at a moved or renamed parent (like Set-VHD -ParentPath)",
 		help: `Rewrites CHILD's parent locator so it finds its parent at NEW. NEW must be
-the disk CHILD was made from: its DataWriteGuid must match CHILD's
-parent_linkage (or parent_linkage2). --ignore-id-mismatch links it anyway
-(CHILD will then read through NEW whatever NEW holds).
+the disk CHILD was made from: for a VHDX child, its DataWriteGuid must match
+CHILD's parent_linkage (or parent_linkage2); for a VHD child over a VHD, its
+unique id must match the one CHILD records. --ignore-id-mismatch links it
+anyway (CHILD will then read through NEW whatever NEW holds). The change is
+crash-safe: CHILD opens with its old or its new parent link.
 
 Examples:
   vhdkit set-parent --parent /vms/base.vhdx child.avhdx
@@ -112,34 +115,10 @@ Examples:
 }
 
 func (c *cli) setParent(child, parentPath string, ignore bool) error {
-	link, err := vhdx.ReadParentLink(child, vhdx.OpenOptions{})
-	if err != nil {
-		return err
-	}
-	if link == nil {
-		return fmt.Errorf("%s is not a differencing disk", child)
-	}
-	p, err := vhdx.Open(parentPath, vhdx.OpenOptions{ReadOnly: true})
-	if err != nil {
-		return err
-	}
-	g := p.Info().DataWriteGUID
-	p.Close()
-	if g != link.Linkage && (link.Linkage2.IsZero() || g != link.Linkage2) {
-		if !ignore {
-			return fmt.Errorf("%s has DataWriteGuid {%s}, but %s was made from {%s}: not its parent (--ignore-id-mismatch links it anyway): %w",
-				parentPath, g, child, link.Linkage, vhdx.ErrParentMismatch)
+	if err := merge.SetParent(child, parentPath, ignore, merge.Options{}); err != nil {
+		if errors.Is(err, disk.ErrParentMismatch) && !ignore {
+			return fmt.Errorf("%w (--ignore-id-mismatch links it anyway)", err)
 		}
-	}
-	im, err := vhdx.Open(child, vhdx.OpenOptions{NoParent: true})
-	if err != nil {
-		return err
-	}
-	err = im.SetParent(parentPath, g)
-	if cerr := im.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
 		return err
 	}
 	fmt.Fprintf(c.stdout, "%s: parent is now %s\n", child, parentPath)

@@ -1,0 +1,234 @@
+package merge
+
+import (
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/raw"
+	"github.com/vhdkit/vhdkit/vhd"
+	"github.com/vhdkit/vhdkit/vhdx"
+)
+
+// What a merge does differs by format only in how a child names and
+// checks its parent. A VHDX child checks its parent's DataWriteGuid, which
+// the merge changes by the protocol (parent_linkage2 first). A VHD child
+// checks its parent's unique id, which no write changes, and records a
+// time stamp that is advisory only; so a VHD target keeps its identity,
+// and the merge relies on the dependents scan (and the journal) alone.
+// Any registered format can be the base of a chain; raw ones are merged
+// into like the rest.
+
+// kind is the format of a chain's file, known from its name so that it
+// can be told before the file is opened (and through the OpenFile seam).
+type kind int
+
+const (
+	kindOther kind = iota
+	kindVHDX
+	kindVHD
+	kindRaw
+)
+
+func kindOf(path string) kind {
+	f, ok := disk.FormatForPath(path)
+	if !ok {
+		if f, _ = disk.Detect(path); f.Name == "" {
+			return kindOther
+		}
+	}
+	switch f.Name {
+	case "vhdx":
+		return kindVHDX
+	case "vhd":
+		return kindVHD
+	case "raw":
+		return kindRaw
+	}
+	return kindOther
+}
+
+// open opens the chain whose leaf is path.
+func open(path string, ro bool, opts Options) (disk.Image, error) {
+	switch kindOf(path) {
+	case kindVHDX:
+		im, err := vhdx.Open(path, vhdx.OpenOptions{ReadOnly: ro, OpenFile: opts.OpenFile})
+		if err != nil {
+			return nil, err
+		}
+		return im, nil
+	case kindVHD:
+		im, err := vhd.Open(path, vhd.OpenOptions{ReadOnly: ro, OpenFile: opts.OpenFile})
+		if err != nil {
+			return nil, err
+		}
+		return im, nil
+	case kindRaw:
+		if opts.OpenFile != nil {
+			flag := os.O_RDWR
+			if ro {
+				flag = os.O_RDONLY
+			}
+			f, err := opts.OpenFile(path, flag)
+			if err != nil {
+				return nil, err
+			}
+			im, err := raw.New(f, ro)
+			if err != nil {
+				f.Close()
+				return nil, err
+			}
+			return im, nil
+		}
+	}
+	return disk.Open(path, disk.OpenOptions{ReadOnly: ro})
+}
+
+// layers lists the files of an open chain, leaf first.
+func layers(im disk.Image, path string) []string {
+	switch im := im.(type) {
+	case *vhdx.Image:
+		return im.Info().Chain
+	case *vhd.Image:
+		return im.Info().Chain
+	}
+	return []string{path}
+}
+
+// parentOf returns the file a differencing image would open as its
+// parent: the first of its locator's candidates that exists. It returns
+// "" for files that are not differencing images, or not images at all.
+func parentOf(path string, opts Options) string {
+	var candidates []string
+	switch kindOf(path) {
+	case kindVHDX:
+		link, err := vhdx.ReadParentLink(path, vhdx.OpenOptions{OpenFile: opts.OpenFile})
+		if err != nil || link == nil {
+			return ""
+		}
+		candidates = link.Candidates
+	case kindVHD:
+		link, err := vhd.ReadParentLink(path, vhd.OpenOptions{OpenFile: opts.OpenFile})
+		if err != nil || link == nil {
+			return ""
+		}
+		candidates = link.Candidates
+	}
+	for _, c := range candidates {
+		if _, err := os.Stat(c); err == nil {
+			return c
+		}
+	}
+	return ""
+}
+
+// identity returns the DataWriteGuid of a VHDX target; other formats
+// have none a merge changes (zero).
+func identity(target string, opts Options) (vhdx.GUID, error) {
+	if kindOf(target) != kindVHDX {
+		return vhdx.GUID{}, nil
+	}
+	t, err := vhdx.Open(target, vhdx.OpenOptions{ReadOnly: true, OpenFile: opts.OpenFile})
+	if err != nil {
+		return vhdx.GUID{}, err
+	}
+	defer t.Close()
+	return t.Info().DataWriteGUID, nil
+}
+
+// linkage2 returns a VHDX child's parent_linkage2 (zero when absent, and
+// for other formats).
+func linkage2(child string, opts Options) (vhdx.GUID, error) {
+	if kindOf(child) != kindVHDX {
+		return vhdx.GUID{}, nil
+	}
+	link, err := vhdx.ReadParentLink(child, vhdx.OpenOptions{ReadOnly: true, OpenFile: opts.OpenFile})
+	if err != nil {
+		return vhdx.GUID{}, err
+	}
+	if link == nil {
+		return vhdx.GUID{}, fmt.Errorf("%s is not a differencing image", child)
+	}
+	return link.Linkage2, nil
+}
+
+// setLinkage2 records g as a VHDX child's parent_linkage2; children of
+// other formats do not check a VHDX parent's identity.
+func setLinkage2(child string, g vhdx.GUID, opts Options) error {
+	if kindOf(child) != kindVHDX {
+		return nil
+	}
+	return relinkVHDX(child, opts, func(im *vhdx.Image) error { return im.SetParentLinkage2(g) })
+}
+
+// repoint points child's file at target, whose DataWriteGuid (for a VHDX
+// target) is g.
+func repoint(child, target string, g vhdx.GUID, opts Options) error {
+	switch kindOf(child) {
+	case kindVHDX:
+		return relinkVHDX(child, opts, func(im *vhdx.Image) error { return im.SetParent(target, g) })
+	case kindVHD:
+		im, err := vhd.Open(child, vhd.OpenOptions{NoParent: true, OpenFile: opts.OpenFile})
+		if err != nil {
+			return err
+		}
+		err = im.SetParent(target)
+		if cerr := im.Close(); err == nil {
+			err = cerr
+		}
+		return err
+	}
+	return fmt.Errorf("%s is not a differencing image vhdkit can re-link", child)
+}
+
+// relinkVHDX opens a child without its parent, changes its links and
+// closes it.
+func relinkVHDX(child string, opts Options, change func(*vhdx.Image) error) error {
+	im, err := vhdx.Open(child, vhdx.OpenOptions{OpenFile: opts.OpenFile, NoParent: true})
+	if err != nil {
+		return err
+	}
+	err = change(im)
+	if cerr := im.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// beginChange readies the target for writing under identity g (VHDX:
+// BeginDataChange).
+func beginChange(dst disk.Image, g vhdx.GUID) error {
+	if im, ok := dst.(*vhdx.Image); ok {
+		return im.BeginDataChange(g)
+	}
+	return nil
+}
+
+// grow makes the target as large as TOP.
+func grow(dst disk.Image, size int64) error {
+	r, ok := dst.(interface{ Resize(int64) error })
+	if !ok {
+		return fmt.Errorf("the target is %d bytes, TOP %d, and this format cannot grow", dst.Size(), size)
+	}
+	return r.Resize(size)
+}
+
+// zeroFill writes zeros over a range of dst.
+func zeroFill(dst disk.Image, off, n int64) error {
+	if z, ok := dst.(disk.Zeroer); ok {
+		return z.WriteZeroes(off, n, true)
+	}
+	buf := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		k := min(n, int64(len(buf)))
+		if _, err := dst.WriteAt(buf[:k], off); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// chainNames joins paths for messages.
+func chainNames(paths []string) string { return strings.Join(paths, " -> ") }

@@ -70,4 +70,3 @@ func findDependents(layers []string, k int, opts Options) *dependents {
 	}
 	return d
 }
-

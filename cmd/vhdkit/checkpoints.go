@@ -93,8 +93,16 @@ func checkpointCreateCommand() *command {
 				return printJSON(c.stdout, cp)
 			}
 			fmt.Fprintf(c.stdout, "checkpoint %q (id %s) of %s\n", cp.Name, cp.ID, args[0])
+			v, err := cl.VM(ctx, args[0])
+			if err != nil {
+				return err
+			}
 			for i, p := range cp.Files {
-				fmt.Fprintf(c.stdout, "  disk %d frozen in %s\n", i, p)
+				fmt.Fprintf(c.stdout, "  disk %d: %s frozen", i, p)
+				if i < len(v.Disks) {
+					fmt.Fprintf(c.stdout, ", now runs on %s", v.Disks[i].Path)
+				}
+				fmt.Fprintln(c.stdout)
 			}
 			return nil
 		})
@@ -169,7 +177,11 @@ Examples:
 // follow polls a job until it finishes, drawing its progress on stderr.
 // A job that pauses on an error ends the wait with that error.
 func (c *cli) follow(ctx context.Context, cl *api.Client, id string, force bool) (*api.Job, error) {
-	bar := newProgressBar(c.stderr, 0, force || isTerminal(c.stderr))
+	draw := force || isTerminal(c.stderr)
+	bar := newProgressBar(io.Discard, 0, isTerminal(c.stderr))
+	if draw {
+		bar.w = c.stderr
+	}
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"path/filepath"
 	"text/tabwriter"
 	"time"
 
@@ -142,6 +143,14 @@ Examples:
 			fs.Var(&attach, "attach", "add the existing VHDX `FILE` as a disk (repeatable)")
 		},
 		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			if len(disks)+len(attach) == 0 {
+				return usagef("a machine needs at least one --disk SIZE or --attach FILE")
+			}
+			for i, a := range attach {
+				if abs, err := filepath.Abs(a); err == nil {
+					attach[i] = abs // the daemon may run elsewhere
+				}
+			}
 			v, err := cl.CreateVM(ctx, api.CreateVM{Name: args[0], Disks: disks, Attach: attach})
 			if err != nil {
 				return err

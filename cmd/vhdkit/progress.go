@@ -70,8 +70,12 @@ func (p *progressBar) draw(final bool) {
 		const width = 30
 		filled := int(pct * width / 100)
 		rate := ""
-		if secs := now.Sub(p.start).Seconds(); secs > 0.2 {
-			rate = fmt.Sprintf("  %s/s", humanBytes(int64(float64(p.done)/secs)))
+		if secs := now.Sub(p.start).Seconds(); secs > 0.2 && p.done > 0 {
+			bps := float64(p.done) / secs
+			rate = fmt.Sprintf("  %s/s", humanBytes(int64(bps)))
+			if left := p.total - p.done; left > 0 {
+				rate += fmt.Sprintf("  %s left", (time.Duration(float64(left)/bps) * time.Second).Round(time.Second))
+			}
 		}
 		fmt.Fprintf(p.w, "\r[%s%s] %3d%%  %s of %s%s\x1b[K", strings.Repeat("#", filled),
 			strings.Repeat(" ", width-filled), pct, humanBytes(p.done), humanBytes(p.total), rate)

@@ -69,6 +69,14 @@ Examples:
 // serve runs a host on dir until ctx ends; ready is called once it
 // listens.
 func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, log *slog.Logger, ready func(*host.Host, string)) (err error) {
+	if dir, err = filepath.Abs(dir); err != nil {
+		return err
+	}
+	if nbdSocket != "" && !strings.HasPrefix(nbdSocket, "@") {
+		if nbdSocket, err = filepath.Abs(nbdSocket); err != nil {
+			return err
+		}
+	}
 	srv := &nbd.Server{Logger: log}
 	h, err := host.Open(dir, host.Options{Logger: log, NBD: srv})
 	if err != nil {

@@ -88,6 +88,9 @@ type Job struct {
 	Total     int64     `json:"total"`
 	Bandwidth int64     `json:"bandwidth,omitempty"` // bytes per second, 0: unlimited
 	ETA       float64   `json:"eta_seconds,omitempty"`
+	// StallMS is the longest time guest I/O was held while a disk
+	// switched from the merged file to its parent, in milliseconds.
+	StallMS float64 `json:"stall_ms,omitempty"`
 	Created   time.Time `json:"created"`
 	Updated   time.Time `json:"updated"`
 }

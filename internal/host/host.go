@@ -103,6 +103,12 @@ func Open(dir string, opts Options) (*Host, error) {
 	if opts.FreeSpace == nil {
 		opts.FreeSpace = freeSpace
 	}
+	// The state names files by absolute path: the daemon's working
+	// directory must not matter.
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(filepath.Join(dir, "vms"), 0o755); err != nil {
 		return nil, err
 	}

@@ -470,6 +470,7 @@ func (h *Host) runLive(j *job, v *vm, d *merge.Disk) error {
 	stall := time.Since(start)
 	if err == nil {
 		j.live = nil
+		j.st.StallMS = max(j.st.StallMS, float64(stall.Microseconds())/1000)
 	}
 	j.st.State = api.JobRunning
 	if j.st.Cancel {

@@ -84,15 +84,15 @@ type Job struct {
 	// Reason says why a job is paused or failed.
 	Reason string `json:"reason,omitempty"`
 	// Done and Total are bytes merged and to merge; Done never decreases.
-	Done      int64     `json:"done"`
-	Total     int64     `json:"total"`
-	Bandwidth int64     `json:"bandwidth,omitempty"` // bytes per second, 0: unlimited
-	ETA       float64   `json:"eta_seconds,omitempty"`
+	Done      int64   `json:"done"`
+	Total     int64   `json:"total"`
+	Bandwidth int64   `json:"bandwidth,omitempty"` // bytes per second, 0: unlimited
+	ETA       float64 `json:"eta_seconds,omitempty"`
 	// StallMS is the longest time guest I/O was held while a disk
 	// switched from the merged file to its parent, in milliseconds.
-	StallMS float64 `json:"stall_ms,omitempty"`
-	Created   time.Time `json:"created"`
-	Updated   time.Time `json:"updated"`
+	StallMS float64   `json:"stall_ms,omitempty"`
+	Created time.Time `json:"created"`
+	Updated time.Time `json:"updated"`
 }
 
 // Finished reports whether the job has reached a final state.

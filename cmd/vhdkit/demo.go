@@ -3,24 +3,40 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/host"
+	"github.com/vhdkit/vhdkit/nbd"
+	"github.com/vhdkit/vhdkit/vhdx"
 )
 
 func demoCommand() *command {
 	return &command{
 		name:     "demo",
 		synopsis: "[DIR]",
-		summary:  "walk through creating, filling, inspecting, chaining and converting a disk",
-		help: `Runs a short walkthrough and prints each step with the equivalent command:
-create a dynamic VHDX, write a pattern into it, show its info and allocation
-map, create a differencing child, write into the child, show the chain,
-convert the child (flattened) to a raw image and verify its bytes, check the
-images. It works in a fresh temporary directory, removed at the end, or in
-DIR, where the files are kept (they must not exist yet).
+		summary:  "walk through a checkpoint and its live merge under a writing client",
+		help: `Runs the mission in a minute, printing each step with the equivalent command:
+starts a host in-process (as "vhdkit serve" does), creates a machine, writes
+through NBD as a guest would, takes a checkpoint (the disk moves to an
+.avhdx), keeps writing, deletes the checkpoint while the writer goes on (a
+live merge, with a progress bar), shows the disk back on its .vhdx, and
+verifies every byte through NBD and in the file. It works in a fresh
+temporary directory, removed at the end, or in DIR, where the files are kept
+(DIR must not hold a demo yet).
 
 Examples:
   vhdkit demo
@@ -41,18 +57,97 @@ Examples:
 	}
 }
 
-// The demo disk: 64 MiB in 1 MiB blocks, so that its map shows a few
-// allocated blocks among holes.
 const (
-	demoSize      = 64 << 20
-	demoBlockSize = 1 << 20
+	demoDiskSize  = 256 << 20
+	demoFirst     = 64 << 20  // written before the checkpoint
+	demoSecond    = 96 << 20  // written after it, before the merge
+	demoWriteSize = 64 << 10  // one write of the writer
+	demoMergeRate = 64 << 20  // the merge's bandwidth, so it can be watched
+	demoWritePace = time.Millisecond
 )
 
-// demoWrite is one write of the demo, done both to an image and to the
-// in-memory model the result is verified against.
-type demoWrite struct {
-	off  int64
-	data []byte
+// demoWriter is the demo's guest: it writes through its own NBD
+// connection and keeps the model of what the disk must hold.
+type demoWriter struct {
+	c     *nbd.Client
+	rng   *rand.Rand
+	mu    sync.Mutex
+	model []byte
+	n     int           // acknowledged writes
+	slow  time.Duration // the slowest write
+}
+
+func (w *demoWriter) write(off int64, p []byte) error {
+	start := time.Now()
+	if _, err := w.c.WriteAt(p, off); err != nil {
+		return err
+	}
+	d := time.Since(start)
+	w.mu.Lock()
+	copy(w.model[off:], p)
+	w.n++
+	w.slow = max(w.slow, d)
+	w.mu.Unlock()
+	return nil
+}
+
+// fill writes n bytes in demoWriteSize pieces at random offsets below
+// limit, then flushes.
+func (w *demoWriter) fill(n, limit int64) error {
+	buf := make([]byte, demoWriteSize)
+	for done := int64(0); done < n; done += demoWriteSize {
+		off := w.rng.Int64N(limit/demoWriteSize) * demoWriteSize
+		demoData(w.rng, buf)
+		if err := w.write(off, buf); err != nil {
+			return err
+		}
+	}
+	return w.c.Flush()
+}
+
+// run writes until stop closes, one write per demoWritePace.
+func (w *demoWriter) run(stop <-chan struct{}) <-chan error {
+	errc := make(chan error, 1)
+	go func() {
+		buf := make([]byte, demoWriteSize)
+		tick := time.NewTicker(demoWritePace)
+		defer tick.Stop()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				errc <- w.c.Flush()
+				return
+			case <-tick.C:
+			}
+			off := w.rng.Int64N(demoDiskSize/demoWriteSize) * demoWriteSize
+			demoData(w.rng, buf)
+			if err := w.write(off, buf); err != nil {
+				errc <- err
+				return
+			}
+			if i%64 == 63 {
+				if err := w.c.Flush(); err != nil {
+					errc <- err
+					return
+				}
+			}
+		}
+	}()
+	return errc
+}
+
+// demoData fills p with random bytes, one in eight pieces zeros.
+func demoData(rng *rand.Rand, p []byte) {
+	if rng.IntN(8) == 0 {
+		clear(p)
+		return
+	}
+	for i := 0; i+8 <= len(p); i += 8 {
+		v := rng.Uint64()
+		for k := range 8 {
+			p[i+k] = byte(v >> (8 * k))
+		}
+	}
 }
 
 func (c *cli) demo(ctx context.Context, dir string) (err error) {
@@ -72,11 +167,14 @@ func (c *cli) demo(ctx context.Context, dir string) (err error) {
 	} else if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	base := filepath.Join(dir, "base.vhdx")
-	child := filepath.Join(dir, "child.avhdx")
-	flat := filepath.Join(dir, "flat.img")
-	model := make([]byte, demoSize)
-
+	if dir, err = filepath.Abs(dir); err != nil {
+		return err
+	}
+	data := filepath.Join(dir, "vhdkit-data")
+	if _, err := os.Stat(data); err == nil {
+		return fmt.Errorf("%s already holds a demo (remove it, or name another DIR)", data)
+	}
+	started := time.Now()
 	step := 0
 	say := func(title string) {
 		step++
@@ -85,104 +183,192 @@ func (c *cli) demo(ctx context.Context, dir string) (err error) {
 		}
 		fmt.Fprintf(c.stdout, "== %d. %s\n", step, title)
 	}
-	// vhdkit runs one verb in-process, echoing it like a shell would.
-	vhdkit := func(args ...string) error {
+	// vhdkit runs a client verb in-process against the demo's host,
+	// echoing it like a shell would; progress goes to stderr as well.
+	vhdkit := func(progress io.Writer, args ...string) error {
 		fmt.Fprintf(c.stdout, "$ vhdkit %s\n", strings.Join(args, " "))
 		var stderr bytes.Buffer
-		if code := run(ctx, args, c.stdout, &stderr); code != 0 {
+		errw := io.Writer(&stderr)
+		if progress != nil {
+			errw = io.MultiWriter(progress, &stderr)
+		}
+		if code := run(ctx, append(args, "--data", data), c.stdout, errw); code != 0 {
 			msg := strings.TrimSpace(stderr.String())
 			return fmt.Errorf("step %d failed: %s", step, strings.TrimPrefix(msg, "vhdkit: "))
 		}
 		return nil
 	}
-	write := func(path string, writes []demoWrite) error {
-		im, err := openImage(path, false)
-		if err != nil {
-			return err
-		}
-		for _, w := range writes {
-			fmt.Fprintf(c.stdout, "  write %s at offset %d (%s)\n", formatSize(int64(len(w.data))), w.off, filepath.Base(path))
-			if _, err := im.WriteAt(w.data, w.off); err != nil {
-				im.Close()
-				return err
+	vmDir := filepath.Join(data, "vms", "demo")
+	listFiles := func() {
+		files, _ := filepath.Glob(filepath.Join(vmDir, "*hdx"))
+		for _, f := range files {
+			if fi, err := os.Stat(f); err == nil {
+				used := fi.Size()
+				if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+					used = st.Blocks * 512
+				}
+				fmt.Fprintf(c.stdout, "  %-14s %10s file, %10s on disk\n", filepath.Base(f), humanBytes(fi.Size()), humanBytes(used))
 			}
-			copy(model[w.off:], w.data)
 		}
-		if err := im.Flush(); err != nil {
-			im.Close()
-			return err
-		}
-		return im.Close()
 	}
 
 	fmt.Fprintf(c.stdout, "vhdkit demo in %s\n\n", dir)
-	say("Create a dynamic 64 MiB VHDX with 1 MiB blocks")
-	if err := vhdkit("create", "--size", "64M", "--block-size", "1M", base); err != nil {
-		return err
-	}
-	say("Write a pattern into it (through the vhdx package)")
-	if err := write(base, []demoWrite{
-		{0, demoPattern(3<<20, 1)},            // blocks 0-2
-		{40<<20 + 4096, demoPattern(8192, 2)}, // part of block 40
-	}); err != nil {
-		return err
-	}
-	say("Inspect it: only the written blocks are allocated")
-	if err := vhdkit("info", base); err != nil {
-		return err
-	}
-	if err := vhdkit("map", base); err != nil {
-		return err
-	}
-	say("Create a differencing child: new writes go to the child, the base stays as it is")
-	if err := vhdkit("create", "--parent", base, child); err != nil {
-		return err
-	}
-	if err := write(child, []demoWrite{
-		{1<<20 + 512, demoPattern(64<<10, 3)}, // over the base's data
-		{60 << 20, demoPattern(4096, 4)},      // where the base has a hole
-	}); err != nil {
-		return err
-	}
-	say("Show the chain and where each range comes from (depth 0: child, 1: base)")
-	if err := vhdkit("info", child); err != nil {
-		return err
-	}
-	if err := vhdkit("map", child); err != nil {
-		return err
-	}
-	say("Convert the child, flattened through its chain, to a raw image")
-	if err := vhdkit("convert", child, flat); err != nil {
-		return err
-	}
-	got, err := os.ReadFile(flat)
+	say("Start a host, as \"vhdkit serve --data " + data + "\" does")
+	srv := &nbd.Server{}
+	h, err := host.Open(data, host.Options{NBD: srv, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		return err
 	}
-	if !bytes.Equal(got, model) {
-		return fmt.Errorf("%s does not hold the bytes written (first difference at offset %d)", flat, firstDifference(got, model))
+	stopHost := func() error {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		return errors.Join(srv.Shutdown(sctx), h.Close())
 	}
-	fmt.Fprintf(c.stdout, "  verified: %s holds exactly the %s written through the chain\n", filepath.Base(flat), formatSize(demoSize))
-	say("Check both images")
-	if err := vhdkit("check", base); err != nil {
+	defer func() {
+		if h != nil {
+			stopHost()
+		}
+	}()
+	apiL, err := h.ListenAPI()
+	if err != nil {
 		return err
 	}
-	if err := vhdkit("check", child); err != nil {
+	nbdSock := filepath.Join(data, "nbd.sock")
+	stopAPI, err := serveDemo(h, srv, apiL, nbdSock)
+	if err != nil {
 		return err
 	}
-	fmt.Fprintf(c.stdout, "\nDemo finished: every step succeeded.\n")
+	defer stopAPI()
+	fmt.Fprintf(c.stdout, "  API on %s, disks on nbd+unix:///NAME?socket=%s\n", filepath.Join(data, api.SocketName), nbdSock)
+	fmt.Fprintf(c.stdout, "  (the commands below run with VHDKIT_DATA=%s)\n", data)
+
+	say("Create a machine with a 256 MiB disk (a dynamic VHDX)")
+	if err := vhdkit(nil, "vm", "create", "demo", "--disk", "256M"); err != nil {
+		return err
+	}
+
+	say("Write 64 MiB through NBD, as a guest would")
+	nc, err := nbd.Dial(ctx, "unix", nbdSock, &nbd.ClientOptions{Export: "demo"})
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	w := &demoWriter{c: nc, rng: rand.New(rand.NewPCG(1, 2)), model: make([]byte, demoDiskSize)}
+	if err := w.fill(demoFirst, demoDiskSize); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.stdout, "  %d writes of %s at random offsets, flushed (qemu-io, a VM or nbdcopy would do the same)\n", w.n, formatSize(demoWriteSize))
+
+	say("Take a checkpoint: the .vhdx is frozen, new writes go to a differencing .avhdx")
+	if err := vhdkit(nil, "checkpoint", "create", "demo", "--name", "before-upgrade"); err != nil {
+		return err
+	}
+	listFiles()
+
+	say("Keep writing: 96 MiB more land in the .avhdx")
+	before := w.n
+	if err := w.fill(demoSecond, demoDiskSize); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.stdout, "  %d more writes\n", w.n-before)
+	listFiles()
+
+	say("Delete the checkpoint while the writer goes on: a live merge")
+	fmt.Fprintf(c.stdout, "  (a writer issues a %s write every %v throughout; --bandwidth lets you watch the merge)\n", formatSize(demoWriteSize), demoWritePace)
+	stop := make(chan struct{})
+	before = w.n
+	errc := w.run(stop)
+	mergeStart := time.Now()
+	err = vhdkit(c.stderr, "checkpoint", "delete", "demo", "before-upgrade", "--wait", "--progress", "--bandwidth", "64M")
+	mergeTime := time.Since(mergeStart)
+	time.Sleep(200 * time.Millisecond) // the writer goes on over the merged disk
+	close(stop)
+	if werr := <-errc; err == nil {
+		err = werr
+	}
+	if err != nil {
+		return err
+	}
+	during := w.n - before
+	cl := &api.Client{DataDir: data}
+	jobs, err := cl.Jobs(ctx)
+	if err != nil || len(jobs) == 0 {
+		return fmt.Errorf("listing jobs: %v", err)
+	}
+	job := jobs[len(jobs)-1]
+	fmt.Fprintf(c.stdout, "  merged %s in %.1fs; the writer did %d writes meanwhile, the slowest took %v; I/O was held %.1f ms at the switch\n",
+		humanBytes(job.Done), mergeTime.Seconds(), during, w.slow.Round(time.Millisecond), job.StallMS)
+
+	say("The disk runs on its .vhdx again; the .avhdx is gone")
+	if err := vhdkit(nil, "vm", "show", "demo"); err != nil {
+		return err
+	}
+	listFiles()
+
+	say("Verify every byte")
+	got := make([]byte, demoDiskSize)
+	for off := 0; off < len(got); off += 16 << 20 {
+		if _, err := nc.ReadAt(got[off:off+16<<20], int64(off)); err != nil {
+			return err
+		}
+	}
+	if i := firstDifference(got, w.model); i < len(got) {
+		return fmt.Errorf("the disk differs from what was written at offset %d", i)
+	}
+	fmt.Fprintf(c.stdout, "  read through NBD: all %s match the %d acknowledged writes\n", formatSize(demoDiskSize), w.n)
+	nc.Close()
+	stopAPI()
+	err = stopHost()
+	h = nil
+	if err != nil {
+		return err
+	}
+	base := filepath.Join(vmDir, "disk0.vhdx")
+	im, err := vhdx.Open(base, vhdx.OpenOptions{ReadOnly: true})
+	if err != nil {
+		return err
+	}
+	_, err = im.ReadAt(got, 0)
+	im.Close()
+	if err != nil {
+		return err
+	}
+	if i := firstDifference(got, w.model); i < len(got) {
+		return fmt.Errorf("%s differs from what was written at offset %d", base, i)
+	}
+	fmt.Fprintf(c.stdout, "  host stopped; %s read from the file: identical\n", filepath.Base(base))
+	probs, err := vhdx.Check(base, false)
+	if err != nil {
+		return err
+	}
+	if len(probs) > 0 {
+		return fmt.Errorf("check %s: %v", base, probs[0])
+	}
+	fmt.Fprintf(c.stdout, "  vhdkit check %s: no problems found\n", filepath.Base(base))
+
+	fmt.Fprintf(c.stdout, "\nDemo finished in %.1fs: a checkpoint taken and merged back live under %d writes, no write lost.\n",
+		time.Since(started).Seconds(), w.n)
 	return nil
 }
 
-// demoPattern returns n recognisable bytes: seed, then a counter, per
-// 16-byte line.
-func demoPattern(n int, seed byte) []byte {
-	p := make([]byte, n)
-	for i := 0; i < n; i += 16 {
-		line := fmt.Sprintf("vhdkit%02x %07x", seed, i/16)
-		copy(p[i:], line)
+// serveDemo serves the host's API on apiL and NBD on nbdSock; the
+// function it returns closes both listeners (idempotently).
+func serveDemo(h *host.Host, srv *nbd.Server, apiL net.Listener, nbdSock string) (func(), error) {
+	nbdL, err := net.Listen("unix", nbdSock)
+	if err != nil {
+		apiL.Close()
+		return nil, err
 	}
-	return p
+	hs := &http.Server{Handler: h.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go hs.Serve(apiL)
+	go srv.Serve(nbdL)
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			hs.Close()
+			nbdL.Close()
+		})
+	}, nil
 }
 
 func firstDifference(a, b []byte) int {

@@ -59,10 +59,10 @@ Examples:
 
 const (
 	demoDiskSize  = 256 << 20
-	demoFirst     = 64 << 20  // written before the checkpoint
-	demoSecond    = 96 << 20  // written after it, before the merge
-	demoWriteSize = 64 << 10  // one write of the writer
-	demoMergeRate = 64 << 20  // the merge's bandwidth, so it can be watched
+	demoFirst     = 64 << 20 // written before the checkpoint
+	demoSecond    = 96 << 20 // written after it, before the merge
+	demoWriteSize = 64 << 10 // one write of the writer
+	demoMergeRate = 64 << 20 // the merge's bandwidth, so it can be watched
 	demoWritePace = time.Millisecond
 )
 

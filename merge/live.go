@@ -206,6 +206,18 @@ func (d *Disk) Reparent(parent string, g vhdx.GUID) error {
 	return d.leaf.Reparent(parent, g, d.opts)
 }
 
+// RefreshChain reopens the files below the leaf, under a pause: after a
+// merge re-pointed one of them, so that the disk reads through the chain
+// as it now is on disk (and lets go of the merged-away file).
+func (d *Disk) RefreshChain() error {
+	d.Pause()
+	defer d.Resume()
+	if d.mirror != nil {
+		return errors.New("merge: a live merge is running on this disk")
+	}
+	return d.leaf.ReopenParent(d.opts)
+}
+
 // Checkpoint freezes the leaf and continues on a new differencing child at
 // path; the caller holds Pause.
 func (d *Disk) CheckpointPaused(path string) error {

@@ -212,6 +212,29 @@ func (im *Image) Reparent(parentPath string, linkage GUID, opts OpenOptions) err
 		p.Close()
 		return err
 	}
+	return im.swapParent(p, parentPath)
+}
+
+// ReopenParent opens the parent's chain afresh, read-only, and reads
+// through it from then on: for an open child whose ancestors' links
+// changed under it (a merge re-pointed its parent at a grandparent).
+func (im *Image) ReopenParent(opts OpenOptions) error {
+	im.mu.RLock()
+	path := im.parentPath
+	im.mu.RUnlock()
+	if path == "" {
+		return fmt.Errorf("vhdx: %s: no parent to reopen", im.path)
+	}
+	p, err := openChain(path, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile}, nil)
+	if err != nil {
+		return fmt.Errorf("vhdx: %s: reopening the parent: %w", im.path, err)
+	}
+	return im.swapParent(p, path)
+}
+
+// swapParent makes p, which must match the child's linkage, the parent
+// and closes the old one.
+func (im *Image) swapParent(p *Image, path string) error {
 	im.mu.Lock()
 	if err := im.checkParent(p); err != nil {
 		im.mu.Unlock()
@@ -219,7 +242,7 @@ func (im *Image) Reparent(parentPath string, linkage GUID, opts OpenOptions) err
 		return err
 	}
 	old := im.parent
-	im.parent, im.parentPath = p, parentPath
+	im.parent, im.parentPath = p, path
 	im.mu.Unlock()
 	if old != nil {
 		old.Close()

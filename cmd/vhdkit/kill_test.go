@@ -170,7 +170,10 @@ func TestServeKill(t *testing.T) {
 			w.settle(t, got, fmt.Sprintf("round %d, disk %d", round, i))
 		}
 		finishJobs(t, cl, round)
-		checkTree(t, cl, round)
+		if err := checkTree(cl); err != nil {
+			state, _ := os.ReadFile(filepath.Join(data, "state.json"))
+			t.Fatalf("round %d: %v\nstate:\n%s\ndaemon log:\n%s", round, err, state, d.stderr)
+		}
 	}
 	// The merged result, reread after a clean stop.
 	v := d.vm(t, "k")
@@ -216,29 +219,29 @@ func finishJobs(t *testing.T, cl *api.Client, round int) {
 
 // checkTree checks that every checkpoint's files and every disk's chain
 // are there.
-func checkTree(t *testing.T, cl *api.Client, round int) {
-	t.Helper()
+func checkTree(cl *api.Client) error {
 	ctx := context.Background()
 	tree, err := cl.Checkpoints(ctx, "k")
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	for _, c := range tree.Checkpoints {
 		for _, f := range c.Files {
 			if _, err := os.Stat(f); err != nil {
-				t.Fatalf("round %d: checkpoint %s: %v", round, c.Name, err)
+				return fmt.Errorf("checkpoint %s: %v", c.Name, err)
 			}
 		}
 	}
 	v, err := cl.VM(ctx, "k")
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	for _, disk := range v.Disks {
 		for _, f := range disk.Chain {
 			if _, err := os.Stat(f); err != nil {
-				t.Fatalf("round %d: disk chain: %v", round, err)
+				return fmt.Errorf("disk chain %v: %v", disk.Chain, err)
 			}
 		}
 	}
+	return nil
 }

@@ -523,3 +523,36 @@ func TestManyMachines(t *testing.T) {
 		}
 	}
 }
+
+// TestDeleteCheckpointBelowAnother deletes the oldest of three
+// checkpoints: its child's file merges into it, and the file the running
+// disk's chain reads through below its leaf is re-pointed; the disk lets
+// go of the merged-away file at once.
+func TestDeleteCheckpointBelowAnother(t *testing.T) {
+	dir := shortDir(t)
+	th := startHost(t, dir, Options{})
+	defer th.stop(t)
+	w := newVM(t, th, "three", 16<<20, 9)
+	for _, n := range []string{"a", "b", "c"} {
+		checkpoint(t, th, "three", n)
+		w.fill(t, 40)
+	}
+	tree, _ := th.api.Checkpoints(ctx, "three")
+	merged := tree.Checkpoints[1].Files[0] // b's file, merged into a's
+	if j := th.waitJob(t, deleteCheckpoint(t, th, "three", "a", false, 0).ID); j.State != api.JobDone {
+		t.Fatalf("job %+v", j)
+	}
+	v, _ := th.api.VM(ctx, "three")
+	for _, f := range v.Disks[0].Chain {
+		if f == merged {
+			t.Fatalf("the disk still reads through the merged-away %s: %v", f, v.Disks[0].Chain)
+		}
+		if _, err := os.Stat(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(v.Disks[0].Chain) != 3 {
+		t.Fatalf("chain %v", v.Disks[0].Chain)
+	}
+	w.verify(t, th.dial(t, "three"), "after deleting a")
+}

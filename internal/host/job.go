@@ -567,6 +567,10 @@ func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
 		}
 		err := h.mergeFile(ctx, s, opts)
 		cancel()
+		if err == nil && opts.Open == nil && slices.Contains(d.Chain(), s.Top) {
+			// The disk reads through a file the merge re-pointed.
+			err = d.RefreshChain()
+		}
 		h.mu.Lock()
 		j.stopStep = nil
 		if err == nil {

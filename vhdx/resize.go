@@ -21,7 +21,8 @@ import (
 // image grows again). The file does not get smaller.
 //
 // Resize flushes: writes made before it are durable when it starts, and
-// the new size is durable when it returns. A crash at any point leaves the
+// the new size is durable when it returns (to the current size it only
+// flushes). A crash at any point leaves the
 // old size or the new one, each with its content (see "Resizing" in the
 // package documentation). If Resize fails, the image keeps its old size.
 func (im *Image) Resize(size int64) error {
@@ -39,7 +40,7 @@ func (im *Image) Resize(size int64) error {
 		return fmt.Errorf("vhdx: %s: virtual size %d is not a multiple of the %d-byte logical sector in (0, 64 TiB]", im.path, size, ss)
 	}
 	if size == im.geo.virtualSize {
-		return nil
+		return im.commitDirty() // still a flush, as documented
 	}
 	if _, ok := im.parent.(missingParent); ok {
 		// Where the parent's data ends decides what growing must zero.
@@ -91,11 +92,7 @@ func (im *Image) restoreSize(s sizeState) {
 func (im *Image) resize(size int64) error {
 	// Writes made before become durable first, so that a crash during the
 	// resize leaves them under either size.
-	pages := im.dirtyPages()
-	if err := im.commit(pages, im.fileEnd); err != nil {
-		for _, p := range pages {
-			im.dirty[p.off] = struct{}{}
-		}
+	if err := im.commitDirty(); err != nil {
 		return err
 	}
 	old := im.saveSize()
@@ -148,6 +145,19 @@ func (im *Image) resize(size int64) error {
 		}
 	}
 	return err
+}
+
+// commitDirty commits the dirty pages as Flush does; the caller holds
+// flushMu and mu.
+func (im *Image) commitDirty() error {
+	pages := im.dirtyPages()
+	if err := im.commit(pages, im.fileEnd); err != nil {
+		for _, p := range pages {
+			im.dirty[p.off] = struct{}{}
+		}
+		return err
+	}
+	return nil
 }
 
 // planGrow changes memory to size (larger), writes zeros where the old last

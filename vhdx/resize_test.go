@@ -1,0 +1,489 @@
+package vhdx
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/rand"
+	"path/filepath"
+	"testing"
+
+	"github.com/vhdkit/vhdkit/disk"
+)
+
+// Tests of Resize and of chains whose layers differ in size. A disk grown
+// past the BAT's first region is over 100 GiB, so the model keeps only
+// the pieces written; disks up to modelFull are still compared byte for
+// byte.
+
+const (
+	pieceSize = 1 << 20
+	modelFull = 64 << 20 // compare every byte up to this size
+)
+
+// diskModel is what a disk must read as: its size and, in 1 MiB pieces,
+// the bytes written (an absent piece is zeros).
+type diskModel struct {
+	size   int64
+	pieces map[int64][]byte
+}
+
+func newModel(size int64, initial []byte) *diskModel {
+	m := &diskModel{size: size, pieces: map[int64][]byte{}}
+	m.write(initial, 0)
+	return m
+}
+
+func (m *diskModel) write(p []byte, off int64) {
+	for len(p) > 0 {
+		k, in := off/pieceSize, off%pieceSize
+		n := min(int64(len(p)), pieceSize-in)
+		b := m.pieces[k]
+		if b == nil && !disk.IsZero(p[:n]) {
+			b = make([]byte, pieceSize)
+			m.pieces[k] = b
+		}
+		if b != nil {
+			copy(b[in:], p[:n])
+		}
+		p, off = p[n:], off+n
+	}
+}
+
+// read fills p from off; past the size it reads zeros.
+func (m *diskModel) read(p []byte, off int64) {
+	for len(p) > 0 {
+		k, in := off/pieceSize, off%pieceSize
+		n := min(int64(len(p)), pieceSize-in)
+		if b := m.pieces[k]; b != nil {
+			copy(p[:n], b[in:])
+		} else {
+			clear(p[:n])
+		}
+		p, off = p[n:], off+n
+	}
+}
+
+// resize drops what lies past size, as Resize must.
+func (m *diskModel) resize(size int64) {
+	for k, b := range m.pieces {
+		switch {
+		case k*pieceSize >= size:
+			delete(m.pieces, k)
+		case (k+1)*pieceSize > size:
+			clear(b[size-k*pieceSize:])
+		}
+	}
+	m.size = size
+}
+
+func (m *diskModel) clone() *diskModel {
+	c := &diskModel{size: m.size, pieces: make(map[int64][]byte, len(m.pieces))}
+	for k, b := range m.pieces {
+		c.pieces[k] = bytes.Clone(b)
+	}
+	return c
+}
+
+// bytes returns the whole content of a small disk.
+func (m *diskModel) bytes() []byte {
+	b := make([]byte, m.size)
+	m.read(b, 0)
+	return b
+}
+
+// checkModels compares im with what it may read as: its size is one of
+// the models' and every 512-byte sector equals that of one of them (a
+// crash leaves each sector flushed or newest). A disk up to modelFull is
+// read whole; a larger one in every piece a model holds and at both ends
+// of every extent, and no Zero or Hole extent may cover a sector that
+// every model holds non-zero.
+func checkModels(im *Image, ms ...*diskModel) error {
+	size := im.Size()
+	if !sizeOneOf(size, ms) {
+		return fmt.Errorf("size %d, want one of %v", size, sizes(ms))
+	}
+	type span struct{ off, end int64 }
+	var spans []span
+	if size <= modelFull {
+		spans = append(spans, span{0, size})
+	} else {
+		for _, m := range ms {
+			for k := range m.pieces {
+				if k*pieceSize < size {
+					spans = append(spans, span{k * pieceSize, min((k+1)*pieceSize, size)})
+				}
+			}
+		}
+		ext, err := im.Extents(0, size)
+		if err != nil {
+			return err
+		}
+		for _, e := range ext {
+			end := e.Offset + e.Length
+			spans = append(spans, span{e.Offset, min(end, e.Offset+64<<10)}, span{max(e.Offset, end-64<<10), end})
+			if e.Type == disk.Data {
+				continue
+			}
+			// Only a piece a model holds can have data.
+			for _, m := range ms {
+				for k := range m.pieces {
+					lo, hi := max(e.Offset, k*pieceSize), min(end, (k+1)*pieceSize)
+					if lo >= hi {
+						continue
+					}
+					if err := zeroInOne(lo, hi, ms); err != nil {
+						return fmt.Errorf("extent %+v: %w", e, err)
+					}
+				}
+			}
+		}
+	}
+	got := make([]byte, pieceSize)
+	want := make([]byte, pieceSize)
+	for _, s := range spans {
+		for off := s.off; off < s.end; {
+			n := min(s.end-off, pieceSize)
+			if _, err := im.ReadAt(got[:n], off); err != nil {
+				return err
+			}
+			for sec := int64(0); sec < n; sec += 512 {
+				k := min(sec+512, n)
+				ok := false
+				for _, m := range ms {
+					m.read(want[sec:k], off+sec)
+					if bytes.Equal(got[sec:k], want[sec:k]) {
+						ok = true
+						break
+					}
+				}
+				if !ok {
+					return fmt.Errorf("sector at %d holds %x.., no model has it (one has %x..)", off+sec, got[sec:sec+16], want[sec:sec+16])
+				}
+			}
+			off += n
+		}
+	}
+	return nil
+}
+
+func sizeOneOf(size int64, ms []*diskModel) bool {
+	for _, m := range ms {
+		if m.size == size {
+			return true
+		}
+	}
+	return false
+}
+
+func sizes(ms []*diskModel) []int64 {
+	var s []int64
+	for _, m := range ms {
+		s = append(s, m.size)
+	}
+	return s
+}
+
+// zeroInOne reports a sector of [lo, hi) that no model has zero.
+func zeroInOne(lo, hi int64, ms []*diskModel) error {
+	b := make([]byte, 512)
+	for off := lo; off < hi; off += 512 {
+		n := min(hi-off, 512)
+		zero := false
+		for _, m := range ms {
+			m.read(b[:n], off)
+			zero = zero || disk.IsZero(b[:n])
+		}
+		if !zero {
+			return fmt.Errorf("sector at %d reads as zeros but holds data", off)
+		}
+	}
+	return nil
+}
+
+func mustMatch(t testing.TB, im *Image, m *diskModel, what string) {
+	t.Helper()
+	if err := checkModels(im, m); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+}
+
+// writeAround writes n random chunks (a fifth all zeros) at offsets near
+// each of the given points, into im and m, crossing them where the disk
+// allows.
+func writeAround(t testing.TB, im *Image, m *diskModel, seed int64, n int, maxLen int64, points ...int64) {
+	t.Helper()
+	r := rand.New(rand.NewSource(seed))
+	size := im.Size()
+	for i := 0; i < n; i++ {
+		at := points[r.Intn(len(points))] + r.Int63n(2*maxLen) - maxLen
+		at = min(max(at, 0), size-1)
+		if r.Intn(2) == 0 {
+			at = at / 512 * 512
+		}
+		buf := make([]byte, min(r.Int63n(maxLen)+1, size-at))
+		if r.Intn(5) != 0 {
+			r.Read(buf)
+		}
+		if _, err := im.WriteAt(buf, at); err != nil {
+			t.Fatal(err)
+		}
+		m.write(buf, at)
+	}
+}
+
+// resizeBoth resizes im and m, checking the result.
+func resizeBoth(t testing.TB, im *Image, m *diskModel, size int64) {
+	t.Helper()
+	old := im.Size()
+	if err := im.Resize(size); err != nil {
+		t.Fatalf("Resize %d -> %d: %v", old, size, err)
+	}
+	m.resize(size)
+	if im.Size() != size || im.Info().VirtualSize != uint64(size) {
+		t.Fatalf("Resize %d -> %d: Size %d, Info %d", old, size, im.Size(), im.Info().VirtualSize)
+	}
+	mustMatch(t, im, m, fmt.Sprintf("after Resize %d -> %d", old, size))
+	checkBATShape(t, im)
+}
+
+// checkBATShape checks, right after a Resize, which committed everything,
+// that the BAT in the file equals the one in memory, which has the new
+// size's entry count, and that no block past the end is named in either.
+func checkBATShape(t testing.TB, im *Image) {
+	t.Helper()
+	g := &im.geo
+	if int64(len(im.bat)) != g.totalEntries {
+		t.Fatalf("%d BAT entries in memory, want %d", len(im.bat), g.totalEntries)
+	}
+	raw := make([]byte, im.regs.BAT.Length)
+	if _, err := im.f.ReadAt(raw, int64(im.regs.BAT.Offset)); err != nil {
+		t.Fatal(err)
+	}
+	for i := int64(0); i < int64(len(raw)/8); i++ {
+		e := binary.LittleEndian.Uint64(raw[8*i:])
+		if i < g.totalEntries && e != im.bat[i] {
+			t.Fatalf("BAT entry %d is %#x in the file, %#x in memory", i, e, im.bat[i])
+		}
+		isBitmap := (i+1)%(g.chunkRatio+1) == 0
+		blk := i - i/(g.chunkRatio+1)
+		if e != 0 && (i >= g.totalEntries || !isBitmap && blk >= g.dataBlocks) {
+			t.Fatalf("BAT entry %d (%#x) names a block past the end (%d entries, %d blocks)", i, e, g.totalEntries, g.dataBlocks)
+		}
+	}
+}
+
+func reopen(t testing.TB, im *Image) *Image {
+	t.Helper()
+	path := im.Path()
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	im, err := Open(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return im
+}
+
+func checkClean(t testing.TB, path string) {
+	t.Helper()
+	if probs, err := Check(path, false); err != nil || len(probs) > 0 {
+		t.Fatalf("check %s: %v %v", filepath.Base(path), probs, err)
+	}
+}
+
+// newResizable makes an image of kind "dynamic", "fixed" or "diff" (a
+// child of a base holding data) and returns it with its model.
+func newResizable(t testing.TB, dir, kind string, size int64, block, sector uint32) (*Image, *diskModel) {
+	t.Helper()
+	opts := CreateOptions{Size: uint64(size), BlockSize: block, LogicalSectorSize: sector}
+	path := filepath.Join(dir, "disk.vhdx")
+	var initial []byte
+	switch kind {
+	case "fixed":
+		opts.Type = Fixed
+	case "diff":
+		basePath := filepath.Join(dir, "base.vhdx")
+		base, err := Create(basePath, CreateOptions{Size: uint64(size), BlockSize: 1 << 20, LogicalSectorSize: sector})
+		if err != nil {
+			t.Fatal(err)
+		}
+		initial = make([]byte, size)
+		fillRandom(t, base, initial, 11, 12, 1<<20)
+		if err := base.Close(); err != nil {
+			t.Fatal(err)
+		}
+		path = filepath.Join(dir, "disk.avhdx")
+		opts = CreateOptions{Parent: basePath, BlockSize: block}
+	}
+	im, err := Create(path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return im, newModel(size, initial)
+}
+
+// TestResize grows and shrinks fixed, dynamic and differencing images of
+// both sector sizes and several block sizes, writing around the old and
+// new ends after each step and comparing every byte, also after reopening.
+// The differencing child shrinks below its parent and grows again: the
+// new range reads zeros, not the parent's data under it.
+func TestResize(t *testing.T) {
+	for _, kind := range []string{"dynamic", "fixed", "diff"} {
+		for _, sector := range []uint32{512, 4096} {
+			for _, block := range []uint32{1 << 20, 4 << 20, 32 << 20} {
+				t.Run(fmt.Sprintf("%s-%d-%dM", kind, sector, block>>20), func(t *testing.T) {
+					t.Parallel()
+					ss := int64(sector)
+					im, m := newResizable(t, t.TempDir(), kind, 9<<20+3*ss, block, sector)
+					writeAround(t, im, m, 1, 10, 300<<10, 0, 4<<20, im.Size())
+					for i, size := range []int64{
+						21<<20 + 5*ss, // grow, unaligned both ends
+						5<<20 + 7*ss,  // shrink, cutting a block
+						5<<20 + 2*ss,  // shrink within the last block
+						13 << 20,      // grow over the cut block's old bytes
+						40<<20 + ss,   // grow past several blocks
+						ss,            // the smallest disk
+						6<<20 + 9*ss,  // and back
+						6<<20 + 9*ss,  // no change
+					} {
+						old := im.Size()
+						resizeBoth(t, im, m, size)
+						writeAround(t, im, m, int64(i+2), 6, 200<<10, old, size, size/2)
+						mustMatch(t, im, m, fmt.Sprintf("writes after Resize to %d", size))
+						if i%2 == 1 {
+							im = reopen(t, im)
+							mustMatch(t, im, m, fmt.Sprintf("reopened at %d", size))
+						}
+					}
+					path := im.Path()
+					if err := im.Close(); err != nil {
+						t.Fatal(err)
+					}
+					checkClean(t, path)
+					ro := mustOpen(t, path)
+					mustMatch(t, ro, m, "reopened read-only")
+				})
+			}
+		}
+	}
+}
+
+// TestResizeMovesBAT grows images with 1 MiB blocks past what their first
+// BAT region holds (128 GiB at 1 MiB per block), so the BAT moves to the
+// end of the file; the grown disk takes writes at its far end, shrinks,
+// grows back inside the moved BAT, and every step survives a reopen.
+func TestResizeMovesBAT(t *testing.T) {
+	const big = 130<<30 + 7*4096
+	for _, c := range []struct {
+		kind   string
+		sector uint32
+	}{{"dynamic", 512}, {"dynamic", 4096}, {"fixed", 512}, {"diff", 512}, {"diff", 4096}} {
+		t.Run(fmt.Sprintf("%s-%d", c.kind, c.sector), func(t *testing.T) {
+			im, m := newResizable(t, t.TempDir(), c.kind, 1<<20+3*4096, 1<<20, c.sector)
+			writeAround(t, im, m, 1, 6, 100<<10, 0, im.Size())
+			batBefore := im.regs.BAT
+			resizeBoth(t, im, m, big)
+			if im.regs.BAT.Offset == batBefore.Offset || int64(im.regs.BAT.Length) < im.geo.totalEntries*8 {
+				t.Fatalf("BAT region %+v -> %+v for %d entries", batBefore, im.regs.BAT, im.geo.totalEntries)
+			}
+			writeAround(t, im, m, 2, 8, 300<<10, 1<<20, 64<<30, 100<<30, big)
+			mustMatch(t, im, m, "writes after the grow")
+			im = reopen(t, im)
+			mustMatch(t, im, m, "reopened after the grow")
+			checkClean(t, im.Path())
+
+			resizeBoth(t, im, m, 3<<20+4096)
+			im = reopen(t, im)
+			mustMatch(t, im, m, "reopened after the shrink")
+			resizeBoth(t, im, m, 129<<30)
+			writeAround(t, im, m, 3, 4, 100<<10, 3<<20, 129<<30)
+			im = reopen(t, im)
+			mustMatch(t, im, m, "reopened after growing back")
+			path := im.Path()
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			checkClean(t, path)
+		})
+	}
+}
+
+// TestResizeDifferencingChunks grows a differencing child (1 MiB blocks,
+// 512-byte sectors: a sector bitmap chunk per 4 GiB) across several chunk
+// boundaries, writes partial blocks in each chunk so each gets a sector
+// bitmap, then past the first BAT region, and shrinks back across chunks.
+func TestResizeDifferencingChunks(t *testing.T) {
+	im, m := newResizable(t, t.TempDir(), "diff", 8<<20+512, 1<<20, 512)
+	const chunk = 4 << 30
+	writeAround(t, im, m, 1, 10, 100<<10, 0, 8<<20)
+	resizeBoth(t, im, m, 2*chunk+3<<20+512*5)
+	if im.geo.bitmapBlocks != 3 {
+		t.Fatalf("%d chunks, want 3", im.geo.bitmapBlocks)
+	}
+	writeAround(t, im, m, 2, 12, 20<<10, 8<<20, chunk, 2*chunk, im.Size())
+	im = reopen(t, im)
+	mustMatch(t, im, m, "reopened across chunks")
+	resizeBoth(t, im, m, 40*chunk) // 160 GiB: the BAT moves
+	writeAround(t, im, m, 3, 12, 20<<10, 2*chunk, 33*chunk, 40*chunk)
+	im = reopen(t, im)
+	mustMatch(t, im, m, "reopened past the first BAT region")
+	resizeBoth(t, im, m, chunk+512) // drops chunks, cuts one to a sector
+	im = reopen(t, im)
+	mustMatch(t, im, m, "reopened after the shrink")
+	resizeBoth(t, im, m, 3*chunk)
+	writeAround(t, im, m, 4, 6, 20<<10, chunk, 3*chunk)
+	im = reopen(t, im)
+	mustMatch(t, im, m, "reopened after growing back")
+	path := im.Path()
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	checkClean(t, path)
+}
+
+// TestResizeRefuses: a read-only or frozen image, and sizes that are not
+// a positive multiple of the sector up to 64 TiB, are refused and change
+// nothing.
+func TestResizeRefuses(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "r.vhdx")
+	im, err := Create(path, CreateOptions{Size: 8 << 20, LogicalSectorSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, size := range []int64{0, -4096, 4095, 8<<20 + 512, MaxVirtualSize + 4096} {
+		if err := im.Resize(size); err == nil || im.Size() != 8<<20 {
+			t.Errorf("Resize(%d): %v, size %d", size, err, im.Size())
+		}
+	}
+	if err := im.Resize(MaxVirtualSize); err != nil {
+		t.Errorf("Resize to 64 TiB: %v", err)
+	}
+	if err := im.Resize(4096); err != nil {
+		t.Errorf("Resize to one sector: %v", err)
+	}
+	im.Close()
+	if err := im.Resize(8 << 20); err == nil {
+		t.Error("Resize of a closed image succeeded")
+	}
+	ro := mustOpen(t, path)
+	if err := ro.Resize(8 << 20); !errors.Is(err, ErrReadOnly) {
+		t.Errorf("Resize read-only: %v", err)
+	}
+	rw, err := Open(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	child, err := rw.CreateChild(filepath.Join(dir, "c.avhdx"), CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer child.Close()
+	if err := rw.Resize(8 << 20); !errors.Is(err, ErrReadOnly) {
+		t.Errorf("Resize frozen: %v", err)
+	}
+	checkClean(t, path)
+}

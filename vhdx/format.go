@@ -59,8 +59,10 @@
 //
 // A differencing image may be larger than its parent (Hyper-V expands
 // them): past the parent's end the chain holds nothing and reads as zeros.
-// Growing one marks ZERO the new blocks the parent has data under, so the
-// new range never shows the parent.
+// Growing one marks its new blocks ZERO and the old last block's new
+// sectors present (zeros), so the new range never reads through to the
+// parent: not its data under a shrunk child's old range, and not past its
+// end, where 7-Zip stops reading.
 package vhdx
 
 import "hash/crc32"

@@ -240,13 +240,6 @@ func setBits(bm []byte, i, n int64) {
 	}
 }
 
-// clearBits clears bits [i, i+n) of bm.
-func clearBits(bm []byte, i, n int64) {
-	for ; n > 0; i, n = i+1, n-1 {
-		bm[i/8] &^= 1 << (i % 8)
-	}
-}
-
 // bitmap returns chunk c's sector bitmap, loading it on first use. The
 // bytes are modified only under mu held for writing.
 func (im *Image) bitmap(c int64) ([]byte, error) {

@@ -11,9 +11,11 @@ import (
 // Resize changes the virtual size to size bytes, as Resize-VHD does, for
 // fixed, dynamic and differencing images.
 //
-// Growing, the new range reads as zeros; in a differencing image too,
-// whatever the parent holds there. A fixed image gets its new blocks
-// allocated. When the BAT region cannot hold the entries of the new size,
+// Growing, the new range reads as zeros. In a differencing image the new
+// blocks are ZERO and the old last block's new sectors present zeros, so
+// that nothing there reads through to the parent: whatever the parent
+// holds, and for readers that cannot read past a smaller parent's end. A
+// fixed image gets its new blocks allocated. When the BAT region cannot hold the entries of the new size,
 // the BAT moves to new space at the end of the file.
 //
 // Shrinking drops the blocks wholly past the new end; the block the new
@@ -194,10 +196,6 @@ func (im *Image) planGrow(size int64) (resizePlan, error) {
 		visible[off] = !relocate && inBAT(off)
 	}
 
-	var ps int64 // where the parent's data ends
-	if im.parent != nil {
-		ps = im.parent.Size()
-	}
 	fixed := im.p.LeaveAllocated && !im.p.HasParent
 	first := alignUp(old.virtualSize, g.blockSize) / g.blockSize
 	for b := first; g.payloadIndex(b) < g.totalEntries; b++ {
@@ -206,8 +204,10 @@ func (im *Image) planGrow(size int64) (resizePlan, error) {
 		case b >= g.dataBlocks: // past the end, in a differencing BAT's last chunk
 		case fixed:
 			e = batEntry(payloadFullyPresent, im.allocate(g.blockSize))
-		case b*g.blockSize < ps:
-			e = batEntry(payloadZero, 0) // zeros, not the parent's data
+		case im.p.HasParent:
+			// Zeros in the child itself, not the parent's data nor a read
+			// past its end, which some readers (7-Zip) cannot do.
+			e = batEntry(payloadZero, 0)
 		}
 		im.bat[g.payloadIndex(b)] = e
 	}
@@ -251,35 +251,29 @@ func (im *Image) planGrow(size int64) (resizePlan, error) {
 
 // clearTail makes [from, to), the part of the old last block that growing
 // adds, read as zeros: a shrink may have left bytes there, and in a
-// differencing image the parent may hold data there. Payload is written
-// in place, past the old end where nothing reads it yet.
+// differencing image the sectors must not read through to the parent
+// (see planGrow). Payload is written in place, past the old end where
+// nothing reads it yet.
 func (im *Image) clearTail(from, to int64) error {
 	g := &im.geo
 	blk := from / g.blockSize
 	idx := g.payloadIndex(blk)
 	e := im.bat[idx]
-	var ps int64
-	if im.parent != nil {
-		ps = im.parent.Size()
-	}
-	mid := min(max(from, ps), to) // [from, mid) lies over the parent's data
 	in := from - blk*g.blockSize
 	switch batState(e) {
 	case payloadFullyPresent:
 		return im.writeZeros(batOffset(e)+in, to-from)
 	case payloadPartiallyPresent:
-		// Zeros here over the parent's data; past its end the sectors
-		// fall through to it and read as zeros.
-		if err := im.writeZeros(batOffset(e)+in, mid-from); err != nil {
+		if err := im.writeZeros(batOffset(e)+in, to-from); err != nil {
 			return err
 		}
-		return im.markTail(blk, from, mid, to)
+		return im.markPresent(blk, from, to)
 	case payloadNotPresent:
-		if mid == from {
-			return nil // the parent holds nothing there
+		if im.parent == nil {
+			return nil
 		}
 		blockOff := im.allocate(g.blockSize) // reads as zeros
-		if err := im.markTail(blk, from, mid, to); err != nil {
+		if err := im.markPresent(blk, from, to); err != nil {
 			return err
 		}
 		im.setBAT(idx, batEntry(payloadPartiallyPresent, blockOff))
@@ -287,30 +281,20 @@ func (im *Image) clearTail(from, to int64) error {
 	return nil // ZERO, UNMAPPED, UNDEFINED read as zeros
 }
 
-// markTail sets the sector bits of [from, mid) and clears those of
-// [mid, to) in block blk's chunk bitmap. It changes a copy, so that the
-// bitmap before the resize stays intact for a restore.
-func (im *Image) markTail(blk, from, mid, to int64) error {
+// markPresent sets the sector bits of [from, to) in block blk's chunk
+// bitmap. It changes a copy, so that the bitmap before the resize stays
+// intact for a restore.
+func (im *Image) markPresent(blk, from, to int64) error {
 	c := blk / im.geo.chunkRatio
-	var bm []byte
-	var err error
-	switch {
-	case mid > from:
-		bm, err = im.presentBitmap(c)
-	case batState(im.bat[im.geo.bitmapIndex(c)]) != bitmapPresent:
-		return nil // no bits to clear
-	default:
-		bm, err = im.bitmap(c)
-	}
+	bm, err := im.presentBitmap(c)
 	if err != nil {
 		return err
 	}
 	own := bytes.Clone(bm)
-	ss := im.geo.sectorSize
-	setBits(own, im.bitIndex(from), (mid-from)/ss)
-	clearBits(own, im.bitIndex(from)+(mid-from)/ss, (to-mid)/ss)
+	first, n := im.bitIndex(from), (to-from)/im.geo.sectorSize
+	setBits(own, first, n)
 	im.bitmaps[c].Store(&own)
-	im.markBits(c, im.bitIndex(from), (to-from)/ss)
+	im.markBits(c, first, n)
 	return nil
 }
 

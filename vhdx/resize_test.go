@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"math/rand"
+	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
@@ -486,4 +488,278 @@ func TestResizeRefuses(t *testing.T) {
 		t.Errorf("Resize frozen: %v", err)
 	}
 	checkClean(t, path)
+}
+
+// checkExtents checks Extents over the whole of im against its content:
+// the extents tile the disk, adjacent ones differ, Zero and Hole read as
+// zeros, and a hole is as deep as the chain.
+func checkExtents(t testing.TB, im *Image, want []byte) []disk.Extent {
+	t.Helper()
+	list, err := im.Extents(0, im.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pos := int64(0)
+	for i, e := range list {
+		switch {
+		case e.Offset != pos || e.Length <= 0:
+			t.Fatalf("extent %d %+v does not start at %d", i, e, pos)
+		case i > 0 && list[i-1].Type == e.Type && list[i-1].Depth == e.Depth:
+			t.Fatalf("extent %d %+v not merged with %+v", i, e, list[i-1])
+		case e.Type == disk.Hole && e.Depth != im.Depth():
+			t.Fatalf("hole %+v in a chain of %d", e, im.Depth())
+		case e.Type != disk.Data && !disk.IsZero(want[e.Offset:e.Offset+e.Length]):
+			t.Fatalf("extent %+v holds data", e)
+		}
+		pos += e.Length
+	}
+	if pos != im.Size() {
+		t.Fatalf("extents end at %d of %d", pos, im.Size())
+	}
+	return list
+}
+
+// extentAt returns the extent holding off.
+func extentAt(list []disk.Extent, off int64) disk.Extent {
+	for _, e := range list {
+		if off >= e.Offset && off < e.Offset+e.Length {
+			return e
+		}
+	}
+	return disk.Extent{}
+}
+
+// TestChainOfSizes: chains whose layers differ in size open, read, take
+// writes and report extents. A middle layer re-pointed at a smaller parent
+// (the same data, cut short) holds nothing past that parent's end in
+// places: there the chain reads zeros and reports a hole as deep as the
+// chain, while what the upper layers hold past it stays. A child grown by
+// Resize holds its new range itself (ZERO); a shrunk child reads its
+// parent's prefix.
+func TestChainOfSizes(t *testing.T) {
+	for _, sector := range []uint32{512, 4096} {
+		t.Run(fmt.Sprint(sector), func(t *testing.T) {
+			dir := t.TempDir()
+			ss := int64(sector)
+			const size = 16 << 20
+			cut := 10<<20 + 3*ss // the smaller parent's end, inside a block
+			held := make([]bool, size/ss)
+			write := func(im *Image, model []byte, off, n int64, seed int64) {
+				b := make([]byte, n)
+				rand.New(rand.NewSource(seed)).Read(b)
+				if _, err := im.WriteAt(b, off); err != nil {
+					t.Fatal(err)
+				}
+				copy(model[off:], b)
+				for s := off / ss; s*ss < off+n; s++ {
+					held[s] = true
+				}
+			}
+
+			bigPath := filepath.Join(dir, "big.vhdx")
+			big, err := Create(bigPath, CreateOptions{Size: size, BlockSize: 1 << 20, LogicalSectorSize: sector})
+			if err != nil {
+				t.Fatal(err)
+			}
+			model := make([]byte, size)
+			fillRandom(t, big, model, 1, 30, 1<<20)
+			if err := big.Close(); err != nil {
+				t.Fatal(err)
+			}
+			// The same data cut short, a parent the middle layer moves to.
+			smallPath := filepath.Join(dir, "small.vhdx")
+			small, err := Create(smallPath, CreateOptions{Size: uint64(cut), BlockSize: 1 << 20, LogicalSectorSize: sector})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := small.WriteAt(model[:cut], 0); err != nil {
+				t.Fatal(err)
+			}
+			smallGUID := small.Info().DataWriteGUID
+			if err := small.Close(); err != nil {
+				t.Fatal(err)
+			}
+
+			midPath := filepath.Join(dir, "mid.avhdx")
+			mid, err := Create(midPath, CreateOptions{Parent: bigPath, BlockSize: 1 << 20})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := rand.New(rand.NewSource(2))
+			for i := 0; i < 25; i++ {
+				write(mid, model, r.Int63n(size-(200<<10)), r.Int63n(200<<10)+1, int64(i))
+			}
+			write(mid, model, 12<<20, 1<<20, 99) // a whole block past the cut
+			if err := mid.Close(); err != nil {
+				t.Fatal(err)
+			}
+			topPath := filepath.Join(dir, "top.avhdx")
+			top, err := Create(topPath, CreateOptions{Parent: midPath, BlockSize: 2 << 20})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := 0; i < 25; i++ {
+				write(top, model, r.Int63n(size-(100<<10)), r.Int63n(100<<10)+1, int64(100+i))
+			}
+			if err := top.Close(); err != nil {
+				t.Fatal(err)
+			}
+
+			// Re-point the middle layer; the top's link to it stays.
+			mid, err = Open(midPath, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := mid.SetParent(smallPath, smallGUID); err != nil {
+				t.Fatal(err)
+			}
+			if err := mid.Close(); err != nil {
+				t.Fatal(err)
+			}
+			for s := cut / ss; s < size/ss; s++ {
+				if !held[s] {
+					clear(model[s*ss : (s+1)*ss])
+				}
+			}
+			top, err = Open(topPath, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if top.Depth() != 3 || top.Parent().Parent().Size() != cut {
+				t.Fatalf("depth %d, base %d bytes", top.Depth(), top.Parent().Parent().Size())
+			}
+			if got := readAll(t, top); !bytes.Equal(got, model) {
+				t.Fatalf("differs at %d", firstDiff(got, model))
+			}
+			list := checkExtents(t, top, model)
+			sawHole, sawMid := false, false
+			for _, e := range list {
+				sawHole = sawHole || e.Type == disk.Hole && e.Offset >= cut
+				sawMid = sawMid || e.Type == disk.Data && e.Depth == 1 && e.Offset >= cut
+				if e.Offset < cut && e.Offset+e.Length > cut && e.Depth == 2 {
+					t.Errorf("the base's extent %+v goes past its end", e)
+				}
+			}
+			if !sawHole || !sawMid {
+				t.Errorf("past the base's end: a hole %v, the middle layer's data %v\n%+v", sawHole, sawMid, list)
+			}
+			if e := extentAt(list, 12<<20); e.Type != disk.Data || e.Depth != 1 {
+				t.Errorf("the middle layer's block past the cut: %+v", e)
+			}
+			// Writes across the base's end, partial sectors completed from
+			// a parent read that stops there.
+			for i, w := range []struct{ off, n int64 }{{cut - 700, 1500}, {cut + 3*ss + 17, 100}, {cut - 3*ss, ss}, {15<<20 - 5, 10}} {
+				write(top, model, w.off, w.n, int64(200+i))
+			}
+			if got := readAll(t, top); !bytes.Equal(got, model) {
+				t.Fatalf("after writes: differs at %d", firstDiff(got, model))
+			}
+			if e := extentAt(checkExtents(t, top, model), cut-700); e.Type != disk.Data || e.Depth != 0 {
+				t.Errorf("written across the base's end: %+v", e)
+			}
+			// Grown by Resize: the new range is the top's own zeros.
+			resizeModel(t, top, &model, 20<<20+ss)
+			if e := extentAt(checkExtents(t, top, model), 19<<20); e.Type != disk.Zero || e.Depth != 0 {
+				t.Errorf("grown range: %+v", e)
+			}
+			top = reopen(t, top)
+			if got := readAll(t, top); !bytes.Equal(got, model) {
+				t.Fatalf("reopened: differs at %d", firstDiff(got, model))
+			}
+			if err := top.Close(); err != nil {
+				t.Fatal(err)
+			}
+			checkClean(t, topPath)
+
+			// A child smaller than its parent: the parent's prefix.
+			child, err := Create(filepath.Join(dir, "child.avhdx"), CreateOptions{Parent: bigPath})
+			if err != nil {
+				t.Fatal(err)
+			}
+			prefix := bytes.Clone(readAll(t, mustOpen(t, bigPath)))
+			resizeModel(t, child, &prefix, 5<<20+7*ss)
+			if _, err := child.ReadAt(make([]byte, ss), 5<<20+7*ss); err == nil {
+				t.Error("read past the smaller child's end")
+			}
+			child = reopen(t, child)
+			if got := readAll(t, child); !bytes.Equal(got, prefix) {
+				t.Fatalf("smaller child differs at %d", firstDiff(got, prefix))
+			}
+			checkExtents(t, child, prefix)
+			child.Close()
+		})
+	}
+}
+
+// resizeModel resizes im and the flat model b.
+func resizeModel(t testing.TB, im *Image, b *[]byte, size int64) {
+	t.Helper()
+	if err := im.Resize(size); err != nil {
+		t.Fatal(err)
+	}
+	if size < int64(len(*b)) {
+		*b = (*b)[:size]
+	} else {
+		*b = append(*b, make([]byte, size-int64(len(*b)))...)
+	}
+	if got := readAll(t, im); !bytes.Equal(got, *b) {
+		t.Fatalf("after Resize to %d: differs at %d", size, firstDiff(got, *b))
+	}
+}
+
+// TestResizedChainWith7zip: 7-Zip extracts a 2-level chain whose child
+// was grown past its parent (whole MiB sizes, which 7-Zip needs), with
+// writes across the parent's end and partial blocks past it, as we read
+// it: the parent's data, then zeros where the child holds nothing.
+func TestResizedChainWith7zip(t *testing.T) {
+	needTool(t, "7zz")
+	dir := t.TempDir()
+	leaf, model := grownChain(t, dir)
+	out := filepath.Join(dir, "x")
+	run(t, "7zz", "x", "-y", "-o"+out, leaf)
+	got, err := os.ReadFile(filepath.Join(out, "child.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, model) {
+		t.Fatalf("7zz x: %d bytes, want %d; differs at %d", len(got), len(model), firstDiff(got, model))
+	}
+	if list := run(t, "7zz", "l", "-slt", leaf); strings.Contains(list, "ERRORS") || strings.Contains(list, "WARNINGS") {
+		t.Errorf("7zz reports problems:\n%s", list)
+	}
+}
+
+// grownChain makes base.vhdx (9 MiB, 1 MiB blocks, data) and child.avhdx
+// grown to 24 MiB (2 MiB blocks: block 4 straddles the parent's end),
+// written across the parent's end and past it, and returns the child's
+// path and content.
+func grownChain(t testing.TB, dir string) (string, []byte) {
+	basePath := filepath.Join(dir, "base.vhdx")
+	base, err := Create(basePath, CreateOptions{Size: 9 << 20, BlockSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := make([]byte, 9<<20)
+	fillRandom(t, base, model, 1, 20, 1<<20)
+	if err := base.Close(); err != nil {
+		t.Fatal(err)
+	}
+	leaf := filepath.Join(dir, "child.avhdx")
+	child, err := Create(leaf, CreateOptions{Parent: basePath, BlockSize: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fillRandom(t, child, model, 2, 10, 100<<10)
+	resizeModel(t, child, &model, 24<<20)
+	for i, w := range []struct{ off, n int64 }{{9<<20 - 1000, 3000}, {8<<20 + 100, 512}, {13 << 20, 4096}, {20<<20 + 7, 1 << 20}} {
+		b := bytes.Repeat([]byte{byte(0xa0 + i)}, int(w.n))
+		if _, err := child.WriteAt(b, w.off); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[w.off:], b)
+	}
+	if err := child.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return leaf, model
 }

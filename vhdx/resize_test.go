@@ -96,8 +96,8 @@ func (m *diskModel) bytes() []byte {
 }
 
 // checkModels compares im with what it may read as: its size is one of
-// the models' and every 512-byte sector equals that of one of them (a
-// crash leaves each sector flushed or newest). A disk up to modelFull is
+// the models' and every 512-byte sector equals that of one of the models
+// it lies within (a crash leaves each sector flushed or newest). A disk up to modelFull is
 // read whole; a larger one in every piece a model holds and at both ends
 // of every extent, and no Zero or Hole extent may cover a sector that
 // every model holds non-zero.
@@ -154,6 +154,9 @@ func checkModels(im *Image, ms ...*diskModel) error {
 				k := min(sec+512, n)
 				ok := false
 				for _, m := range ms {
+					if off+sec >= m.size {
+						continue // not a sector of that disk
+					}
 					m.read(want[sec:k], off+sec)
 					if bytes.Equal(got[sec:k], want[sec:k]) {
 						ok = true
@@ -194,6 +197,9 @@ func zeroInOne(lo, hi int64, ms []*diskModel) error {
 		n := min(hi-off, 512)
 		zero := false
 		for _, m := range ms {
+			if off >= m.size {
+				continue
+			}
 			m.read(b[:n], off)
 			zero = zero || disk.IsZero(b[:n])
 		}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
@@ -884,6 +885,112 @@ func TestResizeQemuMovesBAT(t *testing.T) {
 			if out := run(t, "qemu-io", append(args, path)...); strings.Contains(out, "failed") {
 				t.Fatalf("qemu-io:\n%s", out)
 			}
+		})
+	}
+}
+
+// TestResizeConcurrent: writers, readers, Extents, Flush and Size run while
+// another goroutine grows and shrinks the disk (staying above 4 MiB): I/O
+// below 4 MiB always succeeds, I/O near the moving end fails at most with
+// ErrOutOfRange, and each writer's region holds its last writes at the
+// end, also after reopening.
+func TestResizeConcurrent(t *testing.T) {
+	for _, kind := range []string{"dynamic", "diff"} {
+		t.Run(kind, func(t *testing.T) {
+			im, m := newResizable(t, t.TempDir(), kind, 8<<20, 1<<20, 512)
+			const writers, region = 4, 1 << 20
+			regions := make([][]byte, writers)
+			for w := range regions {
+				regions[w] = make([]byte, region)
+				m.read(regions[w], int64(w)*region)
+			}
+			stop := make(chan struct{})
+			errs := make(chan error, 16)
+			var wg sync.WaitGroup
+			loop := func(seed int64, body func(r *rand.Rand) error) {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					r := rand.New(rand.NewSource(seed))
+					for {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						if err := body(r); err != nil {
+							errs <- err
+							return
+						}
+					}
+				}()
+			}
+			for w := 0; w < writers; w++ {
+				loop(int64(w), func(r *rand.Rand) error {
+					off := r.Int63n(region - 1)
+					b := make([]byte, min(r.Int63n(64<<10)+1, region-off))
+					r.Read(b)
+					if _, err := im.WriteAt(b, int64(w)*region+off); err != nil {
+						return err
+					}
+					copy(regions[w][off:], b)
+					return nil
+				})
+			}
+			outOfRange := func(err error) error {
+				if err != nil && !errors.Is(err, disk.ErrOutOfRange) {
+					return err
+				}
+				return nil
+			}
+			loop(10, func(r *rand.Rand) error {
+				b := make([]byte, r.Int63n(256<<10)+1)
+				if _, err := im.ReadAt(b, r.Int63n(4<<20-int64(len(b)))); err != nil {
+					return err
+				}
+				_, err := im.ReadAt(b, max(im.Size()-int64(len(b))-r.Int63n(1<<20), 0))
+				return outOfRange(err)
+			})
+			loop(11, func(r *rand.Rand) error {
+				_, err := im.Extents(0, im.Size())
+				if err = outOfRange(err); err == nil {
+					_, err = im.WriteAt([]byte{0}, im.Size()-1)
+					err = outOfRange(err)
+				}
+				return err
+			})
+			loop(12, func(r *rand.Rand) error { return im.Flush() })
+			sizes := []int64{5 << 20, 200 << 30, 4<<20 + 512, 150 << 20, 9<<20 + 4096, 4<<20 + 4096, 64 << 30}
+			for i := 0; i < 3*len(sizes); i++ {
+				if err := im.Resize(sizes[i%len(sizes)]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			close(stop)
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Fatal(err)
+			}
+			check := func(im *Image, what string) {
+				for w, want := range regions {
+					got := make([]byte, region)
+					if _, err := im.ReadAt(got, int64(w)*region); err != nil {
+						t.Fatal(err)
+					}
+					if !bytes.Equal(got, want) {
+						t.Fatalf("%s: region %d differs at %d", what, w, firstDiff(got, want))
+					}
+				}
+			}
+			check(im, "after the run")
+			im = reopen(t, im)
+			check(im, "reopened")
+			path := im.Path()
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			checkClean(t, path)
 		})
 	}
 }

@@ -11,12 +11,12 @@ import (
 // Resize changes the virtual size to size bytes, as Resize-VHD does, for
 // fixed, dynamic and differencing images.
 //
-// Growing, the new range reads as zeros. In a differencing image the new
-// blocks are ZERO and the old last block's new sectors present zeros, so
-// that nothing there reads through to the parent: whatever the parent
-// holds, and for readers that cannot read past a smaller parent's end. A
-// fixed image gets its new blocks allocated. When the BAT region cannot hold the entries of the new size,
-// the BAT moves to new space at the end of the file.
+// Growing, the new range reads as zeros. A fixed image gets its new blocks
+// allocated. In a differencing image the new blocks are ZERO and the old
+// last block's new sectors present zeros: nothing there reads through to
+// the parent, whatever it holds, and readers that stop at a smaller
+// parent's end read it too. When the BAT region cannot hold the entries of
+// the new size, the BAT moves to new space at the end of the file.
 //
 // Shrinking drops the blocks wholly past the new end; the block the new
 // end cuts keeps its bytes below it (those past it read as zeros if the
@@ -24,9 +24,10 @@ import (
 //
 // Resize flushes: writes made before it are durable when it starts, and
 // the new size is durable when it returns (to the current size it only
-// flushes). A crash at any point leaves the
-// old size or the new one, each with its content (see "Resizing" in the
-// package documentation). If Resize fails, the image keeps its old size.
+// flushes). A crash at any point leaves the old size or the new one, each
+// with its content (see "Resizing" in the package documentation). If
+// Resize fails, the image keeps its old size in memory; a crash then
+// leaves either.
 func (im *Image) Resize(size int64) error {
 	if err := im.writable(); err != nil {
 		return err
@@ -43,10 +44,6 @@ func (im *Image) Resize(size int64) error {
 	}
 	if size == im.geo.virtualSize {
 		return im.commitDirty() // still a flush, as documented
-	}
-	if _, ok := im.parent.(missingParent); ok {
-		// Where the parent's data ends decides what growing must zero.
-		return fmt.Errorf("vhdx: %s: resizing needs the parent open: %w", im.path, ErrParentNotFound)
 	}
 	if err := im.beginWrite(true); err != nil {
 		return err

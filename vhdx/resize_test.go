@@ -994,3 +994,31 @@ func TestResizeConcurrent(t *testing.T) {
 		})
 	}
 }
+
+// TestResizeNoParent: a child opened without its parent (NoParent) grows
+// and shrinks, since Resize reads nothing from the parent; reopened with
+// its parent it reads as expected.
+func TestResizeNoParent(t *testing.T) {
+	dir := t.TempDir()
+	im, m := newResizable(t, dir, "diff", 3<<20+512, 2<<20, 512)
+	writeAround(t, im, m, 1, 6, 100<<10, 0, im.Size())
+	path := im.Path()
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	np, err := Open(path, OpenOptions{NoParent: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, size := range []int64{9<<20 + 1024, 1<<20 + 512, 6 << 20} {
+		if err := np.Resize(size); err != nil {
+			t.Fatal(err)
+		}
+		m.resize(size)
+	}
+	if err := np.Close(); err != nil {
+		t.Fatal(err)
+	}
+	mustMatch(t, mustOpen(t, path), m, "reopened with the parent")
+	checkClean(t, path)
+}

@@ -48,8 +48,9 @@
 // commits through the log in three parts:
 //
 //  1. what the old size does not read: BAT entries past its end (or the
-//     whole moved BAT, in space nothing names yet) and sector bitmap bits
-//     past its end; payload past the old end is zeroed in place before;
+//     moved BAT's pages holding entries, in new space nothing names yet,
+//     which reads as zeros) and sector bitmap bits past its end; payload
+//     past the old end is zeroed in place before;
 //  2. the switch, one log entry: the metadata region, the changed pages of
 //     both region tables and the BAT pages the old size reads. A crash
 //     before the entry is synced leaves the old size, which part 1 left

@@ -717,7 +717,8 @@ func resizeModel(t testing.TB, im *Image, b *[]byte, size int64) {
 // TestResizedChainWith7zip: 7-Zip extracts a 2-level chain whose child
 // was grown past its parent (whole MiB sizes, which 7-Zip needs), with
 // writes across the parent's end and partial blocks past it, as we read
-// it: the parent's data, then zeros where the child holds nothing.
+// it: the parent's data, then zeros where the child holds nothing; and it
+// lists the chain clean once the child's BAT has moved.
 func TestResizedChainWith7zip(t *testing.T) {
 	needTool(t, "7zz")
 	dir := t.TempDir()
@@ -733,6 +734,22 @@ func TestResizedChainWith7zip(t *testing.T) {
 	}
 	if list := run(t, "7zz", "l", "-slt", leaf); strings.Contains(list, "ERRORS") || strings.Contains(list, "WARNINGS") {
 		t.Errorf("7zz reports problems:\n%s", list)
+	}
+	// Grown past its BAT region (the BAT moves), the chain still lists
+	// clean with its new size (extracting it would write 130 GiB).
+	child, err := Open(leaf, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := child.Resize(130 << 30); err != nil {
+		t.Fatal(err)
+	}
+	if err := child.Close(); err != nil {
+		t.Fatal(err)
+	}
+	list := run(t, "7zz", "l", "-slt", leaf)
+	if strings.Contains(list, "ERRORS") || strings.Contains(list, "WARNINGS") || !strings.Contains(list, fmt.Sprintf("Size = %d\n", int64(130<<30))) {
+		t.Errorf("7zz l -slt of the grown chain:\n%s", list)
 	}
 }
 

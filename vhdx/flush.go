@@ -44,6 +44,28 @@ func (im *Image) commit(pages []page, fileEnd int64) error {
 	if len(pages) == 0 {
 		return im.f.Sync()
 	}
+	if err := im.syncPayload(fileEnd); err != nil {
+		return err
+	}
+	per := entryPages(im.logLen)
+	for len(pages) > 0 {
+		batch := pages[:min(per, len(pages))]
+		pages = pages[len(batch):]
+		if _, err := im.logAndApply(batch, fileEnd); err != nil {
+			return err
+		}
+		if len(pages) > 0 {
+			if err := im.f.Sync(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// syncPayload is step 1: the file covers every allocated block and all
+// written so far is durable.
+func (im *Image) syncPayload(fileEnd int64) error {
 	// Allocated blocks are written only where data went; readers such as
 	// 7-Zip expect the file to cover every block the BAT names.
 	size, err := im.f.Size()
@@ -55,35 +77,26 @@ func (im *Image) commit(pages []page, fileEnd int64) error {
 			return err
 		}
 	}
+	return im.f.Sync()
+}
+
+// logAndApply is steps 2 and 3 for pages that fit one log entry. logged
+// reports that the entry was synced: from then on the pages are durable,
+// whatever error applying them returns.
+func (im *Image) logAndApply(batch []page, fileEnd int64) (logged bool, err error) {
+	size, err := im.f.Size()
+	if err != nil {
+		return false, err
+	}
+	im.logSeq++
+	entry := marshalEntry(batch, im.logSeq, 0, im.hdr.LogGUID, size, max(size, fileEnd))
+	if _, err := im.f.WriteAt(entry, im.logOff); err != nil {
+		return false, err
+	}
 	if err := im.f.Sync(); err != nil {
-		return err
+		return false, err
 	}
-	per := entryPages(im.logLen)
-	for len(pages) > 0 {
-		batch := pages[:min(per, len(pages))]
-		pages = pages[len(batch):]
-		size, err := im.f.Size()
-		if err != nil {
-			return err
-		}
-		im.logSeq++
-		entry := marshalEntry(batch, im.logSeq, 0, im.hdr.LogGUID, size, max(size, fileEnd))
-		if _, err := im.f.WriteAt(entry, im.logOff); err != nil {
-			return err
-		}
-		if err := im.f.Sync(); err != nil {
-			return err
-		}
-		if err := im.applyPages(batch); err != nil {
-			return err
-		}
-		if len(pages) > 0 {
-			if err := im.f.Sync(); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
+	return true, im.applyPages(batch)
 }
 
 // applyPages writes pages to their final places, joining adjacent ones.

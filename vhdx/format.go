@@ -39,6 +39,31 @@
 // DataWriteGuid and opens the log (a fresh LogGuid) in one header update;
 // Close syncs and clears the LogGuid, leaving a clean file that needs no
 // replay.
+//
+// # Resizing
+//
+// Resize changes the virtual disk size item and, when the BAT region is too
+// small for the new size, moves the BAT to new space at the end of the file
+// and points both region table copies at it. It flushes first, then
+// commits through the log in three parts:
+//
+//  1. what the old size does not read: BAT entries past its end (or the
+//     moved BAT's pages holding entries, in new space nothing names yet,
+//     which reads as zeros) and sector bitmap bits past its end; payload
+//     past the old end is zeroed in place before;
+//  2. the switch, one log entry: the metadata region, the changed pages of
+//     both region tables and the BAT pages the old size reads. A crash
+//     before the entry is synced leaves the old size, which part 1 left
+//     alone; after it, replay gives the new size;
+//  3. after a shrink, the entries of blocks wholly past the new end are
+//     dropped, which the new size does not read.
+//
+// A differencing image may be larger than its parent (Hyper-V expands
+// them): past the parent's end the chain holds nothing and reads as zeros.
+// Growing one marks its new blocks ZERO and the old last block's new
+// sectors present (zeros), so the new range never reads through to the
+// parent: not its data under a shrunk child's old range, and not past its
+// end, where 7-Zip stops reading.
 package vhdx
 
 import "hash/crc32"

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -14,8 +16,9 @@ import (
 // passes its own checks — never panic, never allocate from an unchecked
 // count. Seeds come from images we make and real samples.
 
-// seedImage returns a small differencing image's bytes and its parent's
-// path (the parent stays on disk for the fuzzed child to find).
+// seedImages returns small images' bytes: dynamic, fixed, and
+// differencing children of the same size as their parent, larger and
+// smaller (the parent stays on disk for a fuzzed child to find).
 func seedImages(f *testing.F) [][]byte {
 	dir := f.TempDir()
 	base := filepath.Join(dir, "base.vhdx")
@@ -26,17 +29,29 @@ func seedImages(f *testing.F) [][]byte {
 	im.WriteAt(bytes.Repeat([]byte{1}, 3000), 1000)
 	im.Close()
 	var out [][]byte
-	for _, opts := range []CreateOptions{
-		{Size: 4 << 20, BlockSize: 1 << 20, LogicalSectorSize: 4096},
-		{Type: Fixed, Size: 2 << 20, BlockSize: 1 << 20},
-		{Parent: base, BlockSize: 1 << 20},
+	for _, c := range []struct {
+		opts   CreateOptions
+		resize int64
+	}{
+		{CreateOptions{Size: 4 << 20, BlockSize: 1 << 20, LogicalSectorSize: 4096}, 0},
+		{CreateOptions{Type: Fixed, Size: 2 << 20, BlockSize: 1 << 20}, 0},
+		{CreateOptions{Parent: base, BlockSize: 1 << 20}, 0},
+		// Children larger and smaller than their parent.
+		{CreateOptions{Parent: base, BlockSize: 1 << 20}, 6<<20 + 512},
+		{CreateOptions{Parent: base, BlockSize: 2 << 20}, 2<<20 + 3*512},
 	} {
 		mf := storage.NewMemFile(nil)
-		im, err := CreateFile(mf, filepath.Join(dir, "child.avhdx"), opts)
+		im, err := CreateFile(mf, filepath.Join(dir, "child.avhdx"), c.opts)
 		if err != nil {
 			f.Fatal(err)
 		}
+		if c.resize > 0 {
+			if err := im.Resize(c.resize); err != nil {
+				f.Fatal(err)
+			}
+		}
 		im.WriteAt(bytes.Repeat([]byte{7}, 5000), 700)
+		im.WriteAt(bytes.Repeat([]byte{8}, 3000), im.Size()-3000)
 		im.Flush() // leaves a log entry in the log region
 		out = append(out, mf.Bytes())
 		im.Close()
@@ -263,5 +278,180 @@ func FuzzOpen(f *testing.F) {
 			im.Close()
 			CheckFile(storage.NewMemFile(img), path)
 		}
+	})
+}
+
+// FuzzChainSizes links a child to a parent of another size than the one
+// it was made over (via parent_linkage2), so that it holds nothing past a
+// smaller parent's end, then runs fuzzed writes, reads, Extents and
+// Resizes on the child against a model: reads past the parent's end are
+// zeros, nothing panics or reads out of range.
+func FuzzChainSizes(f *testing.F) {
+	dir := f.TempDir()
+	type template struct {
+		p1    []byte // the parent the children were made over, 16 MiB
+		data  []byte // its content
+		child map[uint32][]byte
+	}
+	var templates [2]template
+	for i, sector := range []uint32{512, 4096} {
+		p1Path := filepath.Join(dir, fmt.Sprintf("p1-%d.vhdx", sector))
+		p1, err := Create(p1Path, CreateOptions{Size: 16 << 20, BlockSize: 1 << 20, LogicalSectorSize: sector})
+		if err != nil {
+			f.Fatal(err)
+		}
+		data := bytes.Repeat([]byte{0x5a}, 16<<20)
+		p1.WriteAt(data, 0)
+		p1.Close()
+		tpl := template{data: data, child: map[uint32][]byte{}}
+		if tpl.p1, err = os.ReadFile(p1Path); err != nil {
+			f.Fatal(err)
+		}
+		for _, bs := range []uint32{1 << 20, 2 << 20, 4 << 20} {
+			path := filepath.Join(dir, fmt.Sprintf("c-%d-%d.avhdx", sector, bs))
+			c, err := Create(path, CreateOptions{Parent: p1Path, BlockSize: bs})
+			if err != nil {
+				f.Fatal(err)
+			}
+			c.Close()
+			if tpl.child[bs], err = os.ReadFile(path); err != nil {
+				f.Fatal(err)
+			}
+		}
+		templates[i] = tpl
+	}
+	f.Add(false, uint8(0), uint32(20000), uint32(20000), []byte{0, 1, 2, 3, 4, 5, 6, 7, 8, 9})
+	f.Add(true, uint8(1), uint32(3000), uint32(2000), []byte{1, 200, 7, 9, 9, 2, 0, 0, 3, 3, 3, 250, 1, 1, 1})
+	f.Add(false, uint8(2), uint32(40000), uint32(10241), []byte{0, 255, 255, 255, 255, 2, 19, 0, 0, 0})
+	f.Fuzz(func(t *testing.T, big bool, blockLog uint8, parentSectors, childSectors uint32, ops []byte) {
+		tpl, sector := templates[0], int64(512)
+		if big {
+			tpl, sector = templates[1], 4096
+		}
+		bs := uint32(1<<20) << (blockLog % 3)
+		const maxSize = 24 << 20
+		parentSize := (int64(parentSectors)%(maxSize/sector) + 1) * sector
+		childSize := (int64(childSectors)%(maxSize/sector) + 1) * sector
+		childPath := filepath.Join(dir, "child.avhdx")
+		p1, err := OpenFile(storage.NewMemFile(tpl.p1), filepath.Join(dir, "p1.vhdx"), OpenOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cf := storage.NewMemFile(tpl.child[bs])
+		child, err := OpenFile(keepOpen{cf}, childPath, OpenOptions{ParentImage: p1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		model := bytes.Clone(tpl.data)
+		held := make([]bool, maxSize/sector) // sectors the child holds
+		// The op stream: kind, then offset and length as fractions of
+		// the disk (16 bits each).
+		next := func(n int) []byte {
+			if len(ops) < n {
+				return nil
+			}
+			b := ops[:n]
+			ops = ops[n:]
+			return b
+		}
+		span := func(b []byte, size int64) (int64, int64) {
+			off := int64(binary.LittleEndian.Uint16(b)) * size >> 16
+			n := min(int64(binary.LittleEndian.Uint16(b[2:]))*(size>>4)>>16+1, size-off)
+			return off, n
+		}
+		resize := func(size int64) {
+			if err := child.Resize(size); err != nil {
+				t.Fatal(err)
+			}
+			if size < int64(len(model)) {
+				model = model[:size]
+				clear(held[size/sector:])
+			} else {
+				for s := int64(len(model)) / sector; s < size/sector; s++ {
+					held[s] = true // the child's own zeros
+				}
+				model = append(model, make([]byte, size-int64(len(model)))...)
+			}
+		}
+		write := func(b []byte) {
+			off, n := span(b, child.Size())
+			p := bytes.Repeat([]byte{b[0] | 1}, int(n))
+			if _, err := child.WriteAt(p, off); err != nil {
+				t.Fatal(err)
+			}
+			copy(model[off:], p)
+			for s := off / sector; s*sector < off+n; s++ {
+				held[s] = true
+			}
+		}
+		for i := 0; i < 3; i++ {
+			if b := next(4); b != nil {
+				write(b)
+			}
+		}
+		resize(childSize)
+		// Move to a parent of parentSize holding other bytes.
+		p2, err := CreateFile(storage.NewMemFile(nil), filepath.Join(dir, "p2.vhdx"),
+			CreateOptions{Size: uint64(parentSize), BlockSize: 1 << 20, LogicalSectorSize: uint32(sector)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p2data := bytes.Repeat([]byte{0xc3}, int(parentSize))
+		if _, err := p2.WriteAt(p2data, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := p2.Freeze(); err != nil {
+			t.Fatal(err)
+		}
+		if err := child.SetParentLinkage2(p2.Info().DataWriteGUID); err != nil {
+			t.Fatal(err)
+		}
+		if err := child.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if child, err = OpenFile(keepOpen{cf}, childPath, OpenOptions{ParentImage: p2}); err != nil {
+			t.Fatal(err)
+		}
+		defer child.Close()
+		for s := int64(0); s < childSize/sector; s++ {
+			if !held[s] {
+				lo := s * sector
+				if lo < parentSize {
+					copy(model[lo:lo+sector], p2data[lo:])
+				} else {
+					clear(model[lo : lo+sector])
+				}
+			}
+		}
+		check := func(what string) {
+			if got := readAll(t, child); !bytes.Equal(got, model) {
+				t.Fatalf("%s: differs at %d (parent %d, child %d bytes)", what, firstDiff(got, model), parentSize, child.Size())
+			}
+			checkExtents(t, child, model)
+		}
+		check("relinked")
+		for b := next(5); b != nil; b = next(5) {
+			switch b[0] % 4 {
+			case 0:
+				write(b[1:])
+			case 1:
+				off, n := span(b[1:], child.Size())
+				got := make([]byte, n)
+				if _, err := child.ReadAt(got, off); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got, model[off:off+n]) {
+					t.Fatalf("read [%d, +%d) differs at %d", off, n, off+int64(firstDiff(got, model[off:off+n])))
+				}
+			case 2:
+				off, n := span(b[1:], child.Size())
+				if _, err := child.Extents(off, n); err != nil {
+					t.Fatal(err)
+				}
+			case 3:
+				resize((int64(binary.LittleEndian.Uint16(b[1:]))%(maxSize/sector) + 1) * sector)
+			}
+		}
+		check("after the ops")
 	})
 }

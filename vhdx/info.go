@@ -76,11 +76,11 @@ func (im *Image) Depth() int {
 
 // Extents describes [off, off+n) through the chain.
 func (im *Image) Extents(off, n int64) ([]disk.Extent, error) {
+	im.mu.RLock()
+	defer im.mu.RUnlock()
 	if err := im.checkIO(off, n); err != nil {
 		return nil, err
 	}
-	im.mu.RLock()
-	defer im.mu.RUnlock()
 	return im.extents(nil, off, n)
 }
 
@@ -138,8 +138,24 @@ func (im *Image) partialExtents(list []disk.Extent, off, n, blk int64) ([]disk.E
 	return list, nil
 }
 
-// parentExtents appends the parent's extents for a range, one level deeper.
+// parentExtents appends the parent's extents for a range, one level
+// deeper. Past the end of a parent smaller than its child nothing in the
+// chain holds the range: a hole, as deep as the chain.
 func (im *Image) parentExtents(list []disk.Extent, off, n int64) ([]disk.Extent, error) {
+	if ps := im.parent.Size(); off+n > ps {
+		if ps > off {
+			var err error
+			if list, err = im.parentExtents(list, off, ps-off); err != nil {
+				return nil, err
+			}
+		}
+		below := 1
+		if p := im.Parent(); p != nil {
+			below = p.Depth()
+		}
+		past := max(ps, off)
+		return disk.AppendExtent(list, disk.Extent{Offset: past, Length: off + n - past, Type: disk.Hole, Depth: 1 + below}), nil
+	}
 	if p := im.Parent(); p != nil {
 		p.mu.RLock()
 		sub, err := p.extents(nil, off, n)

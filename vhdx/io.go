@@ -9,7 +9,7 @@ import (
 )
 
 // Size returns the virtual size in bytes.
-func (im *Image) Size() int64 { return im.geo.virtualSize }
+func (im *Image) Size() int64 { return im.size.Load() }
 
 // LogicalSectorSize returns the logical sector size (512 or 4096).
 func (im *Image) LogicalSectorSize() int { return int(im.p.LogicalSectorSize) }
@@ -17,6 +17,8 @@ func (im *Image) LogicalSectorSize() int { return int(im.p.LogicalSectorSize) }
 // PhysicalSectorSize returns the physical sector size (512 or 4096).
 func (im *Image) PhysicalSectorSize() int { return int(im.p.PhysicalSectorSize) }
 
+// checkIO checks a range against the virtual size; the caller holds mu, so
+// that a Resize cannot come between the check and the I/O.
 func (im *Image) checkIO(off, n int64) error {
 	if err := disk.CheckRange(off, n, im.geo.virtualSize); err != nil {
 		return fmt.Errorf("vhdx: I/O [%d, +%d) outside a %d-byte disk: %w", off, n, im.geo.virtualSize, err)
@@ -26,11 +28,11 @@ func (im *Image) checkIO(off, n int64) error {
 
 // ReadAt reads len(p) bytes at virtual offset off.
 func (im *Image) ReadAt(p []byte, off int64) (int, error) {
+	im.mu.RLock()
+	defer im.mu.RUnlock()
 	if err := im.checkIO(off, int64(len(p))); err != nil {
 		return 0, err
 	}
-	im.mu.RLock()
-	defer im.mu.RUnlock()
 	if im.closed {
 		return 0, errClosed
 	}
@@ -83,9 +85,12 @@ func (im *Image) read(p []byte, off int64) error {
 
 // locate finds the layer defining the range at off: the first, from im
 // down its chain, whose block there is not NOT_PRESENT, with its BAT
-// entry. n is cut to the end of that block in every layer visited. layer
-// is nil when no layer holds the range; foreign is set when the chain goes
-// on in an image that is not VHDX, which then serves the range.
+// entry. n is cut to the end of that block in every layer visited, and to
+// the end of each parent: a layer may be larger than its parent (a child
+// expanded after it was made), and past the parent's end the chain holds
+// nothing. layer is nil when no layer holds the range; foreign is set when
+// the chain goes on in an image that is not VHDX, which then serves the
+// range.
 func (im *Image) locate(off, n int64) (layer *Image, e uint64, m int64, foreign disk.Image) {
 	m = n
 	for l := im; ; {
@@ -95,14 +100,15 @@ func (im *Image) locate(off, n int64) (layer *Image, e uint64, m int64, foreign 
 		if batState(e) != payloadNotPresent {
 			return l, e, m, nil
 		}
-		switch p := l.parent.(type) {
-		case nil:
+		if l.parent == nil || off >= l.parent.Size() {
 			return nil, 0, m, nil
-		case *Image:
-			l = p
-		default:
-			return nil, 0, m, p
 		}
+		m = min(m, l.parent.Size()-off)
+		p, ok := l.parent.(*Image)
+		if !ok {
+			return nil, 0, m, l.parent
+		}
+		l = p
 	}
 }
 
@@ -166,7 +172,7 @@ func (im *Image) readPartial(p []byte, off, blk, blockOff int64) error {
 		if present {
 			err = im.readFile(p[:n], blockOff+off-blockStart)
 		} else {
-			_, err = im.parent.ReadAt(p[:n], off)
+			err = im.readParent(p[:n], off)
 		}
 		if err != nil {
 			return err
@@ -174,6 +180,22 @@ func (im *Image) readPartial(p []byte, off, blk, blockOff int64) error {
 		p, off = p[n:], off+n
 	}
 	return nil
+}
+
+// readParent reads p at off from the parent. What lies past the parent's
+// end reads as zeros: a differencing image may be larger than its parent.
+func (im *Image) readParent(p []byte, off int64) error {
+	ps := im.parent.Size()
+	if off >= ps {
+		clear(p)
+		return nil
+	}
+	if n := ps - off; n < int64(len(p)) {
+		clear(p[n:])
+		p = p[:n]
+	}
+	_, err := im.parent.ReadAt(p, off)
+	return err
 }
 
 // bitIndex is the bit, within its chunk's sector bitmap, of the sector

@@ -97,16 +97,19 @@ type Image struct {
 
 	flushMu sync.Mutex // serialises Flush and Close
 
-	mu      sync.RWMutex
-	bat     []uint64
-	bitmaps []atomic.Pointer[[]byte] // per chunk, loaded lazily
-	bmLoad  sync.Mutex
-	dirty   map[int64]struct{} // file offsets of 4 KiB metadata pages to log
-	metaBuf []byte             // the metadata region as rewritten, if it was
-	fileEnd int64              // where the next block is allocated (1 MiB-aligned)
-	writing bool               // header updated: GUIDs changed, log open
-	logSeq  uint64
-	closed  bool
+	size atomic.Int64 // the virtual size, for Size without the lock
+
+	mu        sync.RWMutex
+	bat       []uint64
+	bitmaps   []atomic.Pointer[[]byte] // per chunk, loaded lazily
+	bmLoad    sync.Mutex
+	dirty     map[int64]struct{} // file offsets of 4 KiB metadata pages to log
+	metaBuf   []byte             // the metadata region as rewritten, if it was
+	regionBuf []byte             // the region table as rewritten (both copies), if it was
+	fileEnd   int64              // where the next block is allocated (1 MiB-aligned)
+	writing   bool               // header updated: GUIDs changed, log open
+	logSeq    uint64
+	closed    bool
 }
 
 // Open opens the VHDX file at path, and for a differencing image its chain
@@ -339,6 +342,7 @@ func (im *Image) readMetadata() error {
 		return err
 	}
 	im.geo = newGeometry(im.p.BlockSize, im.p.LogicalSectorSize, im.p.VirtualSize, im.p.HasParent)
+	im.size.Store(im.geo.virtualSize)
 	return nil
 }
 

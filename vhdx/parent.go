@@ -141,6 +141,9 @@ func (im *Image) linkages() (l1, l2 GUID, err error) {
 }
 
 // checkParent verifies that parent is the image the child was made from.
+// Their sizes may differ, as after Hyper-V expands a differencing disk: the
+// child reads zeros where it holds nothing past the parent's end, and a
+// smaller child sees a prefix of its parent.
 func (im *Image) checkParent(parent *Image) error {
 	l1, l2, err := im.linkages()
 	if err != nil {
@@ -154,10 +157,6 @@ func (im *Image) checkParent(parent *Image) error {
 		}
 		return fmt.Errorf("vhdx: %s: parent %s has DataWriteGuid {%s}, the child expects %s: %w",
 			im.path, parent.path, got, want, ErrParentMismatch)
-	}
-	if parent.geo.virtualSize != im.geo.virtualSize {
-		return fmt.Errorf("vhdx: %s: parent %s is %d bytes, the child %d: %w",
-			im.path, parent.path, parent.geo.virtualSize, im.geo.virtualSize, ErrParentMismatch)
 	}
 	if parent.p.LogicalSectorSize != im.p.LogicalSectorSize {
 		return fmt.Errorf("vhdx: %s: parent %s has %d-byte sectors, the child %d-byte: %w",

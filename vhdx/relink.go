@@ -111,13 +111,28 @@ func (im *Image) updateLocator(change func(*parentLocator)) error {
 	return nil
 }
 
-// rewriteMetadata renders the metadata region with item id's content
-// replaced by data, items packed after the table in their table order,
-// and marks the pages that change for the log. The caller holds mu.
+// rewriteMetadata replaces item id's content by data in memory and marks
+// the pages that change for the log. The caller holds mu.
 func (im *Image) rewriteMetadata(id GUID, data []byte) error {
+	buf, entries, pages, err := im.renderMetadata(id, data)
+	if err != nil {
+		return err
+	}
+	im.metaBuf, im.meta = buf, entries
+	for _, off := range pages {
+		im.dirty[off] = struct{}{}
+	}
+	return nil
+}
+
+// renderMetadata renders the metadata region with item id's content
+// replaced by data, items packed after the table in their table order. It
+// returns the region's used part, the new table and the file offsets of
+// the pages to log. The caller holds mu.
+func (im *Image) renderMetadata(id GUID, data []byte) (buf []byte, entries []metaEntry, pages []int64, err error) {
 	regionOff := int64(im.regs.Metadata.Offset)
-	buf := make([]byte, metaTableSize)
-	entries := append([]metaEntry(nil), im.meta...)
+	buf = make([]byte, metaTableSize)
+	entries = append([]metaEntry(nil), im.meta...)
 	oldEnd := int64(metaTableSize)
 	for i := range entries {
 		e := &entries[i]
@@ -125,9 +140,14 @@ func (im *Image) rewriteMetadata(id GUID, data []byte) error {
 		item := data
 		if e.ID != id || e.IsUser {
 			item = make([]byte, e.Length)
-			if e.Length > 0 {
+			switch {
+			case e.Length == 0:
+			case im.metaBuf != nil:
+				// Rewritten before: memory is newer than the file.
+				copy(item, im.metaBuf[e.Offset:])
+			default:
 				if err := im.readAt(item, regionOff+int64(e.Offset), "metadata item"); err != nil {
-					return err
+					return nil, nil, nil, err
 				}
 			}
 		}
@@ -138,20 +158,18 @@ func (im *Image) rewriteMetadata(id GUID, data []byte) error {
 		}
 	}
 	if int64(len(buf)) > int64(im.regs.Metadata.Length) {
-		return fmt.Errorf("vhdx: %s: metadata does not fit its %d-byte region", im.path, im.regs.Metadata.Length)
+		return nil, nil, nil, fmt.Errorf("vhdx: %s: metadata does not fit its %d-byte region", im.path, im.regs.Metadata.Length)
 	}
 	copy(buf, marshalMetaTable(entries))
-	im.metaBuf = buf
-	im.meta = entries
 	end := max(oldEnd, int64(len(buf)))
 	// The table's used part and every page of items, old or new.
 	for off := int64(0); off < end; off += pageSize {
 		if off >= alignUp(32+32*int64(len(entries)), pageSize) && off < metaTableSize {
 			continue
 		}
-		im.dirty[regionOff+off] = struct{}{}
+		pages = append(pages, regionOff+off)
 	}
-	return nil
+	return buf, entries, pages, nil
 }
 
 // ParentLink is where a differencing image says its parent is.

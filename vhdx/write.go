@@ -17,13 +17,11 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := im.writable(); err != nil {
 		return 0, err
 	}
-	if err := im.checkIO(off, int64(len(p))); err != nil {
+	im.mu.RLock()
+	if err := im.checkIO(off, int64(len(p))); err != nil || len(p) == 0 {
+		im.mu.RUnlock()
 		return 0, err
 	}
-	if len(p) == 0 {
-		return 0, nil
-	}
-	im.mu.RLock()
 	if im.closed {
 		im.mu.RUnlock()
 		return 0, errClosed
@@ -42,6 +40,9 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	defer im.mu.Unlock()
 	if im.closed {
 		return 0, errClosed
+	}
+	if err := im.checkIO(off, int64(len(p))); err != nil {
+		return 0, err // the disk shrank meanwhile
 	}
 	if err := im.beginWrite(true); err != nil {
 		return 0, err
@@ -258,11 +259,17 @@ func (im *Image) writePartial(p []byte, off, blk, blockOff int64) error {
 	}
 	first := im.bitIndex(a0)
 	setBits(bm, first, (a1-a0)/ss)
-	sb := batOffset(im.bat[im.geo.bitmapIndex(blk/im.geo.chunkRatio)])
-	for pg := first / 8 / pageSize; pg <= (first+(a1-a0)/ss-1)/8/pageSize; pg++ {
+	im.markBits(blk/im.geo.chunkRatio, first, (a1-a0)/ss)
+	return nil
+}
+
+// markBits marks for the log the pages of chunk c's sector bitmap holding
+// bits [first, first+n).
+func (im *Image) markBits(c, first, n int64) {
+	sb := batOffset(im.bat[im.geo.bitmapIndex(c)])
+	for pg := first / 8 / pageSize; pg <= (first+n-1)/8/pageSize; pg++ {
 		im.dirty[sb+pg*pageSize] = struct{}{}
 	}
-	return nil
 }
 
 // readSectorInto reads the sector at virtual offset off of a partially
@@ -272,8 +279,7 @@ func (im *Image) readSectorInto(p []byte, off int64, bm []byte, delta int64) err
 	if set, _ := bitRun(bm, im.bitIndex(off), 1); set {
 		return im.readFile(p, off+delta)
 	}
-	_, err := im.parent.ReadAt(p, off)
-	return err
+	return im.readParent(p, off)
 }
 
 // presentBitmap returns chunk c's sector bitmap, allocating its block in
@@ -328,11 +334,11 @@ func (im *Image) zeroRange(off, n int64, mayUnmap bool, state uint8) error {
 	if err := im.writable(); err != nil {
 		return err
 	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
 	if err := im.checkIO(off, n); err != nil {
 		return err
 	}
-	im.mu.Lock()
-	defer im.mu.Unlock()
 	if im.closed {
 		return errClosed
 	}
@@ -392,16 +398,14 @@ func (im *Image) dirtyPages() []page {
 		offs = append(offs, off)
 	}
 	slices.Sort(offs)
-	pages := make([]page, len(offs))
-	for i, off := range offs {
-		pages[i] = page{off: off, data: im.pageContent(off)}
-	}
+	pages := im.render(offs)
 	clear(im.dirty)
 	return pages
 }
 
 // pageContent renders the 4 KiB page at file offset off from memory: a
-// page of the BAT, of the metadata region or of a sector bitmap block.
+// page of the BAT, of a region table copy, of the metadata region or of a
+// sector bitmap block.
 func (im *Image) pageContent(off int64) []byte {
 	b := make([]byte, pageSize)
 	batOff := int64(im.regs.BAT.Offset)
@@ -414,6 +418,12 @@ func (im *Image) pageContent(off int64) []byte {
 			}
 		}
 		return b
+	}
+	for _, rt := range []int64{region1Offset, region2Offset} {
+		if off >= rt && off < rt+regionTableSize && im.regionBuf != nil {
+			copy(b, im.regionBuf[off-rt:])
+			return b
+		}
 	}
 	metaOff := int64(im.regs.Metadata.Offset)
 	if off >= metaOff && off < metaOff+int64(im.regs.Metadata.Length) {

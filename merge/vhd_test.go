@@ -5,12 +5,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/vhd"
+	"github.com/vhdkit/vhdkit/vhdx"
 )
 
 // vhdChainSize is exact in CHS, so qemu-img, which sizes our VHDs by
@@ -150,37 +152,55 @@ func chainOf(t testing.TB, path string) []string {
 }
 
 // TestMergeGrowsTarget: a child grown past its parent's size (Resize-VHD
-// on the differencing disk) merges into a parent that grows to match.
+// on the differencing disk) merges into a parent that grows to match, in
+// VHDX and VHD chains.
 func TestMergeGrowsTarget(t *testing.T) {
-	dir := t.TempDir()
-	paths, contents := buildVHDChain(t, dir, 1)
-	bigger := vhd.GeometryFor(40 << 20).Size()
-	im, err := vhd.Open(paths[1], vhd.OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
+	type resizer interface {
+		io.WriterAt
+		Resize(int64) error
+		Close() error
 	}
-	if err := im.Resize(bigger); err != nil {
-		t.Fatal(err)
+	for _, c := range []struct {
+		name   string
+		build  func(testing.TB, string, int) ([]string, [][]byte)
+		bigger int64
+		open   func(string) (resizer, error)
+		qemu   string
+	}{
+		{"vhdx", buildChain, 40 << 20, func(p string) (resizer, error) { return vhdx.Open(p, vhdx.OpenOptions{}) }, "vhdx"},
+		{"vhd", buildVHDChain, vhd.GeometryFor(40 << 20).Size(), func(p string) (resizer, error) { return vhd.Open(p, vhd.OpenOptions{}) }, "vpc"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			paths, contents := c.build(t, dir, 1)
+			im, err := c.open(paths[1])
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := im.Resize(c.bigger); err != nil {
+				t.Fatal(err)
+			}
+			want := append(bytes.Clone(contents[1]), make([]byte, c.bigger-int64(len(contents[1])))...)
+			scribble(t, im, want, 99, 10, 1<<20)
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			res, err := Merge(context.Background(), paths[1], Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Grown != c.bigger {
+				t.Errorf("grown %d, want %d", res.Grown, c.bigger)
+			}
+			if got := content(t, paths[0]); !bytes.Equal(got, want) {
+				t.Fatal("the grown base does not hold the merged content")
+			}
+			needTool(t, "qemu-img")
+			raw := filepath.Join(dir, "want.raw")
+			os.WriteFile(raw, want, 0o644)
+			run(t, "qemu-img", "compare", "-f", c.qemu, "-F", "raw", paths[0], raw)
+		})
 	}
-	want := append(bytes.Clone(contents[1]), make([]byte, bigger-vhdChainSize)...)
-	scribble(t, im, want, 99, 10, 1<<20)
-	if err := im.Close(); err != nil {
-		t.Fatal(err)
-	}
-	res, err := Merge(context.Background(), paths[1], Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if res.Grown != bigger {
-		t.Errorf("grown %d, want %d", res.Grown, bigger)
-	}
-	if got := content(t, paths[0]); !bytes.Equal(got, want) {
-		t.Fatal("the grown base does not hold the merged content")
-	}
-	needTool(t, "qemu-img")
-	raw := filepath.Join(dir, "want.raw")
-	os.WriteFile(raw, want, 0o644)
-	run(t, "qemu-img", "compare", "-f", "vpc", "-F", "raw", paths[0], raw)
 }
 
 // TestSetParent re-points VHDX and VHD children at moved parents, and

@@ -49,34 +49,13 @@ func loadJournal(top string) (*journal, error) {
 	return &j, nil
 }
 
-// save writes the journal durably: a temporary file, synced, renamed into
-// place, and the folder synced.
+// save writes the journal durably.
 func (j *journal) save() error {
 	b, err := json.MarshalIndent(j, "", "  ")
 	if err != nil {
 		return err
 	}
-	path := journalPath(j.Top)
-	tmp := path + ".tmp"
-	f, err := os.Create(tmp)
-	if err != nil {
-		return fmt.Errorf("merge: journal: %w", err)
-	}
-	_, err = f.Write(b)
-	if serr := f.Sync(); err == nil {
-		err = serr
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err == nil {
-		err = storage.SyncDir(filepath.Dir(path))
-	}
-	if err != nil {
-		os.Remove(tmp)
+	if err := storage.WriteFile(journalPath(j.Top), b, 0o644); err != nil {
 		return fmt.Errorf("merge: journal: %w", err)
 	}
 	return nil

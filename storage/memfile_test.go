@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 )
@@ -357,5 +359,27 @@ func BenchmarkMemFileWriteSync(b *testing.B) {
 		if off%(1<<20) == 0 {
 			f.Sync()
 		}
+	}
+}
+
+func TestWriteFile(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "state.json")
+	for _, content := range []string{"first", "second, longer", "3"} {
+		if err := WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if b, err := os.ReadFile(p); err != nil || string(b) != content {
+			t.Fatalf("read %q, %v; want %q", b, err, content)
+		}
+	}
+	if fi, err := os.Stat(p); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("mode %v, %v", fi.Mode(), err)
+	}
+	if m, _ := filepath.Glob(filepath.Join(dir, "*.tmp")); len(m) != 0 {
+		t.Fatalf("left behind: %v", m)
+	}
+	if err := WriteFile(filepath.Join(dir, "no", "such"), nil, 0o600); err == nil {
+		t.Fatal("writing into a missing folder succeeded")
 	}
 }

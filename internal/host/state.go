@@ -103,25 +103,7 @@ func (st *state) save(dir string) error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(dir, stateName+".tmp")
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(dir, stateName))
-	}
-	if err == nil {
-		err = storage.SyncDir(dir)
-	}
-	if err != nil {
+	if err := storage.WriteFile(filepath.Join(dir, stateName), b, 0o600); err != nil {
 		return fmt.Errorf("saving state: %w", err)
 	}
 	return nil

@@ -209,6 +209,8 @@ func (h *Host) advance(j *job) (bool, error) {
 	var c *checkpointState
 	if s := j.st.Step; s != nil {
 		c = v.st.checkpoint(s.Checkpoint)
+	} else if c = j.merging(v); c != nil {
+		// Between the disks of one checkpoint's merges: go on with it.
 	} else if j.st.Cancel {
 		h.finishLocked(j, api.JobCanceled, "canceled by request")
 		h.mu.Unlock()
@@ -239,6 +241,18 @@ func (h *Host) advance(j *job) (bool, error) {
 		return false, h.mergeOffline(j, v, c, kids[0])
 	}
 	return false, errFatal{fmt.Errorf("checkpoint %q has %d dependents and cannot be deleted alone", c.Name, len(kids)+btoi(now))}
+}
+
+// merging returns the checkpoint whose merges the job has begun and not
+// finished (some of its disks may be merged already), or nil; the caller
+// holds mu.
+func (j *job) merging(v *vm) *checkpointState {
+	for _, id := range j.st.Counted {
+		if c := v.st.checkpoint(id); c != nil {
+			return c
+		}
+	}
+	return nil
 }
 
 const cancelReason = "cancel requested: the merge under way finishes first (it has changed the checkpoint's file)"
@@ -714,7 +728,8 @@ func (h *Host) ControlJob(id, action string) (*api.Job, error) {
 		}
 	case "cancel":
 		j.st.Cancel = true
-		if j.st.Step == nil {
+		v := h.vms[j.st.VM]
+		if j.st.Step == nil && (v == nil || j.merging(v) == nil) {
 			h.finishLocked(j, api.JobCanceled, "canceled by request")
 		} else if !j.pauseReq {
 			j.st.Reason = cancelReason

@@ -1,5 +1,7 @@
-// Command vhdkit creates, inspects, checks and converts virtual disks
-// (VHDX, VHD and raw) on Linux. Run "vhdkit help" for the commands.
+// Command vhdkit creates, inspects, checks, converts, resizes and merges
+// virtual disks (VHDX, VHD and raw) on Linux, serves them over NBD, and
+// runs the host daemon whose machines take checkpoints and merge them
+// live. Run "vhdkit help" for the commands.
 package main
 
 import (

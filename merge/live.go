@@ -22,7 +22,7 @@ import (
 //     DataWriteGuid G goes into L's parent_linkage2 and L is flushed, then
 //     T is opened for writing and takes G (BeginDataChange). From here on
 //     every client write is applied to L and then mirrored into T, under a
-//     lock on its range — unless it lies, whole, in a data range of L the
+//     lock on its range — unless it lies, whole, in a range of L the
 //     copier has yet to reach: the copier will read it from L then.
 //  2. A copier walks the ranges L held when the merge started and copies
 //     each from L into T under the same range lock, so a client write and
@@ -240,7 +240,7 @@ type LiveMerge struct {
 
 	locks rangeLocks
 	// next is where the copier goes on from (MaxInt64 before it starts):
-	// client writes wholly after it, within data ranges of todo, are not
+	// client writes wholly after it, within a range of todo, are not
 	// mirrored, since the copier reads them from the leaf later.
 	next atomic.Int64
 
@@ -323,7 +323,7 @@ func (m *LiveMerge) CopyStep(off int64, buf []byte) (next, n int64, err error) {
 	e := m.todo[i]
 	start := max(off, e.Offset)
 	n = min(e.Offset+e.Length-start, liveChunk, int64(len(buf)))
-	return start + n, n, m.copy(e.Type, start, buf[:n])
+	return start + n, n, m.copy(start, buf[:n])
 }
 
 // extentAfter returns the index of the first range of the copy that ends
@@ -333,8 +333,8 @@ func (m *LiveMerge) extentAfter(off int64) int {
 }
 
 // needsMirror reports whether a client write to [off, end) must go to the
-// target too: unless it lies wholly within one data range of the copy at
-// or after the copier's position, where the copier will read it from the
+// target too: unless it lies wholly within one range of the copy at or
+// after the copier's position, where the copier will read it from the
 // leaf. The caller holds the range's lock, which the copier takes too, so
 // the copier cannot pass the range between this answer and the write.
 func (m *LiveMerge) needsMirror(off, end int64) bool {
@@ -346,10 +346,14 @@ func (m *LiveMerge) needsMirror(off, end int64) bool {
 		return true
 	}
 	e := m.todo[i]
-	return e.Type != disk.Data || off < e.Offset || end > e.Offset+e.Length
+	return off < e.Offset || end > e.Offset+e.Length
 }
 
-func (m *LiveMerge) copy(t disk.ExtentType, off int64, buf []byte) error {
+// copy carries [off, off+len(buf)) from the leaf into the target. It
+// reads the leaf even where the leaf declared zeros when the merge began:
+// a client may have written there since, and its data must not be zeroed
+// in the target behind it. What reads as zeros is written as zeros.
+func (m *LiveMerge) copy(off int64, buf []byte) error {
 	d := m.d
 	d.mu.RLock()
 	defer d.mu.RUnlock()
@@ -359,17 +363,17 @@ func (m *LiveMerge) copy(t disk.ExtentType, off int64, buf []byte) error {
 	end := off + int64(len(buf))
 	m.locks.lock(off, end)
 	defer m.locks.unlock(off, end)
-	if t == disk.Zero {
-		if err := m.target.WriteZeroes(off, int64(len(buf)), true); err != nil {
-			return err
-		}
+	if _, err := d.leaf.ReadAt(buf, off); err != nil {
+		return fmt.Errorf("reading %s: %w", m.top, err)
+	}
+	var err error
+	if disk.IsZero(buf) {
+		err = m.target.WriteZeroes(off, int64(len(buf)), true)
 	} else {
-		if _, err := d.leaf.ReadAt(buf, off); err != nil {
-			return fmt.Errorf("reading %s: %w", m.top, err)
-		}
-		if _, err := m.target.WriteAt(buf, off); err != nil {
-			return err
-		}
+		_, err = m.target.WriteAt(buf, off)
+	}
+	if err != nil {
+		return err
 	}
 	// Before the range's lock goes: a write waiting for it must see that
 	// the copier has passed.

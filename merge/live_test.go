@@ -321,3 +321,51 @@ func TestLiveMergeMirrorsBehindCopier(t *testing.T) {
 		t.Fatalf("after the merge the disk differs at %d", i)
 	}
 }
+
+// TestLiveMergeWriteIntoZeroRange: a range the leaf declared zero when the
+// merge began, written by a client before the copier gets there, holds
+// the client's data after the merge (the copier must not zero it in the
+// target afterwards).
+func TestLiveMergeWriteIntoZeroRange(t *testing.T) {
+	const size = 16 << 20
+	d, want, _ := liveChain(t, size)
+	defer d.Close()
+	if err := d.WriteZeroes(8<<20, 2<<20, true); err != nil {
+		t.Fatal(err)
+	}
+	clear(want[8<<20 : 10<<20])
+	rng := rand.New(rand.NewPCG(9, 10))
+	fillRand(rng, want[0:2<<20])
+	if _, err := d.WriteAt(want[0:2<<20], 0); err != nil {
+		t.Fatal(err)
+	}
+	m, err := d.StartMerge(vhdx.NewGUID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, liveChunk)
+	off, _, err := m.CopyStep(0, buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := want[9<<20 : 9<<20+8192]
+	fillRand(rng, p)
+	if _, err := d.WriteAt(p, 9<<20); err != nil {
+		t.Fatal(err)
+	}
+	for ; off >= 0; off, _, err = m.CopyStep(off, buf) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m.Complete(nil); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, size)
+	if _, err := d.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("after the merge the disk differs at %d", i)
+	}
+}

@@ -1,7 +1,7 @@
 // Package merge folds differencing layers of a VHDX or VHD chain into an
-// ancestor
-// (Hyper-V's Merge-VHD), crash-safely and resumably, offline (Merge) or
-// under a running VHDX disk (Disk, LiveMerge).
+// ancestor (Hyper-V's Merge-VHD), crash-safely and resumably, offline
+// (Merge) or under a running VHDX disk (Disk, LiveMerge), and re-points a
+// child at a moved parent (SetParent).
 //
 // # Protocol
 //
@@ -13,7 +13,7 @@
 //  1. A new DataWriteGuid G for T is chosen and recorded in L's
 //     parent_linkage2 (through L's log); L now opens over T before and after
 //     T changes. A re-run finds G there, equal to T's DataWriteGuid, and
-//     reuses it.
+//     reuses it. (VHD and raw targets keep their identity: see format.go.)
 //  2. T's header takes G before its first change; T grows if TOP is
 //     larger.
 //  3. Every range the merged layers define (data, and zeros they declare)

@@ -305,21 +305,7 @@ func TestLiveMergeMirrorsBehindCopier(t *testing.T) {
 	if p := write(outside); !inTarget(outside, p) {
 		t.Error("a write outside the leaf's ranges at the start was not mirrored")
 	}
-	for ; off >= 0; off, _, err = m.CopyStep(off, buf) {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := m.Complete(nil); err != nil {
-		t.Fatal(err)
-	}
-	got := make([]byte, size)
-	if _, err := d.ReadAt(got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if i := firstDiff(got, want); i >= 0 {
-		t.Fatalf("after the merge the disk differs at %d", i)
-	}
+	finishLive(t, d, m, off, want)
 }
 
 // TestLiveMergeWriteIntoZeroRange: a range the leaf declared zero when the
@@ -353,6 +339,15 @@ func TestLiveMergeWriteIntoZeroRange(t *testing.T) {
 	if _, err := d.WriteAt(p, 9<<20); err != nil {
 		t.Fatal(err)
 	}
+	finishLive(t, d, m, off, want)
+}
+
+// finishLive runs a live merge's copy on from off, completes it and
+// checks that the disk reads want.
+func finishLive(t *testing.T, d *Disk, m *LiveMerge, off int64, want []byte) {
+	t.Helper()
+	buf := make([]byte, liveChunk)
+	var err error
 	for ; off >= 0; off, _, err = m.CopyStep(off, buf) {
 		if err != nil {
 			t.Fatal(err)
@@ -361,7 +356,7 @@ func TestLiveMergeWriteIntoZeroRange(t *testing.T) {
 	if err := m.Complete(nil); err != nil {
 		t.Fatal(err)
 	}
-	got := make([]byte, size)
+	got := make([]byte, len(want))
 	if _, err := d.ReadAt(got, 0); err != nil {
 		t.Fatal(err)
 	}

@@ -19,6 +19,24 @@ import (
 	"github.com/vhdkit/vhdkit/storage"
 )
 
+// waitProgress waits until a job has copied something.
+func (th *testHost) waitProgress(t *testing.T, id string) {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		j, err := th.api.Job(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if j.Done > 0 {
+			return
+		}
+		if j.Finished() {
+			t.Fatalf("job %s ended before it was watched: %+v", id, j)
+		}
+	}
+	t.Fatalf("job %s made no progress", id)
+}
+
 // newVM creates a one-disk machine and a workload on it that has written.
 func newVM(t *testing.T, th *testHost, name string, size int64, seed uint64) *workload {
 	t.Helper()
@@ -279,7 +297,7 @@ func TestJobControl(t *testing.T) {
 	checkpoint(t, th, "j", "b")
 	w.fill(t, 300)
 	j := deleteCheckpoint(t, th, "j", "b", false, 2<<20)
-	time.Sleep(300 * time.Millisecond)
+	th.waitProgress(t, j.ID)
 	p, err := th.api.ControlJob(ctx, j.ID, "pause")
 	if err != nil || p.State != api.JobPaused {
 		t.Fatalf("pause: %+v %v", p, err)
@@ -313,7 +331,7 @@ func TestJobControl(t *testing.T) {
 	checkpoint(t, th, "j", "c")
 	w.fill(t, 300)
 	j = deleteCheckpoint(t, th, "j", "a", true, 2<<20)
-	time.Sleep(200 * time.Millisecond)
+	th.waitProgress(t, j.ID)
 	c, err := th.api.ControlJob(ctx, j.ID, "cancel")
 	if err != nil || !strings.Contains(c.Reason, "cancel requested") {
 		t.Fatalf("cancel: %+v %v", c, err)
@@ -341,7 +359,7 @@ func TestRestartMidMerge(t *testing.T) {
 	checkpoint(t, th, "r", "a")
 	w.fill(t, 400)
 	j := deleteCheckpoint(t, th, "r", "a", false, 4<<20)
-	time.Sleep(500 * time.Millisecond)
+	th.waitProgress(t, j.ID)
 	w.fill(t, 20)
 	th.stop(t)
 	model := w.snapshot()

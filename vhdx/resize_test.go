@@ -89,13 +89,6 @@ func (m *diskModel) clone() *diskModel {
 	return c
 }
 
-// bytes returns the whole content of a small disk.
-func (m *diskModel) bytes() []byte {
-	b := make([]byte, m.size)
-	m.read(b, 0)
-	return b
-}
-
 // checkModels compares im with what it may read as: its size is one of
 // the models' and every 512-byte sector equals that of one of the models
 // it lies within (a crash leaves each sector flushed or newest). A disk up to modelFull is

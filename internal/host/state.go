@@ -109,15 +109,6 @@ func (st *state) save(dir string) error {
 	return nil
 }
 
-func (st *state) machine(name string) *machineState {
-	for _, m := range st.Machines {
-		if m.Name == name {
-			return m
-		}
-	}
-	return nil
-}
-
 func (m *machineState) checkpoint(id string) *checkpointState {
 	for _, c := range m.Checkpoints {
 		if c.ID == id {

@@ -31,27 +31,19 @@ Examples:
 			clientVerb("checkpoint list", "VM", "show a machine's checkpoint tree and where it runs now", "", true, 1, nil,
 				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 					t, err := cl.Checkpoints(ctx, args[0])
-					if err != nil {
-						return err
-					}
-					if f.json {
-						return printJSON(c.stdout, t)
-					}
-					printTree(c.stdout, t)
-					return nil
+					return f.reply(c, t, err, func() error {
+						printTree(c.stdout, t)
+						return nil
+					})
 				}),
 			checkpointApplyCommand(),
 			clientVerb("checkpoint rename", "VM CHECKPOINT NEWNAME", "rename a checkpoint", "", true, 3, nil,
 				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 					cp, err := cl.RenameCheckpoint(ctx, args[0], args[1], args[2])
-					if err != nil {
-						return err
-					}
-					if f.json {
-						return printJSON(c.stdout, cp)
-					}
-					fmt.Fprintf(c.stdout, "renamed checkpoint %s to %q\n", cp.ID, cp.Name)
-					return nil
+					return f.reply(c, cp, err, func() error {
+						fmt.Fprintf(c.stdout, "renamed checkpoint %s to %q\n", cp.ID, cp.Name)
+						return nil
+					})
 				}),
 			clientVerb("checkpoint export", "VM CHECKPOINT DIR", "write each disk's state at a checkpoint as a standalone VHDX into DIR",
 				"The files are DIR/VM-diskN.vhdx, dynamic and without a parent.\n", true, 3, nil,
@@ -61,16 +53,12 @@ Examples:
 						dir = abs // the daemon may run elsewhere
 					}
 					out, err := cl.ExportCheckpoint(ctx, args[0], args[1], dir)
-					if err != nil {
-						return err
-					}
-					if f.json {
-						return printJSON(c.stdout, out)
-					}
-					for _, p := range out.Files {
-						fmt.Fprintf(c.stdout, "exported %s\n", p)
-					}
-					return nil
+					return f.reply(c, out, err, func() error {
+						for _, p := range out.Files {
+							fmt.Fprintf(c.stdout, "exported %s\n", p)
+						}
+						return nil
+					})
 				}),
 			checkpointDeleteCommand(),
 		},
@@ -86,25 +74,21 @@ func checkpointCreateCommand() *command {
 		},
 		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 			cp, err := cl.CreateCheckpoint(ctx, args[0], api.CreateCheckpoint{Name: name})
-			if err != nil {
-				return err
-			}
-			if f.json {
-				return printJSON(c.stdout, cp)
-			}
-			fmt.Fprintf(c.stdout, "checkpoint %q (id %s) of %s\n", cp.Name, cp.ID, args[0])
-			v, err := cl.VM(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			for i, p := range cp.Files {
-				fmt.Fprintf(c.stdout, "  disk %d: %s frozen", i, p)
-				if i < len(v.Disks) {
-					fmt.Fprintf(c.stdout, ", now runs on %s", v.Disks[i].Path)
+			return f.reply(c, cp, err, func() error {
+				fmt.Fprintf(c.stdout, "checkpoint %q (id %s) of %s\n", cp.Name, cp.ID, args[0])
+				v, err := cl.VM(ctx, args[0])
+				if err != nil {
+					return err
 				}
-				fmt.Fprintln(c.stdout)
-			}
-			return nil
+				for i, p := range cp.Files {
+					fmt.Fprintf(c.stdout, "  disk %d: %s frozen", i, p)
+					if i < len(v.Disks) {
+						fmt.Fprintf(c.stdout, ", now runs on %s", v.Disks[i].Path)
+					}
+					fmt.Fprintln(c.stdout)
+				}
+				return nil
+			})
 		})
 }
 
@@ -119,14 +103,10 @@ func checkpointApplyCommand() *command {
 		},
 		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 			v, err := cl.ApplyCheckpoint(ctx, args[0], args[1], api.ApplyCheckpoint{Save: save, SaveName: saveName})
-			if err != nil {
-				return err
-			}
-			if f.json {
-				return printJSON(c.stdout, v)
-			}
-			fmt.Fprintf(c.stdout, "%s now runs from checkpoint %q\n", v.Name, v.Current)
-			return nil
+			return f.reply(c, v, err, func() error {
+				fmt.Fprintf(c.stdout, "%s now runs from checkpoint %q\n", v.Name, v.Current)
+				return nil
+			})
 		})
 }
 
@@ -153,24 +133,17 @@ Examples:
 		},
 		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 			j, err := cl.DeleteCheckpoint(ctx, args[0], args[1], subtree, bw.n)
-			if err != nil {
-				return err
+			if err != nil || !wait {
+				return f.reply(c, j, err, func() error {
+					fmt.Fprintf(c.stdout, "job %s: deleting checkpoint %q of %s (%s)\n", j.ID, j.Checkpoint, j.VM, j.State)
+					return nil
+				})
 			}
-			if !wait {
-				if f.json {
-					return printJSON(c.stdout, j)
-				}
-				fmt.Fprintf(c.stdout, "job %s: deleting checkpoint %q of %s (%s)\n", j.ID, j.Checkpoint, j.VM, j.State)
+			j, err = c.follow(ctx, cl, j.ID, progress)
+			return f.reply(c, j, err, func() error {
+				fmt.Fprintf(c.stdout, "job %s: checkpoint %q of %s deleted, %s merged\n", j.ID, j.Checkpoint, j.VM, humanBytes(j.Done))
 				return nil
-			}
-			if j, err = c.follow(ctx, cl, j.ID, progress); err != nil {
-				return err
-			}
-			if f.json {
-				return printJSON(c.stdout, j)
-			}
-			fmt.Fprintf(c.stdout, "job %s: checkpoint %q of %s deleted, %s merged\n", j.ID, j.Checkpoint, j.VM, humanBytes(j.Done))
-			return nil
+			})
 		})
 }
 
@@ -253,14 +226,10 @@ func jobCommand() *command {
 		return clientVerb("job "+action, "ID", summary, "", true, 1, nil,
 			func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 				j, err := cl.ControlJob(ctx, args[0], action)
-				if err != nil {
-					return err
-				}
-				if f.json {
-					return printJSON(c.stdout, j)
-				}
-				printJob(c.stdout, j)
-				return nil
+				return f.reply(c, j, err, func() error {
+					printJob(c.stdout, j)
+					return nil
+				})
 			})
 	}
 	return &command{
@@ -281,30 +250,22 @@ Examples:
 			clientVerb("job list", "", "list jobs", "", true, 0, nil,
 				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 					jobs, err := cl.Jobs(ctx)
-					if err != nil {
-						return err
-					}
-					if f.json {
-						return printJSON(c.stdout, jobs)
-					}
-					tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
-					fmt.Fprintln(tw, "ID\tVM\tCHECKPOINT\tSTATE\tPROGRESS\tREASON")
-					for _, j := range jobs {
-						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", j.ID, j.VM, j.Checkpoint, j.State, jobProgress(&j), j.Reason)
-					}
-					return tw.Flush()
+					return f.reply(c, jobs, err, func() error {
+						tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+						fmt.Fprintln(tw, "ID\tVM\tCHECKPOINT\tSTATE\tPROGRESS\tREASON")
+						for _, j := range jobs {
+							fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", j.ID, j.VM, j.Checkpoint, j.State, jobProgress(&j), j.Reason)
+						}
+						return tw.Flush()
+					})
 				}),
 			clientVerb("job show", "ID", "show a job", "", true, 1, nil,
 				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 					j, err := cl.Job(ctx, args[0])
-					if err != nil {
-						return err
-					}
-					if f.json {
-						return printJSON(c.stdout, j)
-					}
-					printJob(c.stdout, j)
-					return nil
+					return f.reply(c, j, err, func() error {
+						printJob(c.stdout, j)
+						return nil
+					})
 				}),
 			control("pause", "pause a job"),
 			control("resume", "resume a paused job"),
@@ -326,14 +287,10 @@ func jobSetCommand() *command {
 				return usagef("--bandwidth is required")
 			}
 			j, err := cl.SetJob(ctx, args[0], api.SetJob{Bandwidth: &bw.n})
-			if err != nil {
-				return err
-			}
-			if f.json {
-				return printJSON(c.stdout, j)
-			}
-			printJob(c.stdout, j)
-			return nil
+			return f.reply(c, j, err, func() error {
+				printJob(c.stdout, j)
+				return nil
+			})
 		})
 }
 

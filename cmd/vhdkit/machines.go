@@ -51,6 +51,18 @@ func clientVerb(name, synopsis, summary, help string, withJSON bool, nargs int,
 		}}
 }
 
+// reply ends a client verb: the request's error, or v as JSON under
+// --json, or what text prints.
+func (f *clientFlags) reply(c *cli, v any, err error, text func() error) error {
+	if err != nil {
+		return err
+	}
+	if f.json {
+		return printJSON(c.stdout, v)
+	}
+	return text()
+}
+
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
@@ -88,30 +100,22 @@ Examples:
 			clientVerb("vm list", "", "list machines", "", true, 0, nil,
 				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 					vms, err := cl.VMs(ctx)
-					if err != nil {
-						return err
-					}
-					if f.json {
-						return printJSON(c.stdout, vms)
-					}
-					tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
-					fmt.Fprintln(tw, "NAME\tDISKS\tCHECKPOINTS\tCURRENT")
-					for _, v := range vms {
-						fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", v.Name, len(v.Disks), v.Checkpoints, orDash(v.Current))
-					}
-					return tw.Flush()
+					return f.reply(c, vms, err, func() error {
+						tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+						fmt.Fprintln(tw, "NAME\tDISKS\tCHECKPOINTS\tCURRENT")
+						for _, v := range vms {
+							fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", v.Name, len(v.Disks), v.Checkpoints, orDash(v.Current))
+						}
+						return tw.Flush()
+					})
 				}),
 			clientVerb("vm show", "NAME", "show a machine's disks and the files they run on", "", true, 1, nil,
 				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 					v, err := cl.VM(ctx, args[0])
-					if err != nil {
-						return err
-					}
-					if f.json {
-						return printJSON(c.stdout, v)
-					}
-					printVM(c.stdout, v)
-					return nil
+					return f.reply(c, v, err, func() error {
+						printVM(c.stdout, v)
+						return nil
+					})
 				}),
 			clientVerb("vm delete", "NAME", "delete a machine and the files the daemon made for it", "", false, 1, nil,
 				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
@@ -152,14 +156,10 @@ Examples:
 				}
 			}
 			v, err := cl.CreateVM(ctx, api.CreateVM{Name: args[0], Disks: disks, Attach: attach})
-			if err != nil {
-				return err
-			}
-			if f.json {
-				return printJSON(c.stdout, v)
-			}
-			printVM(c.stdout, v)
-			return nil
+			return f.reply(c, v, err, func() error {
+				printVM(c.stdout, v)
+				return nil
+			})
 		})
 }
 

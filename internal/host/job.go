@@ -426,9 +426,8 @@ func (h *Host) runLive(j *job, v *vm, d *merge.Disk) error {
 	lastSave := time.Now()
 	for {
 		h.mu.Lock()
-		if err, redo := m.MirrorError(); err != nil {
-			j.cursor = rewind(j.cursor, redo)
-			s.Offset = rewind(s.Offset, redo)
+		if err, _ := m.MirrorError(); err != nil {
+			// copyLive starts the merge over: no need to rewind.
 			h.mu.Unlock()
 			return fmt.Errorf("mirroring writes into %s: %w", s.Target, err)
 		}
@@ -492,7 +491,7 @@ func (h *Host) runLive(j *job, v *vm, d *merge.Disk) error {
 	}
 	h.mu.Unlock()
 	if errors.Is(err, merge.ErrNotConverged) {
-		return nil // the next round reads the mirror error and rewinds
+		return nil // the next round reads the mirror error and starts over
 	}
 	if err != nil {
 		return fmt.Errorf("switching to %s: %w", s.Target, err)
@@ -518,15 +517,6 @@ func (h *Host) saveProgress(j *job, m *merge.LiveMerge, cursor int64) error {
 	return h.st.save(h.dir)
 }
 
-// rewind moves a copy position back to redo (a position of -1 means the
-// copy had finished).
-func rewind(pos, redo int64) int64 {
-	if pos < 0 || redo < pos {
-		return redo
-	}
-	return pos
-}
-
 // mergeOffline deletes checkpoint c whose single dependent is checkpoint
 // k: k's files, which nothing writes, are merged into c's; what depends
 // on k's files (its child checkpoints' files, and the running disk when
@@ -541,7 +531,7 @@ func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
 			continue // merged already
 		}
 		if s == nil {
-			s = &mergeStep{Kind: stepOffline, Checkpoint: c.ID, Dependent: k.ID, Disk: i, Top: k.Files[i], Target: c.Files[i], Base: j.st.Done}
+			s = offlineStep(c, k, i, j.st.Done)
 			j.st.Step = s
 			if err := h.st.save(h.dir); err != nil {
 				j.st.Step = nil
@@ -589,8 +579,7 @@ func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
 		j.stopStep = nil
 		if err == nil {
 			if i+1 < len(v.disks) {
-				j.st.Step = &mergeStep{Kind: stepOffline, Checkpoint: c.ID, Dependent: k.ID, Disk: i + 1,
-					Top: k.Files[i+1], Target: c.Files[i+1], Base: j.st.Done}
+				j.st.Step = offlineStep(c, k, i+1, j.st.Done)
 			}
 			err = h.st.save(h.dir)
 		}
@@ -604,6 +593,11 @@ func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
 	k.Files, k.Parent = slices.Clone(c.Files), c.Parent
 	v.st.removeCheckpoint(c.ID)
 	return h.checkpointDeleted(j, v, c)
+}
+
+// offlineStep is the merge of disk i of checkpoint k's files into c's.
+func offlineStep(c, k *checkpointState, i int, base int64) *mergeStep {
+	return &mergeStep{Kind: stepOffline, Checkpoint: c.ID, Dependent: k.ID, Disk: i, Top: k.Files[i], Target: c.Files[i], Base: base}
 }
 
 // mergeFile runs one offline merge step; a step whose merged file is gone

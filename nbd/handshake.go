@@ -50,8 +50,11 @@ type conn struct {
 	br  *bufio.Reader // reads from rw
 	tls *tls.Conn
 
-	mu       sync.Mutex // guards stopping against deadline changes
+	mu       sync.Mutex // guards stopping against deadline changes, and export
 	stopping bool
+	export   string        // the export chosen, once in transmission (for Server.Clients)
+	attached bool          // export is set
+	done     chan struct{} // closed when the connection has ended
 
 	// Negotiated during option haggling.
 	noZeroes   bool
@@ -73,7 +76,7 @@ type conn struct {
 }
 
 func newConn(s *Server, c net.Conn) *conn {
-	return &conn{srv: s, raw: c, rw: c, br: bufio.NewReaderSize(c, 64<<10)}
+	return &conn{srv: s, raw: c, rw: c, br: bufio.NewReaderSize(c, 64<<10), done: make(chan struct{})}
 }
 
 // serve runs the connection to its end and closes it.
@@ -385,6 +388,9 @@ func (c *conn) optInfoGo(opt uint32, data []byte) (bool, error) {
 // enter fixes the export and its parameters for the transmission phase.
 func (c *conn) enter(x *export, blockSizeAgreed bool) {
 	c.x = x
+	c.mu.Lock()
+	c.export, c.attached = x.Name, true
+	c.mu.Unlock()
 	c.size = uint64(x.Image.Size())
 	c.tflags = x.transmissionFlags(c.structured)
 	c.minBlock = 1

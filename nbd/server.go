@@ -153,6 +153,47 @@ func (s *Server) RemoveExport(name string) bool {
 	return ok
 }
 
+// Clients counts the connections in the transmission phase on the export
+// name: the clients that may read or write it.
+func (s *Server) Clients(name string) int {
+	return len(s.clientsOf(name))
+}
+
+func (s *Server) clientsOf(name string) []*conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []*conn
+	for c := range s.conns {
+		c.mu.Lock()
+		if c.attached && c.export == name {
+			out = append(out, c)
+		}
+		c.mu.Unlock()
+	}
+	return out
+}
+
+// Disconnect ends the connections to the export name, as Shutdown ends
+// all of them: it stops reading their requests, lets those already read
+// finish and send their replies, and waits for the connections to close;
+// when ctx ends first, it closes the rest abruptly. It reports how many
+// connections it ended. The export itself stays (RemoveExport hides it).
+func (s *Server) Disconnect(ctx context.Context, name string) int {
+	conns := s.clientsOf(name)
+	for _, c := range conns {
+		c.stopReading()
+	}
+	for _, c := range conns {
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+			c.abort()
+			<-c.done
+		}
+	}
+	return len(conns)
+}
+
 func (s *Server) lookup(name string) *export {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -310,6 +351,7 @@ func (s *Server) trackConn(c *conn, add bool) bool {
 		return true
 	}
 	delete(s.conns, c)
+	close(c.done)
 	if len(s.conns) == 0 && s.idle != nil {
 		close(s.idle)
 		s.idle = nil

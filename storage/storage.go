@@ -28,8 +28,12 @@ type File interface {
 // ErrClosed is returned by operations on a closed File.
 var ErrClosed = errors.New("storage: file closed")
 
-// osFile adapts *os.File to File.
-type osFile struct{ *os.File }
+// osFile adapts *os.File to File. Files from OpenFile carry the release
+// of their image lock, dropped when they close.
+type osFile struct {
+	*os.File
+	unlock func()
+}
 
 func (f osFile) Size() (int64, error) {
 	fi, err := f.Stat()
@@ -39,17 +43,49 @@ func (f osFile) Size() (int64, error) {
 	return fi.Size(), nil
 }
 
-// OpenFile opens the named file with os.OpenFile's flag and perm.
+func (f osFile) Close() error {
+	err := f.File.Close()
+	if f.unlock != nil {
+		f.unlock()
+	}
+	return err
+}
+
+// OpenFile opens the named file with os.OpenFile's flag and perm and locks
+// it as QEMU locks images (see lock.go): a file opened for writing
+// exclusively, one opened read-only shared with other readers. An open
+// that conflicts with another user of the file fails with a *LockError
+// (errors.Is ErrInUse) naming the processes that hold it.
 func OpenFile(name string, flag int, perm os.FileMode) (File, error) {
+	mode := lockRead
+	if flag&(os.O_WRONLY|os.O_RDWR) != 0 {
+		mode = lockWrite
+	}
+	return openLocked(name, flag, perm, mode)
+}
+
+// OpenForceShare opens the named file read-only without refusing anyone
+// (qemu-img's --force-share): a file another process is writing can be
+// inspected, though what is read may be inconsistent while it writes.
+func OpenForceShare(name string) (File, error) {
+	return openLocked(name, os.O_RDONLY, 0, lockForceShare)
+}
+
+func openLocked(name string, flag int, perm os.FileMode, mode lockMode) (File, error) {
 	f, err := os.OpenFile(name, flag, perm)
 	if err != nil {
 		return nil, err
 	}
-	return osFile{f}, nil
+	unlock, err := lock(f, name, mode)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return osFile{f, unlock}, nil
 }
 
-// FromOS wraps an already open *os.File.
-func FromOS(f *os.File) File { return osFile{f} }
+// FromOS wraps an already open *os.File, without locking it.
+func FromOS(f *os.File) File { return osFile{File: f} }
 
 // SyncDir makes a directory's entries durable: a file created, renamed or
 // removed in it survives a crash once SyncDir returns.

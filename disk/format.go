@@ -13,6 +13,10 @@ type OpenOptions struct {
 	// ReadOnly opens the image (and its whole chain) without modifying
 	// anything on disk, not even to replay a log.
 	ReadOnly bool
+	// ForceShare, with ReadOnly, opens the chain without refusing other
+	// users of its files, even one writing them (qemu-img's -U): for
+	// inspecting a disk in use, whose view may then be inconsistent.
+	ForceShare bool
 	// ParentDirs, when not empty, confines parent resolution of
 	// differencing images to these directories: a parent outside them is
 	// refused.

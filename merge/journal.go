@@ -55,7 +55,7 @@ func (j *journal) save() error {
 	if err != nil {
 		return err
 	}
-	if err := storage.WriteFile(journalPath(j.Top), b, 0o644); err != nil {
+	if err := storage.WriteFile(journalPath(j.Top), b, 0o600); err != nil {
 		return fmt.Errorf("merge: journal: %w", err)
 	}
 	return nil

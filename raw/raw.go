@@ -57,7 +57,7 @@ func Create(path string, size int64) (*Image, error) {
 	if size < 0 {
 		return nil, fmt.Errorf("raw: create %s: negative size %d", path, size)
 	}
-	f, err := storage.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o666)
+	f, err := storage.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600) // a guest's data: its owner's only
 	if err != nil {
 		return nil, fmt.Errorf("raw: create: %w", err)
 	}
@@ -69,13 +69,23 @@ func Create(path string, size int64) (*Image, error) {
 	return New(f, false)
 }
 
-// Open opens the raw image at path; only opts.ReadOnly matters to raw.
+// Open opens the raw image at path; of opts only ReadOnly and ForceShare
+// matter to raw.
 func Open(path string, opts disk.OpenOptions) (*Image, error) {
 	flag := os.O_RDWR
 	if opts.ReadOnly {
 		flag = os.O_RDONLY
 	}
-	f, err := storage.OpenFile(path, flag, 0)
+	var f storage.File
+	var err error
+	switch {
+	case opts.ForceShare && !opts.ReadOnly:
+		return nil, fmt.Errorf("raw: open %s: ForceShare needs ReadOnly", path)
+	case opts.ForceShare:
+		f, err = storage.OpenForceShare(path)
+	default:
+		f, err = storage.OpenFile(path, flag, 0)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("raw: open: %w", err)
 	}

@@ -40,7 +40,19 @@ func (p Problem) String() string {
 // in the package doc) is cut after the footer the resize left. The error
 // is for I/O failures only.
 func Check(path string, repair bool) ([]Problem, error) {
-	f, err := storage.OpenFile(path, os.O_RDONLY, 0)
+	return check(path, repair, OpenOptions{ReadOnly: true})
+}
+
+// CheckForceShare is Check without repair of a file that may be in use:
+// it opens the file and its chain without refusing their other users (see
+// storage.OpenForceShare), so a file being written may show problems that
+// are only writes in flight.
+func CheckForceShare(path string) ([]Problem, error) {
+	return check(path, false, OpenOptions{ReadOnly: true, ForceShare: true})
+}
+
+func check(path string, repair bool, opts OpenOptions) ([]Problem, error) {
+	f, err := opts.open(path, os.O_RDONLY)
 	if err != nil {
 		return nil, fmt.Errorf("vhd: %w", err)
 	}
@@ -54,11 +66,12 @@ func Check(path string, repair bool) ([]Problem, error) {
 		}
 		probs = append(probs, p)
 	}
-	im, err := openFile(f, path, OpenOptions{ReadOnly: true}, nil)
+	im, err := openFile(f, path, opts, nil)
 	checksumBad := errors.Is(err, disk.ErrChecksum)
 	if checksumBad {
 		add(err)
-		im, err = openFile(f, path, OpenOptions{ReadOnly: true, IgnoreChecksum: true}, nil)
+		opts.IgnoreChecksum = true
+		im, err = openFile(f, path, opts, nil)
 	}
 	if err != nil {
 		var pe *os.PathError

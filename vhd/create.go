@@ -43,7 +43,7 @@ type CreateOptions struct {
 // folder, in Windows form ".\base.vhd"), then the footer; blocks are
 // appended as they are written.
 func Create(path string, opts CreateOptions) (*Image, error) {
-	f, err := storage.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	f, err := storage.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600) // a guest's data: its owner's only
 	if err != nil {
 		return nil, fmt.Errorf("vhd: %w", err)
 	}

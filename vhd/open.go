@@ -20,7 +20,7 @@ func init() {
 		// fixed image has no signature at 0; its extension selects us.
 		Match: func(head []byte) bool { return len(head) >= 8 && string(head[:8]) == footerCookie },
 		Open: func(path string, o disk.OpenOptions) (disk.Image, error) {
-			im, err := Open(path, OpenOptions{ReadOnly: o.ReadOnly, ParentDirs: o.ParentDirs})
+			im, err := Open(path, OpenOptions{ReadOnly: o.ReadOnly, ForceShare: o.ForceShare, ParentDirs: o.ParentDirs})
 			if err != nil {
 				return nil, err
 			}
@@ -34,6 +34,9 @@ type OpenOptions struct {
 	// ReadOnly opens the image without ever writing to it. Parents are
 	// always opened read-only.
 	ReadOnly bool
+	// ForceShare, with ReadOnly, opens the chain's files without refusing
+	// other users, even writers (see storage.OpenForceShare).
+	ForceShare bool
 	// ParentDirs, when not empty, confines the parents found through
 	// locators to these directories (symbolic links resolved).
 	ParentDirs []string
@@ -57,8 +60,13 @@ type OpenOptions struct {
 
 // open opens a file through the OpenFile seam.
 func (o OpenOptions) open(path string, flag int) (storage.File, error) {
-	if o.OpenFile != nil {
+	switch {
+	case o.OpenFile != nil:
 		return o.OpenFile(path, flag)
+	case o.ForceShare && flag == os.O_RDONLY:
+		return storage.OpenForceShare(path)
+	case o.ForceShare:
+		return nil, fmt.Errorf("%s: ForceShare needs ReadOnly", path)
 	}
 	return storage.OpenFile(path, flag, 0)
 }
@@ -314,7 +322,7 @@ func (im *Image) openParent(opts OpenOptions, chain []os.FileInfo) error {
 		}
 		var parent disk.Image
 		if isVHD {
-			p, err := openPath(c, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, IgnoreChecksum: opts.IgnoreChecksum, OpenFile: opts.OpenFile}, chain)
+			p, err := openPath(c, OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs, IgnoreChecksum: opts.IgnoreChecksum, OpenFile: opts.OpenFile}, chain)
 			if err != nil {
 				return fmt.Errorf("parent: %w", err)
 			}
@@ -324,7 +332,7 @@ func (im *Image) openParent(opts OpenOptions, chain []os.FileInfo) error {
 			if err != nil {
 				return fmt.Errorf("parent: %w", err)
 			}
-			if parent, err = format.Open(c, disk.OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs}); err != nil {
+			if parent, err = format.Open(c, disk.OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs}); err != nil {
 				return fmt.Errorf("parent: %w", err)
 			}
 		}

@@ -59,15 +59,32 @@ func Check(path string, repair bool) ([]Problem, error) {
 	return CheckFile(f, path)
 }
 
+// CheckForceShare is Check without repair of a file that may be in use:
+// it opens the file and its chain without refusing their other users (see
+// storage.OpenForceShare), so a file being written may show problems that
+// are only writes in flight.
+func CheckForceShare(path string) ([]Problem, error) {
+	f, err := storage.OpenForceShare(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return checkFile(f, path, OpenOptions{ReadOnly: true, ForceShare: true})
+}
+
 // CheckFile is Check without repair for an image stored in f, named path
 // (for its parent locator). It does not close f.
 func CheckFile(f storage.File, path string) ([]Problem, error) {
+	return checkFile(f, path, OpenOptions{ReadOnly: true})
+}
+
+func checkFile(f storage.File, path string, opts OpenOptions) ([]Problem, error) {
 	size, err := f.Size()
 	if err != nil {
 		return nil, err
 	}
 	probs := checkCopies(f, size)
-	im, err := openFile(keepOpen{f}, path, OpenOptions{ReadOnly: true}, nil)
+	im, err := openFile(keepOpen{f}, path, opts, nil)
 	if err != nil {
 		return append(probs, problemOf(err)), nil
 	}

@@ -63,10 +63,9 @@ func createFile(path string, opts CreateOptions) error {
 	if _, err := os.Lstat(path); err == nil {
 		return fmt.Errorf("vhdx: %s: %w", path, os.ErrExist)
 	}
-	// Not os.CreateTemp: it makes 0600 files, and an image should get the
-	// mode os.Create gives (0666 less the umask).
+	// A disk holds a guest's data: only its owner may read it (0600).
 	tmpName := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp-"+newGUID().String())
-	tmp, err := os.OpenFile(tmpName, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o666)
+	tmp, err := os.OpenFile(tmpName, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
 	}

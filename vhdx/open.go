@@ -21,7 +21,7 @@ func init() {
 			return len(head) >= 8 && binary.LittleEndian.Uint64(head) == sigFileIdent
 		},
 		Open: func(path string, opts disk.OpenOptions) (disk.Image, error) {
-			im, err := Open(path, OpenOptions{ReadOnly: opts.ReadOnly, ParentDirs: opts.ParentDirs})
+			im, err := Open(path, OpenOptions{ReadOnly: opts.ReadOnly, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs})
 			if err != nil {
 				return nil, err // not a typed nil inside the interface
 			}
@@ -56,6 +56,9 @@ type OpenOptions struct {
 	// ReadOnly opens without modifying the file: a pending log is replayed
 	// in memory only.
 	ReadOnly bool
+	// ForceShare, with ReadOnly, opens the chain's files without refusing
+	// other users, even writers (see storage.OpenForceShare).
+	ForceShare bool
 	// ParentDirs, when not empty, confines parent resolution to these
 	// directories (and their subdirectories).
 	ParentDirs []string
@@ -125,9 +128,15 @@ func openChain(path string, opts OpenOptions, seen []os.FileInfo) (*Image, error
 	}
 	var f storage.File
 	var err error
-	if opts.OpenFile != nil {
+	switch {
+	case opts.OpenFile != nil:
 		f, err = opts.OpenFile(path, flag)
-	} else {
+	case opts.ForceShare:
+		if !opts.ReadOnly {
+			return nil, fmt.Errorf("vhdx: %s: ForceShare needs ReadOnly", path)
+		}
+		f, err = storage.OpenForceShare(path)
+	default:
 		f, err = storage.OpenFile(path, flag, 0)
 	}
 	if err != nil {

@@ -46,7 +46,7 @@ func (im *Image) openParent(opts OpenOptions, seen []os.FileInfo) error {
 				return fmt.Errorf("vhdx: %s: parent chain loops back to %s: %w", im.path, c, ErrParentMismatch)
 			}
 		}
-		parent, err := openChain(c, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile}, seen)
+		parent, err := openChain(c, OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile}, seen)
 		if err != nil {
 			return fmt.Errorf("vhdx: %s: opening parent: %w", im.path, err)
 		}

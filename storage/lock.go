@@ -186,9 +186,16 @@ func (l *inodeLocks) strongest() (lockMode, bool) {
 	return 0, false
 }
 
-// lock takes mode on f's file for as long as the returned release is not
-// called.
-func lock(f *os.File, path string, mode lockMode) (release func(), err error) {
+// An openLock is one open's share of its file's locks.
+type openLock struct {
+	id       fileID
+	l        *inodeLocks
+	mode     lockMode
+	released bool
+}
+
+// lock takes mode on f's file until the returned openLock is released.
+func lock(f *os.File, path string, mode lockMode) (*openLock, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		return nil, &os.PathError{Op: "stat", Path: path, Err: err}
@@ -221,15 +228,36 @@ func lock(f *os.File, path string, mode lockMode) (release func(), err error) {
 	}
 	locks[id] = l
 	l.opens[mode]++
-	var once sync.Once
-	return func() { once.Do(func() { l.release(id, mode) }) }, nil
+	return &openLock{id: id, l: l, mode: mode}, nil
 }
 
-// release ends one open of mode.
-func (l *inodeLocks) release(id fileID, mode lockMode) {
+// release ends the open's share; the last open of a file drops its locks.
+func (o *openLock) release() {
 	locksMu.Lock()
 	defer locksMu.Unlock()
-	l.opens[mode]--
+	if o.released {
+		return
+	}
+	o.released = true
+	o.l.opens[o.mode]--
+	o.l.settle(o.id)
+}
+
+// downgrade turns a writer's share into a reader's.
+func (o *openLock) downgrade() {
+	locksMu.Lock()
+	defer locksMu.Unlock()
+	if o.released || o.mode != lockWrite {
+		return
+	}
+	o.l.opens[lockWrite]--
+	o.l.opens[lockRead]++
+	o.mode = lockRead
+	o.l.settle(o.id)
+}
+
+// settle lowers the published locks to what the remaining opens need.
+func (l *inodeLocks) settle(id fileID) {
 	m, ok := l.strongest()
 	if !ok {
 		l.holder.Close() // drops every lock of the description

@@ -203,3 +203,22 @@ func needTool(t testing.TB, name string) {
 		t.Skipf("%s not installed", name)
 	}
 }
+
+func TestStopWriting(t *testing.T) {
+	path := newVHDX(t)
+	w := mustOpen(t, path, os.O_RDWR)
+	defer w.Close()
+	storage.StopWriting(w) // frozen as a checkpoint's parent
+	// Readers in other processes are welcome now...
+	if out, err := exec.Command("qemu-io", "-r", "-f", "vhdx", "-c", "read 0 512", path).CombinedOutput(); err != nil {
+		t.Errorf("qemu-io -r after StopWriting: %v\n%s", err, out)
+	}
+	// ...writers elsewhere still are not, since w still reads...
+	if out, err := exec.Command("qemu-io", "-f", "vhdx", "-c", "write 0 512", path).CombinedOutput(); err == nil {
+		t.Errorf("qemu-io write while we read succeeded:\n%s", out)
+	}
+	// ...and this process may take the file for writing again (a merge
+	// into the frozen parent).
+	w2 := mustOpen(t, path, os.O_RDWR)
+	w2.Close()
+}

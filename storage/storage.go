@@ -28,11 +28,11 @@ type File interface {
 // ErrClosed is returned by operations on a closed File.
 var ErrClosed = errors.New("storage: file closed")
 
-// osFile adapts *os.File to File. Files from OpenFile carry the release
-// of their image lock, dropped when they close.
+// osFile adapts *os.File to File. Files from OpenFile carry their share
+// of the image lock, released when they close.
 type osFile struct {
 	*os.File
-	unlock func()
+	lock *openLock
 }
 
 func (f osFile) Size() (int64, error) {
@@ -45,8 +45,8 @@ func (f osFile) Size() (int64, error) {
 
 func (f osFile) Close() error {
 	err := f.File.Close()
-	if f.unlock != nil {
-		f.unlock()
+	if f.lock != nil {
+		f.lock.release()
 	}
 	return err
 }
@@ -76,12 +76,22 @@ func openLocked(name string, flag int, perm os.FileMode, mode lockMode) (File, e
 	if err != nil {
 		return nil, err
 	}
-	unlock, err := lock(f, name, mode)
+	l, err := lock(f, name, mode)
 	if err != nil {
 		f.Close()
 		return nil, err
 	}
-	return osFile{f, unlock}, nil
+	return osFile{f, l}, nil
+}
+
+// StopWriting tells the locks that f, opened for writing, will only be
+// read from now on (a disk frozen as a checkpoint's parent): it no longer
+// keeps other readers out, nor a writer in this process. Files not from
+// OpenFile are left alone.
+func StopWriting(f File) {
+	if o, ok := f.(osFile); ok && o.lock != nil {
+		o.lock.downgrade()
+	}
 }
 
 // FromOS wraps an already open *os.File, without locking it.

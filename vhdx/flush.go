@@ -3,6 +3,8 @@ package vhdx
 import (
 	"errors"
 	"fmt"
+
+	"github.com/vhdkit/vhdkit/storage"
 )
 
 // Flush makes every completed write durable, following the commit protocol
@@ -190,5 +192,6 @@ func (im *Image) Freeze() error {
 		im.writing = false
 	}
 	im.frozen.Store(true)
+	storage.StopWriting(im.f)
 	return nil
 }

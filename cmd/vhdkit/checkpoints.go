@@ -21,6 +21,9 @@ func checkpointCommand() *command {
 goes on writing to new differencing children (.avhdx). Deleting a
 checkpoint merges, live, while the machine keeps running.
 
+CHECKPOINT is a checkpoint's name or its ID, "cp-N" as list shows it; names
+of that form are refused, so "2" is always a name and cp-2 always an ID.
+
 Examples:
   vhdkit checkpoint create web --name before-upgrade
   vhdkit checkpoint list web
@@ -93,18 +96,28 @@ func checkpointCreateCommand() *command {
 }
 
 func checkpointApplyCommand() *command {
-	var save bool
+	var save, force bool
 	var saveName string
-	return clientVerb("checkpoint apply", "VM CHECKPOINT [--save]", "revert a machine to a checkpoint (Restore-VMSnapshot)",
-		"The disks continue from the checkpoint's state on new children. The current\nstate is discarded, unless --save checkpoints it first.\n", true, 2,
+	return clientVerb("checkpoint apply", "VM CHECKPOINT [--save] [--force]", "revert a machine to a checkpoint (Restore-VMSnapshot)",
+		`The disks continue from the checkpoint's state on new children. The current
+state is discarded, unless --save checkpoints it first. While NBD clients
+are connected to the machine's disks the apply is refused (their disk
+would change under them, as a guest's file system would); --force
+disconnects them first.
+`, true, 2,
 		func(fs *flag.FlagSet) {
+			save, force, saveName = false, false, ""
 			fs.BoolVar(&save, "save", false, "checkpoint the current state before reverting")
 			fs.StringVar(&saveName, "save-name", "", "the `NAME` of the --save checkpoint")
+			fs.BoolVar(&force, "force", false, "disconnect the machine's NBD clients instead of refusing")
 		},
 		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
-			v, err := cl.ApplyCheckpoint(ctx, args[0], args[1], api.ApplyCheckpoint{Save: save, SaveName: saveName})
+			v, err := cl.ApplyCheckpoint(ctx, args[0], args[1], api.ApplyCheckpoint{Save: save, SaveName: saveName, Force: force})
 			return f.reply(c, v, err, func() error {
-				fmt.Fprintf(c.stdout, "%s now runs from checkpoint %q\n", v.Name, v.Current)
+				if v.Disconnected > 0 {
+					fmt.Fprintf(c.stdout, "disconnected %d NBD %s\n", v.Disconnected, plural(v.Disconnected, "client", "clients"))
+				}
+				fmt.Fprintf(c.stdout, "%s now runs from checkpoint %s\n", v.Name, currentOf(v))
 				return nil
 			})
 		})
@@ -148,7 +161,9 @@ Examples:
 }
 
 // follow polls a job until it finishes, drawing its progress on stderr.
-// A job that pauses on an error ends the wait with that error.
+// A job that pauses on an error ends the wait with that error; so does a
+// job that ends failed or canceled. Stopping the wait (Ctrl-C) leaves the
+// job running and says how to follow it again.
 func (c *cli) follow(ctx context.Context, cl *api.Client, id string, force bool) (*api.Job, error) {
 	draw := force || isTerminal(c.stderr)
 	bar := newProgressBar(io.Discard, 0, isTerminal(c.stderr))
@@ -157,10 +172,16 @@ func (c *cli) follow(ctx context.Context, cl *api.Client, id string, force bool)
 	}
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
+	stopped := func() error {
+		return fmt.Errorf("stopped waiting; job %s goes on in the daemon (follow it with \"vhdkit job wait %s\", stop it with \"vhdkit job cancel %s\")", id, id, id)
+	}
 	for {
 		j, err := cl.Job(ctx, id)
 		if err != nil {
 			bar.abort()
+			if ctx.Err() != nil {
+				return nil, stopped()
+			}
 			return nil, err
 		}
 		bar.total = j.Total
@@ -179,7 +200,7 @@ func (c *cli) follow(ctx context.Context, cl *api.Client, id string, force bool)
 		select {
 		case <-ctx.Done():
 			bar.abort()
-			return j, fmt.Errorf("stopped waiting; job %s goes on (%w)", j.ID, ctx.Err())
+			return j, stopped()
 		case <-tick.C:
 		}
 	}
@@ -209,7 +230,7 @@ func printTree(w io.Writer, t *api.Checkpoints) {
 		}
 		for _, c := range list {
 			head, next := branch()
-			fmt.Fprintf(w, "%s%s  (id %s, %s)\n", head, c.Name, c.ID, c.Created.Local().Format(time.DateTime))
+			fmt.Fprintf(w, "%s%s  (%s, %s)\n", head, c.Name, c.ID, c.Created.Local().Format(time.DateTime))
 			walk(c.ID, next)
 		}
 		if t.Current == parent {
@@ -269,10 +290,66 @@ Examples:
 				}),
 			control("pause", "pause a job"),
 			control("resume", "resume a paused job"),
-			control("cancel", "cancel a job (between merges; a merge under way cannot be undone)"),
+			jobCancelCommand(),
 			jobSetCommand(),
+			jobWaitCommand(),
 		},
 	}
+}
+
+func jobCancelCommand() *command {
+	return clientVerb("job cancel", "ID", "cancel a job (between merges; a merge under way cannot be undone)",
+		`A job not yet merging ends canceled at once. A merge under way has already
+changed the checkpoint's file, so it completes first: the job then ends
+"done" if that was all it had to delete (the cancel came too late), or
+"canceled" keeping the checkpoints it had not begun. The reply says which;
+"vhdkit job wait ID" follows the job to its end.
+`, true, 1, nil,
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			j, err := cl.ControlJob(ctx, args[0], "cancel")
+			return f.reply(c, j, err, func() error {
+				switch {
+				case j.Finished():
+					fmt.Fprintf(c.stdout, "job %s %s", j.ID, j.State)
+					if j.Reason != "" {
+						fmt.Fprintf(c.stdout, ": %s", j.Reason)
+					}
+					fmt.Fprintln(c.stdout)
+				default:
+					fmt.Fprintf(c.stdout, "job %s: not canceled yet: the merge under way has changed checkpoint %q's file, so it completes first; the job then ends done, or canceled if checkpoints were left to delete\n", j.ID, j.Checkpoint)
+					fmt.Fprintf(c.stdout, "follow it with \"vhdkit job wait %s\"\n", j.ID)
+				}
+				return nil
+			})
+		})
+}
+
+func jobWaitCommand() *command {
+	var progress bool
+	return clientVerb("job wait", "ID", "wait for a job to end: exit 0 when done, 1 when failed or canceled",
+		`Follows the job with a progress bar on a terminal (--progress draws it
+anyway). A job paused by an error ends the wait with the reason (exit 1);
+one paused by request is waited for. Ctrl-C stops waiting, not the job.
+`, true, 1,
+		func(fs *flag.FlagSet) {
+			progress = false
+			fs.BoolVar(&progress, "progress", false, "draw the progress bar even when stderr is not a terminal")
+		},
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			j, err := c.follow(ctx, cl, args[0], progress)
+			if err != nil && f.json && j != nil && j.Finished() {
+				// The final state in JSON, and the exit status says it failed.
+				printJSON(c.stdout, j)
+				return err
+			}
+			return f.reply(c, j, err, func() error {
+				fmt.Fprintf(c.stdout, "job %s done: checkpoint %q of %s deleted, %s merged\n", j.ID, j.Checkpoint, j.VM, humanBytes(j.Done))
+				if j.Reason != "" {
+					fmt.Fprintf(c.stdout, "  (%s)\n", j.Reason)
+				}
+				return nil
+			})
+		})
 }
 
 func jobSetCommand() *command {
@@ -302,7 +379,7 @@ func jobProgress(j *api.Job) string {
 }
 
 func printJob(w io.Writer, j *api.Job) {
-	fmt.Fprintf(w, "job %s: %s of checkpoint %q of %s\n", j.ID, j.Kind, j.Checkpoint, j.VM)
+	fmt.Fprintf(w, "job %s: %s of checkpoint %q (%s) of %s\n", j.ID, j.Kind, j.Checkpoint, j.CheckpointID, j.VM)
 	fmt.Fprintf(w, "  state: %s", j.State)
 	if j.Reason != "" {
 		fmt.Fprintf(w, " (%s)", j.Reason)

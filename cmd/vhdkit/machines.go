@@ -14,7 +14,8 @@ import (
 )
 
 // The vm, checkpoint and job commands are clients of a running daemon
-// ("vhdkit serve"), found through --data or $VHDKIT_DATA.
+// ("vhdkit serve"), found through --data, then $VHDKIT_DATA, then the
+// default serve uses too (api.DataDir), whatever the current directory.
 
 // clientFlags adds --data and --json to a client verb.
 type clientFlags struct {
@@ -23,11 +24,14 @@ type clientFlags struct {
 }
 
 func (f *clientFlags) add(fs *flag.FlagSet, withJSON bool) {
-	fs.StringVar(&f.data, "data", "", "the daemon's data `DIR` (default $VHDKIT_DATA or ./vhdkit-data)")
+	fs.StringVar(&f.data, "data", "", "the daemon's data `DIR` (default $VHDKIT_DATA, else "+dataDirDefault+")")
 	if withJSON {
 		fs.BoolVar(&f.json, "json", false, "print JSON")
 	}
 }
+
+// dataDirDefault describes the system default data directory.
+const dataDirDefault = api.RootDataDir + " for root, $XDG_STATE_HOME/vhdkit (~/.local/state/vhdkit) for others"
 
 func (f *clientFlags) client() *api.Client { return &api.Client{DataDir: f.data} }
 
@@ -86,14 +90,19 @@ func vmCommand() *command {
 	return &command{
 		name:     "vm",
 		synopsis: "COMMAND [flags] [arguments]",
-		summary:  "create, list, show and delete the daemon's machines",
+		summary:  "create, list, show, delete and repair the daemon's machines",
 		help: `A machine is a set of disks the daemon serves over NBD: the first as export
 NAME, the others as NAME/1, NAME/2, ... Each disk is a VHDX chain that
 checkpoints extend and checkpoint deletion merges back.
 
+A machine whose files are missing, damaged or locked by another program is
+"failed": vm list and vm show say why, its disks are not exported, the
+other machines serve as usual; vm repair brings it back.
+
 Examples:
   vhdkit vm create web --disk 20G --disk 4G
   vhdkit vm show web --json
+  vhdkit vm repair web --disk 0 --path /srv/moved/disk0.vhdx
 `,
 		sub: []*command{
 			vmCreateCommand(),
@@ -102,9 +111,9 @@ Examples:
 					vms, err := cl.VMs(ctx)
 					return f.reply(c, vms, err, func() error {
 						tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
-						fmt.Fprintln(tw, "NAME\tDISKS\tCHECKPOINTS\tCURRENT")
+						fmt.Fprintln(tw, "NAME\tSTATE\tDISKS\tCHECKPOINTS\tCURRENT\tERROR")
 						for _, v := range vms {
-							fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", v.Name, len(v.Disks), v.Checkpoints, orDash(v.Current))
+							fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\n", v.Name, v.State, len(v.Disks), v.Checkpoints, currentOf(&v), v.Error)
 						}
 						return tw.Flush()
 					})
@@ -117,16 +126,106 @@ Examples:
 						return nil
 					})
 				}),
-			clientVerb("vm delete", "NAME", "delete a machine and the files the daemon made for it", "", false, 1, nil,
-				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
-					if err := cl.DeleteVM(ctx, args[0]); err != nil {
-						return err
-					}
-					fmt.Fprintf(c.stdout, "deleted machine %s\n", args[0])
-					return nil
-				}),
+			vmDeleteCommand(),
+			vmRepairCommand(),
 		},
 	}
+}
+
+func vmDeleteCommand() *command {
+	var force, deleteDisks bool
+	return clientVerb("vm delete", "NAME [--delete-disks] [--force]", "delete a machine; with --delete-disks, the disk files the daemon made for it",
+		`Attached files (vm create --attach) are always kept. A machine that has
+disk files the daemon created is deleted only with --delete-disks, which
+removes them (and its checkpoints' files); without it the command lists
+them and changes nothing. A machine with NBD clients connected is not
+deleted unless --force disconnects them first.
+
+Examples:
+  vhdkit vm delete web --delete-disks
+  vhdkit vm delete db            (only attached disks: nothing to remove)
+`, true, 1,
+		func(fs *flag.FlagSet) {
+			force, deleteDisks = false, false
+			fs.BoolVar(&deleteDisks, "delete-disks", false, "remove the disk and checkpoint files the daemon created for the machine")
+			fs.BoolVar(&force, "force", false, "disconnect the machine's NBD clients instead of refusing")
+		},
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			out, err := cl.DeleteVM(ctx, args[0], api.DeleteVM{Force: force, DeleteDisks: deleteDisks})
+			return f.reply(c, out, err, func() error {
+				if out.Disconnected > 0 {
+					fmt.Fprintf(c.stdout, "disconnected %d NBD %s\n", out.Disconnected, plural(out.Disconnected, "client", "clients"))
+				}
+				fmt.Fprintf(c.stdout, "deleted machine %s\n", out.Name)
+				for _, p := range out.Removed {
+					fmt.Fprintf(c.stdout, "  removed %s\n", p)
+				}
+				for _, p := range out.Kept {
+					fmt.Fprintf(c.stdout, "  kept    %s\n", p)
+				}
+				return nil
+			})
+		})
+}
+
+func vmRepairCommand() *command {
+	var disk int
+	var path, drop string
+	return clientVerb("vm repair", "NAME [--disk I --path FILE] [--drop-checkpoint CP]", "bring a failed machine back: retry, re-attach a moved file, drop a lost checkpoint",
+		`Without flags, opens the machine's disks again (after the cause was fixed:
+a file restored, a lock released). --disk I --path FILE re-attaches disk I
+to the file it runs on, moved to FILE: the file must open with its chain,
+be the disk's size and, when the machine runs from a checkpoint, be a child
+of that checkpoint's file (a moved checkpoint file is repaired with
+"vhdkit set-parent" on its child). --drop-checkpoint removes a checkpoint
+whose files are lost, with its descendants; a machine that ran from it
+continues from its parent, losing what it wrote since. A job the failure
+held resumes once the machine serves again.
+
+Examples:
+  vhdkit vm repair web
+  vhdkit vm repair web --disk 0 --path /srv/moved/disk0_3.avhdx
+  vhdkit vm repair web --drop-checkpoint cp-3
+`, true, 1,
+		func(fs *flag.FlagSet) {
+			disk, path, drop = -1, "", ""
+			fs.IntVar(&disk, "disk", -1, "the `INDEX` of the disk to re-attach (with --path)")
+			fs.StringVar(&path, "path", "", "the `FILE` disk --disk runs on now")
+			fs.StringVar(&drop, "drop-checkpoint", "", "remove the lost checkpoint `CP` (name or ID) and its descendants")
+		},
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			req := api.RepairVM{DropCheckpoint: drop}
+			if (disk >= 0) != (path != "") {
+				return usagef("--disk and --path go together")
+			}
+			if path != "" {
+				abs, err := filepath.Abs(path)
+				if err != nil {
+					return err
+				}
+				req.Disk, req.Path = &disk, abs // the daemon may run elsewhere
+			}
+			v, err := cl.RepairVM(ctx, args[0], req)
+			return f.reply(c, v, err, func() error {
+				printVM(c.stdout, v)
+				return nil
+			})
+		})
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
+}
+
+// currentOf names the checkpoint a machine runs from: name (ID).
+func currentOf(v *api.VM) string {
+	if v.Current == "" {
+		return "-"
+	}
+	return fmt.Sprintf("%s (%s)", v.CurrentName, v.Current)
 }
 
 func vmCreateCommand() *command {
@@ -171,12 +270,20 @@ func orDash(s string) string {
 }
 
 func printVM(w io.Writer, v *api.VM) {
-	fmt.Fprintf(w, "machine %s (created %s)\n", v.Name, v.Created.Local().Format(time.DateTime))
-	fmt.Fprintf(w, "checkpoints: %d, running from: %s\n", v.Checkpoints, orDash(v.Current))
+	fmt.Fprintf(w, "machine %s (created %s): %s\n", v.Name, v.Created.Local().Format(time.DateTime), v.State)
+	if v.Error != "" {
+		fmt.Fprintf(w, "error: %s\n", v.Error)
+		fmt.Fprintf(w, "  (its disks are not exported; see \"vhdkit vm repair --help\")\n")
+	}
+	fmt.Fprintf(w, "checkpoints: %d, running from: %s\n", v.Checkpoints, currentOf(v))
 	for _, d := range v.Disks {
-		fmt.Fprintf(w, "disk %d: export %q, %s\n", d.Index, d.Export, formatSize(d.Size))
+		if d.Export != "" {
+			fmt.Fprintf(w, "disk %d: export %q, %s\n", d.Index, d.Export, formatSize(d.Size))
+		} else {
+			fmt.Fprintf(w, "disk %d: not exported, %s\n", d.Index, formatSize(d.Size))
+		}
 		fmt.Fprintf(w, "  runs on %s\n", d.Path)
-		for _, p := range d.Chain[1:] {
+		for _, p := range d.Chain[min(1, len(d.Chain)):] {
 			fmt.Fprintf(w, "  over    %s\n", p)
 		}
 	}

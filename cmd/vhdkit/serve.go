@@ -24,9 +24,16 @@ func serveCommand() *command {
 		synopsis: "[--data DIR] [--nbd-socket PATH | --nbd HOST:PORT]",
 		summary:  "run the host daemon: machines, checkpoints, live merge, NBD exports",
 		help: `Runs the vhdkit host until SIGINT or SIGTERM. Its state (machines, disks,
-checkpoint trees, jobs) lives in DIR (default ./vhdkit-data, or $VHDKIT_DATA),
-created on first use; the management API listens on DIR/vhdkit.sock (mode
-0600), which the vm, checkpoint and job commands use.
+checkpoint trees, jobs) lives in DIR: --data, else $VHDKIT_DATA, else
+/var/lib/vhdkit for root and $XDG_STATE_HOME/vhdkit (~/.local/state/vhdkit)
+for other users, the directory the vm, checkpoint and job commands look in
+too, from any working directory. DIR is created on first use, its folders
+mode 0700 and its files 0600; the management API listens on
+DIR/vhdkit.sock. One daemon per DIR.
+
+A machine whose files are missing, damaged or locked by another program
+comes up "failed" (vhdkit vm show NAME says why) while the others serve;
+vhdkit vm repair brings it back.
 
 Each machine's disks are NBD exports: NAME for the first, NAME/1, NAME/2, ...
 for the others, on --nbd-socket (default DIR/nbd.sock) or on --nbd, a TCP
@@ -37,10 +44,10 @@ safe point; they resume when the daemon starts again, also after a crash.
 Examples:
   vhdkit serve --data /var/lib/vhdkit
   vhdkit serve --nbd 127.0.0.1:10809
-  qemu-io -f raw nbd+unix:///web?socket=vhdkit-data/nbd.sock
+  qemu-io -f raw 'nbd+unix:///web?socket=/var/lib/vhdkit/nbd.sock'
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
-			data := fs.String("data", "", "data `DIR` (default $VHDKIT_DATA or ./vhdkit-data)")
+			data := fs.String("data", "", "data `DIR` (default $VHDKIT_DATA, else "+dataDirDefault+")")
 			sock := fs.String("nbd-socket", "", "serve NBD on the unix socket `PATH` (default DIR/nbd.sock)")
 			tcp := fs.String("nbd", "", "serve NBD on TCP `HOST:PORT` instead")
 			verbose := fs.Bool("verbose", false, "log debug messages too")
@@ -56,11 +63,17 @@ Examples:
 					level = slog.LevelDebug
 				}
 				log := slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: level}))
+				dir, how := api.DataDir(*data)
 				ready := func(h *host.Host, nbdAddr string) {
-					fmt.Fprintf(c.stdout, "vhdkit serving %s: API %s, NBD %s\n", h.Dir(),
+					fmt.Fprintf(c.stdout, "vhdkit serving %s (%s): API %s, NBD %s\n", h.Dir(), how,
 						filepath.Join(h.Dir(), api.SocketName), nbdAddr)
+					for _, v := range h.VMs() {
+						if v.State == api.VMFailed {
+							fmt.Fprintf(c.stderr, "vhdkit: machine %s is failed: %s\n", v.Name, v.Error)
+						}
+					}
 				}
-				return serve(ctx, api.DataDir(*data), *sock, *tcp, log, ready)
+				return serve(ctx, dir, *sock, *tcp, log, ready)
 			}
 		},
 	}

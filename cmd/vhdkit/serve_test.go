@@ -245,7 +245,7 @@ func TestServeCLIErrors(t *testing.T) {
 	if err == nil || !strings.Contains(string(b), "in use by another vhdkit daemon") {
 		t.Fatalf("second daemon: %v\n%s", err, b)
 	}
-	d.cli(t, "vm", "delete", "x")
+	d.cli(t, "vm", "delete", "x", "--delete-disks")
 	if out := d.cli(t, "vm", "list", "--json"); strings.TrimSpace(out) != "[]" {
 		t.Fatalf("vm list after delete: %s", out)
 	}

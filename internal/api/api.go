@@ -7,13 +7,17 @@
 //	GET    /v1/vms                                list machines
 //	POST   /v1/vms                                create (CreateVM)
 //	GET    /v1/vms/{vm}                           one machine
-//	DELETE /v1/vms/{vm}                           delete it and its files
+//	DELETE /v1/vms/{vm}                           delete it (?force=1, ?delete_disks=1): DeletedVM
+//	POST   /v1/vms/{vm}/repair                    re-open a failed machine (RepairVM)
 //	GET    /v1/vms/{vm}/checkpoints               the checkpoint tree
 //	POST   /v1/vms/{vm}/checkpoints               create (CreateCheckpoint)
 //	PATCH  /v1/vms/{vm}/checkpoints/{cp}          rename (RenameCheckpoint)
 //	POST   /v1/vms/{vm}/checkpoints/{cp}/apply    revert to it (ApplyCheckpoint)
 //	POST   /v1/vms/{vm}/checkpoints/{cp}/export   flatten it (ExportCheckpoint)
 //	DELETE /v1/vms/{vm}/checkpoints/{cp}          delete: starts a merge job (?subtree=1, ?bandwidth=N)
+//
+// A checkpoint {cp} is its name, or its ID ("cp-3"): no name has the form
+// of an ID, so neither can be taken for the other.
 //	GET    /v1/jobs, /v1/jobs/{id}                jobs
 //	POST   /v1/jobs/{id}/pause|resume|cancel      control a job
 //	PATCH  /v1/jobs/{id}                          set its bandwidth (SetJob)
@@ -21,24 +25,39 @@ package api
 
 import "time"
 
+// Machine states.
+const (
+	// VMRunning: the machine's disks are open and exported.
+	VMRunning = "running"
+	// VMFailed: a disk could not be opened (a file missing, damaged or
+	// locked by another program); Error says why. Its exports are absent;
+	// "vhdkit vm repair" retries or re-attaches a moved file.
+	VMFailed = "failed"
+)
+
 // VM is a machine: its disks and where it is in its checkpoint tree.
 type VM struct {
 	Name    string    `json:"name"`
 	Created time.Time `json:"created"`
+	State   string    `json:"state"`           // VMRunning or VMFailed
+	Error   string    `json:"error,omitempty"` // why it failed
 	Disks   []Disk    `json:"disks"`
-	// Current is the checkpoint the running state continues from; empty
-	// before the first checkpoint.
+	// Current is the ID of the checkpoint the running state continues
+	// from, CurrentName its name; empty before the first checkpoint.
 	Current     string `json:"current,omitempty"`
+	CurrentName string `json:"current_name,omitempty"`
 	Checkpoints int    `json:"checkpoints"`
+	// Disconnected counts the NBD clients a forced request disconnected.
+	Disconnected int `json:"disconnected,omitempty"`
 }
 
 // Disk is one of a machine's disks.
 type Disk struct {
 	Index  int    `json:"index"`
-	Export string `json:"export"` // NBD export name
+	Export string `json:"export,omitempty"` // NBD export name; none while the machine is failed
 	Size   int64  `json:"size"`
 	// Path is the file the disk runs on now; Chain is its chain of files,
-	// Path first.
+	// Path first (empty while the machine is failed).
 	Path     string   `json:"path"`
 	Chain    []string `json:"chain"`
 	Attached bool     `json:"attached,omitempty"` // an existing file: kept when the machine is deleted
@@ -46,7 +65,7 @@ type Disk struct {
 
 // Checkpoint is a node of a machine's checkpoint tree.
 type Checkpoint struct {
-	ID      string    `json:"id"`
+	ID      string    `json:"id"` // "cp-N"
 	Name    string    `json:"name"`
 	Parent  string    `json:"parent,omitempty"` // parent checkpoint's ID
 	Created time.Time `json:"created"`
@@ -58,7 +77,7 @@ type Checkpoint struct {
 // Checkpoints is a machine's tree, in creation order.
 type Checkpoints struct {
 	VM          string       `json:"vm"`
-	Current     string       `json:"current,omitempty"`
+	Current     string       `json:"current,omitempty"` // ID of the checkpoint the running state continues from
 	Checkpoints []Checkpoint `json:"checkpoints"`
 }
 
@@ -79,15 +98,21 @@ type Job struct {
 	Kind       string `json:"kind"` // "delete-checkpoint"
 	VM         string `json:"vm"`
 	Checkpoint string `json:"checkpoint"` // name at the time of the request
+	// CheckpointID is the checkpoint's ID.
+	CheckpointID string `json:"checkpoint_id,omitempty"`
 	Subtree    bool   `json:"subtree,omitempty"`
 	State      string `json:"state"`
-	// Reason says why a job is paused or failed.
+	// Reason says why a job is paused or failed, or what a cancel did.
 	Reason string `json:"reason,omitempty"`
-	// Done and Total are bytes merged and to merge; Done never decreases.
-	Done      int64   `json:"done"`
-	Total     int64   `json:"total"`
-	Bandwidth int64   `json:"bandwidth,omitempty"` // bytes per second, 0: unlimited
-	ETA       float64 `json:"eta_seconds,omitempty"`
+	// Done and Total are bytes merged and to merge; Done never decreases,
+	// also across a daemon crash (a copy that starts over after one is
+	// counted from where Done stood).
+	Done      int64 `json:"done"`
+	Total     int64 `json:"total"`
+	Bandwidth int64 `json:"bandwidth,omitempty"` // bytes per second, 0: unlimited
+	// ETA is the time left in seconds at the rate measured over the last
+	// few seconds; 0 when unknown.
+	ETA float64 `json:"eta_seconds,omitempty"`
 	// StallMS is the longest time guest I/O was held while a disk
 	// switched from the merged file to its parent, in milliseconds.
 	StallMS float64   `json:"stall_ms,omitempty"`
@@ -123,6 +148,43 @@ type ApplyCheckpoint struct {
 	// Save checkpoints the current state first instead of discarding it.
 	Save     bool   `json:"save,omitempty"`
 	SaveName string `json:"save_name,omitempty"`
+	// Force disconnects the machine's NBD clients first; without it, an
+	// apply with clients connected is refused (the disk would change
+	// under them).
+	Force bool `json:"force,omitempty"`
+}
+
+// DeleteVM says what DELETE /v1/vms/{vm} may do.
+type DeleteVM struct {
+	// Force disconnects the machine's NBD clients; without it, a machine
+	// with clients connected is not deleted.
+	Force bool
+	// DeleteDisks lets the files the daemon created for the machine go
+	// (its disks and checkpoints); without it, a machine that has such
+	// files is not deleted. Attached files are always kept.
+	DeleteDisks bool
+}
+
+// DeletedVM is the reply to DELETE /v1/vms/{vm}.
+type DeletedVM struct {
+	Name         string   `json:"name"`
+	Removed      []string `json:"removed"` // files removed
+	Kept         []string `json:"kept"`    // attached files, left in place
+	Disconnected int      `json:"disconnected,omitempty"`
+}
+
+// RepairVM is the body of POST /v1/vms/{vm}/repair. Empty, it retries
+// opening a failed machine's disks.
+type RepairVM struct {
+	// Path re-attaches disk Disk to a file that moved: the file the disk
+	// runs on (a leaf .avhdx must be a child of the checkpoint's file;
+	// a disk without checkpoints accepts any file of its size that opens).
+	Disk *int   `json:"disk,omitempty"`
+	Path string `json:"path,omitempty"`
+	// DropCheckpoint removes a checkpoint whose files are lost from the
+	// tree, with its descendants; a machine that ran from it continues
+	// from the checkpoint's parent (what was written since is lost).
+	DropCheckpoint string `json:"drop_checkpoint,omitempty"`
 }
 
 // ExportCheckpoint is the body of POST .../export.

@@ -16,26 +16,62 @@ import (
 	"syscall"
 )
 
-// DefaultDataDir is the daemon's data directory when neither --data nor
-// VHDKIT_DATA names one.
-const DefaultDataDir = "vhdkit-data"
-
 // SocketName is the API socket's name inside the data directory.
 const SocketName = "vhdkit.sock"
 
-// DataDir returns dir, or $VHDKIT_DATA, or DefaultDataDir.
-func DataDir(dir string) string {
-	if dir != "" {
-		return dir
+// LockName is the file in the data directory the daemon holds an
+// exclusive flock on while it runs.
+const LockName = "lock"
+
+// RootDataDir is the data directory of a daemon run by root when neither
+// --data nor VHDKIT_DATA names one.
+const RootDataDir = "/var/lib/vhdkit"
+
+// DataDir chooses the daemon's data directory as "vhdkit serve" and every
+// client do: flag (--data) if set, then $VHDKIT_DATA, then the system
+// default: RootDataDir for root, otherwise $XDG_STATE_HOME/vhdkit
+// ($HOME/.local/state/vhdkit when XDG_STATE_HOME is unset). how says
+// which rule chose it, for messages.
+func DataDir(flag string) (dir, how string) {
+	return dataDir(flag, os.Getenv, os.Geteuid())
+}
+
+// dataDir is DataDir with the environment and effective user ID given.
+func dataDir(flag string, getenv func(string) string, euid int) (dir, how string) {
+	switch {
+	case flag != "":
+		return flag, "from --data"
+	case getenv("VHDKIT_DATA") != "":
+		return getenv("VHDKIT_DATA"), "from $VHDKIT_DATA"
+	case euid == 0:
+		return RootDataDir, "the default for root"
+	case filepath.IsAbs(getenv("XDG_STATE_HOME")):
+		// The XDG spec says to ignore a relative path.
+		return filepath.Join(getenv("XDG_STATE_HOME"), "vhdkit"), "the default, $XDG_STATE_HOME/vhdkit"
+	case getenv("HOME") != "":
+		return filepath.Join(getenv("HOME"), ".local", "state", "vhdkit"), "the default, ~/.local/state/vhdkit"
 	}
-	if d := os.Getenv("VHDKIT_DATA"); d != "" {
-		return d
+	// No home: a relative name, which the messages name in full.
+	return "vhdkit-data", "the default without $HOME"
+}
+
+// Held reports whether a daemon holds the data directory dir (its lock),
+// whether or not it answers on its socket.
+func Held(dir string) bool {
+	f, err := os.Open(filepath.Join(dir, LockName))
+	if err != nil {
+		return false
 	}
-	return DefaultDataDir
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+		return errors.Is(err, syscall.EWOULDBLOCK)
+	}
+	syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	return false
 }
 
 // Client talks to a daemon. Its zero value uses the data directory
-// DataDir("") names.
+// DataDir("") chooses.
 type Client struct {
 	DataDir string
 	hc      *http.Client
@@ -52,7 +88,27 @@ func (e *StatusError) Error() string { return e.Message }
 // ErrNoDaemon reports that no daemon listens on the data directory.
 var ErrNoDaemon = errors.New("no vhdkit daemon is running")
 
-func (c *Client) socket() string { return filepath.Join(DataDir(c.DataDir), SocketName) }
+func (c *Client) socket() string {
+	dir, _ := DataDir(c.DataDir)
+	return filepath.Join(dir, SocketName)
+}
+
+// noDaemon explains a failed connection: the directory tried and how it
+// was chosen, and how to start a daemon there unless one holds it (a
+// second daemon on the same files is never the answer).
+func (c *Client) noDaemon() error {
+	dir, how := DataDir(c.DataDir)
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		abs = dir
+	}
+	if Held(dir) {
+		return fmt.Errorf("%w that answers on %s: a daemon holds %s (%s) but its API socket does not accept connections; check its log, or stop and restart it",
+			ErrNoDaemon, filepath.Join(abs, SocketName), abs, how)
+	}
+	return fmt.Errorf("%w on %s (%s); start one with \"vhdkit serve --data %s\", or name another directory with --data or $VHDKIT_DATA",
+		ErrNoDaemon, abs, how, abs)
+}
 
 func (c *Client) http() *http.Client {
 	if c.hc == nil {
@@ -88,7 +144,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	resp, err := c.http().Do(req)
 	if err != nil {
 		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-			return fmt.Errorf("%w on %s (start one with \"vhdkit serve --data %s\")", ErrNoDaemon, c.socket(), DataDir(c.DataDir))
+			return c.noDaemon()
 		}
 		return err
 	}
@@ -124,8 +180,23 @@ func (c *Client) VM(ctx context.Context, name string) (*VM, error) {
 	return &v, c.do(ctx, "GET", "/v1/vms/"+esc(name), nil, &v)
 }
 
-func (c *Client) DeleteVM(ctx context.Context, name string) error {
-	return c.do(ctx, "DELETE", "/v1/vms/"+esc(name), nil, nil)
+// DeleteVM deletes a machine; see DeleteVM for what opts allow.
+func (c *Client) DeleteVM(ctx context.Context, name string, opts DeleteVM) (*DeletedVM, error) {
+	q := url.Values{}
+	if opts.Force {
+		q.Set("force", "1")
+	}
+	if opts.DeleteDisks {
+		q.Set("delete_disks", "1")
+	}
+	var v DeletedVM
+	return &v, c.do(ctx, "DELETE", "/v1/vms/"+esc(name)+"?"+q.Encode(), nil, &v)
+}
+
+// RepairVM retries opening a failed machine, after the change req asks for.
+func (c *Client) RepairVM(ctx context.Context, name string, req RepairVM) (*VM, error) {
+	var v VM
+	return &v, c.do(ctx, "POST", "/v1/vms/"+esc(name)+"/repair", req, &v)
 }
 
 func (c *Client) Checkpoints(ctx context.Context, vm string) (*Checkpoints, error) {

@@ -35,7 +35,15 @@ func (h *Host) Handler() http.Handler {
 	})
 	handle("GET /v1/vms/{vm}", func(r *http.Request) (any, error) { return h.VM(r.PathValue("vm")) })
 	handle("DELETE /v1/vms/{vm}", func(r *http.Request) (any, error) {
-		return nil, h.DeleteVM(r.PathValue("vm"))
+		q := r.URL.Query()
+		return h.DeleteVM(r.PathValue("vm"), api.DeleteVM{Force: flagSet(q.Get("force")), DeleteDisks: flagSet(q.Get("delete_disks"))})
+	})
+	handle("POST /v1/vms/{vm}/repair", func(r *http.Request) (any, error) {
+		var req api.RepairVM
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		return h.RepairVM(r.PathValue("vm"), req)
 	})
 	handle("GET /v1/vms/{vm}/checkpoints", func(r *http.Request) (any, error) {
 		return h.Checkpoints(r.PathValue("vm"))
@@ -77,7 +85,7 @@ func (h *Host) Handler() http.Handler {
 				return nil, errorf(statusBadRequest, "bandwidth %q is not a number of bytes per second", s)
 			}
 		}
-		subtree := q.Get("subtree") == "1" || q.Get("subtree") == "true"
+		subtree := flagSet(q.Get("subtree"))
 		return h.DeleteCheckpoint(r.PathValue("vm"), r.PathValue("cp"), subtree, bw)
 	})
 	handle("GET /v1/jobs", func(r *http.Request) (any, error) { return h.Jobs(), nil })
@@ -100,6 +108,9 @@ func (h *Host) Handler() http.Handler {
 	})
 	return mux
 }
+
+// flagSet reads a boolean query parameter.
+func flagSet(v string) bool { return v == "1" || v == "true" }
 
 func nonNil(v []api.VM) []api.VM {
 	if v == nil {

@@ -25,21 +25,21 @@ func (h *Host) Checkpoints(name string) (*api.Checkpoints, error) {
 	for _, c := range v.st.Checkpoints {
 		out.Checkpoints = append(out.Checkpoints, checkpointView(v.st, c))
 		if c.ID == v.st.Current {
-			out.Current = c.ID
+			out.Current = cpID(c.ID)
 		}
 	}
 	return out, nil
 }
 
 func checkpointView(m *machineState, c *checkpointState) api.Checkpoint {
-	return api.Checkpoint{ID: c.ID, Name: c.Name, Parent: c.Parent, Created: c.Created,
+	return api.Checkpoint{ID: cpID(c.ID), Name: c.Name, Parent: cpID(c.Parent), Created: c.Created,
 		Files: slices.Clone(c.Files), Current: m.Current == c.ID}
 }
 
 // checkpointable returns the machine, refusing while a job changes its
-// tree; the caller holds mu.
+// tree or while it is failed; the caller holds mu.
 func (h *Host) checkpointable(name string) (*vm, error) {
-	v, err := h.lookup(name)
+	v, err := h.working(name)
 	if err != nil {
 		return nil, err
 	}
@@ -73,7 +73,10 @@ func (h *Host) checkpoint(v *vm, name string) (*checkpointState, error) {
 	if name == "" {
 		name = fmt.Sprintf("%s - (%s)", v.st.Name, now.Format("2006-01-02 15:04:05.000"))
 	}
-	if v.st.findCheckpoint(name) != nil {
+	if err := checkName(name); err != nil {
+		return nil, err
+	}
+	if v.st.named(name) != nil {
 		return nil, errorf(statusConflict, "machine %s already has a checkpoint named %q", v.st.Name, name)
 	}
 	c := &checkpointState{ID: h.st.nextID(), Name: name, Parent: v.st.Current, Created: now}
@@ -115,7 +118,7 @@ func (h *Host) checkpoint(v *vm, name string) (*checkpointState, error) {
 	for i, d := range v.disks {
 		v.st.Disks[i].Leaf = d.Leaf()
 	}
-	if err := h.st.save(h.dir); err != nil {
+	if err := h.save(); err != nil {
 		v.st.Checkpoints = v.st.Checkpoints[:len(v.st.Checkpoints)-1]
 		v.st.Current = old
 		for i := range v.disks {
@@ -126,6 +129,17 @@ func (h *Host) checkpoint(v *vm, name string) (*checkpointState, error) {
 	}
 	h.log.Info("checkpoint created", "vm", v.st.Name, "checkpoint", c.Name, "id", c.ID)
 	return c, nil
+}
+
+// checkName refuses checkpoint names that could be taken for an ID.
+func checkName(name string) error {
+	if name == "" {
+		return errorf(statusBadRequest, "a checkpoint name cannot be empty")
+	}
+	if cpIDRE.MatchString(name) {
+		return errorf(statusBadRequest, "checkpoint name %q has the form of a checkpoint ID (cp-N); choose another", name)
+	}
+	return nil
 }
 
 func (h *Host) findCheckpoint(v *vm, ref string) (*checkpointState, error) {
@@ -148,15 +162,15 @@ func (h *Host) RenameCheckpoint(name, ref, newName string) (*api.Checkpoint, err
 	if err != nil {
 		return nil, err
 	}
-	if newName == "" {
-		return nil, errorf(statusBadRequest, "a checkpoint name cannot be empty")
+	if err := checkName(newName); err != nil {
+		return nil, err
 	}
-	if o := v.st.findCheckpoint(newName); o != nil && o != c {
+	if o := v.st.named(newName); o != nil && o != c {
 		return nil, errorf(statusConflict, "machine %s already has a checkpoint named %q", name, newName)
 	}
 	old := c.Name
 	c.Name = newName
-	if err := h.st.save(h.dir); err != nil {
+	if err := h.save(); err != nil {
 		c.Name = old
 		return nil, err
 	}
@@ -167,6 +181,10 @@ func (h *Host) RenameCheckpoint(name, ref, newName string) (*api.Checkpoint, err
 // ApplyCheckpoint reverts the machine to a checkpoint (Restore-VMSnapshot):
 // each disk continues on a new child of the checkpoint's file and the
 // current state is discarded, or first checkpointed when req.Save is set.
+// Connected NBD clients would see their disk change under them (a guest's
+// file system is then corrupt): the apply is refused while there are
+// any, or with req.Force they are disconnected first. (Hyper-V turns the
+// machine off; once machines run, so will this.)
 func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.VM, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -175,6 +193,15 @@ func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.
 		return nil, err
 	}
 	c, err := h.findCheckpoint(v, ref)
+	if err != nil {
+		return nil, err
+	}
+	if req.Save && req.SaveName != "" {
+		if err := checkName(req.SaveName); err != nil {
+			return nil, err
+		}
+	}
+	disconnected, err := h.refuseClients(v, fmt.Sprintf("applying checkpoint %q", c.Name), req.Force)
 	if err != nil {
 		return nil, err
 	}
@@ -212,7 +239,7 @@ func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.
 		v.st.Disks[i].Leaf = path
 	}
 	v.st.Current = c.ID
-	if err := h.st.save(h.dir); err != nil {
+	if err := h.save(); err != nil {
 		return nil, err
 	}
 	// Only now may the discarded state go: the saved state no longer
@@ -224,6 +251,7 @@ func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.
 	}
 	h.log.Info("checkpoint applied", "vm", name, "checkpoint", c.Name)
 	out := h.view(v)
+	out.Disconnected = disconnected
 	return &out, nil
 }
 
@@ -249,7 +277,7 @@ func (h *Host) referenced(file string) bool {
 // standalone dynamic VHDX in dir (flattened: no parent).
 func (h *Host) ExportCheckpoint(name, ref, dir string) (*api.Exported, error) {
 	h.mu.Lock()
-	v, err := h.lookup(name)
+	v, err := h.working(name)
 	if err != nil {
 		h.mu.Unlock()
 		return nil, err
@@ -270,7 +298,7 @@ func (h *Host) ExportCheckpoint(name, ref, dir string) (*api.Exported, error) {
 	if dir == "" {
 		return nil, errorf(statusBadRequest, "export needs a target directory")
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
 	out := &api.Exported{Files: []string{}}
@@ -383,10 +411,10 @@ func (h *Host) DeleteCheckpoint(name, ref string, subtree bool, bandwidth int64)
 		}
 	}
 	now := time.Now().UTC()
-	js := &jobState{Job: api.Job{ID: h.st.nextID(), Kind: "delete-checkpoint", VM: name, Checkpoint: c.Name,
+	js := &jobState{Job: api.Job{ID: h.st.nextJobID(), Kind: "delete-checkpoint", VM: name, Checkpoint: c.Name, CheckpointID: cpID(c.ID),
 		Subtree: subtree, State: api.JobQueued, Bandwidth: bandwidth, Created: now, Updated: now}, Targets: targets}
 	h.st.Jobs = append(h.st.Jobs, js)
-	if err := h.st.save(h.dir); err != nil {
+	if err := h.save(); err != nil {
 		h.st.Jobs = h.st.Jobs[:len(h.st.Jobs)-1]
 		return nil, err
 	}

@@ -107,12 +107,14 @@ func TestDeleteOlderCheckpoint(t *testing.T) {
 	if d := v.Disks[0]; len(d.Chain) != 2 || d.Chain[1] != a.Files[0] {
 		t.Fatalf("disk chain %v", d.Chain)
 	}
-	// Applying b returns to its state; deleting it then merges live.
-	if _, err := th.api.ApplyCheckpoint(ctx, "db", "b", api.ApplyCheckpoint{}); err != nil {
-		t.Fatal(err)
+	// Applying b returns to its state (disconnecting the clients, whose
+	// disk changes); deleting it then merges live.
+	if v, err := th.api.ApplyCheckpoint(ctx, "db", "b", api.ApplyCheckpoint{Force: true}); err != nil || v.Disconnected == 0 {
+		t.Fatalf("apply --force: %+v %v", v, err)
 	}
 	w.model = bytes.Clone(atB)
-	w.verify(t, th.dial(t, "db"), "after applying b")
+	w.c = th.dial(t, "db")
+	w.verify(t, w.c, "after applying b")
 	w.fill(t, 50)
 	th.waitJob(t, deleteCheckpoint(t, th, "db", "b", false, 0).ID)
 	w.verify(t, th.dial(t, "db"), "after deleting b")
@@ -131,16 +133,16 @@ func TestApplyExportRename(t *testing.T) {
 	th := startHost(t, dir, Options{})
 	defer th.stop(t)
 	w := newVM(t, th, "vm1", 32<<20, 2)
-	checkpoint(t, th, "vm1", "one")
+	one := checkpoint(t, th, "vm1", "one")
 	atOne := w.snapshot()
 	w.fill(t, 80)
 	now := w.snapshot()
-	v, err := th.api.ApplyCheckpoint(ctx, "vm1", "one", api.ApplyCheckpoint{Save: true, SaveName: "before-revert"})
+	v, err := th.api.ApplyCheckpoint(ctx, "vm1", "one", api.ApplyCheckpoint{Save: true, SaveName: "before-revert", Force: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v.Current != "one" {
-		t.Fatalf("current %q", v.Current)
+	if v.CurrentName != "one" || v.Current != one.ID {
+		t.Fatalf("current %q (%s)", v.CurrentName, v.Current)
 	}
 	c := th.dial(t, "vm1")
 	w.model = bytes.Clone(atOne)
@@ -150,7 +152,7 @@ func TestApplyExportRename(t *testing.T) {
 	w.c = c
 	w.fill(t, 20)
 	leaf := v.Disks[0].Path
-	if _, err := th.api.ApplyCheckpoint(ctx, "vm1", "before-revert", api.ApplyCheckpoint{}); err != nil {
+	if _, err := th.api.ApplyCheckpoint(ctx, "vm1", "before-revert", api.ApplyCheckpoint{Force: true}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(leaf); !os.IsNotExist(err) {
@@ -237,7 +239,7 @@ func TestAPIMisuse(t *testing.T) {
 	want(err, 409, "wait for it to finish")
 	_, err = th.api.CreateCheckpoint(ctx, "m", api.CreateCheckpoint{})
 	want(err, 409, "wait for it to finish")
-	err = th.api.DeleteVM(ctx, "m")
+	_, err = th.api.DeleteVM(ctx, "m", api.DeleteVM{})
 	want(err, 409, "running job")
 	_, err = th.api.ControlJob(ctx, j.ID, "explode")
 	want(err, 400, "unknown job action")

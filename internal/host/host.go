@@ -66,8 +66,12 @@ type Host struct {
 // vm is a machine's open disks.
 type vm struct {
 	st    *machineState
-	disks []*merge.Disk
-	job   *job // the job running on it, if any
+	disks []*merge.Disk // nil while failed
+	// failed says why the disks could not be opened; "" when they are
+	// open and exported. A failed machine keeps its state and files
+	// untouched until it is repaired or deleted.
+	failed string
+	job    *job // the job running on it, if any
 }
 
 // Error is a failure with an HTTP status: what the API reports.
@@ -109,10 +113,15 @@ func Open(dir string, opts Options) (*Host, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Join(dir, "vms"), 0o755); err != nil {
+	// The folders hold every guest's disks: only their owner may enter.
+	// DIR may be the user's own; vms and what is below it are ours.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err := mkdirPrivate(filepath.Join(dir, "vms")); err != nil {
+		return nil, err
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, api.LockName), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, err
 	}
@@ -128,20 +137,22 @@ func Open(dir string, opts Options) (*Host, error) {
 	h := &Host{dir: dir, opts: opts, log: opts.Logger, lock: lock, st: st, vms: map[string]*vm{}, jobs: map[string]*job{}}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	h.removeOrphans()
+	// One machine whose files are missing, damaged or locked fails
+	// alone: the others serve.
 	for _, ms := range st.Machines {
 		v := &vm{st: ms}
-		for i, ds := range ms.Disks {
-			d, err := merge.OpenDisk(ds.Leaf, h.openOptions())
-			if err != nil {
-				h.Close()
-				return nil, fmt.Errorf("machine %s disk %d: %w", ms.Name, i, err)
-			}
-			v.disks = append(v.disks, d)
-		}
 		h.vms[ms.Name] = v
+		if err := h.openDisks(v); err != nil {
+			v.failed = err.Error()
+			h.log.Error("machine failed", "vm", ms.Name, "err", err)
+		}
+		if err := mkdirPrivate(h.machineDir(ms.Name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			h.log.Warn("making a machine's folder private", "vm", ms.Name, "err", err)
+		}
 	}
 	// Merges that were under way mirror writes again before any client
-	// can write: the copy behind them relies on it.
+	// can write: the copy behind them relies on it. A failed machine's
+	// job waits for its repair.
 	for _, js := range st.Jobs {
 		if js.Finished() {
 			continue
@@ -149,25 +160,67 @@ func Open(dir string, opts Options) (*Host, error) {
 		j := h.newJob(js)
 		if v := h.vms[js.VM]; v != nil {
 			v.job = j
-			if err := j.restart(h, v); err != nil {
+			if v.failed != "" {
+				j.hold(v)
+			} else if err := j.restart(h, v); err != nil {
 				h.log.Error("resuming a merge", "job", js.ID, "err", err)
 			}
 		}
 	}
 	// Restarted steps no longer count as cleanly stopped: save that
 	// before any client writes.
-	if err := st.save(dir); err != nil {
+	if err := h.save(); err != nil {
 		h.Close()
 		return nil, err
 	}
 	for _, v := range h.vms {
-		h.export(v)
+		if v.failed == "" {
+			h.export(v)
+		}
 	}
 	for _, j := range h.jobs {
 		h.startJob(j)
 	}
 	h.log.Info("host open", "dir", dir, "machines", len(st.Machines), "jobs", len(h.jobs))
 	return h, nil
+}
+
+// mkdirPrivate makes a folder of the daemon's own, mode 0700 whatever
+// an older version left.
+func mkdirPrivate(dir string) error {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	return os.Chmod(dir, 0o700)
+}
+
+// openDisks opens a machine's disks, all or none.
+func (h *Host) openDisks(v *vm) error {
+	var disks []*merge.Disk
+	for i, ds := range v.st.Disks {
+		d, err := merge.OpenDisk(ds.Leaf, h.openOptions())
+		if err != nil {
+			for _, d := range disks {
+				d.Close()
+			}
+			return fmt.Errorf("disk %d: %w", i, err)
+		}
+		disks = append(disks, d)
+	}
+	v.disks = disks
+	return nil
+}
+
+// save persists the state; the progress of every job is then as durable
+// as what was reported of it. The caller holds mu (or owns h).
+func (h *Host) save() error {
+	if err := h.st.save(h.dir); err != nil {
+		return err
+	}
+	for _, j := range h.jobs {
+		j.savedDone = j.st.Done
+	}
+	return nil
 }
 
 func (h *Host) openOptions() vhdx.OpenOptions {
@@ -189,14 +242,14 @@ func (h *Host) Close() error {
 			verrs = append(verrs, d.Close())
 		}
 		// A live merge's target was flushed with its disk: the copy may
-		// resume where it stopped.
-		if j := v.job; j != nil && j.st.Step != nil && j.st.Step.Kind == stepLive && errors.Join(verrs...) == nil {
+		// resume where it stopped. (A failed machine's merge did not run.)
+		if j := v.job; j != nil && v.failed == "" && j.st.Step != nil && j.st.Step.Kind == stepLive && errors.Join(verrs...) == nil {
 			j.st.Step.Clean = true
 		}
 		errs = append(errs, verrs...)
 	}
 	h.vms = map[string]*vm{}
-	errs = append(errs, h.st.save(h.dir))
+	errs = append(errs, h.save())
 	h.lock.Close()
 	return errors.Join(errs...)
 }
@@ -264,11 +317,31 @@ func (h *Host) lookup(name string) (*vm, error) {
 	return v, nil
 }
 
+// working returns a machine whose disks are open: what every change to
+// its disks or checkpoints needs. The caller holds mu.
+func (h *Host) working(name string) (*vm, error) {
+	v, err := h.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	if v.failed != "" {
+		return nil, errorf(statusConflict, "machine %s is failed (%s); repair it first (vhdkit vm repair %s), or delete it", name, v.failed, name)
+	}
+	return v, nil
+}
+
 // view renders a machine for the API; the caller holds mu.
 func (h *Host) view(v *vm) api.VM {
-	out := api.VM{Name: v.st.Name, Created: v.st.Created, Current: v.st.Current, Checkpoints: len(v.st.Checkpoints)}
+	out := api.VM{Name: v.st.Name, Created: v.st.Created, State: api.VMRunning, Checkpoints: len(v.st.Checkpoints)}
 	if c := v.st.checkpoint(v.st.Current); c != nil {
-		out.Current = c.Name
+		out.Current, out.CurrentName = cpID(c.ID), c.Name
+	}
+	if v.failed != "" {
+		out.State, out.Error = api.VMFailed, v.failed
+		for i, ds := range v.st.Disks {
+			out.Disks = append(out.Disks, api.Disk{Index: i, Size: ds.Size, Path: ds.Leaf, Attached: ds.Attached != ""})
+		}
+		return out
 	}
 	for i, d := range v.disks {
 		ds := v.st.Disks[i]
@@ -276,6 +349,54 @@ func (h *Host) view(v *vm) api.VM {
 			Path: d.Leaf(), Chain: d.Chain(), Attached: ds.Attached != ""})
 	}
 	return out
+}
+
+// clients counts the NBD clients connected to each of a machine's
+// exports; the caller holds mu.
+func (h *Host) clients(v *vm) (total int, per string) {
+	var parts []string
+	for i := range v.disks {
+		name := exportName(v.st.Name, i)
+		if n := h.opts.NBD.Clients(name); n > 0 {
+			total += n
+			parts = append(parts, fmt.Sprintf("%d on export %q", n, name))
+		}
+	}
+	return total, strings.Join(parts, ", ")
+}
+
+// refuseClients refuses a change to a machine's disks while NBD clients
+// are connected to them (they would see the disk change under them),
+// or with force disconnects them first; it returns how many it
+// disconnected. The caller holds mu.
+func (h *Host) refuseClients(v *vm, what string, force bool) (int, error) {
+	n, per := h.clients(v)
+	if n == 0 {
+		return 0, nil
+	}
+	if !force {
+		return 0, errorf(statusConflict, "machine %s has %d NBD %s connected (%s): %s would change the disks under them; disconnect them, or use --force to disconnect them first",
+			v.st.Name, n, plural(n, "client", "clients"), per, what)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), disconnectTimeout)
+	defer cancel()
+	n = 0
+	for i := range v.disks {
+		n += h.opts.NBD.Disconnect(ctx, exportName(v.st.Name, i))
+	}
+	h.log.Warn("disconnected NBD clients", "vm", v.st.Name, "clients", n, "for", what)
+	return n, nil
+}
+
+// disconnectTimeout bounds the wait for a forcibly disconnected client's
+// requests in flight; those still running then are cut off.
+const disconnectTimeout = 10 * time.Second
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
 }
 
 // VMs lists the machines by name.
@@ -322,7 +443,7 @@ func (h *Host) CreateVM(req api.CreateVM) (*api.VM, error) {
 		return nil, errorf(statusConflict, "a machine named %q exists", req.Name)
 	}
 	dir := h.machineDir(req.Name)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := mkdirPrivate(dir); err != nil {
 		return nil, err
 	}
 	ms := &machineState{Name: req.Name, Created: time.Now().UTC()}
@@ -367,7 +488,7 @@ func (h *Host) CreateVM(req api.CreateVM) (*api.VM, error) {
 		v.disks = append(v.disks, d)
 	}
 	h.st.Machines = append(h.st.Machines, ms)
-	if err := h.st.save(h.dir); err != nil {
+	if err := h.save(); err != nil {
 		h.st.Machines = h.st.Machines[:len(h.st.Machines)-1]
 		return fail(err)
 	}
@@ -390,21 +511,37 @@ func (h *Host) inUse(path string) bool {
 	return false
 }
 
-// DeleteVM removes a machine: its exports, and the files the host made.
-func (h *Host) DeleteVM(name string) error {
+// DeleteVM removes a machine: its exports, and the files the host made
+// for it (with opts.DeleteDisks only); attached files stay. A machine
+// with NBD clients connected is kept unless opts.Force disconnects them.
+// A failed machine can be deleted too (its job, waiting for a repair,
+// ends failed).
+func (h *Host) DeleteVM(name string, opts api.DeleteVM) (*api.DeletedVM, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	v, err := h.lookup(name)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if v.job != nil {
-		return errorf(statusConflict, "machine %s has a running job (%s); wait for it or cancel it first", name, v.job.st.ID)
+	if v.job != nil && v.failed == "" {
+		return nil, errorf(statusConflict, "machine %s has a running job (%s); wait for it or cancel it first", name, v.job.st.ID)
 	}
+	out := &api.DeletedVM{Name: name, Removed: []string{}, Kept: []string{}}
 	for _, ds := range v.st.Disks {
 		if ds.Attached != "" && len(v.st.Checkpoints) > 0 {
-			return errorf(statusConflict, "machine %s has checkpoints over the attached file %s: delete them first, so that the file holds the current state", name, ds.Attached)
+			return nil, errorf(statusConflict, "machine %s has checkpoints over the attached file %s: delete them first, so that the file holds the current state", name, ds.Attached)
 		}
+		if ds.Attached != "" {
+			out.Kept = append(out.Kept, ds.Attached)
+		}
+	}
+	created := h.createdFiles(v)
+	if len(created) > 0 && !opts.DeleteDisks {
+		return nil, errorf(statusConflict, "deleting machine %s would remove the disk files vhdkit created for it: %s; add --delete-disks to remove them (attached files are kept)",
+			name, strings.Join(created, ", "))
+	}
+	if out.Disconnected, err = h.refuseClients(v, "deleting the machine", opts.Force); err != nil {
+		return nil, err
 	}
 	for i, d := range v.disks {
 		h.opts.NBD.RemoveExport(exportName(name, i))
@@ -412,13 +549,47 @@ func (h *Host) DeleteVM(name string) error {
 			h.log.Warn("closing a disk", "vm", name, "disk", i, "err", err)
 		}
 	}
+	if j := v.job; j != nil {
+		h.finishLocked(j, api.JobFailed, fmt.Sprintf("machine %s was deleted", name))
+	}
 	delete(h.vms, name)
 	h.st.Machines = slices.DeleteFunc(h.st.Machines, func(m *machineState) bool { return m.Name == name })
-	if err := h.st.save(h.dir); err != nil {
-		return err
+	if err := h.save(); err != nil {
+		return nil, err
 	}
-	h.log.Info("machine deleted", "vm", name)
-	return os.RemoveAll(h.machineDir(name))
+	h.log.Info("machine deleted", "vm", name, "removed", len(created), "kept", len(out.Kept))
+	var errs []error
+	for _, f := range created {
+		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+			continue
+		}
+		out.Removed = append(out.Removed, f)
+	}
+	// The folder goes once empty; files of someone else's in it stay.
+	if err := os.Remove(h.machineDir(name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		h.log.Warn("machine folder not removed", "dir", h.machineDir(name), "err", err)
+	}
+	if len(errs) > 0 {
+		return out, fmt.Errorf("machine %s deleted, but not all its files: %w", name, errors.Join(errs...))
+	}
+	return out, nil
+}
+
+// createdFiles lists the files in a machine's folder that are not
+// attached: its disks and checkpoints, which deleting it removes. The
+// caller holds mu.
+func (h *Host) createdFiles(v *vm) []string {
+	entries, _ := os.ReadDir(h.machineDir(v.st.Name))
+	var out []string
+	for _, e := range entries {
+		f := filepath.Join(h.machineDir(v.st.Name), e.Name())
+		if !e.Type().IsRegular() || slices.ContainsFunc(v.st.Disks, func(ds *diskState) bool { return ds.Attached == f }) {
+			continue
+		}
+		out = append(out, f)
+	}
+	return out
 }
 
 func freeSpace(dir string) (int64, error) {

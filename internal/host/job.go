@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/vhdkit/vhdkit/internal/api"
@@ -23,13 +24,18 @@ import (
 //	queued/running <-> paused   (by request, or by an error, with its reason)
 //	any unfinished state -> canceled   (at once between merges; a merge
 //	                                    under way finishes first, since it
-//	                                    has changed the checkpoint's file)
+//	                                    has changed the checkpoint's file:
+//	                                    if nothing else was left to delete,
+//	                                    the job is then done, not canceled)
 //	any unfinished state -> failed     (the tree no longer allows the deletion)
+//	running -> paused                  (its machine is failed: until repaired)
 //
 // Each merge step is persisted in jobState.Step before it changes a file,
 // so a restart resumes it: a live step re-establishes mirroring before the
 // disk is exported again; an offline step re-runs merge.Merge, which
-// finishes from its own journal. Done only grows.
+// finishes from its own journal. Done only grows: what the API reports of
+// it is saved first (see Host.Job), so a crash cannot take it back, and a
+// copy that starts over after one counts from there (max).
 type job struct {
 	st   *jobState
 	wake chan struct{} // pokes the runner: state or bandwidth changed
@@ -39,15 +45,40 @@ type job struct {
 	stopStep context.CancelFunc // stops an offline merge in progress
 	live     *merge.LiveMerge   // the live merge in progress, mirroring
 	cursor   int64              // live copy position, ahead of st.Step.Offset
-	since    time.Time          // start of the current rate window
-	base     int64              // Done at since
+	held     bool               // paused because its machine is failed
+	// pos is where the copy really is, in the job's bytes: below Done
+	// while a copy that started over catches up. The ETA counts from it.
+	pos       int64
+	meter     rateMeter
+	savedDone int64 // st.Done as last saved
 }
 
 func (h *Host) newJob(js *jobState) *job {
-	j := &job{st: js, wake: make(chan struct{}, 1), since: time.Now(), base: js.Done}
+	j := &job{st: js, wake: make(chan struct{}, 1), pos: js.Done, savedDone: js.Done}
 	j.pauseReq = js.State == api.JobPaused
 	h.jobs[js.ID] = j
 	return j
+}
+
+// hold pauses a failed machine's job until the machine is repaired; a
+// job paused by request stays so. The caller holds mu (or owns h).
+func (j *job) hold(v *vm) {
+	if j.pauseReq && !j.held {
+		return
+	}
+	j.pauseReq, j.held = true, true
+	j.st.State = api.JobPaused
+	j.st.Reason = fmt.Sprintf("machine %s is failed; the job waits for its repair (vhdkit vm repair %s)", v.st.Name, v.st.Name)
+}
+
+// unhold resumes a job hold paused, once its machine serves again.
+func (j *job) unhold() {
+	if !j.held {
+		return
+	}
+	j.held, j.pauseReq = false, false
+	j.st.State, j.st.Reason = api.JobQueued, ""
+	j.poke()
 }
 
 func (j *job) poke() {
@@ -60,13 +91,67 @@ func (j *job) poke() {
 // view renders the job for the API; the caller holds mu.
 func (j *job) view() api.Job {
 	out := j.st.Job
-	if out.State == api.JobRunning && out.Done > j.base {
-		rate := float64(out.Done-j.base) / time.Since(j.since).Seconds()
-		if rate > 0 {
-			out.ETA = float64(out.Total-out.Done) / rate
+	if out.State == api.JobRunning || out.State == api.JobCompleting {
+		if rate := j.meter.rate(time.Now()); rate > 0 {
+			out.ETA = float64(max(out.Total-j.pos, 0)) / rate
 		}
 	}
 	return out
+}
+
+// progress records that the copy reached pos, having just copied n
+// bytes; Done follows it, never down. The caller holds mu.
+func (j *job) progress(pos, n int64) {
+	j.pos = min(pos, j.st.Total)
+	j.st.Done = max(j.st.Done, j.pos)
+	j.meter.add(time.Now(), n)
+}
+
+// rateMeter measures a copy's rate over its last few seconds, so the
+// time left follows a bandwidth change or a slower disk.
+type rateMeter struct {
+	samples []rateSample // oldest first; one may be older than the window
+}
+
+type rateSample struct {
+	t time.Time
+	n int64 // bytes copied in all, at t
+}
+
+const rateWindow = 3 * time.Second
+
+func (m *rateMeter) reset() { m.samples = m.samples[:0] }
+
+func (m *rateMeter) add(now time.Time, n int64) {
+	total := n
+	if k := len(m.samples); k > 0 {
+		total += m.samples[k-1].n
+		if k > 1 && now.Sub(m.samples[k-2].t) < 100*time.Millisecond {
+			m.samples[k-1] = rateSample{now, total} // one sample per 100 ms
+			return
+		}
+	}
+	m.samples = append(m.samples, rateSample{now, total})
+	// Keep the newest sample older than the window as the base.
+	i := 0
+	for i+1 < len(m.samples) && now.Sub(m.samples[i+1].t) >= rateWindow {
+		i++
+	}
+	m.samples = append(m.samples[:0], m.samples[i:]...)
+}
+
+// rate is bytes per second over the window up to now (a copy that
+// stalls slows it down), 0 when too little was measured.
+func (m *rateMeter) rate(now time.Time) float64 {
+	if len(m.samples) < 2 {
+		return 0
+	}
+	first, last := m.samples[0], m.samples[len(m.samples)-1]
+	d := now.Sub(first.t).Seconds()
+	if d < 0.5 {
+		return 0
+	}
+	return float64(last.n-first.n) / d
 }
 
 // errPaused stops a step when the job is paused or the host closes.
@@ -186,7 +271,7 @@ func (h *Host) finishLocked(j *job, state, reason string) {
 // saveLocked saves the state, logging a failure: the change is in memory
 // and the next save retries it. The caller holds mu.
 func (h *Host) saveLocked() {
-	if err := h.st.save(h.dir); err != nil {
+	if err := h.save(); err != nil {
 		h.log.Error("saving state", "err", err)
 	}
 }
@@ -200,6 +285,13 @@ func (h *Host) advance(j *job) (bool, error) {
 		h.mu.Unlock()
 		return false, errFatal{fmt.Errorf("machine %s no longer exists", j.st.VM)}
 	}
+	if v.failed != "" {
+		// Resumed while its machine is failed: wait for the repair.
+		j.hold(v)
+		h.saveLocked()
+		h.mu.Unlock()
+		return false, errPaused
+	}
 	if j.st.State == api.JobQueued || j.st.State == api.JobPaused {
 		j.st.State, j.st.Reason = api.JobRunning, ""
 		if j.st.Cancel {
@@ -212,7 +304,7 @@ func (h *Host) advance(j *job) (bool, error) {
 	} else if c = j.merging(v); c != nil {
 		// Between the disks of one checkpoint's merges: go on with it.
 	} else if j.st.Cancel {
-		h.finishLocked(j, api.JobCanceled, "canceled by request")
+		h.endCanceled(j, v)
 		h.mu.Unlock()
 		return false, nil
 	} else {
@@ -255,7 +347,25 @@ func (j *job) merging(v *vm) *checkpointState {
 	return nil
 }
 
-const cancelReason = "cancel requested: the merge under way finishes first (it has changed the checkpoint's file)"
+const cancelReason = "cancel requested: the merge under way has changed the checkpoint's file, so it completes first; then the job ends"
+
+// endCanceled ends a job whose cancel waited for the merge under way:
+// done when nothing else was left to delete (the cancel came too late to
+// change anything), canceled when it kept checkpoints from deletion.
+// The caller holds mu.
+func (h *Host) endCanceled(j *job, v *vm) {
+	var kept []string
+	for _, id := range j.st.Targets {
+		if c := v.st.checkpoint(id); c != nil {
+			kept = append(kept, fmt.Sprintf("%q", c.Name))
+		}
+	}
+	if len(kept) == 0 {
+		h.finishLocked(j, api.JobDone, "cancel came after the merge had begun; the merge completed and the checkpoint is deleted")
+		return
+	}
+	h.finishLocked(j, api.JobCanceled, fmt.Sprintf("canceled by request after the merge under way completed; kept %s", strings.Join(kept, ", ")))
+}
 
 // count adds the bytes deleting c merges to the job's Total; the caller
 // holds mu.
@@ -266,7 +376,7 @@ func (h *Host) count(j *job, v *vm, c *checkpointState) error {
 	}
 	j.st.Total += merged
 	j.st.Counted = append(j.st.Counted, c.ID)
-	return h.st.save(h.dir)
+	return h.save()
 }
 
 // pick chooses the next checkpoint to delete among the job's targets:
@@ -301,8 +411,12 @@ func (h *Host) pick(v *vm, j *job) *checkpointState {
 // drop deletes a checkpoint nothing depends on, with its files.
 func (h *Host) drop(j *job, v *vm, c *checkpointState) error {
 	h.mu.Lock()
+	if j.st.Finished() {
+		h.mu.Unlock() // canceled since advance chose c
+		return nil
+	}
 	v.st.removeCheckpoint(c.ID)
-	if err := h.st.save(h.dir); err != nil {
+	if err := h.save(); err != nil {
 		v.st.Checkpoints = append(v.st.Checkpoints, c)
 		h.mu.Unlock()
 		return err
@@ -328,10 +442,8 @@ func (h *Host) drop(j *job, v *vm, c *checkpointState) error {
 func (h *Host) checkpointDeleted(j *job, v *vm, c *checkpointState) error {
 	j.st.Step = nil
 	j.st.Done = max(j.st.Done, j.st.Total)
-	if j.st.Cancel {
-		j.st.Targets = nil
-	}
-	if err := h.st.save(h.dir); err != nil {
+	j.pos = j.st.Done
+	if err := h.save(); err != nil {
 		return err
 	}
 	h.log.Info("checkpoint merged", "vm", v.st.Name, "checkpoint", c.Name)
@@ -358,7 +470,7 @@ func (h *Host) mergeLive(j *job, v *vm, c *checkpointState) error {
 				GUID: vhdx.NewGUID().String(), Base: j.st.Done}
 			// The GUID is saved before any file changes, so a restart
 			// resumes with it.
-			if err := h.st.save(h.dir); err != nil {
+			if err := h.save(); err != nil {
 				j.st.Step = nil
 				h.mu.Unlock()
 				return err
@@ -419,8 +531,14 @@ func (h *Host) runLive(j *job, v *vm, d *merge.Disk) error {
 	}
 	buf := make([]byte, 1<<20)
 	h.mu.Lock()
-	j.since, j.base = time.Now(), j.st.Done
-	copied := int64(0) // in this run: a restarted copy counts again from 0
+	j.meter.reset()
+	// A copy that starts over counts again from the step's base: Done
+	// stays where it was until the copy passes it.
+	copied := int64(0)
+	if s.Offset > 0 {
+		copied = j.st.Done - s.Base
+	}
+	j.pos = s.Base + copied
 	h.mu.Unlock()
 	throttle := newThrottle()
 	lastSave := time.Now()
@@ -453,7 +571,7 @@ func (h *Host) runLive(j *job, v *vm, d *merge.Disk) error {
 		copied += n
 		h.mu.Lock()
 		j.cursor = next
-		j.st.Done = min(max(j.st.Done, s.Base+copied), j.st.Total)
+		j.progress(s.Base+copied, n)
 		h.mu.Unlock()
 		throttle.wait(h.ctx, j.wake, n, bw)
 	}
@@ -474,7 +592,7 @@ func (h *Host) runLive(j *job, v *vm, d *merge.Disk) error {
 		// must not go back to the leaf, which lacks what comes next.
 		v.st.Disks[s.Disk].Leaf = s.Target
 		j.st.Step = nil
-		if err := h.st.save(h.dir); err != nil {
+		if err := h.save(); err != nil {
 			v.st.Disks[s.Disk].Leaf, j.st.Step = s.Top, s
 			return err
 		}
@@ -514,7 +632,7 @@ func (h *Host) saveProgress(j *job, m *merge.LiveMerge, cursor int64) error {
 		s.Offset = cursor
 	}
 	j.st.Updated = time.Now().UTC()
-	return h.st.save(h.dir)
+	return h.save()
 }
 
 // mergeOffline deletes checkpoint c whose single dependent is checkpoint
@@ -533,7 +651,7 @@ func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
 		if s == nil {
 			s = offlineStep(c, k, i, j.st.Done)
 			j.st.Step = s
-			if err := h.st.save(h.dir); err != nil {
+			if err := h.save(); err != nil {
 				j.st.Step = nil
 				h.mu.Unlock()
 				return err
@@ -549,7 +667,8 @@ func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
 		ctx, cancel := context.WithCancel(h.ctx)
 		j.stopStep = cancel
 		paused, bw := j.pauseReq, j.st.Bandwidth
-		j.since, j.base = time.Now(), j.st.Done
+		j.meter.reset()
+		last := int64(-1) // the first report may include what an earlier run copied
 		h.mu.Unlock()
 		if paused {
 			cancel()
@@ -557,7 +676,11 @@ func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
 		throttle := newThrottle()
 		opts.Progress = func(done, total int64) {
 			h.mu.Lock()
-			j.st.Done = min(max(j.st.Done, s.Base+done), j.st.Total)
+			if last < 0 {
+				last = done
+			}
+			j.progress(s.Base+done, max(done-last, 0))
+			last = done
 			bw = j.st.Bandwidth
 			h.mu.Unlock()
 		}
@@ -581,7 +704,7 @@ func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
 			if i+1 < len(v.disks) {
 				j.st.Step = offlineStep(c, k, i+1, j.st.Done)
 			}
-			err = h.st.save(h.dir)
+			err = h.save()
 		}
 		h.mu.Unlock()
 		if err != nil {
@@ -647,10 +770,24 @@ func (t *throttle) wait(ctx context.Context, wake <-chan struct{}, n, bw int64) 
 	}
 }
 
+// saveReported makes what is about to be reported of the jobs' progress
+// durable, so that a crash cannot report less afterwards. (The copies
+// save their position every second; this covers the time between.) The
+// caller holds mu.
+func (h *Host) saveReported() {
+	for _, j := range h.jobs {
+		if j.st.Done > j.savedDone {
+			h.saveLocked()
+			return
+		}
+	}
+}
+
 // Jobs lists every job, newest last.
 func (h *Host) Jobs() []api.Job {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	h.saveReported()
 	out := []api.Job{}
 	for _, js := range h.st.Jobs {
 		if j := h.jobs[js.ID]; j != nil {
@@ -670,6 +807,7 @@ func (h *Host) Job(id string) (*api.Job, error) {
 	if js == nil {
 		return nil, errorf(statusNotFound, "no job %q", id)
 	}
+	h.saveReported()
 	out := js.Job
 	if j := h.jobs[id]; j != nil {
 		out = j.view()
@@ -705,8 +843,8 @@ func (h *Host) ControlJob(id, action string) (*api.Job, error) {
 	}
 	switch action {
 	case "pause":
-		if !j.pauseReq {
-			j.pauseReq = true
+		if !j.pauseReq || j.held {
+			j.pauseReq, j.held = true, false
 			j.st.State, j.st.Reason = api.JobPaused, "paused by request"
 			if j.stopStep != nil {
 				j.stopStep()
@@ -732,7 +870,7 @@ func (h *Host) ControlJob(id, action string) (*api.Job, error) {
 		return nil, errorf(statusBadRequest, "unknown job action %q (pause, resume or cancel)", action)
 	}
 	j.st.Updated = time.Now().UTC()
-	if err := h.st.save(h.dir); err != nil {
+	if err := h.save(); err != nil {
 		return nil, err
 	}
 	j.poke()
@@ -752,7 +890,7 @@ func (h *Host) SetBandwidth(id string, bw int64) (*api.Job, error) {
 		return nil, err
 	}
 	j.st.Bandwidth = bw
-	if err := h.st.save(h.dir); err != nil {
+	if err := h.save(); err != nil {
 		return nil, err
 	}
 	j.poke()

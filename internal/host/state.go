@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/vhdkit/vhdkit/internal/api"
@@ -22,7 +25,8 @@ import (
 type state struct {
 	Machines []*machineState `json:"machines"`
 	Jobs     []*jobState     `json:"jobs"`
-	Seq      int64           `json:"seq"` // last ID handed out
+	Seq      int64           `json:"seq"`               // last checkpoint ID handed out
+	JobSeq   int64           `json:"job_seq,omitempty"` // last job ID handed out
 }
 
 type machineState struct {
@@ -40,7 +44,7 @@ type diskState struct {
 }
 
 type checkpointState struct {
-	ID      string    `json:"id"`
+	ID      string    `json:"id"` // a number; the API shows it as "cp-N" (cpID)
 	Name    string    `json:"name"`
 	Parent  string    `json:"parent,omitempty"`
 	Created time.Time `json:"created"`
@@ -95,6 +99,15 @@ func loadState(dir string) (*state, error) {
 	if err := json.Unmarshal(b, &st); err != nil {
 		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, stateName), err)
 	}
+	if st.JobSeq == 0 {
+		// A state from before jobs had their own counter: they shared
+		// Seq, so no job ID is above it.
+		for _, j := range st.Jobs {
+			if n, err := strconv.ParseInt(j.ID, 10, 64); err == nil {
+				st.JobSeq = max(st.JobSeq, n)
+			}
+		}
+	}
 	return &st, nil
 }
 
@@ -118,13 +131,30 @@ func (m *machineState) checkpoint(id string) *checkpointState {
 	return nil
 }
 
-// findCheckpoint looks a checkpoint up by ID or name.
-func (m *machineState) findCheckpoint(ref string) *checkpointState {
-	if c := m.checkpoint(ref); c != nil {
-		return c
+// Checkpoint IDs are numbers inside the state and "cp-N" in the API,
+// where a checkpoint is addressed by ID or by name: names of that form
+// are refused, so a reference is one or the other, never both.
+var cpIDRE = regexp.MustCompile(`^(?i:cp)-([0-9]+)$`)
+
+// cpID renders a checkpoint ID for the API.
+func cpID(id string) string {
+	if id == "" {
+		return ""
 	}
+	return "cp-" + id
+}
+
+// findCheckpoint looks a checkpoint up by API ID ("cp-N") or name.
+func (m *machineState) findCheckpoint(ref string) *checkpointState {
+	if sub := cpIDRE.FindStringSubmatch(ref); sub != nil {
+		return m.checkpoint(strings.TrimLeft(sub[1], "0"))
+	}
+	return m.named(ref)
+}
+
+func (m *machineState) named(name string) *checkpointState {
 	for _, c := range m.Checkpoints {
-		if c.Name == ref {
+		if c.Name == name {
 			return c
 		}
 	}
@@ -177,7 +207,15 @@ func (st *state) job(id string) *jobState {
 	return nil
 }
 
+// nextID hands out a checkpoint ID (also naming the files a revert makes).
 func (st *state) nextID() string {
 	st.Seq++
 	return fmt.Sprint(st.Seq)
+}
+
+// nextJobID hands out a job ID: a counter of its own, so job 3 and
+// checkpoint cp-3 may both exist and are not the same thing.
+func (st *state) nextJobID() string {
+	st.JobSeq++
+	return fmt.Sprint(st.JobSeq)
 }

@@ -18,6 +18,7 @@
 //
 // A checkpoint {cp} is its name, or its ID ("cp-3"): no name has the form
 // of an ID, so neither can be taken for the other.
+//
 //	GET    /v1/jobs, /v1/jobs/{id}                jobs
 //	POST   /v1/jobs/{id}/pause|resume|cancel      control a job
 //	PATCH  /v1/jobs/{id}                          set its bandwidth (SetJob)
@@ -100,8 +101,8 @@ type Job struct {
 	Checkpoint string `json:"checkpoint"` // name at the time of the request
 	// CheckpointID is the checkpoint's ID.
 	CheckpointID string `json:"checkpoint_id,omitempty"`
-	Subtree    bool   `json:"subtree,omitempty"`
-	State      string `json:"state"`
+	Subtree      bool   `json:"subtree,omitempty"`
+	State        string `json:"state"`
 	// Reason says why a job is paused or failed, or what a cancel did.
 	Reason string `json:"reason,omitempty"`
 	// Done and Total are bytes merged and to merge; Done never decreases,

@@ -708,9 +708,12 @@ func TestNBDInProcess(t *testing.T) {
 	if _, err := c.WriteAt(data, 3<<20); err != nil {
 		t.Fatal(err)
 	}
-	// A second server on the same socket is refused while this one runs.
+	// A second server on the same socket is refused while this one runs
+	// (of another image: this one's is locked by the first server).
+	img2 := filepath.Join(dir, "d2.vhdx")
+	createImage(t, img2, "--size", "8M")
 	var stdout2, stderr2 strings.Builder
-	if got := run(ctx, []string{"nbd", "--socket", sock, img}, &stdout2, &stderr2); got != 1 || !strings.Contains(stderr2.String(), "another server is listening") {
+	if got := run(ctx, []string{"nbd", "--socket", sock, img2}, &stdout2, &stderr2); got != 1 || !strings.Contains(stderr2.String(), "another server is listening") {
 		t.Errorf("second server: exit %d, stderr %q", got, stderr2.String())
 	}
 	c.Close()

@@ -1,7 +1,9 @@
 package disk
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -31,8 +33,18 @@ type Format struct {
 	// for a short file) look like this format. Nil for formats without a
 	// signature (raw).
 	Match func(head []byte) bool
-	Open  func(path string, opts OpenOptions) (Image, error)
+	// MatchTail, when set, reports whether the last bytes of a file (up
+	// to tailSize; fewer for a short file) look like this format: a fixed
+	// VHD has its only signature in a footer at the end.
+	MatchTail func(tail []byte) bool
+	Open      func(path string, opts OpenOptions) (Image, error)
 }
+
+// The sizes of what Detect reads at the start and the end of a file.
+const (
+	headSize = 64 << 10
+	tailSize = 1 << 10
+)
 
 var (
 	formatsMu sync.RWMutex
@@ -58,8 +70,9 @@ func FormatByName(name string) (Format, bool) {
 	return Format{}, false
 }
 
-// FormatForPath picks the format of path from its extension; ok is false
-// for an unknown extension.
+// FormatForPath picks the format of path from its extension alone; ok is
+// false for an unknown extension. It is what a name says, not what a
+// file is: Detect decides that.
 func FormatForPath(path string) (Format, bool) {
 	ext := strings.ToLower(filepath.Ext(path))
 	formatsMu.RLock()
@@ -74,29 +87,93 @@ func FormatForPath(path string) (Format, bool) {
 	return Format{}, false
 }
 
-// Detect reads the start of path and returns the format whose signature
-// matches, falling back to the extension.
+// ErrFormatMismatch is wrapped by Detect's errors for a file whose name
+// and content disagree, or whose format cannot be told.
+var ErrFormatMismatch = errors.New("image format cannot be told safely")
+
+// detectError is a refusal of Detect; its message says why.
+type detectError struct{ msg string }
+
+func (e *detectError) Error() string { return e.msg }
+func (e *detectError) Unwrap() error { return ErrFormatMismatch }
+
+func refuse(format string, args ...any) error {
+	return &detectError{fmt.Sprintf(format, args...)}
+}
+
+// claimed reports whether f's extensions promise its content: those of a
+// format with a signature do, raw's (.img, .raw, .bin) name disks of any
+// kind.
+func (f Format) claimed() bool { return f.Match != nil || f.MatchTail != nil }
+
+// foreign are signatures of image formats vhdkit does not read, so that
+// such a file is named for what it is rather than read as raw.
+var foreign = []struct {
+	name  string
+	magic string
+}{
+	{"QCOW2", "QFI\xfb"},
+	{"VMDK", "KDMV"},
+	{"VMDK", "# Disk DescriptorFile"},
+}
+
+// Detect returns the format of the image at path. The content decides:
+//
+//  1. A file whose start or end holds a registered format's signature (a
+//     VHDX file identifier at 0; a VHD footer at 0 or in the last 512
+//     bytes) is of that format, whatever its name, unless its extension
+//     claims another format (a VHDX named .vhd): that is refused.
+//  2. A file without a signature is raw when its name says so (.img,
+//     .raw, .bin) or it is a block device. A name that claims a format
+//     (.vhdx, .vhd, ...) without its signature is refused, and so is a
+//     file with no signature and no raw name, as is one holding an image
+//     format vhdkit does not read (QCOW2, VMDK).
+//
+// Errors for files that exist wrap ErrFormatMismatch. Callers that know
+// the format (a user's --format) use FormatByName instead.
 func Detect(path string) (Format, error) {
-	head, err := readHead(path)
+	head, tail, device, err := readEnds(path)
 	if err != nil {
 		return Format{}, err
 	}
+	named, hasName := FormatForPath(path)
+	var found Format
 	formatsMu.RLock()
 	for _, f := range formats {
-		if f.Match != nil && f.Match(head) {
-			formatsMu.RUnlock()
-			return f, nil
+		if (f.Match != nil && f.Match(head)) || (f.MatchTail != nil && len(tail) > 0 && f.MatchTail(tail)) {
+			found = f
+			break
 		}
 	}
 	formatsMu.RUnlock()
-	if f, ok := FormatForPath(path); ok {
-		return f, nil
+	ext := filepath.Ext(path)
+	switch {
+	case found.Name != "" && hasName && named.claimed() && named.Name != found.Name:
+		return Format{}, refuse("%s holds a %s image, but its name (%s) says %s",
+			path, strings.ToUpper(found.Name), ext, strings.ToUpper(named.Name))
+	case found.Name != "":
+		return found, nil
 	}
-	return Format{}, fmt.Errorf("%s: unknown image format (extension %q)", path, filepath.Ext(path))
+	for _, fo := range foreign {
+		if strings.HasPrefix(string(head), fo.magic) {
+			return Format{}, refuse("%s holds a %s image, which vhdkit does not read", path, fo.name)
+		}
+	}
+	switch {
+	case hasName && named.claimed():
+		return Format{}, refuse("%s is not a %s image (no %s signature), though its name (%s) says so",
+			path, strings.ToUpper(named.Name), strings.ToUpper(named.Name), ext)
+	case hasName:
+		return named, nil
+	case device:
+		if r, ok := FormatByName("raw"); ok {
+			return r, nil
+		}
+	}
+	return Format{}, refuse("%s: unknown image format: no VHDX or VHD signature, and its name does not say raw (.img, .raw, .bin)", path)
 }
 
-// Open opens the image at path, choosing the format by its signature or,
-// for formats without one, its extension.
+// Open opens the image at path in the format Detect finds.
 func Open(path string, opts OpenOptions) (Image, error) {
 	f, err := Detect(path)
 	if err != nil {
@@ -105,19 +182,41 @@ func Open(path string, opts OpenOptions) (Image, error) {
 	return f.Open(path, opts)
 }
 
-func readHead(path string) ([]byte, error) {
+// IsBlockDevice reports whether path is a block device (a raw disk).
+func IsBlockDevice(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0
+}
+
+// readEnds reads the first headSize and the last tailSize bytes of path
+// (fewer for a short file) and says whether it is a block device. The
+// size of a device is where its end is.
+func readEnds(path string) (head, tail []byte, device bool, err error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return nil, nil, false, err
 	}
 	defer f.Close()
-	buf := make([]byte, 64<<10)
-	n, err := f.ReadAt(buf, 0)
-	if n > 0 || err == nil {
-		return buf[:n], nil
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, nil, false, err
 	}
-	if n == 0 {
-		return buf[:0], nil
+	size := fi.Size()
+	if fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 {
+		device = true
+		if size, err = f.Seek(0, io.SeekEnd); err != nil {
+			return nil, nil, false, err
+		}
+	} else if !fi.Mode().IsRegular() {
+		return nil, nil, false, refuse("%s is neither a regular file nor a block device", path)
 	}
-	return nil, err
+	head = make([]byte, min(size, headSize))
+	if _, err := f.ReadAt(head, 0); err != nil && !errors.Is(err, io.EOF) {
+		return nil, nil, false, err
+	}
+	tail = make([]byte, min(size, tailSize))
+	if _, err := f.ReadAt(tail, size-int64(len(tail))); err != nil && !errors.Is(err, io.EOF) {
+		return nil, nil, false, err
+	}
+	return head, tail, device, nil
 }

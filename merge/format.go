@@ -20,8 +20,11 @@ import (
 // Any registered format can be the base of a chain; raw ones are merged
 // into like the rest.
 
-// kind is the format of a chain's file, known from its name so that it
-// can be told before the file is opened (and through the OpenFile seam).
+// kind is the format of a chain's file, as disk.Detect tells it from the
+// content. A file Detect cannot tell goes by its name: one that lives
+// behind the OpenFile seam (tests) is not what the disk holds, and a VHDX
+// or VHD name on other content fails in that format's parser, never read
+// as raw.
 type kind int
 
 const (
@@ -32,9 +35,10 @@ const (
 )
 
 func kindOf(path string) kind {
-	f, ok := disk.FormatForPath(path)
-	if !ok {
-		if f, _ = disk.Detect(path); f.Name == "" {
+	f, err := disk.Detect(path)
+	if err != nil {
+		var ok bool
+		if f, ok = disk.FormatForPath(path); !ok {
 			return kindOther
 		}
 	}
@@ -103,13 +107,13 @@ func parentOf(path string, opts Options) string {
 	var candidates []string
 	switch kindOf(path) {
 	case kindVHDX:
-		link, err := vhdx.ReadParentLink(path, vhdx.OpenOptions{OpenFile: opts.OpenFile})
+		link, err := vhdx.ReadParentLink(path, vhdx.OpenOptions{OpenFile: peekOpen(opts)})
 		if err != nil || link == nil {
 			return ""
 		}
 		candidates = link.Candidates
 	case kindVHD:
-		link, err := vhd.ReadParentLink(path, vhd.OpenOptions{OpenFile: opts.OpenFile})
+		link, err := vhd.ReadParentLink(path, vhd.OpenOptions{OpenFile: peekOpen(opts)})
 		if err != nil || link == nil {
 			return ""
 		}

@@ -35,10 +35,15 @@ type osFile struct {
 	lock *openLock
 }
 
+// Size is the file's size; a block device's is where its end is (stat
+// reports 0 for it).
 func (f osFile) Size() (int64, error) {
 	fi, err := f.Stat()
 	if err != nil {
 		return 0, err
+	}
+	if m := fi.Mode(); m&os.ModeDevice != 0 && m&os.ModeCharDevice == 0 {
+		return f.Seek(0, io.SeekEnd)
 	}
 	return fi.Size(), nil
 }

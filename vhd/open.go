@@ -16,9 +16,18 @@ func init() {
 	disk.Register(disk.Format{
 		Name:       "vhd",
 		Extensions: []string{".vhd", ".avhd"},
-		// Dynamic and differencing images start with a footer copy. A
-		// fixed image has no signature at 0; its extension selects us.
+		// Dynamic and differencing images start with a footer copy; every
+		// VHD ends with its footer (512 bytes, or 511 in old images),
+		// which is all a fixed image has.
 		Match: func(head []byte) bool { return len(head) >= 8 && string(head[:8]) == footerCookie },
+		MatchTail: func(tail []byte) bool {
+			for _, n := range []int{footerSize, footerSize - 1} {
+				if len(tail) >= n && string(tail[len(tail)-n:][:8]) == footerCookie {
+					return true
+				}
+			}
+			return false
+		},
 		Open: func(path string, o disk.OpenOptions) (disk.Image, error) {
 			im, err := Open(path, OpenOptions{ReadOnly: o.ReadOnly, ForceShare: o.ForceShare, ParentDirs: o.ParentDirs})
 			if err != nil {

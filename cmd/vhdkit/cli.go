@@ -59,8 +59,13 @@ Usage:
 
 Commands:
 %s
-The format of a disk follows its file extension: .vhdx and .avhdx are VHDX,
-.vhd and .avhd are VHD, .img, .raw and .bin are raw. SIZE is a number of bytes, optionally followed
+The format of a disk comes from its content: a VHDX or VHD signature makes it
+VHDX or VHD whatever its name; a file without one is raw when named .img,
+.raw or .bin (or a block device). A name that says another format than the
+content (a VHDX called .vhd, a raw file called .vhdx) is refused; --format
+reads a file as the format it names. A new disk's format follows its
+extension (.vhdx/.avhdx, .vhd/.avhd, .img/.raw/.bin) or --output-format.
+SIZE is a number of bytes, optionally followed
 by K, M, G or T (powers of 1024; KiB, MiB, GiB and TiB work too).
 Flags may come before or after the arguments.
 
@@ -207,6 +212,9 @@ func printCommandHelp(w io.Writer, cmd *command, fs *flag.FlagSet) {
 	fs.VisitAll(func(f *flag.Flag) {
 		name, usage := flag.UnquoteUsage(f)
 		left := "--" + f.Name
+		if len(f.Name) == 1 {
+			left = "-" + f.Name // a short form: -U, -O
+		}
 		if !isBoolFlag(f) {
 			left += " " + name
 		}

@@ -9,6 +9,7 @@ import (
 	"os"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/raw"
 )
 
 func convertCommand() *command {
@@ -16,8 +17,9 @@ func convertCommand() *command {
 		name:     "convert",
 		synopsis: "[flags] SRC DST",
 		summary:  "copy a virtual disk into a new file of another format or kind (like qemu-img convert)",
-		help: `The formats of SRC and DST follow their extensions (.vhdx/.avhdx, .vhd/.avhd,
-.img/.raw/.bin): raw, VHD and VHDX convert to one another and to themselves,
+		help: `SRC's format comes from its content (--format names it); DST's from its
+extension (.vhdx/.avhdx, .vhd/.avhd, .img/.raw/.bin) or --output-format:
+raw, VHD and VHDX convert to one another and to themselves,
 any kind to any kind. Ranges of SRC that read as zeros are not written, so
 they stay unallocated in a dynamic DST (and sparse in a raw one). A
 differencing SRC is read through its whole chain: DST is the flattened disk.
@@ -33,6 +35,13 @@ Virtual PC size a VHD made by vhdkit by its CHS geometry, which may round down
 (a 1 GiB disk reads as 1073479680 bytes there); a size exact in CHS reads whole.
 
 DST must not exist; if the conversion fails, the partial DST is removed.
+A block device is the exception: as DST it is written in place, raw (it must
+be at least SRC's size; ranges of SRC that read as zeros are zeroed on it,
+and what lies past SRC's size is left alone); as SRC it is read raw unless it
+holds a VHDX or VHD, its size the device's.
+
+A SRC another program is writing is refused; --force-share (-U) reads it
+anyway, warning that the copy may be inconsistent.
 A progress bar goes to stderr when it is a terminal, or with --progress.
 
 Examples:
@@ -41,31 +50,40 @@ Examples:
   vhdkit convert --type fixed disk.vhdx azure.vhd  # a fixed VHD for Azure
   vhdkit convert child.avhdx flat.img              # flatten a chain
   vhdkit convert --parent base.vhdx new.img new.avhdx
+  vhdkit convert disk.vhdx /dev/vg/lv              # onto a block device
+  vhdkit convert -O vhdx disk.img backup.disk      # a VHDX of any name
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
 			var fl imageFlags
 			var progress bool
+			var in input
 			fs.StringVar(&fl.typ, "type", "", "`kind` of a VHDX or VHD DST: fixed or dynamic (default dynamic; differencing with --parent)")
 			fs.Var(&fl.blockSize, "block-size", "block `SIZE` of DST, a power of two up to 256M (VHDX default 32M, 2M for differencing; VHD default 2M)")
 			fs.IntVar(&fl.logical, "logical-sector", 0, "logical sector size of a VHDX DST in `bytes`: 512 or 4096 (default: SRC's, else 512)")
 			fs.StringVar(&fl.parent, "parent", "", "make DST a differencing image of the parent `PATH`, holding only what differs from it")
 			fs.BoolVar(&progress, "progress", false, "show progress on stderr even when it is not a terminal")
+			addInputFlags(fs, &in, true)
+			addOutputFormat(fs, &fl, "DST")
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 2 {
 					return usagef("want SRC and DST, got %d arguments", len(args))
 				}
-				return c.convert(ctx, fl, progress, args[0], args[1])
+				return c.convert(ctx, in, fl, progress, args[0], args[1])
 			}
 		},
 	}
 }
 
-func (c *cli) convert(ctx context.Context, fl imageFlags, progress bool, srcPath, dstPath string) (err error) {
+func (c *cli) convert(ctx context.Context, in input, fl imageFlags, progress bool, srcPath, dstPath string) (err error) {
 	plan, err := planImage(dstPath, fl)
 	if err != nil {
 		return err
 	}
-	src, err := openImage(srcPath, true)
+	device := disk.IsBlockDevice(dstPath)
+	if device && fl.parent != "" {
+		return usagef("%s is a block device: a differencing DST (--parent) is a VHDX or VHD file", dstPath)
+	}
+	src, err := in.open(c, srcPath, true)
 	if err != nil {
 		return err
 	}
@@ -92,6 +110,9 @@ func (c *cli) convert(ctx context.Context, fl imageFlags, progress bool, srcPath
 				}
 			}
 		}
+	}
+	if device {
+		return c.convertToDevice(ctx, src, srcPath, dstPath, progress)
 	}
 	if err := refuseExisting(dstPath); err != nil {
 		return err
@@ -123,22 +144,55 @@ func (c *cli) convert(ctx context.Context, fl imageFlags, progress bool, srcPath
 	if parent != nil {
 		cp.sector, _ = sectorSizes(dst)
 	}
-	if progress || isTerminal(c.stderr) {
-		cp.progress = newProgressBar(c.stderr, src.Size(), isTerminal(c.stderr))
-		defer func() {
-			if err != nil {
-				cp.progress.abort()
-			}
-		}()
-	}
-	if err := cp.run(ctx); err != nil {
+	if err := cp.runWithProgress(ctx, c, progress); err != nil {
 		return err
 	}
 	if err := dst.Flush(); err != nil {
 		return err
 	}
 	closed = true
-	if err := dst.Close(); err != nil {
+	return dst.Close()
+}
+
+// convertToDevice copies src onto the block device at dstPath in place:
+// not created, not truncated, every byte of SRC's size written (zeros
+// too: a device is not known to read zeros anywhere).
+func (c *cli) convertToDevice(ctx context.Context, src disk.Image, srcPath, dstPath string, progress bool) error {
+	if fi, err := os.Stat(srcPath); err == nil {
+		if di, err := os.Stat(dstPath); err == nil && os.SameFile(fi, di) {
+			return fmt.Errorf("%s and %s are the same device", srcPath, dstPath)
+		}
+	}
+	dst, err := raw.Open(dstPath, disk.OpenOptions{})
+	if err != nil {
+		return err
+	}
+	if dst.Size() < src.Size() {
+		dst.Close()
+		return fmt.Errorf("%s is %d bytes (%s), smaller than %s (%d bytes, %s)",
+			dstPath, dst.Size(), formatSize(dst.Size()), srcPath, src.Size(), formatSize(src.Size()))
+	}
+	cp := &imageCopy{src: src, dst: dst, dense: true}
+	err = cp.runWithProgress(ctx, c, progress)
+	if err == nil {
+		err = dst.Flush()
+	}
+	if cerr := dst.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// runWithProgress runs the copy with a progress bar on stderr when it is
+// a terminal or progress asks for one.
+func (cp *imageCopy) runWithProgress(ctx context.Context, c *cli, progress bool) error {
+	if progress || isTerminal(c.stderr) {
+		cp.progress = newProgressBar(c.stderr, cp.src.Size(), isTerminal(c.stderr))
+	}
+	if err := cp.run(ctx); err != nil {
+		if cp.progress != nil {
+			cp.progress.abort()
+		}
 		return err
 	}
 	if cp.progress != nil {
@@ -168,6 +222,9 @@ type imageCopy struct {
 	// dst): only sectors where src differs from parent are written.
 	parent   disk.Image
 	sector   int // dst's logical sector size, with parent
+	// dense says dst does not read zeros where nothing is written (a
+	// block device): every range is written, zeros too.
+	dense bool
 	progress *progressBar
 
 	free       chan []byte // chunk buffers not in use
@@ -235,6 +292,11 @@ func (cp *imageCopy) write(ctx context.Context, job copyJob) error {
 	data := job.buf
 	if data == nil {
 		data = cp.zeroChunk
+	}
+	if cp.dense && job.buf == nil && len(job.writes) == 0 {
+		if err := zeroRange(cp.dst, job.off, job.length); err != nil {
+			return fmt.Errorf("zeroing at offset %d: %w", job.off, err)
+		}
 	}
 	for _, s := range job.writes {
 		for off, end := s.off, s.off+s.n; off < end; {
@@ -315,6 +377,8 @@ func (cp *imageCopy) copyRange(ctx context.Context, off, n int64, srcZero bool) 
 				}
 				return err
 			}
+		} else if cp.dense {
+			job.writes = []span{{0, length}}
 		} else {
 			job.writes = nonZeroSpans(data, zeroGranule)
 		}
@@ -425,4 +489,22 @@ func diffSpans(a, b []byte, sector int, base int64) []span {
 		i = j
 	}
 	return spans
+}
+
+// zeroRange makes [off, off+n) of im read as zeros: with the image's own
+// zeroing (a block device's BLKZEROOUT, through fallocate) where it has
+// one, else by writing zeros.
+func zeroRange(im disk.Image, off, n int64) error {
+	if z, ok := im.(disk.Zeroer); ok {
+		return z.WriteZeroes(off, n, true)
+	}
+	var zeros [64 << 10]byte
+	for n > 0 {
+		k := min(n, int64(len(zeros)))
+		if _, err := im.WriteAt(zeros[:k], off); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
 }

@@ -13,7 +13,9 @@ func createCommand() *command {
 		synopsis: "[flags] FILE",
 		summary:  "create a virtual disk: a fixed, dynamic or differencing VHDX or VHD, or a raw file",
 		help: `The format follows the extension of FILE: VHDX (.vhdx, .avhdx), VHD (.vhd,
-.avhd) or raw (.img, .raw, .bin), which takes only --size. --parent makes a
+.avhd) or raw (.img, .raw, .bin), which takes only --size; --output-format
+(-O) names it for a FILE of another name (not one that says another format:
+a VHDX called .vhd would be refused when read). --parent makes a
 differencing image (a child), which takes its size and sector sizes from
 the parent. An existing FILE is never overwritten.
 
@@ -24,6 +26,7 @@ Examples:
   vhdkit create disk.avhdx --parent disk.vhdx
   vhdkit create --size 512M disk.img
   vhdkit create --type fixed --size 1G disk.vhd
+  vhdkit create -O vhdx --size 1G disk.img
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
 			var fl imageFlags
@@ -34,6 +37,7 @@ Examples:
 			fs.IntVar(&fl.logical, "logical-sector", 0, "logical sector size in `bytes`: 512 or 4096 (default 512; VHD: 512 only)")
 			fs.IntVar(&fl.physical, "physical-sector", 0, "physical sector size in `bytes`: 512 or 4096 (VHDX default 4096; VHD: 512 only)")
 			fs.StringVar(&fl.parent, "parent", "", "parent image `PATH`: create a differencing image")
+			addOutputFormat(fs, &fl, "FILE")
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 1 {
 					return usagef("want exactly one FILE, got %d arguments", len(args))

@@ -1,12 +1,16 @@
 package main
 
 import (
+	"errors"
+	"flag"
 	"fmt"
+	"io"
 	"path/filepath"
 	"strings"
 
 	"github.com/vhdkit/vhdkit/disk"
 	"github.com/vhdkit/vhdkit/raw"
+	"github.com/vhdkit/vhdkit/storage"
 	"github.com/vhdkit/vhdkit/vhd"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
@@ -14,28 +18,130 @@ import (
 // The formats register themselves with package disk (raw: .img .raw .bin;
 // vhdx: .vhdx .avhdx; vhd: .vhd .avhd). vhdkit reads any registered format
 // through disk; creating and describing an image needs its package.
+//
+// What a file is comes from its content (disk.Detect): VHDX and VHD by
+// their signatures whatever the name; raw only without a signature and
+// with a raw name (.img, .raw, .bin) or as a block device; a name that
+// claims another format than the content holds is refused. --format
+// names the format of an input, --output-format that of a new image.
 
-// formatOf names the image format of path from its extension.
+// formatNames are the values --format and --output-format take.
+const formatNames = "vhdx, vhd or raw"
+
+// formatOf returns the format of the existing image at path, by its
+// content (see disk.Detect).
 func formatOf(path string) (string, error) {
-	if f, ok := disk.FormatForPath(path); ok {
-		return f.Name, nil
+	f, err := disk.Detect(path)
+	if err != nil {
+		if errors.Is(err, disk.ErrFormatMismatch) {
+			err = fmt.Errorf("%w (--format %s names it)", err, formatNames)
+		}
+		return "", err
 	}
-	ext := filepath.Ext(path)
-	if ext == "" {
-		return "", fmt.Errorf("%s: no file extension to tell the image format by (use .vhdx, .avhdx, .vhd, .avhd, .img or .raw)", path)
-	}
-	return "", fmt.Errorf("%s: unknown image format %q (use .vhdx, .avhdx, .vhd, .avhd, .img or .raw)", path, ext)
+	return f.Name, nil
 }
 
-// openImage opens the image at path, a differencing image with its whole
-// chain. A read-only open never modifies any file.
-func openImage(path string, readOnly bool) (disk.Image, error) {
-	format, err := formatOf(path)
+// formatFlag checks a --format or --output-format value.
+func formatFlag(name, value string) (string, error) {
+	switch value {
+	case "", "vhdx", "vhd", "raw":
+		return value, nil
+	}
+	return "", usagef("unknown --%s %q (want %s)", name, value, formatNames)
+}
+
+// input is how a verb opens the image it reads or changes.
+type input struct {
+	format     string // --format: the format to read; "" tells it by content
+	forceShare bool   // --force-share: read without refusing other users
+	// verb, for read-only inspection verbs, says the image may be read
+	// with --force-share when it is in use.
+	inspect bool
+}
+
+// addInputFlags defines --format (and, for inspection verbs, --force-share
+// and -U) on fs.
+func addInputFlags(fs *flag.FlagSet, in *input, inspect bool) {
+	in.inspect = inspect
+	fs.StringVar(&in.format, "format", "", "read FILE as `FORMAT` ("+formatNames+") instead of telling it by content")
+	if inspect {
+		fs.BoolVar(&in.forceShare, "force-share", false, "read the image even while another program writes it (like qemu-img -U); what is shown may be inconsistent")
+		fs.BoolVar(&in.forceShare, "U", false, "short for --force-share")
+	}
+}
+
+// formatOf returns the format path is read as.
+func (in input) formatOf(path string) (string, error) {
+	if in.format != "" {
+		if _, err := formatFlag("format", in.format); err != nil {
+			return "", err
+		}
+		return in.format, nil
+	}
+	return formatOf(path)
+}
+
+// open opens the image at path, a differencing image with its whole
+// chain. A read-only open never modifies any file. With forceShare, a
+// warning goes to c's stderr for every file of the chain another program
+// is writing.
+func (in input) open(c *cli, path string, readOnly bool) (disk.Image, error) {
+	format, err := in.formatOf(path)
 	if err != nil {
 		return nil, err
 	}
-	f, _ := disk.FormatByName(format)
-	return f.Open(path, disk.OpenOptions{ReadOnly: readOnly})
+	f, ok := disk.FormatByName(format)
+	if !ok {
+		return nil, fmt.Errorf("%s: unknown image format %q", path, format)
+	}
+	im, err := f.Open(path, disk.OpenOptions{ReadOnly: readOnly, ForceShare: in.forceShare && readOnly})
+	if err != nil {
+		return nil, in.inUse(err)
+	}
+	if in.forceShare {
+		in.warnWriters(c, chainOf(im, path))
+	}
+	return im, nil
+}
+
+// inUse adds to a refusal by image locking how an inspection verb reads
+// the file anyway.
+func (in input) inUse(err error) error {
+	if in.inspect && !in.forceShare && errors.Is(err, storage.ErrInUse) {
+		return fmt.Errorf("%w (--force-share reads it anyway; what it shows may then be inconsistent)", err)
+	}
+	return err
+}
+
+// warnWriters warns, for each of files that another program holds for
+// writing, that what is read of it may be inconsistent.
+func (in input) warnWriters(c *cli, files []string) {
+	for _, p := range files {
+		if w, err := storage.HasWriter(p); err == nil && w {
+			fmt.Fprintf(c.stderr, "vhdkit: warning: %s is being written by another program; what is read of it may be inconsistent\n", p)
+		}
+	}
+}
+
+// chainOf lists the files of an open image, leaf first.
+func chainOf(im disk.Image, path string) []string {
+	switch im := im.(type) {
+	case *vhdx.Image:
+		if c := im.Info().Chain; len(c) > 0 {
+			return c
+		}
+	case *vhd.Image:
+		if c := im.Info().Chain; len(c) > 0 {
+			return c
+		}
+	}
+	return []string{path}
+}
+
+// openImage opens the image at path by its content, as the verbs do
+// without flags.
+func openImage(path string, readOnly bool) (disk.Image, error) {
+	return input{}.open(&cli{stdout: io.Discard, stderr: io.Discard}, path, readOnly)
 }
 
 // sectorSizes returns an image's logical and physical sector sizes, 512
@@ -78,12 +184,48 @@ type imageFlags struct {
 	blockSize         sizeValue
 	logical, physical int
 	parent            string
+	format            string // --output-format
+}
+
+// addOutputFormat defines --output-format and its short form -O.
+func addOutputFormat(fs *flag.FlagSet, fl *imageFlags, what string) {
+	fs.StringVar(&fl.format, "output-format", "", "make "+what+" a `FORMAT` image ("+formatNames+") whatever its name")
+	fs.StringVar(&fl.format, "O", "", "short for --output-format")
+}
+
+// outputFormat decides the format of a new image at path: --output-format
+// if given, else the extension; a block device is written raw. A name
+// that claims another format (a VHDX called .vhd) is refused, since the
+// image would then be refused when read.
+func outputFormat(path, explicit string) (string, error) {
+	if _, err := formatFlag("output-format", explicit); err != nil {
+		return "", err
+	}
+	if disk.IsBlockDevice(path) {
+		if explicit != "" && explicit != "raw" {
+			return "", usagef("%s is a block device: vhdkit writes disks to block devices raw, not as %s", path, strings.ToUpper(explicit))
+		}
+		return "raw", nil
+	}
+	named, ok := disk.FormatForPath(path)
+	switch {
+	case explicit == "" && ok:
+		return named.Name, nil
+	case explicit == "" && filepath.Ext(path) == "":
+		return "", fmt.Errorf("%s: no file extension to tell the image format by (use .vhdx, .avhdx, .vhd, .avhd, .img or .raw, or --output-format)", path)
+	case explicit == "":
+		return "", fmt.Errorf("%s: unknown image format %q (use .vhdx, .avhdx, .vhd, .avhd, .img or .raw, or --output-format)", path, filepath.Ext(path))
+	case ok && named.Name != explicit && named.Name != "raw":
+		return "", usagef("%s: its name says %s, not %s: a file named %s must hold %s (name it for what it holds)",
+			path, strings.ToUpper(named.Name), strings.ToUpper(explicit), filepath.Ext(path), strings.ToUpper(named.Name))
+	}
+	return explicit, nil
 }
 
 // planImage checks the flags for a new image at path and returns what to
 // create. Mistakes are usage errors.
 func planImage(path string, fl imageFlags) (*newImage, error) {
-	format, err := formatOf(path)
+	format, err := outputFormat(path, fl.format)
 	if err != nil {
 		return nil, err
 	}
@@ -159,6 +301,12 @@ func planImage(path string, fl imageFlags) (*newImage, error) {
 	}
 	if n.kind == "differencing" && (n.logical != 0 || n.physical != 0) {
 		return nil, usagef("a differencing image takes its sector sizes from its parent")
+	}
+	if n.parent != "" {
+		// A parent is read by its content too; one misnamed is refused.
+		if _, err := formatOf(n.parent); errors.Is(err, disk.ErrFormatMismatch) {
+			return nil, err
+		}
 	}
 	return n, nil
 }

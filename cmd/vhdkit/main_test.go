@@ -20,6 +20,8 @@ import (
 	"testing"
 
 	"github.com/rogpeppe/go-internal/testscript"
+
+	"github.com/vhdkit/vhdkit/disk"
 )
 
 // TestMain makes the test binary double as the vhdkit command for the
@@ -146,9 +148,10 @@ func cmdMD5(ts *testscript.TestScript, neg bool, args []string) {
 }
 
 // cmdFill writes LENGTH deterministic bytes at OFFSET into FILE: random
-// bytes from SEED, or zeros for SEED "zero". A raw FILE (or one of no known
-// format) is written as a plain file, created or grown as needed; a VHDX or
-// VHD through its format.
+// bytes from SEED, or zeros for SEED "zero". A FILE named raw (or of no
+// known extension) is written as a plain file, created or grown as needed,
+// whatever it holds (so a script can damage an image copied to a .bin); a
+// .vhdx or .vhd through its format.
 //
 //	fill FILE OFFSET LENGTH SEED
 func cmdFill(ts *testscript.TestScript, neg bool, args []string) {
@@ -167,7 +170,7 @@ func cmdFill(ts *testscript.TestScript, neg bool, args []string) {
 		r := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8), byte(seed >> 16), byte(seed >> 24)})
 		r.Read(data)
 	}
-	if format, _ := formatOf(path); format != "" && format != "raw" {
+	if f, ok := disk.FormatForPath(path); ok && f.Name != "raw" {
 		im, err := openImage(path, false)
 		ts.Check(err)
 		_, err = im.WriteAt(data, off)

@@ -70,6 +70,7 @@ Examples:
 			fs.StringVar(&o.tlsCert, "tls-cert", "", "offer TLS with the PEM certificate (chain) in `FILE`")
 			fs.StringVar(&o.tlsKey, "tls-key", "", "the PEM private key of --tls-cert in `FILE`")
 			fs.BoolVar(&o.tlsRequired, "tls-required", false, "refuse clients that do not start TLS")
+			addInputFlags(fs, &o.in, false)
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 1 {
 					return usagef("want exactly one FILE, got %d arguments", len(args))
@@ -87,6 +88,7 @@ type nbdOptions struct {
 	export          string
 	tlsCert, tlsKey string
 	tlsRequired     bool
+	in              input // --format
 }
 
 func (c *cli) serveNBD(ctx context.Context, o nbdOptions, path string) (err error) {
@@ -122,7 +124,7 @@ func (c *cli) serveNBD(ctx context.Context, o nbdOptions, path string) (err erro
 		srv.TLSRequired = o.tlsRequired
 	}
 
-	img, err := openImage(path, o.readOnly)
+	img, err := o.in.open(c, path, o.readOnly)
 	if err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/vhdkit/vhdkit/disk"
 	"github.com/vhdkit/vhdkit/storage"
@@ -111,6 +112,9 @@ type ParentLink struct {
 	// Candidates are the paths the locators and the parent name lead to,
 	// best first, in the order Open tries them.
 	Candidates []string
+	// Relative is the candidate a relative locator (W2ru, Wi2r) names,
+	// taken from the child's folder; "" when there is none.
+	Relative string
 	// UniqueID is the unique id the parent must have (the footer id of a
 	// VHD parent); zero when the child recorded none.
 	UniqueID UUID
@@ -136,8 +140,16 @@ func readParentLink(f storage.File, path string) (*ParentLink, error) {
 	if im.ft.DiskType != Differencing {
 		return nil, nil
 	}
-	return &ParentLink{
-		Candidates: parentCandidates(filepath.Dir(absPath(path)), im.locators, im.hdr.parentName()),
+	dir := filepath.Dir(absPath(path))
+	l := &ParentLink{
+		Candidates: parentCandidates(dir, im.locators, im.hdr.parentName()),
 		UniqueID:   im.hdr.ParentUniqueID,
-	}, nil
+	}
+	for _, loc := range im.locators {
+		if p := strings.TrimSpace(strings.ReplaceAll(loc.Path, `\`, "/")); (loc.Platform == "W2ru" || loc.Platform == "Wi2r") && p != "" && !isWindowsAbs(p) && !strings.HasPrefix(p, "/") {
+			l.Relative = mapPath(dir, loc.Path)
+			break
+		}
+	}
+	return l, nil
 }

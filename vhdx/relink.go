@@ -177,6 +177,9 @@ type ParentLink struct {
 	Candidates []string // paths the locator names, best first
 	Linkage    GUID     // parent_linkage
 	Linkage2   GUID     // parent_linkage2, zero when absent
+	// Relative is the candidate the locator's relative_path names (taken
+	// from the child's folder); "" when it has none.
+	Relative string
 }
 
 // ReadParentLink reads a differencing image's parent locator without
@@ -202,6 +205,9 @@ func ReadParentLink(path string, opts OpenOptions) (*ParentLink, error) {
 		return nil, nil
 	}
 	l := &ParentLink{Candidates: im.parentCandidates("")}
+	if rel, ok := im.p.Locator.Get(keyRelativePath); ok && rel != "" && !filepath.IsAbs(strings.ReplaceAll(rel, `\`, "/")) {
+		l.Relative = l.Candidates[0] // parentCandidates puts it first
+	}
 	if l.Linkage, l.Linkage2, err = im.linkages(); err != nil {
 		return nil, err
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/vhdkit/vhdkit/merge"
 	"github.com/vhdkit/vhdkit/vhd"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
@@ -13,28 +14,38 @@ import (
 func checkCommand() *command {
 	return &command{
 		name:     "check",
-		synopsis: "[--repair] FILE",
+		synopsis: "[--repair] [--format FORMAT] [--force-share] FILE",
 		summary:  "check a virtual disk's consistency (like Test-VHD and qemu-img check)",
 		help: `Prints "FILE: no problems found" and exits 0 when the image is consistent
-(after one line per warning: an oddity that does not affect reading).
-Otherwise prints one line per problem (bad checksums, BAT entries beyond the
-end of the file or overlapping, a pending log, a parent mismatch) and exits
-1. Without --repair the image is opened read-only and never modified. With
---repair, a pending VHDX log is replayed into the file, and a damaged VHD
-footer is rewritten from its intact copy.
+(after one line per warning: an oddity that does not affect reading, such as
+a parent found outside the child's folder through the absolute path the
+child stores). Otherwise prints one line per problem (bad checksums, BAT
+entries beyond the end of the file or overlapping, a pending log, a parent
+mismatch) and exits 1. Without --repair the image is opened read-only and
+never modified. With --repair, a pending VHDX log is replayed into the
+file, and a damaged VHD footer is rewritten from its intact copy.
+
+A file another program is writing is refused; --force-share (-U) checks it
+anyway (not with --repair), warning that what it finds may be inconsistent.
 
 Examples:
   vhdkit check disk.vhdx
   vhdkit check --repair disk.vhdx    # replay a pending log into the file
   vhdkit check disk.vhd
+  vhdkit check -U running.vhdx
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
 			repair := fs.Bool("repair", false, "repair what can be repaired: replay a pending log")
+			var in input
+			addInputFlags(fs, &in, true)
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 1 {
 					return usagef("want exactly one FILE, got %d arguments", len(args))
 				}
-				return c.check(args[0], *repair)
+				if *repair && in.forceShare {
+					return usagef("--repair writes the file, so it cannot share it (--force-share is for reading)")
+				}
+				return c.check(args[0], in, *repair)
 			}
 		},
 	}
@@ -47,38 +58,55 @@ type problem struct {
 	warning bool // the image reads correctly anyway
 }
 
-func (c *cli) check(path string, repair bool) error {
-	format, err := formatOf(path)
+func (c *cli) check(path string, in input, repair bool) error {
+	format, err := in.formatOf(path)
 	if err != nil {
 		return err
 	}
 	var problems []problem
 	switch format {
 	case "vhdx":
-		list, err := vhdx.Check(path, repair)
+		check := func() ([]vhdx.Problem, error) { return vhdx.Check(path, repair) }
+		if in.forceShare {
+			check = func() ([]vhdx.Problem, error) { return vhdx.CheckForceShare(path) }
+		}
+		list, err := check()
 		if err != nil {
-			return err
+			return in.inUse(err)
 		}
 		for _, p := range list {
 			problems = append(problems, problem{p.Offset, p.What, false})
 		}
 	case "vhd":
-		list, err := vhd.Check(path, repair)
+		check := func() ([]vhd.Problem, error) { return vhd.Check(path, repair) }
+		if in.forceShare {
+			check = func() ([]vhd.Problem, error) { return vhd.CheckForceShare(path) }
+		}
+		list, err := check()
 		if err != nil {
-			return err
+			return in.inUse(err)
 		}
 		for _, p := range list {
 			problems = append(problems, problem{p.Offset, p.What, p.Warning})
 		}
-	default:
-		// Formats without metadata are consistent when they open.
-		im, err := openImage(path, true)
-		if err != nil {
+	}
+	// The chain opens (raw: a format without metadata is consistent when
+	// it opens); its links are reported as warnings.
+	if format != "vhdx" && format != "vhd" || !hasFailure(problems) {
+		im, err := in.open(c, path, true)
+		switch {
+		case err == nil:
+			for _, o := range merge.OutsideParents(chainOf(im, path)) {
+				problems = append(problems, problem{-1, strings.TrimPrefix(o.String(), path+": "), true})
+			}
+			if err := im.Close(); err != nil {
+				return err
+			}
+		case format != "vhdx" && format != "vhd":
 			return err
 		}
-		if err := im.Close(); err != nil {
-			return err
-		}
+	} else if in.forceShare {
+		in.warnWriters(c, []string{path})
 	}
 	if len(problems) == 0 {
 		fmt.Fprintf(c.stdout, "%s: no problems found\n", path)
@@ -107,4 +135,14 @@ func (c *cli) check(path string, repair bool) error {
 		noun = "problem"
 	}
 	return &exitError{code: 1, msg: fmt.Sprintf("%s: %d %s found", path, failures, noun)}
+}
+
+// hasFailure reports whether problems holds more than warnings.
+func hasFailure(problems []problem) bool {
+	for _, p := range problems {
+		if !p.warning {
+			return true
+		}
+	}
+	return false
 }

@@ -220,11 +220,11 @@ type imageCopy struct {
 	src, dst disk.Image
 	// parent, when set, is what dst already reads through (a differencing
 	// dst): only sectors where src differs from parent are written.
-	parent   disk.Image
-	sector   int // dst's logical sector size, with parent
+	parent disk.Image
+	sector int // dst's logical sector size, with parent
 	// dense says dst does not read zeros where nothing is written (a
 	// block device): every range is written, zeros too.
-	dense bool
+	dense    bool
 	progress *progressBar
 
 	free       chan []byte // chunk buffers not in use

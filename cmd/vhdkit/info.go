@@ -3,12 +3,15 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
 	"strings"
 
+	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/merge"
 	"github.com/vhdkit/vhdkit/vhd"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
@@ -16,32 +19,51 @@ import (
 func infoCommand() *command {
 	return &command{
 		name:     "info",
-		synopsis: "[--json] FILE",
+		synopsis: "[--json] [--format FORMAT] [--force-share] FILE",
 		summary:  "show what a virtual disk is: format, kind, sizes, GUIDs, parent chain (like Get-VHD)",
 		help: `The image and its parents are opened read-only: info never modifies a file,
 not even to replay a pending log. Sizes are in bytes. For a differencing
 image, parent is the resolved parent and chain lists the files from the
 image itself (first) to the base.
 
+A parent found outside the child's folder through the absolute path the
+child stores (not its relative locator) is named in a warning: a merge of
+that chain writes there.
+
+When a differencing image's parent cannot be found or does not match, info
+still shows what the image itself holds (sizes, the parent candidates its
+locator names, its linkage GUIDs) with the error, and exits 1: set-parent
+then repairs the link.
+
+A file another program is writing (a running QEMU, vhdkit nbd) is refused;
+--force-share (-U, as qemu-img) reads it anyway, warning that what is
+shown may be inconsistent.
+
 Examples:
   vhdkit info disk.vhdx
   vhdkit info --json child.avhdx
+  vhdkit info -U running.vhdx
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
 			asJSON := fs.Bool("json", false, "print a JSON object instead of a table")
+			var in input
+			addInputFlags(fs, &in, true)
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 1 {
 					return usagef("want exactly one FILE, got %d arguments", len(args))
 				}
-				info, err := describe(args[0])
-				if err != nil {
+				info, err := c.describe(args[0], in)
+				if info == nil {
 					return err
 				}
 				if *asJSON {
-					return writeJSON(c.stdout, info)
+					if werr := writeJSON(c.stdout, info); werr != nil {
+						return werr
+					}
+				} else {
+					info.writeTable(c.stdout)
 				}
-				info.writeTable(c.stdout)
-				return nil
+				return err
 			}
 		},
 	}
@@ -69,16 +91,30 @@ type imageInfo struct {
 	// it in memory only).
 	LogPending bool   `json:"log_pending"`
 	Creator    string `json:"creator,omitempty"`
+	// ParentCandidates are the paths the parent locator names, best
+	// first: shown when the parent could not be opened.
+	ParentCandidates []string `json:"parent_candidates,omitempty"`
+	// Warnings are facts about the chain worth knowing before changing
+	// it, such as a parent resolved outside the child's folder.
+	Warnings []string `json:"warnings,omitempty"`
+	// Error is why the chain could not be opened; the rest describes the
+	// image alone.
+	Error string `json:"error,omitempty"`
 }
 
-// describe opens path read-only and reports what it is.
-func describe(path string) (*imageInfo, error) {
-	format, err := formatOf(path)
+// describe opens path read-only and reports what it is. When the image
+// opens but its parent does not, it returns what the image itself holds
+// together with the error.
+func (c *cli) describe(path string, in input) (*imageInfo, error) {
+	format, err := in.formatOf(path)
 	if err != nil {
 		return nil, err
 	}
-	im, err := openImage(path, true)
+	im, err := in.open(c, path, true)
 	if err != nil {
+		if errors.Is(err, disk.ErrParentNotFound) || errors.Is(err, disk.ErrParentMismatch) {
+			return describeAlone(path, format, in, err)
+		}
 		return nil, err
 	}
 	defer im.Close()
@@ -106,7 +142,45 @@ func describe(path string) (*imageInfo, error) {
 		}
 		info.FileSize = fi.Size()
 	}
+	for _, o := range merge.OutsideParents(info.Chain) {
+		info.Warnings = append(info.Warnings, o.String())
+	}
 	return info, nil
+}
+
+// describeAlone reports a differencing image whose chain did not open
+// (openErr): what the file holds, and where its locator looks for the
+// parent, so that set-parent can repair the link.
+func describeAlone(path, format string, in input, openErr error) (*imageInfo, error) {
+	var info *imageInfo
+	var candidates []string
+	switch format {
+	case "vhdx":
+		im, err := vhdx.Open(path, vhdx.OpenOptions{ReadOnly: true, NoParent: true, ForceShare: in.forceShare})
+		if err != nil {
+			return nil, openErr
+		}
+		info = vhdxInfo(path, im.Info())
+		im.Close()
+		if l, err := vhdx.ReadParentLink(path, vhdx.OpenOptions{}); err == nil && l != nil {
+			candidates = l.Candidates
+		}
+	case "vhd":
+		im, err := vhd.Open(path, vhd.OpenOptions{ReadOnly: true, NoParent: true, ForceShare: in.forceShare})
+		if err != nil {
+			return nil, openErr
+		}
+		info = vhdInfo(path, im.Info())
+		im.Close()
+		if l, err := vhd.ReadParentLink(path, vhd.OpenOptions{}); err == nil && l != nil {
+			candidates = l.Candidates
+		}
+	default:
+		return nil, openErr
+	}
+	info.ParentCandidates = candidates
+	info.Error = oneLine(openErr.Error())
+	return info, &exitError{code: 1, msg: fmt.Sprintf("%s (set-parent --parent PATH %s points it at its parent)", openErr, path)}
 }
 
 func vhdxInfo(path string, in vhdx.Info) *imageInfo {
@@ -126,12 +200,14 @@ func vhdxInfo(path string, in vhdx.Info) *imageInfo {
 		Creator:            in.Creator,
 	}
 	if in.Type == vhdx.Differencing {
-		info.Parent = &in.ParentPath
 		info.ParentLinkage = stringOf(in.ParentLinkage)
 		if !in.ParentLinkage2.IsZero() {
 			info.ParentLinkage2 = stringOf(in.ParentLinkage2)
 		}
-		info.Chain = in.Chain
+		if in.ParentPath != "" { // opened with its parent
+			info.Parent = &in.ParentPath
+			info.Chain = in.Chain
+		}
 	}
 	return info
 }
@@ -152,9 +228,11 @@ func vhdInfo(path string, in vhd.Info) *imageInfo {
 		Creator:            strings.TrimSpace(in.Creator + " " + in.CreatorVersion),
 	}
 	if in.Type == vhd.Differencing {
-		info.Parent = &in.ParentPath
 		info.ParentLinkage = stringOf(in.ParentUniqueID)
-		info.Chain = in.Chain
+		if in.ParentPath != "" { // opened with its parent
+			info.Parent = &in.ParentPath
+			info.Chain = in.Chain
+		}
 	}
 	return info
 }
@@ -209,6 +287,15 @@ func (in *imageInfo) writeTable(w io.Writer) {
 	}
 	if in.LogPending {
 		rows = append(rows, row{"Log", "pending (read as replayed; check --repair writes it)"})
+	}
+	for _, c := range in.ParentCandidates {
+		rows = append(rows, row{"Parent candidate", c})
+	}
+	for _, w := range in.Warnings {
+		rows = append(rows, row{"Warning", w})
+	}
+	if in.Error != "" {
+		rows = append(rows, row{"Error", in.Error})
 	}
 	width := 0
 	for _, r := range rows {

@@ -9,31 +9,39 @@ import (
 	"io"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/merge"
 )
 
 func mapCommand() *command {
 	return &command{
 		name:     "map",
-		synopsis: "[--json] FILE",
+		synopsis: "[--json] [--format FORMAT] [--force-share] FILE",
 		summary:  "show the allocation map through a differencing chain: data, zero, hole and depth",
 		help: `Each line is a range of the virtual disk: its offset and length in bytes,
 its type (data: stored; zero: stored as zeros; hole: unallocated in the whole
 chain, reads as zeros) and its depth, the layer of the chain that holds it
 (0: FILE itself, 1: its parent, ...; for a hole, the number of layers).
 An image without an allocation map (raw) is one data extent. The image is
-opened read-only.
+opened read-only. A parent found outside the child's folder through the
+absolute path the child stores is named in a warning on stderr.
+
+A file another program is writing is refused; --force-share (-U) maps it
+anyway, warning that the map may be inconsistent.
 
 Examples:
   vhdkit map disk.vhdx
   vhdkit map --json child.avhdx
+  vhdkit map -U running.vhdx
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
 			asJSON := fs.Bool("json", false, `print a JSON array of {"offset","length","type","depth"}`)
+			var in input
+			addInputFlags(fs, &in, true)
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 1 {
 					return usagef("want exactly one FILE, got %d arguments", len(args))
 				}
-				return c.mapExtents(ctx, args[0], *asJSON)
+				return c.mapExtents(ctx, args[0], in, *asJSON)
 			}
 		},
 	}
@@ -47,12 +55,13 @@ type mappedExtent struct {
 	Depth  int    `json:"depth"`
 }
 
-func (c *cli) mapExtents(ctx context.Context, path string, asJSON bool) error {
-	im, err := openImage(path, true)
+func (c *cli) mapExtents(ctx context.Context, path string, in input, asJSON bool) error {
+	im, err := in.open(c, path, true)
 	if err != nil {
 		return err
 	}
 	defer im.Close()
+	warnOutside(c, chainOf(im, path))
 	w := bufio.NewWriter(c.stdout)
 	defer w.Flush()
 	n := 0
@@ -123,4 +132,12 @@ func walkExtents(ctx context.Context, im disk.Image, fn func(disk.Extent) error)
 		}
 	}
 	return nil
+}
+
+// warnOutside warns on stderr about each link of chain resolved outside
+// its child's folder through a stored absolute path.
+func warnOutside(c *cli, chain []string) {
+	for _, o := range merge.OutsideParents(chain) {
+		fmt.Fprintf(c.stderr, "vhdkit: warning: %s\n", o)
+	}
 }

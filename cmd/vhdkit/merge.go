@@ -5,7 +5,9 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/vhdkit/vhdkit/disk"
 	"github.com/vhdkit/vhdkit/merge"
@@ -14,7 +16,7 @@ import (
 func mergeCommand() *command {
 	return &command{
 		name:     "merge",
-		synopsis: "[--into ANCESTOR] [--relink] [--child FILE]... [--progress] TOP",
+		synopsis: "[--into ANCESTOR] [--relink] [--child FILE]... [--allow-outside] [--progress] TOP",
 		summary:  "merge a differencing disk into its parent or an ancestor (like Merge-VHD)",
 		help: `Copies what TOP (and every layer between TOP and ANCESTOR) holds into
 ANCESTOR — by default TOP's parent — then removes the merged-away files:
@@ -30,6 +32,12 @@ ANCESTOR: a file in its folder whose parent locator names it, or one given
 with --child. --relink merges anyway and points those disks at the merged
 ANCESTOR (they will then read its new content).
 
+A layer whose parent was found outside its folder only through the absolute
+path it stores (its relative locator leads nowhere: the child was copied
+or moved away from its parent) would have the merge write into that far
+parent, which may be another chain's: the merge is refused, naming the
+link, unless --allow-outside is given.
+
 A progress bar goes to stderr when it is a terminal, or with --progress.
 
 Examples:
@@ -42,14 +50,66 @@ Examples:
 			var children stringList
 			fs.Var(&children, "child", "another `FILE` that depends on the ancestor (repeatable)")
 			progress := fs.Bool("progress", false, "show progress on stderr even when it is not a terminal")
+			allowOutside := fs.Bool("allow-outside", false, "merge into a parent found outside its child's folder through a stored absolute path")
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 1 {
 					return usagef("want exactly one TOP, got %d arguments", len(args))
 				}
-				return c.merge(ctx, args[0], merge.Options{Into: *into, Relink: *relink, Children: children}, *progress)
+				// A misnamed TOP is refused here, clearly; a missing one may
+				// be a merge to finish from its journal.
+				if _, err := formatOf(args[0]); errors.Is(err, disk.ErrFormatMismatch) {
+					return err
+				}
+				opts := merge.Options{Into: *into, Relink: *relink, Children: children}
+				if err := c.checkOutside(args[0], opts.Into, *allowOutside); err != nil {
+					return err
+				}
+				return c.merge(ctx, args[0], opts, *progress)
 			}
 		},
 	}
+}
+
+// checkOutside refuses, unless allowed, a merge of TOP down to into (or
+// TOP's parent) through a link resolved outside its child's folder by a
+// stored absolute path; allowed, it names those links. A chain that does
+// not open is left to the merge to report.
+func (c *cli) checkOutside(top, into string, allow bool) error {
+	im, err := openImage(top, true)
+	if err != nil {
+		return nil
+	}
+	chain := chainOf(im, top)
+	im.Close()
+	k := 1
+	if into != "" {
+		k = -1
+		if fi, err := os.Stat(into); err == nil {
+			for i, l := range chain {
+				if li, err := os.Stat(l); err == nil && os.SameFile(fi, li) {
+					k = i
+				}
+			}
+		}
+		if k < 0 {
+			return nil // not an ancestor: the merge says so
+		}
+	}
+	out := merge.OutsideParents(chain[:min(k+1, len(chain))])
+	if len(out) == 0 {
+		return nil
+	}
+	var names []string
+	for _, o := range out {
+		names = append(names, o.String())
+	}
+	if !allow {
+		return fmt.Errorf("%s: the merge would write into a parent the child's folder does not hold (--allow-outside merges anyway)", strings.Join(names, "; "))
+	}
+	for _, n := range names {
+		fmt.Fprintf(c.stdout, "warning: %s\n", n)
+	}
+	return nil
 }
 
 func (c *cli) merge(ctx context.Context, top string, opts merge.Options, progress bool) error {

@@ -222,3 +222,43 @@ func TestStopWriting(t *testing.T) {
 	w2 := mustOpen(t, path, os.O_RDWR)
 	w2.Close()
 }
+
+// A child forked while this process has a file open holds the file's open
+// description, and its locks, until it execs. A reopen in that window
+// must not take the child for another user: a daemon or a test that runs
+// programs while it opens images would see phantom conflicts.
+func TestLockReopenWhileForking(t *testing.T) {
+	path := newFile(t)
+	stop := make(chan struct{})
+	forked := make(chan int)
+	go func() {
+		n := 0
+		defer func() { forked <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if err := exec.Command("true").Run(); err != nil {
+				t.Error(err)
+				return
+			}
+			n++
+		}
+	}()
+	deadline := time.Now().Add(time.Second)
+	opens := 0
+	for time.Now().Before(deadline) {
+		f, err := storage.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			close(stop)
+			<-forked
+			t.Fatalf("open %d: %v", opens, err)
+		}
+		f.Close()
+		opens++
+	}
+	close(stop)
+	t.Logf("%d opens beside %d forks", opens, <-forked)
+}

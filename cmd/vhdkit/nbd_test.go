@@ -737,6 +737,11 @@ func TestNBDErrors(t *testing.T) {
 	if err := os.WriteFile(notSock, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// A QCOW2 header: the format comes from the content, not the name.
+	qcow := filepath.Join(dir, "d.qcow2")
+	if err := os.WriteFile(qcow, append([]byte("QFI\xfb\x00\x00\x00\x03"), make([]byte, 504)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		args []string
 		code int
@@ -748,7 +753,7 @@ func TestNBDErrors(t *testing.T) {
 		{[]string{"nbd", "--tls-cert", "c.pem", img}, 2, "go together"},
 		{[]string{"nbd", "--tls-required", img}, 2, "needs --tls-cert"},
 		{[]string{"nbd", "--listen", "127.0.0.1:0", filepath.Join(dir, "missing.vhdx")}, 1, "missing.vhdx"},
-		{[]string{"nbd", "--listen", "127.0.0.1:0", filepath.Join(dir, "d.qcow2")}, 1, "unknown image format"},
+		{[]string{"nbd", "--listen", "127.0.0.1:0", qcow}, 1, "holds a QCOW2 image"},
 		{[]string{"nbd", "--socket", notSock, img}, 1, "is not a socket"},
 		{[]string{"nbd", "--listen", "no-port", img}, 1, "no-port"},
 		{[]string{"nbd", "--tls-cert", notSock, "--tls-key", notSock, img}, 1, "TLS certificate"},

@@ -190,7 +190,7 @@ type imageFlags struct {
 // addOutputFormat defines --output-format and its short form -O.
 func addOutputFormat(fs *flag.FlagSet, fl *imageFlags, what string) {
 	fs.StringVar(&fl.format, "output-format", "", "make "+what+" a `FORMAT` image ("+formatNames+") whatever its name")
-	fs.StringVar(&fl.format, "O", "", "short for --output-format")
+	fs.StringVar(&fl.format, "O", "", "short for --output-format `FORMAT`")
 }
 
 // outputFormat decides the format of a new image at path: --output-format

@@ -1,0 +1,74 @@
+package storage
+
+import (
+	"errors"
+	"fmt"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrAllocateUnsupported says the file system cannot allocate a file's
+// blocks ahead of the writes (fallocate(2) fails with EOPNOTSUPP: ext2/3
+// files without extents, some network file systems). Errors from Allocate
+// wrap it; the file can then only be made sparse.
+var ErrAllocateUnsupported = errors.New("the file system cannot allocate space ahead of writes")
+
+// Allocate makes the file system allocate the blocks of [off, off+length)
+// in f, growing f to off+length if it is shorter (never shrinking it), so
+// that later writes there cannot fail for lack of space: what a fixed disk
+// promises. Bytes already written keep their contents; the rest read as
+// zeros. When the space is not there, the error wraps unix.ENOSPC and part
+// of the range may be allocated: the caller removes the file.
+//
+// An OS file asks the file system (fallocate mode 0); a file system
+// without it gives an error wrapping ErrAllocateUnsupported. Other Files
+// (MemFile, FaultFile) hold no file system's blocks, so for them Allocate
+// only grows the file.
+func Allocate(f File, off, length int64) error {
+	if off < 0 || length < 0 || off > (1<<63-1)-length {
+		return fmt.Errorf("storage: allocate %d bytes at %d: invalid range", length, off)
+	}
+	if length == 0 {
+		return nil
+	}
+	if a, ok := f.(interface{ allocate(off, length int64) error }); ok {
+		return a.allocate(off, length)
+	}
+	size, err := f.Size()
+	if err != nil {
+		return err
+	}
+	if size < off+length {
+		return f.Truncate(off + length)
+	}
+	return nil
+}
+
+// allocate runs fallocate(2) in its default mode, which allocates and
+// extends the file.
+func (f osFile) allocate(off, length int64) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var errno error
+	if err := rc.Control(func(fd uintptr) {
+		// Go's runtime preempts with signals: a long allocation can be
+		// interrupted, and starting over skips what is already allocated.
+		for {
+			errno = unix.Fallocate(int(fd), 0, off, length)
+			if errno != unix.EINTR {
+				return
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	switch {
+	case errno == nil:
+		return nil
+	case errors.Is(errno, unix.EOPNOTSUPP), errors.Is(errno, unix.ENOSYS):
+		return fmt.Errorf("storage: allocate %d bytes of %s: %w (fallocate: %w)", length, f.Name(), ErrAllocateUnsupported, errno)
+	}
+	return fmt.Errorf("storage: allocate %d bytes of %s: %w", length, f.Name(), errno)
+}

@@ -6,7 +6,8 @@
 //	| sector 0 | sector 1 | ...                |   no header, no footer
 //	+------------------------------------------+
 //
-// Unwritten ranges are the file's holes: Create makes a sparse file, Trim
+// Unwritten ranges are the file's holes: Create makes a sparse file
+// (CreateAllocated one with every block allocated: a fixed disk), Trim
 // and WriteZeroes punch holes where the file system allows, and Extents
 // reports holes with SEEK_DATA/SEEK_HOLE. A raw image is a single layer, so
 // its holes have depth 1.
@@ -51,9 +52,24 @@ var (
 	_ disk.Extenter = (*Image)(nil)
 )
 
-// Create makes a new sparse raw image of size bytes at path. It refuses to
-// overwrite an existing file.
+// Create makes a new sparse raw image of size bytes at path: its blocks
+// are allocated as they are written. It refuses to overwrite an existing
+// file.
 func Create(path string, size int64) (*Image, error) {
+	return create(path, size, false)
+}
+
+// CreateAllocated makes a new raw image of size bytes at path with all
+// its blocks allocated, so that no write to it can fail for lack of space
+// (a fixed disk). Without the space, or on a file system that cannot
+// allocate ahead of writes (the error wraps
+// storage.ErrAllocateUnsupported), it fails and leaves no file. It
+// refuses to overwrite an existing file.
+func CreateAllocated(path string, size int64) (*Image, error) {
+	return create(path, size, true)
+}
+
+func create(path string, size int64, allocate bool) (*Image, error) {
 	if size < 0 {
 		return nil, fmt.Errorf("raw: create %s: negative size %d", path, size)
 	}
@@ -61,7 +77,12 @@ func Create(path string, size int64) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("raw: create: %w", err)
 	}
-	if err := f.Truncate(size); err != nil {
+	if allocate {
+		err = storage.Allocate(f, 0, size)
+	} else {
+		err = f.Truncate(size)
+	}
+	if err != nil {
 		f.Close()
 		os.Remove(path)
 		return nil, fmt.Errorf("raw: create %s: %w", path, err)

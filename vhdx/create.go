@@ -22,6 +22,10 @@ type CreateOptions struct {
 	LogicalSectorSize  uint32 // 0: 512, or the parent's
 	PhysicalSectorSize uint32 // 0: 4096, or the parent's
 	Parent             string // parent path: makes a differencing image
+	// Sparse leaves a Fixed image's payload unallocated in the host file:
+	// quicker to make and smaller until written, but a later write can then
+	// fail for lack of space, which a fixed disk otherwise never does.
+	Sparse bool
 }
 
 // layout of a new image: the first 1 MiB of headers, then the log, the
@@ -188,7 +192,15 @@ func build(f storage.File, path string, opts CreateOptions) error {
 	if w.err != nil {
 		return w.err
 	}
-	if err := f.Truncate(end); err != nil {
+	// A fixed image has all its blocks from the start (the spec's
+	// LeaveBlockAllocated): the file system allocates them now, so that no
+	// write fails for space later, or the create fails instead.
+	if opts.Type == Fixed && !opts.Sparse {
+		err = storage.Allocate(f, 0, end)
+	} else {
+		err = f.Truncate(end)
+	}
+	if err != nil {
 		return err
 	}
 	if err := f.Sync(); err != nil {

@@ -31,13 +31,17 @@ type CreateOptions struct {
 	Parent string
 	// UniqueID of the new image; zero means a random one.
 	UniqueID UUID
+	// Sparse leaves a Fixed image's data unallocated in the host file:
+	// quicker to make and smaller until written, but a later write can then
+	// fail for lack of space, which a fixed disk otherwise never does.
+	Sparse bool
 }
 
 // Create creates the image at path, which must not exist, and opens it
 // for writing.
 //
-// A fixed image is the data followed by the footer (the file is sparse
-// until written). A dynamic or differencing image holds, in order: the
+// A fixed image is the data followed by the footer, its blocks allocated
+// (unless opts.Sparse). A dynamic or differencing image holds, in order: the
 // footer copy, the header, the BAT, the parent locators (W2ku: the
 // parent's absolute path; W2ru: its path relative to the new image's
 // folder, in Windows form ".\base.vhd"), then the footer; blocks are
@@ -141,7 +145,15 @@ func create(f storage.File, path string, opts CreateOptions) (*Image, error) {
 	if t == Fixed {
 		ft.DataOffset = noDataOffset
 		raw := ft.encode()
-		if err := f.Truncate(int64(size)); err != nil {
+		// A fixed disk's blocks are allocated now, so that no write fails
+		// for space later: the create fails instead.
+		var err error
+		if opts.Sparse {
+			err = f.Truncate(int64(size))
+		} else {
+			err = storage.Allocate(f, 0, int64(size)+footerSize)
+		}
+		if err != nil {
 			return nil, err
 		}
 		if _, err := f.WriteAt(raw[:], int64(size)); err != nil {

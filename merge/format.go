@@ -57,13 +57,13 @@ func kindOf(path string) kind {
 func open(path string, ro bool, opts Options) (disk.Image, error) {
 	switch kindOf(path) {
 	case kindVHDX:
-		im, err := vhdx.Open(path, vhdx.OpenOptions{ReadOnly: ro, OpenFile: opts.OpenFile})
+		im, err := vhdx.Open(path, vhdx.OpenOptions{ReadOnly: ro, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile})
 		if err != nil {
 			return nil, err
 		}
 		return im, nil
 	case kindVHD:
-		im, err := vhd.Open(path, vhd.OpenOptions{ReadOnly: ro, OpenFile: opts.OpenFile})
+		im, err := vhd.Open(path, vhd.OpenOptions{ReadOnly: ro, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile})
 		if err != nil {
 			return nil, err
 		}
@@ -86,7 +86,7 @@ func open(path string, ro bool, opts Options) (disk.Image, error) {
 			return im, nil
 		}
 	}
-	return disk.Open(path, disk.OpenOptions{ReadOnly: ro})
+	return disk.Open(path, disk.OpenOptions{ReadOnly: ro, ParentDirs: opts.ParentDirs})
 }
 
 // layers lists the files of an open chain, leaf first.
@@ -133,7 +133,7 @@ func identity(target string, opts Options) (vhdx.GUID, error) {
 	if kindOf(target) != kindVHDX {
 		return vhdx.GUID{}, nil
 	}
-	t, err := vhdx.Open(target, vhdx.OpenOptions{ReadOnly: true, OpenFile: opts.OpenFile})
+	t, err := vhdx.Open(target, vhdx.OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile})
 	if err != nil {
 		return vhdx.GUID{}, err
 	}

@@ -73,6 +73,10 @@ type Options struct {
 	// Durable, when set, is told now and then that every range below off
 	// is copied and durable in the target.
 	Durable func(off int64)
+	// ParentDirs, when not empty, confines the parents found through the
+	// layers' locators to these folders (see vhdx.OpenOptions.ParentDirs):
+	// a locator pointing elsewhere is not followed.
+	ParentDirs []string
 	// OpenFile, when set, opens every image file (the test seam for
 	// injected faults); Remove, when set, deletes the merged files.
 	OpenFile func(path string, flag int) (storage.File, error)

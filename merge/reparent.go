@@ -14,9 +14,10 @@ import (
 // DataWriteGuid must match one of the child's linkages; for a VHD child
 // whose parent is a VHD, its unique id must match the one the child
 // records. Otherwise SetParent fails with an error wrapping
-// disk.ErrParentMismatch, unless force is set. Of opts only OpenFile is
-// used. The change is crash-safe: the child opens with its old or its new
-// link whenever it stops.
+// disk.ErrParentMismatch, unless force is set. Of opts only OpenFile and
+// ParentDirs (for the new parent's own chain) are used. The change is
+// crash-safe: the child opens with its old or its new link whenever it
+// stops.
 func SetParent(child, parent string, force bool, opts Options) error {
 	switch kindOf(child) {
 	case kindVHDX:
@@ -27,7 +28,7 @@ func SetParent(child, parent string, force bool, opts Options) error {
 		if link == nil {
 			return fmt.Errorf("%s is not a differencing disk", child)
 		}
-		p, err := vhdx.Open(parent, vhdx.OpenOptions{ReadOnly: true, OpenFile: opts.OpenFile})
+		p, err := vhdx.Open(parent, vhdx.OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile})
 		if err != nil {
 			return err
 		}

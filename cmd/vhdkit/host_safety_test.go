@@ -378,3 +378,30 @@ func TestServeProgressAcrossKill(t *testing.T) {
 	c.Close()
 	d.stop(t)
 }
+
+// TestServeConfinesParents: the daemon followed an attached file's parent
+// locator anywhere on the host, so a crafted or copied child made it serve
+// (and merge into) a file outside anything it was given. Now a parent
+// outside the file's folder and the data directory is not followed: the
+// attach is refused, naming the parent.
+func TestServeConfinesParents(t *testing.T) {
+	dir := shortTempDir(t)
+	d := startDaemon(t, filepath.Join(dir, "d"))
+	for _, sub := range []string{"a", "b"} {
+		if err := os.Mkdir(filepath.Join(dir, sub), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	base, child := filepath.Join(dir, "a", "base.vhdx"), filepath.Join(dir, "b", "child.avhdx")
+	runTool(t, time.Minute, d.bin, "create", "--size", "8M", base)
+	runTool(t, time.Minute, d.bin, "create", "--parent", base, child)
+	d.fails(t, []string{child, "outside the allowed", base}, "vm", "create", "x", "--attach", child)
+	if out := d.cli(t, "vm", "list"); strings.Contains(out, "x ") {
+		t.Fatalf("the refused machine is listed:\n%s", out)
+	}
+	// Beside its parent, the same chain attaches.
+	sibling := filepath.Join(dir, "a", "child.avhdx")
+	runTool(t, time.Minute, d.bin, "create", "--parent", base, sibling)
+	d.cli(t, "vm", "create", "y", "--attach", sibling)
+	d.stop(t)
+}

@@ -54,6 +54,9 @@ func formatFlag(name, value string) (string, error) {
 type input struct {
 	format     string // --format: the format to read; "" tells it by content
 	forceShare bool   // --force-share: read without refusing other users
+	// parentDirs (--allow-parent-dir) are folders besides the image's
+	// own that its chain's parents may lie in.
+	parentDirs stringList
 	// verb, for read-only inspection verbs, says the image may be read
 	// with --force-share when it is in use.
 	inspect bool
@@ -64,6 +67,7 @@ type input struct {
 func addInputFlags(fs *flag.FlagSet, in *input, inspect bool) {
 	in.inspect = inspect
 	fs.StringVar(&in.format, "format", "", "read FILE as `FORMAT` ("+formatNames+") instead of telling it by content")
+	addParentDirFlag(fs, &in.parentDirs)
 	if inspect {
 		fs.BoolVar(&in.forceShare, "force-share", false, "read the image even while another program writes it (like qemu-img -U); what is shown may be inconsistent")
 		fs.BoolVar(&in.forceShare, "U", false, "short for --force-share")
@@ -94,14 +98,42 @@ func (in input) open(c *cli, path string, readOnly bool) (disk.Image, error) {
 	if !ok {
 		return nil, fmt.Errorf("%s: unknown image format %q", path, format)
 	}
-	im, err := f.Open(path, disk.OpenOptions{ReadOnly: readOnly, ForceShare: in.forceShare && readOnly})
+	im, err := f.Open(path, disk.OpenOptions{ReadOnly: readOnly, ForceShare: in.forceShare && readOnly, ParentDirs: parentDirs(path, in.parentDirs)})
 	if err != nil {
-		return nil, in.inUse(err)
+		return nil, outsideHint(in.inUse(err))
 	}
 	if in.forceShare {
 		in.warnWriters(c, chainOf(im, path))
 	}
 	return im, nil
+}
+
+// Parents are confined. A differencing image names its parent by paths
+// stored in the file, and whoever made the file chose them: followed
+// anywhere, they would make vhdkit read (and serve, and merge into) any
+// file the user can open. So a chain's parents are looked for only in the
+// folder of the image named on the command line and in the folders named
+// with --allow-parent-dir; a parent given explicitly (--parent) is the
+// user's choice, and its own parents are confined to its folder.
+
+// addParentDirFlag defines --allow-parent-dir on fs.
+func addParentDirFlag(fs *flag.FlagSet, dirs *stringList) {
+	fs.Var(dirs, "allow-parent-dir", "follow parent links into `DIR` too, not only the image's folder (repeatable)")
+}
+
+// parentDirs are the folders the parents of the chain whose leaf is path
+// may lie in: path's folder and the allowed ones.
+func parentDirs(path string, allowed []string) []string {
+	return append([]string{filepath.Dir(path)}, allowed...)
+}
+
+// outsideHint adds to a parent refused for lying outside the allowed
+// folders how to allow it.
+func outsideHint(err error) error {
+	if err != nil && errors.Is(err, disk.ErrParentNotFound) && strings.Contains(err.Error(), "outside the allowed") {
+		return fmt.Errorf("%w (--allow-parent-dir DIR follows parents into DIR)", err)
+	}
+	return err
 }
 
 // inUse adds to a refusal by image locking how an inspection verb reads

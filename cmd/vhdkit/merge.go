@@ -5,9 +5,9 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/vhdkit/vhdkit/disk"
 	"github.com/vhdkit/vhdkit/merge"
@@ -16,7 +16,7 @@ import (
 func mergeCommand() *command {
 	return &command{
 		name:     "merge",
-		synopsis: "[--into ANCESTOR] [--relink] [--child FILE]... [--allow-outside] [--progress] TOP",
+		synopsis: "[--into ANCESTOR] [--relink] [--child FILE]... [--allow-parent-dir DIR]... [--progress] TOP",
 		summary:  "merge a differencing disk into its parent or an ancestor (like Merge-VHD)",
 		help: `Copies what TOP (and every layer between TOP and ANCESTOR) holds into
 ANCESTOR — by default TOP's parent — then removes the merged-away files:
@@ -32,11 +32,12 @@ ANCESTOR: a file in its folder whose parent locator names it, or one given
 with --child. --relink merges anyway and points those disks at the merged
 ANCESTOR (they will then read its new content).
 
-A layer whose parent was found outside its folder only through the absolute
-path it stores (its relative locator leads nowhere: the child was copied
-or moved away from its parent) would have the merge write into that far
-parent, which may be another chain's: the merge is refused, naming the
-link, unless --allow-outside is given.
+Parents are followed only within TOP's folder: a layer whose parent lies
+elsewhere (say, found through the absolute path it stores after the child
+was copied away from its parent) would have the merge write into a far
+file, maybe another chain's, so the chain does not open unless
+--allow-parent-dir names that parent's folder; the merge then names each
+such link.
 
 A progress bar goes to stderr when it is a terminal, or with --progress.
 
@@ -50,7 +51,8 @@ Examples:
 			var children stringList
 			fs.Var(&children, "child", "another `FILE` that depends on the ancestor (repeatable)")
 			progress := fs.Bool("progress", false, "show progress on stderr even when it is not a terminal")
-			allowOutside := fs.Bool("allow-outside", false, "merge into a parent found outside its child's folder through a stored absolute path")
+			var dirs stringList
+			addParentDirFlag(fs, &dirs)
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 1 {
 					return usagef("want exactly one TOP, got %d arguments", len(args))
@@ -60,31 +62,30 @@ Examples:
 				if _, err := formatOf(args[0]); errors.Is(err, disk.ErrFormatMismatch) {
 					return err
 				}
-				opts := merge.Options{Into: *into, Relink: *relink, Children: children}
-				if err := c.checkOutside(args[0], opts.Into, *allowOutside); err != nil {
-					return err
-				}
+				opts := merge.Options{Into: *into, Relink: *relink, Children: children, ParentDirs: parentDirs(args[0], dirs)}
+				c.warnOutside(args[0], opts)
 				return c.merge(ctx, args[0], opts, *progress)
 			}
 		},
 	}
 }
 
-// checkOutside refuses, unless allowed, a merge of TOP down to into (or
-// TOP's parent) through a link resolved outside its child's folder by a
-// stored absolute path; allowed, it names those links. A chain that does
-// not open is left to the merge to report.
-func (c *cli) checkOutside(top, into string, allow bool) error {
-	im, err := openImage(top, true)
+// warnOutside names each link of the chain from TOP down to the merge's
+// target (opts.Into, or TOP's parent) that was resolved through a stored
+// absolute path outside the child's folder: the merge writes there. A
+// chain that does not open is left to the merge to report.
+func (c *cli) warnOutside(top string, opts merge.Options) {
+	in := input{parentDirs: opts.ParentDirs[1:]}
+	im, err := in.open(&cli{stdout: io.Discard, stderr: io.Discard}, top, true)
 	if err != nil {
-		return nil
+		return
 	}
 	chain := chainOf(im, top)
 	im.Close()
 	k := 1
-	if into != "" {
+	if opts.Into != "" {
 		k = -1
-		if fi, err := os.Stat(into); err == nil {
+		if fi, err := os.Stat(opts.Into); err == nil {
 			for i, l := range chain {
 				if li, err := os.Stat(l); err == nil && os.SameFile(fi, li) {
 					k = i
@@ -92,24 +93,12 @@ func (c *cli) checkOutside(top, into string, allow bool) error {
 			}
 		}
 		if k < 0 {
-			return nil // not an ancestor: the merge says so
+			return // not an ancestor: the merge says so
 		}
 	}
-	out := merge.OutsideParents(chain[:min(k+1, len(chain))])
-	if len(out) == 0 {
-		return nil
+	for _, o := range merge.OutsideParents(chain[:min(k+1, len(chain))]) {
+		fmt.Fprintf(c.stdout, "warning: %s\n", o)
 	}
-	var names []string
-	for _, o := range out {
-		names = append(names, o.String())
-	}
-	if !allow {
-		return fmt.Errorf("%s: the merge would write into a parent the child's folder does not hold (--allow-outside merges anyway)", strings.Join(names, "; "))
-	}
-	for _, n := range names {
-		fmt.Fprintf(c.stdout, "warning: %s\n", n)
-	}
-	return nil
 }
 
 func (c *cli) merge(ctx context.Context, top string, opts merge.Options, progress bool) error {
@@ -131,7 +120,7 @@ func (c *cli) merge(ctx context.Context, top string, opts merge.Options, progres
 		}
 	}
 	if err != nil {
-		return err
+		return outsideHint(err)
 	}
 	fmt.Fprintf(c.stdout, "merged into %s: %s of data, %s declared zero\n", res.Target, humanBytes(res.Copied), humanBytes(res.Zeroed))
 	for _, p := range res.Removed {
@@ -146,14 +135,16 @@ func (c *cli) merge(ctx context.Context, top string, opts merge.Options, progres
 func setParentCommand() *command {
 	return &command{
 		name:     "set-parent",
-		synopsis: "--parent NEW [--ignore-id-mismatch] CHILD",
+		synopsis: "--parent NEW [--ignore-id-mismatch] [--allow-parent-dir DIR]... CHILD",
 		summary:  "point a differencing disk at a moved or renamed parent (like Set-VHD -ParentPath)",
 		help: `Rewrites CHILD's parent locator so it finds its parent at NEW. NEW must be
 the disk CHILD was made from: for a VHDX child, its DataWriteGuid must match
 CHILD's parent_linkage (or parent_linkage2); for a VHD child over a VHD, its
 unique id must match the one CHILD records. --ignore-id-mismatch links it
 anyway (CHILD will then read through NEW whatever NEW holds). The change is
-crash-safe: CHILD opens with its old or its new parent link.
+crash-safe: CHILD opens with its old or its new parent link. NEW's own
+parents, if it has any, are followed only in its folder and the folders
+named with --allow-parent-dir.
 
 Examples:
   vhdkit set-parent --parent /vms/base.vhdx child.avhdx
@@ -161,6 +152,8 @@ Examples:
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
 			parent := fs.String("parent", "", "the parent's new `PATH`")
 			ignore := fs.Bool("ignore-id-mismatch", false, "link even when NEW's DataWriteGuid matches neither linkage")
+			var dirs stringList
+			addParentDirFlag(fs, &dirs)
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 1 {
 					return usagef("want exactly one CHILD, got %d arguments", len(args))
@@ -168,18 +161,20 @@ Examples:
 				if *parent == "" {
 					return usagef("--parent is required")
 				}
-				return c.setParent(args[0], *parent, *ignore)
+				return c.setParent(args[0], *parent, *ignore, parentDirs(*parent, dirs))
 			}
 		},
 	}
 }
 
-func (c *cli) setParent(child, parentPath string, ignore bool) error {
-	if err := merge.SetParent(child, parentPath, ignore, merge.Options{}); err != nil {
+// setParent links child to parentPath, whose own parents are looked for
+// in dirs.
+func (c *cli) setParent(child, parentPath string, ignore bool, dirs []string) error {
+	if err := merge.SetParent(child, parentPath, ignore, merge.Options{ParentDirs: dirs}); err != nil {
 		if errors.Is(err, disk.ErrParentMismatch) && !ignore {
 			return fmt.Errorf("%w (--ignore-id-mismatch links it anyway)", err)
 		}
-		return err
+		return outsideHint(err)
 	}
 	fmt.Fprintf(c.stdout, "%s: parent is now %s\n", child, parentPath)
 	return nil

@@ -99,7 +99,7 @@ func (h *Host) checkpoint(v *vm, name string) (*checkpointState, error) {
 			d.SwapPaused(func(leaf *vhdx.Image) (*vhdx.Image, error) {
 				leaf.Close()
 				os.Remove(leaf.Path())
-				return vhdx.Open(child, h.openOptions())
+				return vhdx.Open(child, h.openOptions(child))
 			})
 		}
 	}

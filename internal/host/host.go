@@ -198,7 +198,7 @@ func mkdirPrivate(dir string) error {
 func (h *Host) openDisks(v *vm) error {
 	var disks []*merge.Disk
 	for i, ds := range v.st.Disks {
-		d, err := merge.OpenDisk(ds.Leaf, h.openOptions())
+		d, err := merge.OpenDisk(ds.Leaf, h.openOptions(ds.Leaf))
 		if err != nil {
 			for _, d := range disks {
 				d.Close()
@@ -223,8 +223,17 @@ func (h *Host) save() error {
 	return nil
 }
 
-func (h *Host) openOptions() vhdx.OpenOptions {
-	return vhdx.OpenOptions{OpenFile: h.opts.OpenFile}
+// openOptions are the options every chain whose leaf is leaf opens with.
+// Parents are followed only into the leaf's folder and the data
+// directory: a locator in a file (an attached disk is anyone's file) must
+// not make the host serve, or merge into, some other file of the host.
+func (h *Host) openOptions(leaf string) vhdx.OpenOptions {
+	return vhdx.OpenOptions{OpenFile: h.opts.OpenFile, ParentDirs: h.parentDirs(leaf)}
+}
+
+// parentDirs are the folders the parents of leaf's chain may lie in.
+func (h *Host) parentDirs(leaf string) []string {
+	return []string{filepath.Dir(leaf), h.dir}
 }
 
 // Close stops the jobs at a safe point (they resume at the next Open),
@@ -480,7 +489,7 @@ func (h *Host) CreateVM(req api.CreateVM) (*api.VM, error) {
 		ms.Disks = append(ms.Disks, &diskState{Leaf: abs, Attached: abs})
 	}
 	for i, ds := range ms.Disks {
-		d, err := merge.OpenDisk(ds.Leaf, h.openOptions())
+		d, err := merge.OpenDisk(ds.Leaf, h.openOptions(ds.Leaf))
 		if err != nil {
 			return fail(errorf(statusBadRequest, "disk %d: %v", i, err))
 		}

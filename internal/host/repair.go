@@ -90,7 +90,7 @@ func (h *Host) reattach(v *vm, i int, path string) error {
 	}
 	// Opened to check, and closed before openDisks opens it for good: the
 	// host never holds an image file twice.
-	d, err := merge.OpenDisk(abs, h.openOptions())
+	d, err := merge.OpenDisk(abs, h.openOptions(abs))
 	if err != nil {
 		return errorf(statusBadRequest, "%s does not open as disk %d of machine %s: %v", abs, i, v.st.Name, err)
 	}

@@ -19,8 +19,10 @@ type CreateOptions struct {
 	Type Type
 	// Size is the virtual size: a multiple of 512 up to MaxSize. For a
 	// differencing image 0 means the parent's size, the only size allowed.
-	// Readers that size disks by CHS geometry (Virtual PC, old QEMU) see
-	// the full size only when GeometryFor(Size).Size() == Size.
+	// It is kept exactly: when the spec's geometry does not describe it
+	// exactly, the footer holds the maximum geometry, so that readers
+	// that size disks by geometry (QEMU before 10.0) use the current size
+	// (see footerGeometry).
 	Size uint64
 	// BlockSize of a dynamic or differencing image: a power of two from
 	// 512 bytes to 256 MiB; 0 means DefaultBlockSize.
@@ -131,7 +133,7 @@ func create(f storage.File, path string, opts CreateOptions) (*Image, error) {
 		CreatorVersion: CreatorVersion,
 		OriginalSize:   size,
 		CurrentSize:    size,
-		Geometry:       GeometryFor(int64(size)),
+		Geometry:       footerGeometry(int64(size)),
 		DiskType:       t,
 		UniqueID:       id,
 	}

@@ -99,12 +99,21 @@ func (f *footer) Validate() error {
 	return nil
 }
 
+// sizedByGeometry reports whether the creator means the geometry as the
+// disk's size: Virtual PC and QEMU before force_size existed.
+func (f *footer) sizedByGeometry() bool {
+	switch string(f.CreatorApp[:]) {
+	case "vpc ", "qemu":
+		return true
+	}
+	return false
+}
+
 // virtualSize is the size the disk presents (see the package doc) and
 // whether it comes from the geometry. Validate has bounded CurrentSize.
 func (f *footer) virtualSize() (size int64, fromCHS bool) {
 	cur := int64(f.CurrentSize) / SectorSize * SectorSize
-	switch string(f.CreatorApp[:]) {
-	case "vpc ", "qemu":
+	if f.sizedByGeometry() {
 		if chs := f.Geometry.Size(); f.Geometry != maxGeometry && chs <= cur {
 			return chs, true
 		}

@@ -61,9 +61,12 @@
 // current size, so for a Virtual PC image whose geometry rounds down
 // (virtualpc-dynamic.vhd: CHS 136363130880, current 136365211648 bytes)
 // the two tools, and we with qemu-img, disagree with 7-Zip by the tail.
-// Images we create use creator "vhdk" and a size that is a whole number of
-// sectors; readers that go by geometry see the full size only when the size
-// is exact in CHS (GeometryFor(size).Size() == size).
+// Images we create use creator "vhdk" and keep the size asked for (a
+// whole number of sectors). Their geometry is the spec's when it describes
+// that size exactly, else the maximum 65535/16/255: QEMU before 10.0 sizes
+// VHDs of creators it does not know by their geometry, except at the
+// maximum, so this way every QEMU reads the whole disk (see
+// footerGeometry for why the size is not rounded up instead).
 //
 // # Writing and crash safety
 //
@@ -343,6 +346,34 @@ func GeometryFor(size int64) Geometry {
 		}
 	}
 	return Geometry{Cylinders: uint16(cth / heads), Heads: uint8(heads), SectorsPerTrack: uint8(spt)}
+}
+
+// footerGeometry is the geometry written for a disk of size bytes: the
+// spec's GeometryFor(size) when it describes the size exactly (or the size
+// is beyond what CHS can express, where GeometryFor gives the maximum),
+// else the maximum geometry 65535/16/255.
+//
+// Why not GeometryFor(size), which rounds down: QEMU before 10.0 sizes a
+// VHD by its geometry unless the creator is one it knows (vpc.c:
+// "win ", "qem2", "d2v ", "CTXS", "tap\0"), so it would read a "vhdk"
+// image short and lose its tail (a GPT backup header). Every QEMU reads
+// the current size when the geometry is the maximum (vpc.c: "Hyper-V
+// sometimes sets the max geometry, but uses the current size"), which is
+// what qemu-img's own force_size writes. Why not round the size up to a
+// whole geometry, as qemu-img create does by default: the disk would no
+// longer be the size asked for — a converted disk would grow, moving its
+// GPT backup header off the end, and Azure takes only fixed VHDs of a
+// whole number of MiB, which are almost never whole geometries (8 MiB,
+// 1 GiB, 127 GiB are not). Readers that size by the current size
+// (Hyper-V, Azure, VirtualBox, 7-Zip, libvhdi, QEMU 10) ignore the
+// geometry either way; only a reader that trusts the geometry of an image
+// it does not know (Virtual PC's ATA disks) is misled, and Virtual PC
+// reads only its own images.
+func footerGeometry(size int64) Geometry {
+	if g := GeometryFor(size); g == maxGeometry || g.Size() == size {
+		return g
+	}
+	return maxGeometry
 }
 
 func decodeGeometry(b []byte) Geometry {

@@ -368,3 +368,110 @@ func TestWriteIntoHyperVImages(t *testing.T) {
 		}
 	}
 }
+
+// Sizes the spec's geometry does not describe exactly read in full in
+// QEMU (7.2 sizes an unknown creator's VHD by its geometry): the last
+// sector written by us reads back in qemu-io, qemu-img sees the size we
+// made, and a disk copied from a raw file of such a size — a GPT disk
+// whose backup header is its last sector — compares equal to it, size
+// included.
+func TestInexactSizesReadInFullByQemu(t *testing.T) {
+	needTool(t, "qemu-img")
+	needTool(t, "qemu-io")
+	for _, c := range []struct {
+		name string
+		typ  Type
+		size int64
+	}{
+		{"fixed-8MiB", Fixed, 8 << 20},
+		{"dynamic-8MiB", Dynamic, 8 << 20},
+		{"dynamic-1GiB+3584", Dynamic, 1<<30 + 3584},
+		{"fixed-10MiB+512", Fixed, 10<<20 + 512},
+		{"dynamic-exact", Dynamic, chsExact(5 << 20)},
+		{"dynamic-150GiB", Dynamic, 150 << 30}, // beyond CHS
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, "d.vhd")
+			img, err := Create(path, CreateOptions{Type: c.typ, Size: uint64(c.size)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if img.Size() != c.size {
+				t.Fatalf("Size() = %d, want %d", img.Size(), c.size)
+			}
+			if g := img.ft.Geometry; GeometryFor(c.size).Size() == c.size && g != GeometryFor(c.size) {
+				t.Errorf("exact size %d got geometry %v, want the spec's %v", c.size, g, GeometryFor(c.size))
+			}
+			last := bytes.Repeat([]byte{0x5A}, SectorSize)
+			mustWrite(t, img, last, c.size-SectorSize)
+			mustWrite(t, img, bytes.Repeat([]byte{0x33}, SectorSize), 0)
+			mustClose(t, img)
+			if got := qemuVirtualSize(t, path); got != c.size {
+				t.Errorf("qemu-img sees %d bytes, want %d", got, c.size)
+			}
+			out := string(run(t, "qemu-io", "-f", "vpc", "-r", "-c", fmt.Sprintf("read -P 0x5a %d %d", c.size-SectorSize, SectorSize), path))
+			if strings.Contains(out, "Pattern verification failed") || !strings.Contains(out, "read 512/512 bytes") {
+				t.Errorf("qemu-io reading the last sector:\n%s", out)
+			}
+			if probs, err := Check(path, false); err != nil || len(probs) > 0 {
+				t.Errorf("Check: %v %v", probs, err)
+			}
+			if c.size > 1<<30+4096 {
+				return // the copy below would write a large file
+			}
+			// A raw disk of that size with data at both ends, copied as
+			// convert does, compares equal in qemu-img, at the same size.
+			rawPath := filepath.Join(dir, "src.img")
+			rf, err := os.Create(rawPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			head := bytes.Repeat([]byte{0x11}, 64<<10)
+			tail := bytes.Repeat([]byte{0x22}, 16<<10) // the GPT backup's place
+			rf.WriteAt(head, 0)
+			rf.WriteAt(tail, c.size-int64(len(tail)))
+			mustClose(t, rf)
+			conv := filepath.Join(dir, "conv.vhd")
+			img, err = Create(conv, CreateOptions{Type: c.typ, Size: uint64(c.size)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			mustWrite(t, img, head, 0)
+			mustWrite(t, img, tail, c.size-int64(len(tail)))
+			mustClose(t, img)
+			run(t, "qemu-img", "compare", "-f", "raw", "-F", "vpc", rawPath, conv)
+			if got := qemuVirtualSize(t, conv); got != c.size {
+				t.Errorf("converted: qemu-img sees %d bytes, want %d", got, c.size)
+			}
+		})
+	}
+}
+
+// Resize to a size the geometry does not describe exactly: QEMU sees the
+// new size.
+func TestResizeInexactReadInFullByQemu(t *testing.T) {
+	needTool(t, "qemu-img")
+	dir := t.TempDir()
+	for _, typ := range []Type{Fixed, Dynamic} {
+		path := filepath.Join(dir, typ.String()+".vhd")
+		img, err := Create(path, CreateOptions{Type: typ, Size: 4 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustClose(t, img)
+		for _, size := range []int64{9<<20 + 512, 6 << 20} {
+			img, err := Open(path, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := img.Resize(size); err != nil {
+				t.Fatal(err)
+			}
+			mustClose(t, img)
+			if got := qemuVirtualSize(t, path); got != size {
+				t.Errorf("%v resized to %d: qemu-img sees %d", typ, size, got)
+			}
+		}
+	}
+}

@@ -10,10 +10,10 @@ import (
 // multiple of 512 up to MaxSize. Growing adds a range that reads as zeros
 // (in a differencing image: as what lies below, which is zeros past the
 // parent's end); shrinking drops what lies past the new end. The footer's
-// current and original sizes both become size, and its geometry
-// GeometryFor(size), as Create writes them; an image whose creator sizes
+// current and original sizes both become size, and its geometry the one
+// Create writes for it (footerGeometry); an image whose creator sizes
 // disks by geometry (Virtual PC, old QEMU) can only take a size the
-// geometry describes exactly.
+// spec's geometry describes exactly.
 //
 // Size reports the new size at once, and the change is durable when
 // Resize returns; a crash before leaves the old size or the new one (see
@@ -31,7 +31,11 @@ func (im *Image) Resize(size int64) error {
 	}
 	ft := im.ft
 	ft.CurrentSize, ft.OriginalSize = uint64(size), uint64(size)
-	ft.Geometry = GeometryFor(size)
+	ft.Geometry = footerGeometry(size)
+	if ft.sizedByGeometry() {
+		// Virtual PC's own images: their geometry is their size.
+		ft.Geometry = GeometryFor(size)
+	}
 	if vs, _ := ft.virtualSize(); vs != size {
 		return fmt.Errorf("vhd: %s: %w: creator %q sizes disks by CHS geometry, and %s describes %d bytes, not %d",
 			im.path, disk.ErrUnsupported, ft.CreatorApp[:], ft.Geometry, vs, size)

@@ -14,7 +14,7 @@ import (
 func checkCommand() *command {
 	return &command{
 		name:     "check",
-		synopsis: "[--repair] [--format FORMAT] [--force-share] FILE",
+		synopsis: "[--repair] [--json] [--format FORMAT] [--force-share] FILE",
 		summary:  "check a virtual disk's consistency (like Test-VHD and qemu-img check)",
 		help: `Prints "FILE: no problems found" and exits 0 when the image is consistent
 (after one line per warning: an oddity that does not affect reading, such as
@@ -24,6 +24,10 @@ entries beyond the end of the file or overlapping, a pending log, a parent
 mismatch) and exits 1. Without --repair the image is opened read-only and
 never modified. With --repair, a pending VHDX log is replayed into the
 file, and a damaged VHD footer is rewritten from its intact copy.
+
+--json prints one object instead: {"file", "format", "ok", "problems":
+[{"severity": "error" or "warning", "message", "offset" (absent when the
+problem has no place in the file)}]}, with the same exit status.
 
 A file another program is writing is refused; --force-share (-U) checks it
 anyway (not with --repair), warning that what it finds may be inconsistent.
@@ -36,6 +40,7 @@ Examples:
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
 			repair := fs.Bool("repair", false, "repair what can be repaired: replay a pending log")
+			asJSON := fs.Bool("json", false, "print a JSON object instead of lines")
 			var in input
 			addInputFlags(fs, &in, true)
 			return func(ctx context.Context, c *cli, args []string) error {
@@ -45,7 +50,7 @@ Examples:
 				if *repair && in.forceShare {
 					return usagef("--repair writes the file, so it cannot share it (--force-share is for reading)")
 				}
-				return c.check(args[0], in, *repair)
+				return c.check(args[0], in, *repair, *asJSON)
 			}
 		},
 	}
@@ -58,7 +63,21 @@ type problem struct {
 	warning bool // the image reads correctly anyway
 }
 
-func (c *cli) check(path string, in input, repair bool) error {
+// checkReport is check --json's output.
+type checkReport struct {
+	File     string         `json:"file"`
+	Format   string         `json:"format"`
+	OK       bool           `json:"ok"` // no problem but warnings
+	Problems []checkProblem `json:"problems"`
+}
+
+type checkProblem struct {
+	Severity string `json:"severity"` // "error" or "warning"
+	Message  string `json:"message"`
+	Offset   *int64 `json:"offset,omitempty"`
+}
+
+func (c *cli) check(path string, in input, repair, asJSON bool) error {
 	format, err := in.formatOf(path)
 	if err != nil {
 		return err
@@ -108,17 +127,23 @@ func (c *cli) check(path string, in input, repair bool) error {
 	} else if in.forceShare {
 		in.warnWriters(c, []string{path})
 	}
+	failures := 0
+	for _, p := range problems {
+		if !p.warning {
+			failures++
+		}
+	}
+	if asJSON {
+		return c.checkJSON(path, format, problems, failures)
+	}
 	if len(problems) == 0 {
 		fmt.Fprintf(c.stdout, "%s: no problems found\n", path)
 		return nil
 	}
-	failures := 0
 	for _, p := range problems {
 		line := path + ": "
 		if p.warning {
 			line += "warning: "
-		} else {
-			failures++
 		}
 		line += oneLine(p.what)
 		if p.offset >= 0 && !strings.Contains(p.what, fmt.Sprintf("%#x", p.offset)) {
@@ -130,11 +155,38 @@ func (c *cli) check(path string, in input, repair bool) error {
 		fmt.Fprintf(c.stdout, "%s: no problems found\n", path)
 		return nil
 	}
+	return checkFailed(path, failures)
+}
+
+// checkFailed is check's exit status for failures problems found.
+func checkFailed(path string, failures int) error {
 	noun := "problems"
 	if failures == 1 {
 		noun = "problem"
 	}
 	return &exitError{code: 1, msg: fmt.Sprintf("%s: %d %s found", path, failures, noun)}
+}
+
+// checkJSON prints check's report as JSON.
+func (c *cli) checkJSON(path, format string, problems []problem, failures int) error {
+	r := checkReport{File: path, Format: format, OK: failures == 0, Problems: []checkProblem{}}
+	for _, p := range problems {
+		cp := checkProblem{Severity: "error", Message: oneLine(p.what)}
+		if p.warning {
+			cp.Severity = "warning"
+		}
+		if p.offset >= 0 {
+			cp.Offset = &p.offset
+		}
+		r.Problems = append(r.Problems, cp)
+	}
+	if err := printJSON(c.stdout, r); err != nil {
+		return err
+	}
+	if failures > 0 {
+		return checkFailed(path, failures)
+	}
+	return nil
 }
 
 // hasFailure reports whether problems holds more than warnings.

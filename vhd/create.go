@@ -28,8 +28,7 @@ type CreateOptions struct {
 	// 512 bytes to 256 MiB; 0 means DefaultBlockSize.
 	BlockSize uint32
 	// Parent is the parent's path; it makes a differencing image. The
-	// parent may be any format disk.Open knows; a VHD parent's unique id is
-	// recorded (other formats have none to record).
+	// parent must be a VHD; its unique id is recorded.
 	Parent string
 	// UniqueID of the new image; zero means a random one.
 	UniqueID UUID
@@ -214,24 +213,28 @@ func create(f storage.File, path string, opts CreateOptions) (*Image, error) {
 	return openFile(f, path, OpenOptions{ParentPath: parentAbs}, nil)
 }
 
-// inspectParent opens a would-be parent to learn its size and, for a VHD,
-// its unique id; the time stamp recorded is its modification time (as
+// inspectParent opens a would-be parent, which must be a VHD (a child
+// over another format would not open: see openParent), to learn its size
+// and unique id; the time stamp recorded is its modification time (as
 // DiscUtils and blktap do).
 func inspectParent(path string) (size int64, id UUID, ts uint32, err error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return 0, id, 0, fmt.Errorf("parent: %w", err)
 	}
-	p, err := disk.Open(path, disk.OpenOptions{ReadOnly: true})
+	if !fi.Mode().IsRegular() {
+		return 0, id, 0, fmt.Errorf("parent %s is not a regular file", path)
+	}
+	if _, ok := peekFooter(path, false); !ok {
+		return 0, id, 0, fmt.Errorf("parent %s: %w: not a VHD (a differencing VHD's parent is a VHD; convert it first)", path, disk.ErrUnsupported)
+	}
+	p, err := Open(path, OpenOptions{ReadOnly: true})
 	if err != nil {
 		return 0, id, 0, fmt.Errorf("parent: %w", err)
 	}
-	size = p.Size()
+	size, id = p.Size(), p.ft.UniqueID
 	if err := p.Close(); err != nil {
 		return 0, id, 0, fmt.Errorf("parent: %w", err)
-	}
-	if pf, ok := peekFooter(path, false); ok {
-		id = pf.UniqueID
 	}
 	return size, id, vhdTime(fi.ModTime()), nil
 }

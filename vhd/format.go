@@ -119,10 +119,14 @@
 // the deprecated Wi2r/Wi2k and MacX locators and the header's parent name.
 // Windows paths are mapped: backslashes become slashes, and a path that
 // cannot exist here (drive letter, UNC) falls back to its file name in the
-// child's folder. The parent is opened read-only through package disk, so
-// any registered format can be a parent; a VHD parent must carry the unique
-// id the child records, or Open fails with an error wrapping
-// disk.ErrParentMismatch. The parent time stamp is not enforced: copying a
+// child's folder. A candidate is taken only if it is a regular file (not a
+// FIFO or device, which could block or serve anything), a VHD by its
+// content, and carries the unique id the child records; others are passed
+// over, and when none fits Open fails with an error wrapping
+// disk.ErrParentMismatch (or disk.ErrParentNotFound). A locator may name
+// any file on the host: without these checks a crafted image would serve
+// a raw file's or another disk's bytes as its own. OpenOptions.ParentDirs
+// further confines candidates to folders. The parent is opened read-only. The parent time stamp is not enforced: copying a
 // parent changes its modification time, and Windows opens such chains too.
 // A mismatch (against both the parent's footer time stamp and its file
 // modification time; zero means not recorded) is reported by Info and

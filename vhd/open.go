@@ -322,31 +322,29 @@ func (im *Image) openParent(opts OpenOptions, chain []os.FileInfo) error {
 				return formatErr("dynamic header", im.hdrOff, "differencing chain loops back to %s", c)
 			}
 		}
+		// The parent must be a VHD by its content, with the unique id the
+		// child records: a locator may name any file (a hostile image
+		// could serve a raw file or another format's disk as its own
+		// content), and a stale one may name another disk.
 		pf, isVHD := peekFooterWith(opts, c, opts.IgnoreChecksum)
-		if isVHD && pf.UniqueID != want {
+		if !isVHD {
+			if mismatch == nil {
+				mismatch = fmt.Errorf("%w: %s is not a VHD (a differencing VHD's parent is a VHD)", disk.ErrParentMismatch, c)
+			}
+			continue
+		}
+		if pf.UniqueID != want {
 			if mismatch == nil {
 				mismatch = fmt.Errorf("%w: %s has unique id %s, the child expects %s", disk.ErrParentMismatch, c, pf.UniqueID, want)
 			}
 			continue
 		}
-		var parent disk.Image
-		if isVHD {
-			p, err := openPath(c, OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs, IgnoreChecksum: opts.IgnoreChecksum, OpenFile: opts.OpenFile}, chain)
-			if err != nil {
-				return fmt.Errorf("parent: %w", err)
-			}
-			parent = p
-		} else {
-			format, err := disk.Detect(c)
-			if err != nil {
-				return fmt.Errorf("parent: %w", err)
-			}
-			if parent, err = format.Open(c, disk.OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs}); err != nil {
-				return fmt.Errorf("parent: %w", err)
-			}
+		parent, err := openPath(c, OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs, IgnoreChecksum: opts.IgnoreChecksum, OpenFile: opts.OpenFile}, chain)
+		if err != nil {
+			return fmt.Errorf("parent: %w", err)
 		}
 		im.parent, im.parentPath = parent, c
-		if ts := im.hdr.ParentTimeStamp; ts != 0 && ts != vhdTime(fi.ModTime()) && !(isVHD && ts == pf.TimeStamp) {
+		if ts := im.hdr.ParentTimeStamp; ts != 0 && ts != vhdTime(fi.ModTime()) && ts != pf.TimeStamp {
 			im.parentTSMismatch = true
 			im.warn(fmt.Sprintf("parent time stamp %s does not match %s (modified %s): the parent may have changed since the child was made",
 				fromVHDTime(ts).Format("2006-01-02 15:04:05Z"), c, fi.ModTime().UTC().Format("2006-01-02 15:04:05Z")))

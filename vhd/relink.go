@@ -12,8 +12,7 @@ import (
 
 // SetParent points a differencing image at the parent file at parentPath,
 // recording what Create records for a new child of it: the parent's unique
-// id (a VHD's footer id; zero for other formats, which have none), its
-// modification time as the parent time stamp, its absolute path as the
+// id (its footer's; the parent must be a VHD), its modification time as the parent time stamp, its absolute path as the
 // parent name, and the W2ku (absolute) and W2ru (relative to the image's
 // folder) locators in place of all the old ones. The parent's content is
 // not compared with the old parent's: making sure the child reads the
@@ -61,8 +60,7 @@ func (im *Image) SetParent(parentPath string) error {
 }
 
 // parentLink returns what a child records about the parent at path (an
-// absolute path): its unique id when it is a VHD, and its modification
-// time.
+// absolute path to a VHD): its unique id and its modification time.
 func parentLink(opts OpenOptions, path, child string) (UUID, uint32, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
@@ -74,15 +72,11 @@ func parentLink(opts OpenOptions, path, child string) (UUID, uint32, error) {
 	if cfi, err := os.Stat(child); err == nil && os.SameFile(fi, cfi) {
 		return UUID{}, 0, fmt.Errorf("%w: parent %s is the image itself", disk.ErrUnsupported, path)
 	}
-	var id UUID
-	if pf, ok := peekFooterWith(opts, path, false); ok {
-		id = pf.UniqueID
-	} else if f, err := disk.Detect(path); err != nil {
-		return UUID{}, 0, fmt.Errorf("parent: %w", err)
-	} else if f.Name == "vhd" {
-		return UUID{}, 0, fmt.Errorf("parent %s: %w: no valid VHD footer", path, disk.ErrFormat)
+	pf, ok := peekFooterWith(opts, path, false)
+	if !ok {
+		return UUID{}, 0, fmt.Errorf("parent %s: %w: not a VHD (a differencing VHD's parent is a VHD; convert it first)", path, disk.ErrUnsupported)
 	}
-	return id, vhdTime(fi.ModTime()), nil
+	return pf.UniqueID, vhdTime(fi.ModTime()), nil
 }
 
 // newLocators are the locators of a child at path whose parent is at

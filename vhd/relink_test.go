@@ -12,8 +12,6 @@ import (
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
-	"github.com/vhdkit/vhdkit/raw"
-	"github.com/vhdkit/vhdkit/vhdx"
 )
 
 // wholeBlockChild creates a child of parent at path and writes whole
@@ -322,56 +320,6 @@ func TestSetParentLongPath(t *testing.T) {
 	}
 	mustClose(t, img)
 	checkClean(t, child)
-}
-
-// Parents of other formats: no unique id is recorded, as Create does.
-func TestSetParentForeign(t *testing.T) {
-	dir := t.TempDir()
-	const size = 2 << 20
-	vp := filepath.Join(dir, "p.vhdx")
-	x, err := vhdx.Create(vp, vhdx.CreateOptions{Size: size})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustWrite(t, x, bytes.Repeat([]byte{9}, 4096), 0)
-	mustClose(t, x)
-	rp := filepath.Join(dir, "p.img")
-	rw, err := raw.Create(rp, size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustWrite(t, rw, bytes.Repeat([]byte{9}, 4096), 0)
-	mustClose(t, rw)
-	vhdParent, _ := makeImage(t, dir, "p.vhd", CreateOptions{Size: size})
-
-	child := filepath.Join(dir, "c.vhd")
-	img, err := Create(child, CreateOptions{Parent: vhdParent})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := img.SetParent(vp); err != nil {
-		t.Fatal(err)
-	}
-	if id := img.Info().ParentUniqueID; !id.IsZero() {
-		t.Errorf("VHDX parent: id %s recorded", id)
-	}
-	if err := img.SetParent(rp); err != nil {
-		t.Fatal(err)
-	}
-	mustClose(t, img)
-	img, err = Open(child, OpenOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if info := img.Info(); info.ParentPath != rp || !info.ParentUniqueID.IsZero() {
-		t.Errorf("raw parent: %s %s", info.ParentPath, info.ParentUniqueID)
-	}
-	b := make([]byte, 4096)
-	img.ReadAt(b, 0)
-	if !bytes.Equal(b, bytes.Repeat([]byte{9}, 4096)) {
-		t.Error("raw parent's data not read")
-	}
-	mustClose(t, img)
 }
 
 func TestSetParentRefused(t *testing.T) {

@@ -184,7 +184,9 @@ func crashSweep(t *testing.T, newImage func(f storage.File) (*Image, []byte, err
 		points++
 		for c := 0; c < 3; c++ {
 			rng := randv2.New(randv2.NewPCG(uint64(i), uint64(c)))
-			afterCrash(t, base.CrashClone(rng), path, x)
+			clone := base.CrashClone(rng)
+			checkCrashState(t, clone, i)
+			afterCrash(t, clone, path, x)
 		}
 	}
 }
@@ -243,7 +245,11 @@ func TestCrashCreate(t *testing.T) {
 		}
 		for c := 0; c < 3; c++ {
 			clone := base.CrashClone(randv2.New(randv2.NewPCG(uint64(i), uint64(c))))
+			probs, cerr := CheckStructure(clone)
 			im, err := OpenFile(clone, path, OpenOptions{})
+			if err == nil && (cerr != nil || len(violations(probs)) > 0) {
+				t.Fatalf("point %d: an image that opens fails the strict check: %v %v", i, probs, cerr)
+			}
 			if err != nil {
 				if !errors.Is(err, ErrFormat) && !errors.Is(err, ErrChecksum) {
 					t.Fatalf("point %d: open: %v, want a format error", i, err)
@@ -296,6 +302,7 @@ func TestErrorInjection(t *testing.T) {
 			return
 		}
 		disk := storage.NewMemFile(base.Bytes())
+		checkCrashState(t, disk, i)
 		im, err = OpenFile(keepOpen{disk}, path, OpenOptions{})
 		if err != nil {
 			t.Fatalf("point %d: reopen: %v", i, err)
@@ -374,6 +381,7 @@ func TestCrashDuringReplay(t *testing.T) {
 		}
 		for c := 0; c < 3; c++ {
 			clone := base.CrashClone(randv2.New(randv2.NewPCG(uint64(i), uint64(c))))
+			checkCrashState(t, clone, i)
 			im, err := OpenFile(clone, path, OpenOptions{})
 			if err != nil {
 				t.Fatalf("point %d: reopen: %v", i, err)

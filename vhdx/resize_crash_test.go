@@ -120,6 +120,7 @@ func resizeWorkload(seed, size int64, sizes ...int64) []rstep {
 // checks the file clean.
 func afterResizeCrash(t *testing.T, clone *storage.MemFile, path string, x *rexpect, point int64) {
 	t.Helper()
+	checkCrashState(t, clone, point)
 	ro, err := OpenFile(keepOpen{clone}, path, OpenOptions{ReadOnly: true})
 	if err != nil {
 		t.Fatalf("point %d: read-only open after crash: %v", point, err)
@@ -298,6 +299,7 @@ func TestResizeErrorInjection(t *testing.T) {
 			return
 		}
 		disk := storage.NewMemFile(base.Bytes())
+		checkCrashState(t, disk, i)
 		im, err = OpenFile(keepOpen{disk}, path, OpenOptions{})
 		if err != nil {
 			t.Fatalf("point %d: reopen: %v", i, err)

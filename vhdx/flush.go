@@ -25,11 +25,20 @@ func (im *Image) flushLocked() error {
 		return errClosed
 	}
 	pages := im.dirtyPages()
+	// Space the pages release is free once they are durable, not before:
+	// until then a crash leaves the old entries naming it.
+	released := im.space.takePending()
 	fileEnd := im.fileEnd
+	var err error
+	if len(pages) > 0 {
+		err = im.openLog()
+	}
 	// The file is extended to cover the allocated blocks here, under the
 	// lock: once it is released, writes may allocate past fileEnd and put
 	// data there, which extending to fileEnd later would cut off.
-	err := im.coverBlocks(fileEnd)
+	if err == nil {
+		err = im.coverBlocks(fileEnd)
+	}
 	im.mu.Unlock()
 	if err == nil {
 		err = im.commit(pages, fileEnd)
@@ -40,9 +49,57 @@ func (im *Image) flushLocked() error {
 		for _, p := range pages {
 			im.dirty[p.off] = struct{}{}
 		}
+		im.space.release(released...)
 		im.mu.Unlock()
 		return fmt.Errorf("vhdx: flush %s: %w", im.path, err)
 	}
+	im.reclaim(released)
+	return nil
+}
+
+// openLog opens the log for the entries of this session, if it is not
+// open: an empty entry with a new LogGuid is written to slot 0 and synced,
+// then the header names that LogGuid. A crash before the header is synced
+// leaves the header's LogGuid zero, which ignores the entry; after, the
+// LogGuid names a valid entry, whose replay changes nothing. The caller
+// holds flushMu and mu.
+func (im *Image) openLog() error {
+	if !im.logw.guid.IsZero() {
+		return nil
+	}
+	size, err := im.f.Size()
+	if err != nil {
+		return err
+	}
+	g := newGUID()
+	im.logSeq++
+	if _, err := im.f.WriteAt(marshalEntry(nil, im.logSeq, 0, g, size, size), im.logOff); err != nil {
+		return err
+	}
+	if err := im.f.Sync(); err != nil {
+		return err
+	}
+	h := im.hdr
+	h.LogGUID = g
+	if err := im.writeHeader(h); err != nil {
+		return fmt.Errorf("vhdx: updating header: %w", err)
+	}
+	im.logw = logWriter{guid: g, slot: 1}
+	return nil
+}
+
+// closeLog makes the header name no log, once everything the log holds is
+// applied and synced. The caller holds flushMu.
+func (im *Image) closeLog() error {
+	if im.hdr.LogGUID.IsZero() {
+		return nil
+	}
+	h := im.hdr
+	h.LogGUID = GUID{}
+	if err := im.writeHeader(h); err != nil {
+		return err
+	}
+	im.logw = logWriter{}
 	return nil
 }
 
@@ -95,22 +152,36 @@ func (im *Image) coverBlocks(fileEnd int64) error {
 	return im.f.Truncate(fileEnd)
 }
 
-// logAndApply is steps 2 and 3 for pages that fit one log entry. logged
+// logAndApply is steps 2 and 3 for pages that fit one log entry (at most
+// entryPages), written to the next slot of the log (see logWriter). logged
 // reports that the entry was synced: from then on the pages are durable,
-// whatever error applying them returns.
+// whatever error applying them returns. An entry that failed is spoiled:
+// it may have reached the disk, and a later sync would make it durable, so
+// that replay would bring back what memory may no longer hold. The caller
+// holds flushMu, and mu when the log may not be open yet (see openLog).
 func (im *Image) logAndApply(batch []page, fileEnd int64) (logged bool, err error) {
+	if len(batch) > entryPages(im.logLen) {
+		return false, fmt.Errorf("vhdx: %d pages in one log entry, more than the %d-byte log holds", len(batch), im.logLen)
+	}
+	if err := im.openLog(); err != nil {
+		return false, err
+	}
 	size, err := im.f.Size()
 	if err != nil {
 		return false, err
 	}
+	pos := int64(im.logw.slot) * slotLen(im.logLen)
 	im.logSeq++
-	entry := marshalEntry(batch, im.logSeq, 0, im.hdr.LogGUID, size, max(size, fileEnd))
-	if _, err := im.f.WriteAt(entry, im.logOff); err != nil {
+	entry := marshalEntry(batch, im.logSeq, pos, im.logw.guid, size, max(size, fileEnd))
+	_, err = im.f.WriteAt(entry, im.logOff+pos)
+	if err == nil {
+		err = im.f.Sync()
+	}
+	if err != nil {
+		im.f.WriteAt(make([]byte, logSectorSize), im.logOff+pos)
 		return false, err
 	}
-	if err := im.f.Sync(); err != nil {
-		return false, err
-	}
+	im.logw.slot = 1 - im.logw.slot
 	return true, im.applyPages(batch)
 }
 
@@ -146,9 +217,9 @@ func (im *Image) Close() error {
 		if err == nil && im.writing {
 			// Everything applied must be durable before the log is dropped.
 			if err = im.f.Sync(); err == nil {
-				h := im.hdr
-				h.LogGUID = GUID{}
-				err = im.writeHeader(h)
+				im.mu.Lock()
+				err = im.closeLog()
+				im.mu.Unlock()
 			}
 		}
 		if err != nil && !errors.Is(err, errClosed) {
@@ -184,9 +255,12 @@ func (im *Image) Freeze() error {
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	if im.writing {
-		h := im.hdr
-		h.LogGUID = GUID{}
-		if err := im.writeHeader(h); err != nil {
+		// What the last entry applied must be durable before the log
+		// is dropped.
+		if err := im.f.Sync(); err != nil {
+			return err
+		}
+		if err := im.closeLog(); err != nil {
 			return err
 		}
 		im.writing = false

@@ -258,13 +258,46 @@ type page struct {
 	data []byte
 }
 
-// entryPages is how many pages fit in one entry of a log of logLen bytes.
+// The writer's log. The log is split into two halves, slots, and each
+// entry starts at the beginning of a slot, the other one than the entry
+// before it, and is shorter than the slot:
+//
+//   - writing an entry never overwrites the one before it, so a crash in
+//     the middle leaves that one whole, and a header naming the log's
+//     LogGuid always names a valid entry (a strict reader refuses a LogGuid
+//     no entry carries, and an entry as long as the log: MS-VHDX 2.3, and
+//     OpenVMM's vhdx crate keeps a sector free);
+//   - an entry's tail is itself: every entry before it is applied and
+//     synced when it is written (see commit), so replay needs it alone;
+//   - no entry ends where the other slot begins, so no reader can take
+//     the two for one sequence (QEMU chains entries laid end to end
+//     without checking their sequence numbers).
+//
+// The log opens (openLog) with an empty entry, synced before the header
+// names its LogGuid, the first time a flush has pages to log; until then
+// the header's LogGuid stays zero, whatever was written in place.
+type logWriter struct {
+	guid GUID // the open log's LogGuid; zero while the log is closed
+	slot int  // the slot the next entry goes to: 0 or 1
+}
+
+// slotLen is the length of a slot of a log of logLen bytes.
+func slotLen(logLen int64) int64 { return logLen / 2 / logSectorSize * logSectorSize }
+
+// entryPages is how many pages fit in one entry of a log of logLen bytes:
+// the entry stays a sector shorter than its slot.
 func entryPages(logLen int64) int {
-	n := int(logLen/logSectorSize) - 1
-	for n > 0 && alignUp(logEntryHeaderSize+int64(n)*logDescSize, logSectorSize)+int64(n)*logSectorSize > logLen {
+	limit := slotLen(logLen) - logSectorSize
+	n := int(limit / logSectorSize)
+	for n > 0 && entryLen(n) > limit {
 		n--
 	}
 	return n
+}
+
+// entryLen is the length of an entry carrying n data pages.
+func entryLen(n int) int64 {
+	return alignUp(logEntryHeaderSize+int64(n)*logDescSize, logSectorSize) + int64(n)*logSectorSize
 }
 
 // marshalEntry builds a log entry restoring pages.

@@ -110,8 +110,10 @@ type Image struct {
 	metaBuf   []byte             // the metadata region as rewritten, if it was
 	regionBuf []byte             // the region table as rewritten (both copies), if it was
 	fileEnd   int64              // where the next block is allocated (1 MiB-aligned)
-	writing   bool               // header updated: GUIDs changed, log open
+	writing   bool               // header updated: GUIDs changed
 	logSeq    uint64
+	logw      logWriter // the log's state for writing (log.go); flushMu and mu to change
+	space     freeSpace // file ranges no live block holds (freespace.go)
 	closed    bool
 }
 

@@ -38,7 +38,7 @@ func (im *Image) BeginDataChange(g GUID) error {
 	h := im.hdr
 	h.FileWriteGUID = newGUID()
 	h.DataWriteGUID = g
-	h.LogGUID = newGUID()
+	h.LogGUID = GUID{} // opened by the first flush with pages to log (openLog)
 	if err := im.writeHeader(h); err != nil {
 		return fmt.Errorf("vhdx: updating header: %w", err)
 	}

@@ -111,18 +111,13 @@ func (im *Image) resize(size int64) error {
 	if err == nil {
 		err = im.syncPayload(im.fileEnd)
 	}
-	tried, logged := false, false
+	logged := false
 	if err == nil {
-		tried = true
+		// An entry that fails is spoiled (logAndApply), so that no replay
+		// brings back a size memory no longer has.
 		logged, err = im.logAndApply(im.render(plan.sw), im.fileEnd)
 	}
 	if !logged {
-		if tried {
-			// The entry may have reached the disk despite the error, and
-			// a later sync would make it durable: spoil it, so that no
-			// replay brings back a size memory no longer has.
-			im.f.WriteAt(make([]byte, logSectorSize), im.logOff)
-		}
 		// Nothing the old size reads has changed on disk. The space
 		// allocated stays allocated: the attempt may have written there.
 		im.restoreSize(old)

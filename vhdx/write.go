@@ -1,10 +1,12 @@
 package vhdx
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/storage"
 )
 
 // zeros is a shared source of zero bytes for filling blocks.
@@ -62,9 +64,9 @@ func (im *Image) writable() error {
 }
 
 // beginWrite prepares the file for its first change since open: one header
-// update gives it a new FileWriteGuid, a new DataWriteGuid (when the change
-// is visible to readers of the disk) and a fresh LogGuid, which opens the
-// log. The caller holds mu for writing.
+// update gives it a new FileWriteGuid and a new DataWriteGuid (when the
+// change is visible to readers of the disk). The log opens later, with the
+// first entry (openLog). The caller holds mu for writing.
 func (im *Image) beginWrite(dataChange bool) error {
 	if im.writing {
 		return nil
@@ -74,7 +76,9 @@ func (im *Image) beginWrite(dataChange bool) error {
 	if dataChange {
 		h.DataWriteGUID = newGUID()
 	}
-	h.LogGUID = newGUID()
+	// No log yet: the header names one only once an entry carries it
+	// (openLog). One a replay found nothing valid in is dropped.
+	h.LogGUID = GUID{}
 	if err := im.writeHeader(h); err != nil {
 		return fmt.Errorf("vhdx: updating header: %w", err)
 	}
@@ -167,9 +171,14 @@ func (im *Image) writeBlock(p []byte, off, blk, in int64) error {
 		return im.writePartial(p, off, blk, batOffset(e))
 	case st == payloadNotPresent && im.parent != nil:
 		if in == 0 && int64(len(p)) == g.blockSize {
-			return im.fillBlock(idx, p, in, 0)
+			return im.fillBlock(idx, p, in)
 		}
-		blockOff := im.allocate(g.blockSize)
+		// The sectors p does not cover read from the parent whatever the
+		// space holds.
+		blockOff, _, err := im.allocateBlock(g.blockSize)
+		if err != nil {
+			return err
+		}
 		if err := im.writePartial(p, off, blk, blockOff); err != nil {
 			return err
 		}
@@ -178,22 +187,25 @@ func (im *Image) writeBlock(p []byte, off, blk, in int64) error {
 	default:
 		// The block reads as zeros (in a differencing image too: ZERO,
 		// UNMAPPED and UNDEFINED do not fall through to the parent).
+		// Such an entry names no space (its FileOffsetMB is reserved):
+		// the block gets new space.
 		if disk.IsZero(p) {
 			return nil
 		}
-		return im.fillBlock(idx, p, in, im.reusable(e))
+		return im.fillBlock(idx, p, in)
 	}
 }
 
 // fillBlock makes payload entry idx FULLY_PRESENT holding p at offset in and
-// zeros elsewhere. It reuses the block's old file space at reuse (non-zero)
-// or allocates new space, which reads as zeros already.
-func (im *Image) fillBlock(idx int64, p []byte, in, reuse int64) error {
+// zeros elsewhere, in newly allocated space: where that space does not
+// read as zeros already (a released block's), the zeros are written.
+func (im *Image) fillBlock(idx int64, p []byte, in int64) error {
 	bs := im.geo.blockSize
-	blockOff := reuse
-	if blockOff == 0 {
-		blockOff = im.allocate(bs)
-	} else {
+	blockOff, zero, err := im.allocateBlock(bs)
+	if err != nil {
+		return err
+	}
+	if !zero {
 		if err := im.writeZeros(blockOff, in); err != nil {
 			return err
 		}
@@ -217,17 +229,6 @@ func (im *Image) writeZeros(off, n int64) error {
 		off, n = off+k, n-k
 	}
 	return nil
-}
-
-// reusable returns the file offset a ZERO, UNMAPPED or UNDEFINED entry
-// still owns, when it is one this image allocated or validated (a whole
-// block below fileEnd past the metadata), else 0.
-func (im *Image) reusable(e uint64) int64 {
-	off := batOffset(e)
-	if off < 2*mib || off+im.geo.blockSize > im.fileEnd {
-		return 0
-	}
-	return off
 }
 
 // writePartial writes p at off into partially present block blk stored at
@@ -291,22 +292,22 @@ func (im *Image) presentBitmap(c int64) ([]byte, error) {
 	}
 	idx := im.geo.bitmapIndex(c)
 	if batState(im.bat[idx]) != bitmapPresent {
-		im.setBAT(idx, batEntry(bitmapPresent, im.allocate(bitmapBlockSize)))
-		// The new block must reach the file whole, zeros included.
-		sb := batOffset(im.bat[idx])
-		for pg := int64(0); pg < bitmapBlockSize/pageSize; pg++ {
-			im.dirty[sb+pg*pageSize] = struct{}{}
+		// The new block must read as zeros but for the bits set later,
+		// whose pages go through the log: space that does not already is
+		// zeroed in place, as payload is, durable at the flush's first
+		// sync, before any entry names the block.
+		off, zero, err := im.allocateBlock(bitmapBlockSize)
+		if err != nil {
+			return nil, err
 		}
+		if !zero {
+			if err := im.writeZeros(off, bitmapBlockSize); err != nil {
+				return nil, err
+			}
+		}
+		im.setBAT(idx, batEntry(bitmapPresent, off))
 	}
 	return bm, nil
-}
-
-// allocate reserves n bytes (a multiple of 1 MiB) at the end of the file.
-// The space lies past every byte ever written, so it reads as zeros.
-func (im *Image) allocate(n int64) int64 {
-	off := im.fileEnd
-	im.fileEnd += alignUp(n, mib)
-	return off
 }
 
 // setBAT changes entry idx in memory and marks its page for the log.
@@ -318,14 +319,17 @@ func (im *Image) setBAT(idx int64, e uint64) {
 // WriteZeroes makes [off, off+n) read as zeros. Whole blocks change state
 // (ZERO) without writing, unless the image keeps its blocks allocated
 // (fixed) or mayUnmap is false and the block is allocated: then zeros are
-// written. The block's old file space stays owned by the entry and is
-// reused by a later write.
+// written. A block changing state gives up its file space (the entry's
+// FileOffsetMB is 0 in that state), free for other blocks once the change
+// is durable, and punched out of the host file then (see freespace.go).
 func (im *Image) WriteZeroes(off, n int64, mayUnmap bool) error {
 	return im.zeroRange(off, n, mayUnmap, payloadZero)
 }
 
-// Trim discards [off, off+n): whole blocks become UNMAPPED, partial ones are
-// zeroed, so the range reads as zeros afterwards.
+// Trim discards [off, off+n): whole blocks become UNMAPPED and give up
+// their space as WriteZeroes's do; partial ones are zeroed, whole MiB of
+// the file punched where the file system can, so the range reads as zeros
+// afterwards.
 func (im *Image) Trim(off, n int64) error {
 	return im.zeroRange(off, n, true, payloadUnmapped)
 }
@@ -362,9 +366,13 @@ func (im *Image) zeroRange(off, n int64, mayUnmap bool, state uint8) error {
 		switch {
 		case whole && !keep && (mayUnmap || !allocated):
 			if st != payloadNotPresent || im.parent != nil {
-				// Keep the file space with the entry for reuse.
-				im.setBAT(idx, batEntry(state, batOffset(e)))
+				im.setBAT(idx, batEntry(state, 0))
 			}
+			if allocated {
+				im.releaseBlock(batOffset(e), g.blockSize)
+			}
+		case st == payloadFullyPresent && mayUnmap && !keep:
+			err = im.discardFile(batOffset(e)+in, seg)
 		case st == payloadFullyPresent:
 			err = im.writeZeros(batOffset(e)+in, seg)
 		default:
@@ -376,6 +384,26 @@ func (im *Image) zeroRange(off, n int64, mayUnmap bool, state uint8) error {
 		off += seg
 	}
 	return nil
+}
+
+// discardFile makes [off, off+n) of the file read as zeros: the whole MiB
+// inside it are punched out of the host file where the file system can,
+// the rest is written.
+func (im *Image) discardFile(off, n int64) error {
+	lo, hi := alignUp(off, mib), (off+n)/mib*mib
+	if lo < hi {
+		err := storage.Punch(im.f, lo, hi-lo)
+		if err == nil {
+			if err := im.writeZeros(off, lo-off); err != nil {
+				return err
+			}
+			return im.writeZeros(hi, off+n-hi)
+		}
+		if !errors.Is(err, storage.ErrPunchUnsupported) {
+			return fmt.Errorf("vhdx: discarding file range [%#x, +%#x): %w", lo, hi-lo, err)
+		}
+	}
+	return im.writeZeros(off, n)
 }
 
 // writeZeroRange writes zeros through the ordinary write path, in pieces.

@@ -34,6 +34,11 @@ converting (DST has SRC's size; a raw SRC grows with truncate -s). QEMU and
 Virtual PC size a VHD made by vhdkit by its CHS geometry, which may round down
 (a 1 GiB disk reads as 1073479680 bytes there); a size exact in CHS reads whole.
 
+A fixed DST (--type fixed, for a raw DST too) gets all its space from the
+file system before the copy, so that no write to it can fail for lack of
+space later; --sparse makes it a sparse file instead. A raw DST without
+--type fixed is sparse, as with qemu-img convert.
+
 DST must not exist; if the conversion fails, the partial DST is removed.
 A block device is the exception: as DST it is written in place, raw (it must
 be at least SRC's size; ranges of SRC that read as zeros are zeroed on it,
@@ -62,6 +67,7 @@ Examples:
 			fs.IntVar(&fl.logical, "logical-sector", 0, "logical sector size of a VHDX DST in `bytes`: 512 or 4096 (default: SRC's, else 512)")
 			fs.StringVar(&fl.parent, "parent", "", "make DST a differencing image of the parent `PATH`, holding only what differs from it")
 			fs.BoolVar(&progress, "progress", false, "show progress on stderr even when it is not a terminal")
+			addSparseFlag(fs, &fl)
 			addInputFlags(fs, &in, true)
 			addOutputFormat(fs, &fl, "DST")
 			return func(ctx context.Context, c *cli, args []string) error {
@@ -78,6 +84,12 @@ func (c *cli) convert(ctx context.Context, in input, fl imageFlags, progress boo
 	plan, err := planImage(dstPath, fl)
 	if err != nil {
 		return err
+	}
+	if err := checkSparse(plan, fl); err != nil {
+		return err
+	}
+	if plan.format == "raw" && fl.typ == "" {
+		plan.sparse = true // a raw copy is sparse unless --type fixed asks for its space
 	}
 	device := disk.IsBlockDevice(dstPath)
 	if device && fl.parent != "" {
@@ -128,7 +140,7 @@ func (c *cli) convert(ctx context.Context, in input, fl imageFlags, progress boo
 	}
 	dst, err := plan.create(dstPath)
 	if err != nil {
-		return err
+		return allocationHint(err)
 	}
 	closed := false
 	defer func() {

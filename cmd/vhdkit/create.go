@@ -2,9 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
+	"syscall"
+
+	"github.com/vhdkit/vhdkit/storage"
 )
 
 func createCommand() *command {
@@ -19,12 +23,20 @@ a VHDX called .vhd would be refused when read). --parent makes a
 differencing image (a child), which takes its size and sector sizes from
 the parent. An existing FILE is never overwritten.
 
+A fixed disk (and a raw file) gets all its space from the file system at
+once, as Hyper-V's fixed disks do, so that no write to it can later fail
+for lack of space: without that space the create fails and leaves no file.
+--sparse makes it a sparse file instead, quick and small until written but
+able to run out of space later (a file system that cannot allocate ahead,
+such as ext2 or some network file systems, needs --sparse).
+
 Examples:
   vhdkit create --size 10G disk.vhdx
   vhdkit create --type fixed --size 1G --logical-sector 4096 fixed.vhdx
   vhdkit create --size 64G --block-size 1M sparse.vhdx
   vhdkit create disk.avhdx --parent disk.vhdx
   vhdkit create --size 512M disk.img
+  vhdkit create --type fixed --sparse --size 1T big.vhdx
   vhdkit create --type fixed --size 1G disk.vhd
   vhdkit create -O vhdx --size 1G disk.img
 `,
@@ -37,6 +49,7 @@ Examples:
 			fs.IntVar(&fl.logical, "logical-sector", 0, "logical sector size in `bytes`: 512 or 4096 (default 512; VHD: 512 only)")
 			fs.IntVar(&fl.physical, "physical-sector", 0, "physical sector size in `bytes`: 512 or 4096 (VHDX default 4096; VHD: 512 only)")
 			fs.StringVar(&fl.parent, "parent", "", "parent image `PATH`: create a differencing image")
+			addSparseFlag(fs, &fl)
 			addOutputFormat(fs, &fl, "FILE")
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 1 {
@@ -51,6 +64,9 @@ Examples:
 func (c *cli) create(fl imageFlags, size sizeValue, path string) error {
 	n, err := planImage(path, fl)
 	if err != nil {
+		return err
+	}
+	if err := checkSparse(n, fl); err != nil {
 		return err
 	}
 	switch {
@@ -71,7 +87,7 @@ func (c *cli) create(fl imageFlags, size sizeValue, path string) error {
 	}
 	im, err := n.create(path)
 	if err != nil {
-		return err
+		return allocationHint(err)
 	}
 	virtual := im.Size()
 	if err := im.Close(); err != nil {
@@ -80,4 +96,30 @@ func (c *cli) create(fl imageFlags, size sizeValue, path string) error {
 	}
 	fmt.Fprintf(c.stdout, "created %s: %s\n", path, n.describe(virtual))
 	return nil
+}
+
+// addSparseFlag defines --sparse on fs.
+func addSparseFlag(fs *flag.FlagSet, fl *imageFlags) {
+	fs.BoolVar(&fl.sparse, "sparse", false, "make a fixed disk or raw file sparse: its space is not allocated now, so writes may fail for lack of it later")
+}
+
+// checkSparse refuses --sparse where it means nothing: a dynamic or
+// differencing image is sparse anyway.
+func checkSparse(n *newImage, fl imageFlags) error {
+	if fl.sparse && n.kind != "fixed" {
+		return usagef("--sparse is for fixed disks and raw files: a %s image allocates its blocks as they are written anyway", n.kind)
+	}
+	return nil
+}
+
+// allocationHint adds to a failure to allocate a fixed disk's space what
+// --sparse does.
+func allocationHint(err error) error {
+	switch {
+	case errors.Is(err, storage.ErrAllocateUnsupported):
+		return fmt.Errorf("%w (--sparse makes the disk a sparse file, whose writes may fail for lack of space later)", err)
+	case errors.Is(err, syscall.ENOSPC):
+		return fmt.Errorf("%w (a fixed disk gets all its space when made; --sparse makes it a sparse file, whose writes may fail for lack of space later)", err)
+	}
+	return err
 }

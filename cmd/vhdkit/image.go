@@ -208,6 +208,8 @@ type newImage struct {
 	logical   int   // 0: the format's default (a child: its parent's)
 	physical  int   // likewise
 	parent    string
+	// sparse leaves a fixed image's blocks unallocated (--sparse).
+	sparse bool
 }
 
 // imageFlags are the flags create and convert share.
@@ -217,6 +219,7 @@ type imageFlags struct {
 	logical, physical int
 	parent            string
 	format            string // --output-format
+	sparse            bool   // --sparse
 }
 
 // addOutputFormat defines --output-format and its short form -O.
@@ -261,7 +264,7 @@ func planImage(path string, fl imageFlags) (*newImage, error) {
 	if err != nil {
 		return nil, err
 	}
-	n := &newImage{format: format, parent: fl.parent}
+	n := &newImage{format: format, parent: fl.parent, sparse: fl.sparse}
 	if format == "raw" {
 		switch {
 		case fl.typ != "" && fl.typ != "fixed":
@@ -380,7 +383,10 @@ func (n *newImage) create(path string) (disk.Image, error) {
 	}
 	switch n.format {
 	case "raw":
-		return raw.Create(path, n.size)
+		if n.sparse {
+			return raw.Create(path, n.size)
+		}
+		return raw.CreateAllocated(path, n.size)
 	case "vhdx":
 		o := vhdx.CreateOptions{
 			Type:               map[string]vhdx.Type{"fixed": vhdx.Fixed, "dynamic": vhdx.Dynamic, "differencing": vhdx.Differencing}[n.kind],
@@ -389,6 +395,7 @@ func (n *newImage) create(path string) (disk.Image, error) {
 			LogicalSectorSize:  uint32(n.logical),
 			PhysicalSectorSize: uint32(n.physical),
 			Parent:             n.parent,
+			Sparse:             n.sparse,
 		}
 		im, err := vhdx.Create(path, o)
 		if err != nil {
@@ -401,6 +408,7 @@ func (n *newImage) create(path string) (disk.Image, error) {
 			Size:      uint64(n.size),
 			BlockSize: uint32(n.blockSize),
 			Parent:    n.parent,
+			Sparse:    n.sparse,
 		}
 		im, err := vhd.Create(path, o)
 		if err != nil {

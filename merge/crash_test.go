@@ -8,11 +8,13 @@ import (
 	randv2 "math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/storage"
+	"github.com/vhdkit/vhdkit/vhdx"
 )
 
 // memDisk holds a chain's files in MemFiles, so a merge can be stopped at
@@ -157,6 +159,34 @@ func (d *memDisk) leafContent(t *testing.T, top, target string) []byte {
 	return b
 }
 
+// knownVHDXFindings are vhdx.Check rules the VHDX writer still breaks at
+// some crash points, tolerated until its fix lands (issue 11); empty: every
+// VHDX file after every crash point must pass the strict check.
+var knownVHDXFindings = []vhdx.Rule{}
+
+// checkVHDX validates every VHDX file of d strictly (vhdx.CheckStructure),
+// as the crash or failed I/O left it: the strictest reader must accept it.
+func (d *memDisk) checkVHDX(t *testing.T, point int64, when string) {
+	t.Helper()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for p, f := range d.files {
+		var sig [8]byte
+		if n, _ := f.ReadAt(sig[:], 0); n < 8 || string(sig[:]) != "vhdxfile" {
+			continue // a VHD, a journal or a file not written yet
+		}
+		probs, err := vhdx.CheckStructure(f)
+		if err != nil {
+			t.Fatalf("point %d: strict check of %s %s: %v", point, filepath.Base(p), when, err)
+		}
+		for _, pr := range probs {
+			if pr.Violation() && !slices.Contains(knownVHDXFindings, pr.Rule) {
+				t.Fatalf("point %d: strict check of %s %s: %v", point, filepath.Base(p), when, probs)
+			}
+		}
+	}
+}
+
 // TestMergeCrash stops the disk at every I/O of a merge (top into parent,
 // and three levels into the base) and crash-clones every file, keeping a
 // random part of what was not synced. The leaf must open and read the
@@ -207,6 +237,7 @@ func TestMergeCrash(t *testing.T) {
 							os.Remove(p)
 						}
 					}
+					cd.checkVHDX(t, i, "after the crash")
 					if got := cd.leafContent(t, top, target); !bytes.Equal(got, want) {
 						t.Fatalf("point %d: the leaf reads different data after the crash", i)
 					}
@@ -215,6 +246,7 @@ func TestMergeCrash(t *testing.T) {
 							t.Fatalf("point %d: re-running the merge: %v", i, err)
 						}
 					}
+					cd.checkVHDX(t, i, "after a re-run")
 					if got := cd.leafContent(t, top, target); !bytes.Equal(got, want) {
 						t.Fatalf("point %d: the target does not hold the merge after a re-run", i)
 					}
@@ -259,12 +291,14 @@ func testMergeIOError(t *testing.T, build func(testing.TB, string, int) ([]strin
 			continue
 		}
 		d.failAt = -1
+		d.checkVHDX(t, i, "after the failed I/O")
 		if got := d.leafContent(t, top, target); !bytes.Equal(got, want) {
 			t.Fatalf("point %d: the leaf reads different data after %v", i, err)
 		}
 		if _, err := Merge(context.Background(), top, d.options(target)); err != nil {
 			t.Fatalf("point %d: re-running the merge: %v", i, err)
 		}
+		d.checkVHDX(t, i, "after a re-run")
 		if got := d.leafContent(t, top, target); !bytes.Equal(got, want) {
 			t.Fatalf("point %d: the target does not hold the merge after a re-run", i)
 		}

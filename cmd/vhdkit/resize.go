@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -9,12 +10,13 @@ import (
 
 	"github.com/vhdkit/vhdkit/disk"
 	"github.com/vhdkit/vhdkit/merge"
+	"github.com/vhdkit/vhdkit/partition"
 )
 
 func resizeCommand() *command {
 	return &command{
 		name:     "resize",
-		synopsis: "--size SIZE [--shrink] [--child FILE]... [--format FORMAT] FILE",
+		synopsis: "(--size SIZE [--shrink] | --to-minimum) [--child FILE]... [--format FORMAT] FILE",
 		summary:  "change a virtual disk's size (like Resize-VHD)",
 		help: `Grows or shrinks the virtual disk in FILE (VHDX, VHD or raw) to SIZE. A grown
 disk reads zeros in its new range; growing a differencing disk leaves its
@@ -23,6 +25,13 @@ everything past the new end, so it needs --shrink. The change is
 crash-safe: the disk opens with its old or its new size whenever it stops.
 A partition table or file system inside the disk is not touched: grow the
 partition afterwards, shrink it before.
+
+--to-minimum (Resize-VHD -ToMinimumSize) shrinks the disk to the end of its
+last partition, read from its MBR or GPT, rounded up to a whole MiB; a GPT's
+backup header and entries move to the new end first (flushed before the
+primary header points at them), so the table stays valid for sgdisk, fdisk
+and Windows. An MBR's extended partition counts whole. A disk without a
+partition table, or whose table is damaged, is refused and left as it is.
 
 A disk other disks depend on (a parent of differencing disks: a checkpoint)
 is not resized, as Hyper-V refuses to resize a disk with checkpoints: a
@@ -34,12 +43,14 @@ names them; merge them first (vhdkit merge), or resize the leaf.
 Examples:
   vhdkit resize --size 40G disk.vhdx
   vhdkit resize --size 8G --shrink scratch.vhd
+  vhdkit resize --to-minimum disk.vhdx
   vhdkit resize --size 40G --child /elsewhere/child.avhdx base.vhdx
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
 			var size sizeValue
 			fs.Var(&size, "size", "the new virtual size in `SIZE` (required)")
 			shrink := fs.Bool("shrink", false, "allow a smaller size, discarding what lies past it")
+			toMinimum := fs.Bool("to-minimum", false, "shrink to the end of the last partition (MBR or GPT), moving a GPT's backup to the new end")
 			var children stringList
 			fs.Var(&children, "child", "another `FILE` that may depend on FILE, outside its folder (repeatable)")
 			var in input
@@ -48,8 +59,13 @@ Examples:
 				if len(args) != 1 {
 					return usagef("want exactly one FILE, got %d arguments", len(args))
 				}
-				if !size.set || size.n <= 0 {
-					return usagef("--size is required and must be more than 0")
+				switch {
+				case *toMinimum && size.set:
+					return usagef("--to-minimum finds the size itself: give --size or --to-minimum, not both")
+				case *toMinimum:
+					return c.resize(args[0], in, children, 0, true)
+				case !size.set || size.n <= 0:
+					return usagef("--size (or --to-minimum) is required and must be more than 0")
 				}
 				return c.resize(args[0], in, children, size.n, *shrink)
 			}
@@ -57,10 +73,15 @@ Examples:
 	}
 }
 
+// resize resizes the disk at path to size, or with size 0 to its
+// minimum (--to-minimum).
 func (c *cli) resize(path string, in input, children []string, size int64, shrink bool) error {
 	format, err := in.formatOf(path)
 	if err != nil {
 		return err
+	}
+	if format == "raw" && disk.IsBlockDevice(path) {
+		return fmt.Errorf("%s is a block device: its size is the device's", path)
 	}
 	im, err := in.open(c, path, false)
 	if err != nil {
@@ -78,6 +99,21 @@ func (c *cli) resize(path string, in input, children []string, size int64, shrin
 			path, len(deps), noun, strings.Join(deps, ", "))
 	}
 	old := im.Size()
+	var why string
+	if size == 0 {
+		size, why, err = prepareMinimum(path, im)
+		if err != nil {
+			im.Close()
+			return err
+		}
+		if size >= old {
+			if err := im.Close(); err != nil {
+				return err
+			}
+			fmt.Fprintf(c.stdout, "%s: already at its minimum size, %s (%s)\n", path, formatSize(old), why)
+			return nil
+		}
+	}
 	if size < old && !shrink {
 		im.Close()
 		return fmt.Errorf("%s is %s; shrinking it to %s discards what lies past that (--shrink does it)", path, formatSize(old), formatSize(size))
@@ -86,9 +122,6 @@ func (c *cli) resize(path string, in input, children []string, size int64, shrin
 		// A raw disk is its file: the file's length is the size.
 		if err := im.Close(); err != nil {
 			return err
-		}
-		if disk.IsBlockDevice(path) {
-			return fmt.Errorf("%s is a block device: its size is the device's", path)
 		}
 		if size%512 != 0 {
 			return fmt.Errorf("%s: the size must be a multiple of 512 bytes", path)
@@ -110,6 +143,45 @@ func (c *cli) resize(path string, in input, children []string, size int64, shrin
 			return err
 		}
 	}
-	fmt.Fprintf(c.stdout, "%s: resized from %s to %s\n", path, formatSize(old), formatSize(size))
+	if why != "" {
+		why = " (" + why + ")"
+	}
+	fmt.Fprintf(c.stdout, "%s: resized from %s to %s%s\n", path, formatSize(old), formatSize(size), why)
 	return nil
+}
+
+// minimumAlign is what --to-minimum rounds up to: a whole MiB, a multiple
+// of every sector size, and a size Azure takes for a fixed VHD.
+const minimumAlign = 1 << 20
+
+// prepareMinimum finds the smallest size of im that keeps every partition
+// of its table and, when that is smaller than im, makes the table valid
+// for it (a GPT's backup moves to the new end, flushed). why says what
+// ends there. A disk without a readable table, or with no partitions, is
+// refused untouched.
+func prepareMinimum(path string, im disk.Image) (size int64, why string, err error) {
+	logical, _ := sectorSizes(im)
+	t, err := partition.Read(im, im.Size(), logical)
+	if err != nil {
+		if errors.Is(err, partition.ErrNoTable) {
+			return 0, "", fmt.Errorf("%s is not resized: %w (--to-minimum shrinks a disk to the end of the last partition of its MBR or GPT)", path, err)
+		}
+		return 0, "", fmt.Errorf("%s is not resized: %w", path, err)
+	}
+	last, ok := t.Last()
+	if !ok {
+		return 0, "", fmt.Errorf("%s is not resized: its %s holds no partitions, so --to-minimum has nothing to keep", path, t.Kind)
+	}
+	size = t.MinimumSize(minimumAlign)
+	why = fmt.Sprintf("%s partition %d ends at %s", t.Kind, last.Number, formatSize(last.End()))
+	if t.Kind == partition.GPT {
+		why += ", then the backup GPT"
+	}
+	if size >= im.Size() {
+		return size, why, nil
+	}
+	if err := t.SetDiskSize(im, size); err != nil {
+		return 0, "", fmt.Errorf("%s is not resized: moving the partition table's end: %w", path, err)
+	}
+	return size, why, nil
 }

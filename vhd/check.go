@@ -10,35 +10,19 @@ import (
 	"github.com/vhdkit/vhdkit/storage"
 )
 
-// Problem is one inconsistency found by Check.
-type Problem struct {
-	Offset int64  // file offset of the structure, -1 if none
-	What   string // one line
-	// Warning: the image opens and reads correctly anyway (a tolerated
-	// oddity, leaked space, a parent time stamp mismatch).
-	Warning bool
-}
-
-func (p Problem) String() string {
-	kind := "error"
-	if p.Warning {
-		kind = "warning"
-	}
-	if p.Offset < 0 {
-		return kind + ": " + p.What
-	}
-	return fmt.Sprintf("%s at offset %d: %s", kind, p.Offset, p.What)
-}
-
-// Check inspects the image at path, and its chain, like Test-VHD: the
-// footer and its copy, the header, the BAT and the blocks it points at,
-// the parent locators and the parent. It returns the problems found (none:
-// consistent). A checksum failure is reported, then checking goes on as
-// if the checksum were right. With repair, a damaged footer (at the end
-// or the copy at 0) is rewritten from the intact one when nothing worse
-// is wrong, and a fixed image whose resize a crash tore (see "Resizing"
-// in the package doc) is cut after the footer the resize left. The error
-// is for I/O failures only.
+// Check inspects the image at path, and its chain, like Test-VHD, but
+// strictly: every rule of the VHD specification that can be checked in a
+// file, on the footer and its copy, the dynamic header, the BAT and where
+// its blocks lie, the parent locators, and the parent's identity (see the
+// rule list in strict.go), each finding with its structure and file
+// offset. Errors are what the specification forbids or a strict reader
+// refuses; warnings what readers tolerate (and a state a crash leaves
+// that a writable open repairs). It returns the problems found (none:
+// consistent). With repair, a damaged footer (at the end or the copy at 0)
+// is rewritten from the intact one when nothing worse is wrong, and a fixed
+// image whose resize a crash tore (see "Resizing" in the package doc) is
+// cut after the footer the resize left. The error is for I/O failures
+// only.
 func Check(path string, repair bool) ([]Problem, error) {
 	return check(path, repair, OpenOptions{ReadOnly: true})
 }
@@ -51,68 +35,119 @@ func CheckForceShare(path string) ([]Problem, error) {
 	return check(path, false, OpenOptions{ReadOnly: true, ForceShare: true})
 }
 
+// CheckFile is Check without repair of the image in f, which path names
+// (it locates the parents, opened by path). f stays open.
+func CheckFile(f storage.File, path string) ([]Problem, error) {
+	return checkFile(f, path, OpenOptions{ReadOnly: true})
+}
+
 func check(path string, repair bool, opts OpenOptions) ([]Problem, error) {
 	f, err := opts.open(path, os.O_RDONLY)
 	if err != nil {
 		return nil, fmt.Errorf("vhd: %w", err)
 	}
 	defer f.Close()
-	var probs []Problem
-	add := func(err error) {
-		p := Problem{Offset: -1, What: err.Error()}
-		var fe *FormatError
-		if errors.As(err, &fe) {
-			p.Offset = fe.Offset
-		}
-		probs = append(probs, p)
+	probs, openErr, err := checkImage(f, path, opts)
+	if err != nil || !repair {
+		return probs, err
 	}
+	var fromCopy, copyDiffers, checksumBad bool
+	for _, p := range probs {
+		switch {
+		case p.Rule == "footer.end-damaged":
+			fromCopy = true
+		case p.Rule == "footer.copy-stale" || p.Rule == "footer.copy":
+			copyDiffers = true
+		case p.Rule == "footer.checksum" || p.Rule == "header.checksum":
+			checksumBad = true
+		}
+	}
+	if openErr != nil {
+		if !errors.Is(openErr, disk.ErrFormat) {
+			return probs, nil
+		}
+		// Open refuses the file: perhaps a fixed image whose resize a
+		// crash tore.
+		at, err := findFixedFooter(f)
+		if err != nil || at < 0 {
+			return probs, err
+		}
+		if err := cutAfter(path, at+footerSize); err != nil {
+			return probs, err
+		}
+		return append(probs, Problem{Offset: at, Struct: "footer", Rule: "footer.end-damaged", Warning: true,
+			What: "no footer at the end (a resize torn by a crash): file cut after the fixed image footer found here"}), nil
+	}
+	// Only a footer that passed its checksum is copied over the other.
+	if (fromCopy || copyDiffers) && !checksumBad {
+		if err := repairFooters(path); err != nil {
+			return probs, err
+		}
+		probs = append(probs, Problem{Offset: -1, Struct: "footer", What: "footers rewritten", Warning: true})
+	}
+	return probs, nil
+}
+
+// Warnings of Open that the strict checks report themselves.
+const (
+	warnFromCopy  = "no valid footer at the end of the file (interrupted write?); using the copy at offset 0"
+	warnCopyStale = "the footer copy at offset 0 differs from the footer at the end"
+)
+
+func checkFile(f storage.File, path string, opts OpenOptions) ([]Problem, error) {
+	probs, _, err := checkImage(f, path, opts)
+	return probs, err
+}
+
+// checkImage runs the strict checks on f's bytes, then opens the image
+// (and its chain) as Open does, adding what only opening finds: the
+// parent. It also returns why Open refused the image, if it did.
+func checkImage(f storage.File, path string, opts OpenOptions) (probs []Problem, openErr, err error) {
+	size, err := f.Size()
+	if err != nil {
+		return nil, nil, fmt.Errorf("vhd: %w", err)
+	}
+	in := &inspector{f: f, size: size}
+	if err := in.inspectFile(); err != nil {
+		return in.probs, nil, err
+	}
+	probs = in.probs
+	strictErrors := slices.ContainsFunc(probs, func(p Problem) bool { return !p.Warning })
 	im, err := openFile(f, path, opts, nil)
-	checksumBad := errors.Is(err, disk.ErrChecksum)
-	if checksumBad {
-		add(err)
+	if errors.Is(err, disk.ErrChecksum) {
+		// Reported by the strict checks; look further.
 		opts.IgnoreChecksum = true
 		im, err = openFile(f, path, opts, nil)
 	}
 	if err != nil {
 		var pe *os.PathError
 		if errors.As(err, &pe) && !errors.Is(err, os.ErrNotExist) {
-			return probs, err
+			return probs, nil, err
 		}
-		add(err)
-		if repair && errors.Is(err, disk.ErrFormat) {
-			at, err := findFixedFooter(f)
-			if err != nil || at < 0 {
-				return probs, err
+		parentErr := errors.Is(err, disk.ErrParentNotFound) || errors.Is(err, disk.ErrParentMismatch)
+		if parentErr || !strictErrors {
+			p := Problem{Offset: -1, What: err.Error()}
+			if parentErr {
+				p.Struct, p.Rule = "parent", "parent"
 			}
-			if err := cutAfter(path, at+footerSize); err != nil {
-				return probs, err
+			var fe *FormatError
+			if errors.As(err, &fe) {
+				p.Offset, p.Struct = fe.Offset, fe.Struct
 			}
-			probs = append(probs, Problem{Offset: at, Warning: true,
-				What: "no footer at the end (a resize torn by a crash): file cut after the fixed image footer found here"})
+			probs = append(probs, p)
 		}
-		return probs, nil
+		return probs, err, nil
 	}
 	defer im.closeParent()
-	repairable := im.fromCopy
 	for _, w := range im.warnings {
-		probs = append(probs, Problem{Offset: -1, What: w, Warning: true})
-	}
-	probs = append(probs, im.lint()...)
-	if im.ft.DiskType != Fixed && !im.fromCopy {
-		var c [footerSize]byte
-		if err := readFull(f, c[:], 0); err != nil {
-			return probs, err
+		if w != warnFromCopy && w != warnCopyStale {
+			probs = append(probs, Problem{Offset: -1, Struct: "parent", Rule: "parent", What: w, Warning: true})
 		}
-		repairable = repairable || c != im.footerRaw
 	}
-	// Only a footer that passed its checksum is copied over the other.
-	if repair && repairable && !checksumBad {
-		if err := repairFooters(path); err != nil {
-			return probs, err
-		}
-		probs = append(probs, Problem{Offset: -1, What: "footers rewritten", Warning: true})
+	if im.ft.DiskType != Fixed {
+		probs = append(probs, im.lintSpace()...)
 	}
-	return probs, nil
+	return probs, nil, nil
 }
 
 // repairFooters rewrites the end footer (a writable open does) and the
@@ -189,46 +224,6 @@ func cutAfter(path string, size int64) error {
 	return f.Close()
 }
 
-// lint reports what Open tolerates but other readers may not.
-func (im *Image) lint() []Problem {
-	var probs []Problem
-	warn := func(off int64, format string, args ...any) {
-		probs = append(probs, Problem{Offset: off, What: fmt.Sprintf(format, args...), Warning: true})
-	}
-	ft := &im.ft
-	if ft.Features&featureReserved == 0 {
-		warn(im.footerAt+8, "footer features %#x lack the reserved bit 0x2", ft.Features)
-	}
-	if ft.CurrentSize%SectorSize != 0 {
-		warn(im.footerAt+48, "current size %d is not a whole number of sectors", ft.CurrentSize)
-	}
-	if ft.SavedState != 0 {
-		warn(im.footerAt+84, "saved state is set: the image belongs to a suspended machine")
-	}
-	if !disk.IsZero(im.footerRaw[85:]) {
-		warn(im.footerAt+85, "footer reserved bytes are not zero (7-Zip refuses such images)")
-	}
-	if ft.DiskType == Fixed {
-		return probs
-	}
-	h := &im.hdr
-	if h.Reserved != 0 {
-		warn(im.hdrOff+60, "header reserved field is %#x (7-Zip refuses such images)", h.Reserved)
-	}
-	if n := im.bat.n; int64(h.MaxTableEntries) != n {
-		warn(im.hdrOff+headerMaxEntAt, "%d BAT entries for a disk needing %d (7-Zip refuses such images)", h.MaxTableEntries, n)
-	}
-	if ft.DiskType == Dynamic {
-		return append(probs, im.lintSpace()...)
-	}
-	for i, l := range h.Locators {
-		if l.Code != platformNone && !l.known() && l.Code != platformMac {
-			warn(im.hdrOff+headerLocatorsAt+int64(i)*locatorEntrySize, "unknown parent locator platform %s", platformName(l.Code))
-		}
-	}
-	return append(probs, im.lintSpace()...)
-}
-
 // lintSpace reports whole blocks' worth of file space nothing refers to:
 // blocks leaked by trims or by writes a crash interrupted.
 func (im *Image) lintSpace() []Problem {
@@ -255,6 +250,6 @@ func (im *Image) lintSpace() []Problem {
 	if leaked == 0 {
 		return nil
 	}
-	return []Problem{{Offset: -1, Warning: true,
+	return []Problem{{Offset: -1, Struct: "file", Rule: "file.leak", Warning: true,
 		What: fmt.Sprintf("%d bytes in %d gaps of the file are referenced by nothing (leaked blocks; converting the image compacts it)", leaked, gaps)}}
 }

@@ -114,6 +114,18 @@ func (s *crashState) verify(t *testing.T, f *memFile, path string, fault, k int)
 		}
 	}
 	img.Close()
+	// The cut must be valid to the strictest reader, not only readable by
+	// ours: the strict Check finds no error (warnings are states a
+	// writable open repairs).
+	probs, err := CheckFile(f.reopen(), path)
+	if err != nil {
+		t.Fatalf("fault %d, cut %d: Check: %v", fault, k, err)
+	}
+	for _, p := range probs {
+		if !p.Warning {
+			t.Fatalf("fault %d, cut %d: Check: %v", fault, k, p)
+		}
+	}
 	// A writable open of the cut recovers it for further use.
 	img, err = OpenFile(f.reopen(), path, OpenOptions{})
 	if err != nil {

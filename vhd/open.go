@@ -170,7 +170,7 @@ func (im *Image) load(ignoreChecksum bool) error {
 	limit := at // data ends where the footer starts
 	if fromCopy {
 		limit = size
-		im.warn("no valid footer at the end of the file (interrupted write?); using the copy at offset 0")
+		im.warn(warnFromCopy)
 	}
 	if ft.DiskType == Fixed {
 		if im.size > at {
@@ -184,7 +184,7 @@ func (im *Image) load(ignoreChecksum bool) error {
 			return err
 		}
 		if c != raw {
-			im.warn("the footer copy at offset 0 differs from the footer at the end")
+			im.warn(warnCopyStale)
 			im.copyStale = true
 		}
 	}

@@ -369,9 +369,13 @@ func TestGPT4K(t *testing.T) {
 
 // gptDisk builds a 4 MiB disk with a protective MBR and a GPT of two
 // partitions, in memory, for the hostile cases.
-func gptDisk() []byte {
+func gptDisk() []byte { return gptDiskSized(4 << 20) }
+
+// gptDiskSized builds a disk of size bytes with a protective MBR and a
+// GPT of two partitions, at LBAs 2048–4095 and 4096–6143 (1 to 3 MiB).
+func gptDiskSized(size int) []byte {
 	const ss = 512
-	d := make([]byte, 4<<20)
+	d := make([]byte, size)
 	total := uint64(len(d) / ss)
 	m := d[mbrEntriesOffset:]
 	m[4] = mbrTypeProtective

@@ -277,6 +277,35 @@ func TestGPTGrownThenShrunk(t *testing.T) {
 	}
 }
 
+// A hybrid MBR (sgdisk -h): its 0xEE entry covers only the GPT's own
+// sectors and another entry mirrors GPT partition 1; both stay as they
+// are, and the disk shrinks to a table sgdisk accepts.
+func TestGPTHybrid(t *testing.T) {
+	needTool(t, "sgdisk")
+	needTool(t, "fdisk")
+	path := newDisk(t, 64<<20, "label: gpt\n,10M\n,20M\n")
+	run(t, "", "sgdisk", "-h", "1", path)
+	parts := sfdiskPartitions(t, path)
+	before := partitionsHash(t, path, parts)
+	mbrBefore, _ := os.ReadFile(path)
+	mbrBefore = mbrBefore[:512]
+	tab := readTable(t, path)
+	if tab.Kind != GPT || len(tab.Partitions) != 3 || tab.Partitions[2].Type != "0x83" {
+		t.Fatalf("read %v %+v, want GPT with two partitions and the hybrid MBR's one", tab.Kind, tab.Partitions)
+	}
+	if got := shrink(t, path); got != 32<<20 {
+		t.Fatalf("shrunk to %d, want %d", got, 32<<20)
+	}
+	verifyGPT(t, path)
+	mbrAfter, _ := os.ReadFile(path)
+	if !bytes.Equal(mbrAfter[:512], mbrBefore) {
+		t.Error("the hybrid MBR changed")
+	}
+	if !bytes.Equal(partitionsHash(t, path, parts), before) {
+		t.Error("the partitions' bytes changed")
+	}
+}
+
 func TestMBRFromSfdisk(t *testing.T) {
 	needTool(t, "fdisk")
 	// Three primaries, then an extended partition to 57 MiB with two

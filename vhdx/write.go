@@ -375,6 +375,8 @@ func (im *Image) zeroRange(off, n int64, mayUnmap bool, state uint8) error {
 			err = im.discardFile(batOffset(e)+in, seg)
 		case st == payloadFullyPresent:
 			err = im.writeZeros(batOffset(e)+in, seg)
+		case st == payloadPartiallyPresent && mayUnmap:
+			err = im.discardPartial(off, seg, blk, batOffset(e))
 		default:
 			err = im.writeZeroRange(off, seg)
 		}
@@ -404,6 +406,36 @@ func (im *Image) discardFile(off, n int64) error {
 		}
 	}
 	return im.writeZeros(off, n)
+}
+
+// discardPartial makes [off, off+n), inside partially present block blk
+// stored at blockOff, read as zeros in this image (not the parent's data):
+// its sectors become present, and the whole MiB of the file under them are
+// punched where the file system can instead of written.
+func (im *Image) discardPartial(off, n, blk, blockOff int64) error {
+	delta := blockOff - blk*im.geo.blockSize // file offset - virtual offset, MiB-aligned
+	lo, hi := alignUp(off+delta, mib)-delta, (off+n+delta)/mib*mib-delta
+	if lo >= hi {
+		return im.writeZeroRange(off, n)
+	}
+	if err := storage.Punch(im.f, lo+delta, hi-lo); err != nil {
+		if errors.Is(err, storage.ErrPunchUnsupported) {
+			return im.writeZeroRange(off, n)
+		}
+		return fmt.Errorf("vhdx: discarding file range [%#x, +%#x): %w", lo+delta, hi-lo, err)
+	}
+	c := blk / im.geo.chunkRatio
+	bm, err := im.presentBitmap(c)
+	if err != nil {
+		return err
+	}
+	first, count := im.bitIndex(lo), (hi-lo)/im.geo.sectorSize
+	setBits(bm, first, count)
+	im.markBits(c, first, count)
+	if err := im.writeZeroRange(off, lo-off); err != nil {
+		return err
+	}
+	return im.writeZeroRange(hi, off+n-hi)
 }
 
 // writeZeroRange writes zeros through the ordinary write path, in pieces.

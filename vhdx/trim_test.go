@@ -1,0 +1,194 @@
+package vhdx
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+)
+
+// fileAllocated is how much of the file at path the file system holds
+// blocks for (stat's st_blocks counts 512-byte units).
+func fileAllocated(t *testing.T, path string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+// TestTrimReturnsSpace: Trim and WriteZeroes(mayUnmap) of whole blocks and
+// of whole MiB inside blocks give the host file's space back (stat's
+// blocks shrink once the flush commits them), the released blocks are
+// reused by later writes instead of growing the file, and the image stays
+// valid and reads as the model: per the strict check, and qemu-img.
+func TestTrimReturnsSpace(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "t.vhdx")
+	const size = 128 << 20
+	im, err := Create(path, CreateOptions{Size: size, BlockSize: 16 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := make([]byte, size)
+	r := rand.New(rand.NewPCG(1, 1))
+	for i := range model {
+		model[i] = byte(r.Uint32()) | 1
+	}
+	if _, err := im.WriteAt(model, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	before := fileAllocated(t, path)
+	fileSize := func() int64 {
+		fi, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi.Size()
+	}
+	grown := fileSize()
+	discard := []struct {
+		off, n int64
+		zero   bool // WriteZeroes(mayUnmap) rather than Trim
+	}{
+		{32 << 20, 32 << 20, false},        // two whole blocks: UNMAPPED
+		{96 << 20, 16 << 20, true},         // a whole block: ZERO
+		{1 << 20, 8 << 20, false},          // 8 MiB inside block 0
+		{17<<20 + 512, 6<<20 - 1024, true}, // 4 whole MiB and two partial ones inside block 1
+	}
+	var freed int64
+	for _, d := range discard {
+		if d.zero {
+			err = im.WriteZeroes(d.off, d.n, true)
+		} else {
+			err = im.Trim(d.off, d.n)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		clear(model[d.off : d.off+d.n])
+		freed += (d.off+d.n)/(1<<20)*(1<<20) - alignUp(d.off, 1<<20)
+	}
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	after := fileAllocated(t, path)
+	t.Logf("allocated %d MiB before, %d MiB after discarding %d whole MiB", before>>20, after>>20, freed>>20)
+	// The flush itself writes a log entry and metadata pages.
+	if before-after < freed-1<<20 {
+		t.Fatalf("allocated bytes went from %d to %d: %d freed, want about %d", before, after, before-after, freed)
+	}
+	// New data lands in the released blocks: the file does not grow.
+	fresh := bytes.Repeat([]byte{0xEE}, 48<<20)
+	if _, err := im.WriteAt(fresh[:32<<20], 32<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(fresh[:1<<20], 100<<20); err != nil {
+		t.Fatal(err)
+	}
+	copy(model[32<<20:], fresh[:32<<20])
+	copy(model[100<<20:], fresh[:1<<20])
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := fileSize(); got != grown {
+		t.Fatalf("file grew from %d to %d bytes: released blocks were not reused", grown, got)
+	}
+	probs, err := Check(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range probs {
+		t.Errorf("check: %v", p)
+	}
+	ro, err := Open(path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readAll(t, ro); !bytes.Equal(got, model) {
+		t.Fatalf("content differs from the model at %d", firstDiff(got, model))
+	}
+	ro.Close()
+	needTool(t, "qemu-img")
+	raw := filepath.Join(dir, "t.raw")
+	if err := os.WriteFile(raw, model, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-img", "check", "-f", "vhdx", path)
+	run(t, "qemu-img", "compare", "-f", "vhdx", "-F", "raw", path, raw)
+}
+
+// TestTrimDifferencing: in a differencing image a discarded range reads as
+// zeros, not the parent's data, and whole MiB inside a partially present
+// block are punched.
+func TestTrimDifferencing(t *testing.T) {
+	dir := t.TempDir()
+	parentPath := filepath.Join(dir, "p.vhdx")
+	p, err := Create(parentPath, CreateOptions{Size: 32 << 20, BlockSize: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := bytes.Repeat([]byte{0x11}, 32<<20)
+	if _, err := p.WriteAt(model, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "c.avhdx")
+	im, err := Create(path, CreateOptions{Parent: parentPath, BlockSize: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Block 0 partially present (6 MiB written), block 1 fully.
+	data := bytes.Repeat([]byte{0x22}, 14<<20)
+	if _, err := im.WriteAt(data, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	copy(model[1<<20:], data)
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	before := fileAllocated(t, path)
+	for _, d := range [][2]int64{{2 << 20, 3 << 20}, {7<<20 + 4096, 5 << 20}, {24 << 20, 8 << 20}, {512, 1024}} {
+		if err := im.Trim(d[0], d[1]); err != nil {
+			t.Fatal(err)
+		}
+		clear(model[d[0] : d[0]+d[1]])
+	}
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	after := fileAllocated(t, path)
+	t.Logf("allocated %d KiB before, %d KiB after", before>>10, after>>10)
+	if before-after < 3<<20 {
+		t.Fatalf("allocated bytes went from %d to %d, want at least 3 MiB freed", before, after)
+	}
+	if got := readAll(t, im); !bytes.Equal(got, model) {
+		t.Fatalf("content differs from the model at %d", firstDiff(got, model))
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	probs, err := Check(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range probs {
+		t.Errorf("check: %v", p)
+	}
+	ro, err := Open(path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if got := readAll(t, ro); !bytes.Equal(got, model) {
+		t.Fatalf("reopened, content differs from the model at %d", firstDiff(got, model))
+	}
+}

@@ -2,6 +2,7 @@ package vhdx
 
 import (
 	"bytes"
+	"encoding/binary"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -190,5 +191,106 @@ func TestTrimDifferencing(t *testing.T) {
 	defer ro.Close()
 	if got := readAll(t, ro); !bytes.Equal(got, model) {
 		t.Fatalf("reopened, content differs from the model at %d", firstDiff(got, model))
+	}
+}
+
+// TestFreeSpaceAcrossOpens: the free-space map is rebuilt on open from the
+// BAT and the regions: blocks released in one session are reused by the
+// next instead of growing the file, and a stale FileOffsetMB in a ZERO
+// entry (as older vhdkit wrote) is cleared by the first flush that
+// allocates, its space reused only after a reopen.
+func TestFreeSpaceAcrossOpens(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "f.vhdx")
+	const bs = 1 << 20
+	im, err := Create(path, CreateOptions{Size: 16 * bs, BlockSize: bs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := make([]byte, 16*bs)
+	write := func(im *Image, blk int64, v byte) {
+		t.Helper()
+		b := bytes.Repeat([]byte{v}, bs)
+		if _, err := im.WriteAt(b, blk*bs); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[blk*bs:], b)
+	}
+	for b := int64(0); b < 6; b++ {
+		write(im, b, byte(b+1))
+	}
+	if err := im.Trim(2*bs, 2*bs); err != nil {
+		t.Fatal(err)
+	}
+	clear(model[2*bs : 4*bs])
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	fi, _ := os.Stat(path)
+	grown := fi.Size()
+
+	im, err = Open(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	write(im, 10, 0xA)
+	write(im, 11, 0xB)
+	if fi, _ := os.Stat(path); fi.Size() != grown {
+		t.Fatalf("file grew from %d to %d: the space trimmed before the reopen was not reused", grown, fi.Size())
+	}
+	// An entry as older vhdkit left it: ZERO, naming block 1's old space.
+	old := batOffset(im.bat[1])
+	if err := im.WriteZeroes(bs, bs, true); err != nil {
+		t.Fatal(err)
+	}
+	clear(model[bs : 2*bs])
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := make([]byte, 8)
+	binary.LittleEndian.PutUint64(e, batEntry(payloadZero, old))
+	if _, err := f.WriteAt(e, newBATOffset+8); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	im, err = Open(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	write(im, 12, 0xC)
+	if got := batOffset(im.bat[12]); got == old {
+		t.Fatalf("block 12 placed at %#x, which a stale ZERO entry still names on disk", got)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if probs := writerProblems(b); len(probs) > 0 {
+		t.Fatal(probs)
+	}
+	im, err = Open(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	write(im, 13, 0xD)
+	if got := batOffset(im.bat[13]); got != old {
+		t.Fatalf("block 13 at %#x, not in the space %#x the cleared entry gave up", got, old)
+	}
+	if got := readAll(t, im); !bytes.Equal(got, model) {
+		t.Fatalf("content differs from the model at %d", firstDiff(got, model))
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Block 12 alone grew the file.
+	if fi, _ := os.Stat(path); fi.Size() != grown+bs {
+		t.Fatalf("file is %d bytes, want %d", fi.Size(), grown+bs)
 	}
 }

@@ -11,7 +11,9 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unicode/utf8"
 )
 
 // Errors that end a connection during option haggling. The spec lets the
@@ -50,11 +52,13 @@ type conn struct {
 	br  *bufio.Reader // reads from rw
 	tls *tls.Conn
 
-	mu       sync.Mutex // guards stopping against deadline changes, and export
+	mu       sync.Mutex // guards stopping against deadline changes, and x
 	stopping bool
-	export   string        // the export chosen, once in transmission (for Server.Clients)
-	attached bool          // export is set
 	done     chan struct{} // closed when the connection has ended
+	// dead is set once the socket is closed under the connection (abort,
+	// or a reply that failed to go out): no reply can reach the client
+	// any more, so the requests it sent are not executed.
+	dead atomic.Bool
 
 	// Negotiated during option haggling.
 	noZeroes   bool
@@ -64,7 +68,7 @@ type conn struct {
 	optBuf     []byte
 
 	// Transmission state.
-	x        *export
+	x        *export // the export chosen, set under mu (Server.Clients reads it)
 	size     uint64
 	minBlock uint64 // enforced alignment; 1 unless the client agreed
 	tflags   uint16
@@ -109,8 +113,10 @@ func (c *conn) stopReading() {
 	c.raw.SetReadDeadline(time.Unix(1, 0))
 }
 
-// abort closes the socket under every reader and writer.
+// abort closes the socket under every reader and writer; the requests
+// read and not yet running are dropped.
 func (c *conn) abort() {
+	c.dead.Store(true)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.stopping = true
@@ -254,7 +260,17 @@ func (c *conn) optReply(opt, typ uint32, parts ...[]byte) error {
 	return err
 }
 
+// optError sends an error reply. Its message, which may quote what the
+// client sent, is cut to the protocol's limit for strings at a character
+// boundary.
 func (c *conn) optError(opt, typ uint32, msg string) error {
+	if len(msg) > maxString {
+		cut := maxString
+		for cut > 0 && !utf8.RuneStart(msg[cut]) {
+			cut--
+		}
+		msg = msg[:cut]
+	}
 	return c.optReply(opt, typ, []byte(msg))
 }
 
@@ -268,7 +284,9 @@ func (c *conn) optExportName(data []byte) (bool, error) {
 	}
 	// Old clients do not negotiate block sizes, so no alignment is
 	// enforced; images handle unaligned I/O themselves.
-	c.enter(x, false)
+	if !c.enter(x, false) {
+		return false, errExportName
+	}
 	b := make([]byte, 10, 10+exportNameReplyZero)
 	binary.BigEndian.PutUint64(b[0:], c.size)
 	binary.BigEndian.PutUint16(b[8:], c.tflags)
@@ -344,10 +362,14 @@ func (c *conn) optInfoGo(opt uint32, data []byte) (bool, error) {
 	if x == nil {
 		return false, c.optError(opt, repErrUnknown, fmt.Sprintf("no export %q", name))
 	}
+	size, ok := x.imageSize()
+	if !ok {
+		return false, c.optError(opt, repErrUnknown, fmt.Sprintf("no export %q", name))
+	}
 
 	var b [14]byte
 	binary.BigEndian.PutUint16(b[0:], infoExport)
-	binary.BigEndian.PutUint64(b[2:], uint64(x.Image.Size()))
+	binary.BigEndian.PutUint64(b[2:], uint64(size))
 	binary.BigEndian.PutUint16(b[10:], x.transmissionFlags(c.structured))
 	if err := c.optReply(opt, repInfo, b[:12]); err != nil {
 		return false, err
@@ -381,17 +403,31 @@ func (c *conn) optInfoGo(opt uint32, data []byte) (bool, error) {
 	if c.metaExport != name {
 		c.meta = nil
 	}
-	c.enter(x, wantBlock)
+	if !c.enter(x, wantBlock) {
+		// Removed since the lookup above.
+		return false, c.optError(opt, repErrUnknown, fmt.Sprintf("no export %q", name))
+	}
 	return true, c.optReply(opt, repAck)
 }
 
 // enter fixes the export and its parameters for the transmission phase.
-func (c *conn) enter(x *export, blockSizeAgreed bool) {
-	c.x = x
+// It fails when the export was removed meanwhile: attaching happens under
+// the server's lock, so RemoveExport sees every connection attached.
+func (c *conn) enter(x *export, blockSizeAgreed bool) bool {
+	size, ok := x.imageSize()
+	if !ok {
+		return false
+	}
+	c.srv.mu.Lock()
+	if x.removed {
+		c.srv.mu.Unlock()
+		return false
+	}
 	c.mu.Lock()
-	c.export, c.attached = x.Name, true
+	c.x = x
 	c.mu.Unlock()
-	c.size = uint64(x.Image.Size())
+	c.srv.mu.Unlock()
+	c.size = uint64(size)
 	c.tflags = x.transmissionFlags(c.structured)
 	c.minBlock = 1
 	if blockSizeAgreed {
@@ -402,6 +438,7 @@ func (c *conn) enter(x *export, blockSizeAgreed bool) {
 	if !c.structured {
 		c.meta = nil
 	}
+	return true
 }
 
 func (c *conn) optMetaContext(opt uint32, data []byte) error {

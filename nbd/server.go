@@ -42,7 +42,47 @@ type export struct {
 	zeroer   disk.Zeroer
 	extenter disk.Extenter
 	minBlock uint32
+
+	// use is held shared by whatever runs on Image (a request's image
+	// calls, never the sending of its reply, which a client can stall)
+	// and exclusively by RemoveExport while it marks the export gone, so
+	// that once RemoveExport returns nothing reaches Image: its owner may
+	// close it.
+	use  sync.RWMutex
+	gone bool // under use
+	// leaving is set when RemoveExport begins, so that a long request
+	// (zeroing a large range with buffers) stops instead of holding it up.
+	leaving atomic.Bool
+	// removed is set under Server.mu with the export's removal from the
+	// map: no connection attaches to it afterwards.
+	removed bool
 }
+
+// acquire reports whether the image may be used, and if so holds it until
+// release.
+func (x *export) acquire() bool {
+	x.use.RLock()
+	if x.gone {
+		x.use.RUnlock()
+		return false
+	}
+	return true
+}
+
+func (x *export) release() { x.use.RUnlock() }
+
+// imageSize is the image's size, unless the export is gone.
+func (x *export) imageSize() (int64, bool) {
+	if !x.acquire() {
+		return 0, false
+	}
+	defer x.release()
+	return x.Image.Size(), true
+}
+
+// errExportGone is the message of requests refused once their export was
+// removed.
+const errExportGone = "export removed"
 
 func newExport(e Export) (*export, error) {
 	if e.Image == nil {
@@ -143,18 +183,50 @@ func (s *Server) AddExport(e Export) error {
 	return nil
 }
 
-// RemoveExport hides the export from new connections; connections already
-// using it continue until they disconnect. It reports whether it existed.
+// RemoveExport removes the export, after which nothing reaches its image:
+// the caller may close it once RemoveExport returns. New connections no
+// longer find it; connections using it, or half way through choosing it,
+// stop reading requests (as Disconnect does) and end once the requests
+// they have read are answered: the requests running on the image finish,
+// and RemoveExport waits for them; the others fail with ESHUTDOWN. It
+// reports whether the export existed.
 func (s *Server) RemoveExport(name string) bool {
+	// 1. Out of the map, and marked so that a connection which looked it
+	//    up before cannot attach to it any more.
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	_, ok := s.exports[name]
+	x := s.exports[name]
+	if x == nil {
+		s.mu.Unlock()
+		return false
+	}
 	delete(s.exports, name)
-	return ok
+	x.removed = true
+	var users []*conn
+	for c := range s.conns {
+		c.mu.Lock()
+		if c.x == x {
+			users = append(users, c)
+		}
+		c.mu.Unlock()
+	}
+	s.mu.Unlock()
+	// 2. Its connections read no further requests.
+	x.leaving.Store(true)
+	for _, c := range users {
+		c.stopReading()
+	}
+	// 3. Wait for the image calls running, and mark the export gone: the
+	//    requests still queued, and the replies being sent, do not touch
+	//    the image.
+	x.use.Lock()
+	x.gone = true
+	x.use.Unlock()
+	return true
 }
 
 // Clients counts the connections in the transmission phase on the export
-// name: the clients that may read or write it.
+// name: the clients that may read or write it. Connections still ending
+// after their export was removed are not counted: they reach no image.
 func (s *Server) Clients(name string) int {
 	return len(s.clientsOf(name))
 }
@@ -162,10 +234,14 @@ func (s *Server) Clients(name string) int {
 func (s *Server) clientsOf(name string) []*conn {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	x := s.exports[name]
+	if x == nil {
+		return nil
+	}
 	var out []*conn
 	for c := range s.conns {
 		c.mu.Lock()
-		if c.attached && c.export == name {
+		if c.x == x {
 			out = append(out, c)
 		}
 		c.mu.Unlock()
@@ -432,13 +508,14 @@ func (s *Server) flushAll() error {
 	}
 	s.mu.Unlock()
 	for _, x := range list {
-		if x.ReadOnly || seen[x.Image] {
-			continue
+		if x.ReadOnly || seen[x.Image] || !x.acquire() {
+			continue // a removed export's image may be closed already
 		}
 		seen[x.Image] = true
 		if err := x.Image.Flush(); err != nil {
 			errs = append(errs, fmt.Errorf("nbd: flush export %q: %w", x.Name, err))
 		}
+		x.release()
 	}
 	return errors.Join(errs...)
 }

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+	"unsafe"
 
 	"github.com/vhdkit/vhdkit/disk"
 )
@@ -23,9 +24,15 @@ import (
 // skipped their payload, so the stream never loses its framing.
 //
 // Memory per connection is bounded by the budget: the reader reserves a
-// READ's or WRITE's length before going on, workers give it back after
-// the reply is written. A client that stops reading replies therefore
-// stalls only its own connection.
+// READ's or WRITE's length, or the most a BLOCK_STATUS may hold, before
+// going on; workers give it back after the reply is written. A client
+// that stops reading replies therefore stalls only its own connection.
+//
+// A worker holds its export's image (export.use) only while it calls the
+// image, never while it sends, so a stalled client cannot hold up
+// RemoveExport. Requests of a connection that died (abort, or a reply
+// that could not be sent) are dropped instead of executed: nobody would
+// see their replies, and Shutdown's deadline would not bound them.
 
 const (
 	// minHoleChunk is the smallest hole sent as NBD_REPLY_TYPE_OFFSET_HOLE;
@@ -34,25 +41,35 @@ const (
 	// maxReadChunks caps the chunks of one read reply; past it the rest
 	// goes as one data chunk.
 	maxReadChunks = 256
-	// maxStatusQuery caps the range one BLOCK_STATUS asks the image
-	// about; the client asks again from where the reply stops.
+	// maxStatusQuery caps the range one BLOCK_STATUS describes (so that
+	// a descriptor's length fits its 32 bits); the client asks again
+	// from where the reply stops.
 	maxStatusQuery = 1 << 30
 	// maxDescriptors caps the extents in one block status chunk (the
 	// spec says at most 2^20; this keeps replies under 512 KiB).
 	maxDescriptors = 1 << 16
+	// firstStatusWindow is the range the image is first asked about for
+	// a BLOCK_STATUS; each further window doubles, up to the range whose
+	// extents (no finer than the logical sector) number at most
+	// statusWindowExtents. A REQ_ONE request thus costs about the length
+	// of its one extent, not of the range asked.
+	firstStatusWindow   = 64 << 10
+	statusWindowExtents = 1 << 14
+	// extentSize is the memory of one extent the image returns.
+	extentSize = int64(unsafe.Sizeof(disk.Extent{}))
 )
 
 // job is one request on its way through a worker, with the scratch space
 // its reply needs. Jobs are pooled.
 type job struct {
-	req   request
-	buf   *[]byte // WRITE payload or READ data, pooled
-	held  int64   // budget reserved by the reader
-	hdr   [40]byte
-	extra []byte   // headers of multi-chunk replies
-	iov   [][]byte // backing array for net.Buffers
-	exts  []disk.Extent
-	segs  []segment
+	req    request
+	buf    *[]byte // WRITE payload or READ data, pooled
+	held   int64   // budget reserved by the reader
+	hdr    [40]byte
+	extra  []byte    // headers of multi-chunk replies
+	status [2][]byte // block status chunks, one per context
+	iov    [][]byte  // backing array for net.Buffers
+	segs   []segment
 }
 
 var jobPool = sync.Pool{New: func() any { return new(job) }}
@@ -65,11 +82,15 @@ func putJob(j *job) {
 		j.buf = nil
 	}
 	if cap(j.extra) > 64<<10 {
-		j.extra = nil // do not pin a rare huge block status reply
+		j.extra = nil // do not pin a rare huge reply
+	}
+	for i := range j.status {
+		if cap(j.status[i]) > 64<<10 {
+			j.status[i] = nil
+		}
 	}
 	clear(j.iov)
 	j.iov = j.iov[:0]
-	j.exts = j.exts[:0]
 	j.segs = j.segs[:0]
 	j.held = 0
 	jobPool.Put(j)
@@ -131,6 +152,9 @@ func (b *budget) init(n int64) {
 }
 
 func (b *budget) acquire(n int64) {
+	if n == 0 {
+		return
+	}
 	b.mu.Lock()
 	for b.avail < n {
 		b.cond.Wait()
@@ -205,8 +229,10 @@ func (c *conn) readLoop(work chan<- *job) error {
 		switch r.typ {
 		case CmdRead, CmdWrite:
 			j.held = int64(r.length)
-			c.budget.acquire(j.held)
+		case CmdBlockStatus:
+			j.held = c.statusMemory(r.flags&CmdFlagReqOne != 0)
 		}
+		c.budget.acquire(j.held)
 		if r.typ == CmdWrite {
 			j.buf = getBuf(int(r.length))
 			if _, err := io.ReadFull(c.br, *j.buf); err != nil {
@@ -289,45 +315,68 @@ func (c *conn) check(r *request) (Errno, string) {
 	return 0, ""
 }
 
-// execute runs one valid request and replies to it.
+// execute runs one valid request and replies to it, or drops it when
+// the connection is dead.
 func (c *conn) execute(j *job) {
+	defer func() {
+		c.budget.release(j.held)
+		putJob(j)
+	}()
+	if c.dead.Load() {
+		return
+	}
+	if !c.x.acquire() {
+		c.replyError(j.req, ESHUTDOWN, errExportGone)
+		return
+	}
+	errno, msg := c.perform(j)
+	c.x.release()
+	if c.dead.Load() {
+		return
+	}
+	if errno != 0 {
+		c.replyError(j.req, errno, msg)
+		return
+	}
+	c.send(j.iov)
+}
+
+// perform runs a request on the image and prepares its reply in j.iov;
+// it returns the error to reply instead.
+func (c *conn) perform(j *job) (Errno, string) {
 	r := &j.req
 	img := c.x.Image
 	off, n := int64(r.off), int64(r.length)
 	var err error
 	switch r.typ {
 	case CmdRead:
-		c.read(j)
-		c.budget.release(j.held)
-		putJob(j)
-		return
+		return c.read(j)
 	case CmdWrite:
 		_, err = img.WriteAt(*j.buf, off)
 	case CmdFlush:
 		err = img.Flush()
 	case CmdTrim:
+		// The image may release the range's space (a VHDX unmaps whole
+		// blocks); without a Trimmer, TRIM is a hint with no effect.
 		if c.x.trimmer != nil && n > 0 {
 			err = c.x.trimmer.Trim(off, n)
 		}
 	case CmdWriteZeroes:
+		// Without NO_HOLE the client lets the range be deallocated.
 		err = c.writeZeroes(off, n, r.flags&CmdFlagNoHole == 0)
 	case CmdCache:
 		// A hint with no required effect; images keep their own caches.
 	case CmdBlockStatus:
-		c.blockStatus(j)
-		putJob(j)
-		return
+		return c.blockStatus(j)
 	}
 	if err == nil && r.flags&CmdFlagFUA != 0 && r.typ != CmdFlush && r.typ != CmdCache {
 		err = img.Flush()
 	}
 	if err != nil {
-		c.replyError(*r, errnoOf(err), err.Error())
-	} else {
-		c.replyOK(j)
+		return errnoOf(err), err.Error()
 	}
-	c.budget.release(j.held)
-	putJob(j)
+	c.prepareOK(j)
+	return 0, ""
 }
 
 func (c *conn) writeZeroes(off, n int64, mayUnmap bool) error {
@@ -338,6 +387,9 @@ func (c *conn) writeZeroes(off, n int64, mayUnmap bool) error {
 		return c.x.zeroer.WriteZeroes(off, n, mayUnmap)
 	}
 	for n > 0 {
+		if c.x.leaving.Load() || c.dead.Load() {
+			return ESHUTDOWN // nobody waits for the rest
+		}
 		k := min(n, int64(len(zeroBuf)))
 		if _, err := c.x.Image.WriteAt(zeroBuf[:k], off); err != nil {
 			return err
@@ -372,7 +424,7 @@ type segment struct {
 
 // read answers a READ: with structured replies, zero ranges of the image
 // go out as hole chunks and only data is read and sent.
-func (c *conn) read(j *job) {
+func (c *conn) read(j *job) (Errno, string) {
 	r := &j.req
 	off, n := int64(r.off), int64(r.length)
 	j.segs = j.segs[:0]
@@ -394,8 +446,7 @@ func (c *conn) read(j *job) {
 			if err == nil {
 				err = io.ErrUnexpectedEOF
 			}
-			c.replyError(*r, errnoOf(err), err.Error())
-			return
+			return errnoOf(err), err.Error()
 		}
 	}
 	if !c.structured {
@@ -404,13 +455,12 @@ func (c *conn) read(j *job) {
 		if n > 0 {
 			j.iov = append(j.iov, *j.buf)
 		}
-		c.send(j.iov)
-		return
+		return 0, ""
 	}
 	if n == 0 {
 		encodeChunkHeader(j.hdr[:], replyFlagDone, replyTypeNone, r.cookie, 0)
-		c.send(append(j.iov[:0], j.hdr[:chunkHeaderLen]))
-		return
+		j.iov = append(j.iov[:0], j.hdr[:chunkHeaderLen])
+		return 0, ""
 	}
 	// All data is in memory, so no error can follow: the last content
 	// chunk carries the DONE flag.
@@ -444,7 +494,7 @@ func (c *conn) read(j *job) {
 		j.iov = append(j.iov, h[:dataHdr], (*j.buf)[s.off-off:s.off-off+s.n])
 		h = h[dataHdr:]
 	}
-	c.send(j.iov)
+	return 0, ""
 }
 
 // planRead splits a read into data and hole segments from the image's
@@ -480,79 +530,130 @@ func (c *conn) planRead(j *job) {
 	j.segs = segs
 }
 
-// blockStatus answers BLOCK_STATUS with one chunk per selected context.
-func (c *conn) blockStatus(j *job) {
-	r := &j.req
-	off := int64(r.off)
-	q := min(int64(r.length), maxStatusQuery)
-	var exts []disk.Extent
-	if c.x.extenter != nil {
-		var err error
-		exts, err = c.x.extenter.Extents(off, q)
-		if err != nil {
-			c.replyError(*r, errnoOf(err), err.Error())
-			return
-		}
+// statusMemory is the most a BLOCK_STATUS holds, reserved from the
+// connection's budget: its reply and one window of the image's extents.
+func (c *conn) statusMemory(reqOne bool) int64 {
+	limit := int64(maxDescriptors)
+	if reqOne {
+		limit = 1
 	}
-	// Repair whatever the image returned into contiguous extents covering
-	// [off, off+q): gaps become data, overlaps are cut.
-	j.exts = j.exts[:0]
-	pos, end := off, off+q
-	for _, e := range exts {
-		lo, hi := max(e.Offset, pos), min(e.Offset+e.Length, end)
-		if hi <= lo {
-			continue
-		}
-		if lo > pos {
-			j.exts = append(j.exts, disk.Extent{Offset: pos, Length: lo - pos, Type: disk.Data})
-		}
-		e.Offset, e.Length = lo, hi-lo
-		j.exts = append(j.exts, e)
-		pos = hi
-	}
-	if pos < end {
-		j.exts = append(j.exts, disk.Extent{Offset: pos, Length: end - pos, Type: disk.Data})
-	}
+	return int64(len(c.meta))*(chunkHeaderLen+4+8*limit) + statusWindowExtents*extentSize
+}
 
-	j.extra = j.extra[:0]
-	j.iov = j.iov[:0]
-	starts := make([]int, 0, 2)
-	for _, k := range c.meta {
-		start := len(j.extra)
-		starts = append(starts, start)
-		j.extra = append(j.extra, zeroBuf[:chunkHeaderLen+4]...)
-		count := 0
-		var last uint32
-		for _, e := range j.exts {
-			st := statusOf(k, e)
-			if count > 0 && st == last {
-				// Merge equal neighbours; lengths stay below 2^32
-				// because q is at most 1 GiB.
-				p := j.extra[len(j.extra)-8:]
-				binary.BigEndian.PutUint32(p, binary.BigEndian.Uint32(p)+uint32(e.Length))
+// blockStatus answers BLOCK_STATUS with one chunk per selected context.
+// The image is asked about growing windows from the request's offset, and
+// asking stops as soon as the reply is full: with REQ_ONE once every
+// context's first extent has ended, otherwise once every context has
+// maxDescriptors. The spec lets the reply cover less than the range asked
+// (the client asks again from where it stops), so the work and memory of
+// a request are bounded by what its reply carries, not by its length.
+func (c *conn) blockStatus(j *job) (Errno, string) {
+	r := &j.req
+	limit := maxDescriptors
+	if r.flags&CmdFlagReqOne != 0 {
+		limit = 1
+	}
+	type context struct {
+		count int
+		last  uint32
+		full  bool // a further descriptor does not fit
+	}
+	var ctx [len(j.status)]context
+	for i := range c.meta {
+		j.status[i] = append(j.status[i][:0], zeroBuf[:chunkHeaderLen+4]...)
+	}
+	// add appends extent e to every context's descriptors, merging it
+	// into the last one of equal status; it reports whether any context
+	// still takes more.
+	add := func(e disk.Extent) bool {
+		open := false
+		for i, k := range c.meta {
+			x := &ctx[i]
+			if x.full {
 				continue
 			}
-			if count == maxDescriptors || (count == 1 && r.flags&CmdFlagReqOne != 0) {
+			st := statusOf(k, e)
+			b := j.status[i]
+			if x.count > 0 && st == x.last {
+				// Lengths stay below 2^32: a reply covers at most
+				// maxStatusQuery bytes.
+				p := b[len(b)-8:]
+				binary.BigEndian.PutUint32(p, binary.BigEndian.Uint32(p)+uint32(e.Length))
+				open = true
+				continue
+			}
+			if x.count == limit {
+				x.full = true
+				continue
+			}
+			b = binary.BigEndian.AppendUint32(b, uint32(e.Length))
+			j.status[i] = binary.BigEndian.AppendUint32(b, st)
+			x.count++
+			x.last = st
+			open = true
+		}
+		return open
+	}
+
+	off := int64(r.off)
+	pos, end := off, off+min(int64(r.length), maxStatusQuery)
+	window, maxWindow := int64(firstStatusWindow), statusWindowExtents*int64(c.x.minBlock)
+	for pos < end {
+		n := min(window, end-pos)
+		window = min(2*window, maxWindow)
+		if c.x.extenter == nil {
+			// Without an allocation map everything is data.
+			add(disk.Extent{Offset: pos, Length: end - pos, Type: disk.Data})
+			break
+		}
+		exts, err := c.x.extenter.Extents(pos, n)
+		if err != nil {
+			if pos > off {
+				break // answer with what is known so far
+			}
+			return errnoOf(err), err.Error()
+		}
+		// Repair whatever the image returned into contiguous extents
+		// covering [pos, pos+n): gaps become data, overlaps are cut.
+		open := true
+		wend := pos + n
+		for _, e := range exts {
+			lo, hi := max(e.Offset, pos), min(e.Offset+e.Length, wend)
+			if hi <= lo {
+				continue
+			}
+			if lo > pos {
+				if open = add(disk.Extent{Offset: pos, Length: lo - pos, Type: disk.Data}); !open {
+					break
+				}
+			}
+			e.Offset, e.Length = lo, hi-lo
+			pos = hi
+			if open = add(e); !open {
 				break
 			}
-			j.extra = binary.BigEndian.AppendUint32(j.extra, uint32(e.Length))
-			j.extra = binary.BigEndian.AppendUint32(j.extra, st)
-			count++
-			last = st
 		}
-		binary.BigEndian.PutUint32(j.extra[start+chunkHeaderLen:], uint32(k))
+		if open && pos < wend {
+			open = add(disk.Extent{Offset: pos, Length: wend - pos, Type: disk.Data})
+			pos = wend
+		}
+		if !open || c.dead.Load() {
+			break
+		}
 	}
-	starts = append(starts, len(j.extra))
-	for i := range c.meta {
+
+	j.iov = j.iov[:0]
+	for i, k := range c.meta {
 		var flags uint16
 		if i == len(c.meta)-1 {
 			flags = replyFlagDone
 		}
-		chunk := j.extra[starts[i]:starts[i+1]]
+		chunk := j.status[i]
 		encodeChunkHeader(chunk, flags, replyTypeBlockStatus, r.cookie, uint32(len(chunk)-chunkHeaderLen))
+		binary.BigEndian.PutUint32(chunk[chunkHeaderLen:], uint32(k))
 		j.iov = append(j.iov, chunk)
 	}
-	c.send(j.iov)
+	return 0, ""
 }
 
 // statusOf is an extent's flags in metadata context k.
@@ -573,15 +674,15 @@ func statusOf(k metaKind, e disk.Extent) uint32 {
 	return uint32(e.Depth) + 1
 }
 
-// replyOK sends a success reply without payload.
-func (c *conn) replyOK(j *job) {
+// prepareOK prepares a success reply without payload.
+func (c *conn) prepareOK(j *job) {
 	if c.structured {
 		encodeChunkHeader(j.hdr[:], replyFlagDone, replyTypeNone, j.req.cookie, 0)
-		c.send(append(j.iov[:0], j.hdr[:chunkHeaderLen]))
+		j.iov = append(j.iov[:0], j.hdr[:chunkHeaderLen])
 		return
 	}
 	encodeSimpleReply(j.hdr[:], 0, j.req.cookie)
-	c.send(append(j.iov[:0], j.hdr[:simpleReplyLen]))
+	j.iov = append(j.iov[:0], j.hdr[:simpleReplyLen])
 }
 
 // replyError sends an error reply, with a message when structured

@@ -82,7 +82,7 @@ func readGPT(r io.ReaderAt, t *Table) (*gptTable, error) {
 		}
 		sig := make([]byte, 8)
 		if other < t.DiskSize && readFull(r, sig, other) == nil && string(sig) == gptSignature {
-			return nil, formatErr(ErrUnsupported, "GPT header", other, "the GPT is laid out for %d-byte sectors, but the disk's are %d bytes", other, ss)
+			return nil, formatErr(ErrSectorSize, "GPT header", other, "the GPT is laid out for %d-byte sectors, but the disk's are %d bytes", other, ss)
 		}
 		return nil, formatErr(ErrNoTable, "GPT header", hdrOff, "no %q signature at LBA 1", gptSignature)
 	}

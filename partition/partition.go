@@ -39,6 +39,9 @@ var (
 	ErrFormat      = errors.New("malformed partition table")
 	ErrChecksum    = errors.New("partition table checksum mismatch")
 	ErrUnsupported = errors.New("unsupported partition table")
+	// ErrSectorSize: the GPT is laid out for the other sector size (512
+	// or 4096) than the one Read was given.
+	ErrSectorSize = errors.New("partition table of another sector size")
 )
 
 // FormatError describes a structure of the table that cannot be used.
@@ -46,7 +49,7 @@ type FormatError struct {
 	Structure string // "MBR entry 2", "GPT header", "GPT entry 5", ...
 	Offset    int64  // disk offset of the structure
 	Msg       string
-	Err       error // ErrNoTable, ErrFormat, ErrChecksum or ErrUnsupported
+	Err       error // ErrNoTable, ErrFormat, ErrChecksum, ErrUnsupported or ErrSectorSize
 }
 
 func (e *FormatError) Error() string {
@@ -111,11 +114,21 @@ type Table struct {
 const MaxEntryArray = 1 << 20
 
 // Read reads the partition table of a disk of diskSize bytes whose
-// logical sectors are sectorSize bytes (512 or 4096). The protective MBR
-// of a GPT disk leads to the GPT; a GPT signature at LBA 1 is read even
-// without one. A disk without a table (no MBR signature, or a file
-// system's boot sector in LBA 0) gives an error wrapping ErrNoTable.
+// logical sectors are sectorSize bytes (512 or 4096; 0 when the disk does
+// not say, as a raw file does not: 512, unless the GPT is laid out for
+// 4096). The protective MBR of a GPT disk leads to the GPT; a GPT
+// signature at LBA 1 is read even without one. A disk without a table (no
+// MBR signature, or a file system's boot sector in LBA 0) gives an error
+// wrapping ErrNoTable; a GPT laid out for the other sector size one
+// wrapping ErrSectorSize.
 func Read(r io.ReaderAt, diskSize int64, sectorSize int) (*Table, error) {
+	if sectorSize == 0 {
+		t, err := Read(r, diskSize, 512)
+		if errors.Is(err, ErrSectorSize) {
+			return Read(r, diskSize, 4096)
+		}
+		return t, err
+	}
 	if sectorSize != 512 && sectorSize != 4096 {
 		return nil, fmt.Errorf("partition: %w: sector size %d is neither 512 nor 4096", ErrUnsupported, sectorSize)
 	}
@@ -225,7 +238,10 @@ type Disk interface {
 // MinimumSize(0). A shrink calls it before cutting the disk, a grow after
 // making the disk larger (and reading the table again). An MBR records no
 // size: nothing is written. For a GPT it is done as Hyper-V does it, in
-// an order that leaves a valid table at every step:
+// an order that keeps the primary header valid and naming a valid backup
+// at every step (unless an old backup header lies where the new entries
+// go, a disk grown without moving it: then only the primary is valid
+// until step 2):
 //
 //  1. the backup entry array and header are written at the new end (still
 //     inside the disk, past every partition), then flushed;

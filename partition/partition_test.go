@@ -363,8 +363,11 @@ func TestGPT4K(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Read(f, 64<<20, 512); !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "4096-byte sectors") {
-		t.Errorf("a 4K GPT read with 512-byte sectors: %v, want ErrUnsupported naming 4096-byte sectors", err)
+	if _, err := Read(f, 64<<20, 512); !errors.Is(err, ErrSectorSize) || !strings.Contains(err.Error(), "4096-byte sectors") {
+		t.Errorf("a 4K GPT read with 512-byte sectors: %v, want ErrSectorSize naming 4096-byte sectors", err)
+	}
+	if tab, err := Read(f, 64<<20, 0); err != nil || tab.SectorSize != 4096 {
+		t.Errorf("a 4K GPT read with the sector size unknown: %+v, %v; want it read with 4096", tab, err)
 	}
 	tab, err := Read(f, 64<<20, 4096)
 	if err != nil {
@@ -470,6 +473,9 @@ func TestHostile(t *testing.T) {
 	good := gptDisk()
 	if tab, err := Read(bytes.NewReader(good), int64(len(good)), 512); err != nil || len(tab.Partitions) != 2 || tab.End() != 6144*512 {
 		t.Fatalf("the good disk: %+v, %v", tab, err)
+	}
+	if _, err := Read(bytes.NewReader(good), int64(len(good)), 4096); !errors.Is(err, ErrSectorSize) {
+		t.Errorf("a 512-byte GPT read with 4096-byte sectors: %v, want ErrSectorSize", err)
 	}
 	d := bytes.Clone(good)
 	mbrOnly(d)

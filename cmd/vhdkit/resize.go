@@ -27,7 +27,8 @@ A partition table or file system inside the disk is not touched: grow the
 partition afterwards, shrink it before.
 
 --to-minimum (Resize-VHD -ToMinimumSize) shrinks the disk to the end of its
-last partition, read from its MBR or GPT, rounded up to a whole MiB; a GPT's
+last partition, read from its MBR or GPT, rounded up to a whole MiB (to a
+whole sector for a disk that is not a whole number of MiB); a GPT's
 backup header and entries move to the new end first (flushed before the
 primary header points at them), so the table stays valid for sgdisk, fdisk
 and Windows. An MBR's extended partition counts whole. A disk without a
@@ -151,7 +152,8 @@ func (c *cli) resize(path string, in input, children []string, size int64, shrin
 }
 
 // minimumAlign is what --to-minimum rounds up to: a whole MiB, a multiple
-// of every sector size, and a size Azure takes for a fixed VHD.
+// of every sector size, and a size Azure takes for a fixed VHD. A disk
+// that is not a whole number of MiB itself shrinks to a whole sector.
 const minimumAlign = 1 << 20
 
 // prepareMinimum finds the smallest size of im that keeps every partition
@@ -160,7 +162,11 @@ const minimumAlign = 1 << 20
 // ends there. A disk without a readable table, or with no partitions, is
 // refused untouched.
 func prepareMinimum(path string, im disk.Image) (size int64, why string, err error) {
-	logical, _ := sectorSizes(im)
+	// A raw disk does not say its sector size: the table tells.
+	logical := 0
+	if s, ok := im.(disk.SectorSizer); ok {
+		logical = s.LogicalSectorSize()
+	}
 	t, err := partition.Read(im, im.Size(), logical)
 	if err != nil {
 		if errors.Is(err, partition.ErrNoTable) {
@@ -173,6 +179,9 @@ func prepareMinimum(path string, im disk.Image) (size int64, why string, err err
 		return 0, "", fmt.Errorf("%s is not resized: its %s holds no partitions, so --to-minimum has nothing to keep", path, t.Kind)
 	}
 	size = t.MinimumSize(minimumAlign)
+	if size >= im.Size() && im.Size()%minimumAlign != 0 {
+		size = t.MinimumSize(0) // a disk not a whole number of MiB may still shrink
+	}
 	why = fmt.Sprintf("%s partition %d ends at %s", t.Kind, last.Number, formatSize(last.End()))
 	if t.Kind == partition.GPT {
 		why += ", then the backup GPT"

@@ -11,9 +11,9 @@ import (
 )
 
 // A disk of 4096-byte sectors counts its GPT in 4 KiB sectors: resize
-// --to-minimum of a 4K VHDX reads it so, and the converted-back disk,
-// seen through a 4096-byte-sector loop device, passes sgdisk -v and
-// sfdisk --verify with its partitions unchanged.
+// --to-minimum of a 4K VHDX reads it so, as of a raw copy, whose GPT's
+// layout tells; both, seen through a 4096-byte-sector loop device, pass
+// sgdisk -v and sfdisk --verify with their partitions unchanged.
 func TestResizeToMinimum4K(t *testing.T) {
 	for _, tool := range []string{"sfdisk", "sgdisk", "losetup"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -56,8 +56,12 @@ func TestResizeToMinimum4K(t *testing.T) {
 	f.WriteAt(data, 1<<20)
 	f.Close()
 
+	// A raw copy says no sector size: the GPT's layout tells it.
+	rawCopy := filepath.Join(dir, "copy.img")
 	vhdx := filepath.Join(dir, "d.vhdx")
 	for _, args := range [][]string{
+		{"convert", src, rawCopy},
+		{"resize", "--to-minimum", rawCopy},
 		{"convert", "--logical-sector", "4096", src, vhdx},
 		{"resize", "--to-minimum", vhdx},
 	} {
@@ -79,12 +83,21 @@ func TestResizeToMinimum4K(t *testing.T) {
 	if !bytes.Equal(got[1<<20:31<<20], data) {
 		t.Error("the partitions' bytes changed")
 	}
-	dev = loop(back, "-r")
-	defer sh("", "losetup", "-d", dev)
-	if out := sh("", "sgdisk", "-v", dev); !strings.Contains(out, "No problems found") {
-		t.Errorf("sgdisk -v:\n%s", out)
+	copied, err := os.ReadFile(rawCopy)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if out := sh("", "sfdisk", "--verify", dev); !strings.Contains(out, "No errors detected") {
-		t.Errorf("sfdisk --verify:\n%s", out)
+	if !bytes.Equal(copied, got) {
+		t.Error("the raw copy shrunk differs from the VHDX shrunk")
+	}
+	for _, path := range []string{back, rawCopy} {
+		dev := loop(path, "-r")
+		if out := sh("", "sgdisk", "-v", dev); !strings.Contains(out, "No problems found") {
+			t.Errorf("sgdisk -v %s:\n%s", filepath.Base(path), out)
+		}
+		if out := sh("", "sfdisk", "--verify", dev); !strings.Contains(out, "No errors detected") {
+			t.Errorf("sfdisk --verify %s:\n%s", filepath.Base(path), out)
+		}
+		sh("", "losetup", "-d", dev)
 	}
 }

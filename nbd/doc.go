@@ -42,7 +42,15 @@
 // Image, so a FLUSH on any of them makes every acknowledged write
 // durable. Serve accepts on any net.Listener (including one inherited by
 // socket activation), ServeConn serves one connected socket, Shutdown
-// drains in-flight requests and flushes.
+// drains in-flight requests and flushes. RemoveExport ends an export's
+// connections and returns once nothing can reach its image any more, so
+// the caller may close it.
+//
+// What one client can cost is bounded: the payload bytes and block status
+// replies a connection holds count against its memory limit, a
+// BLOCK_STATUS asks the image about no more than its reply can carry
+// (with REQ_ONE, about its first extent), and requests read from a
+// connection that has died are dropped, not executed.
 //
 // Requests a hostile or buggy client gets wrong are answered with the
 // protocol's errors: EINVAL (unknown command or flag, misaligned, read or

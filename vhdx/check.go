@@ -48,7 +48,6 @@ func (p Problem) Violation() bool { return !p.Warning && p.Rule != RulePendingLo
 type Rule string
 
 const (
-	RuleIO             Rule = "io"              // the check could not read part of the file
 	RuleOpen           Rule = "open"            // vhdkit's reader refuses the file (a parent not found or not matching, ...)
 	RuleFileIdentifier Rule = "file-identifier" // signature "vhdxfile" at 0
 	RuleFileSize       Rule = "file-size"       // the file ends inside a structure
@@ -92,7 +91,6 @@ const (
 
 // ruleSpec says where each rule is written.
 var ruleSpec = map[Rule]string{
-	RuleIO:                    "",
 	RuleOpen:                  "vhdkit",
 	RuleFileIdentifier:        "MS-VHDX 2.2.1",
 	RuleFileSize:              "MS-VHDX 2.2",
@@ -1251,7 +1249,7 @@ func (c *checker) checkBAT(h header, regs regions, unknown []extent, p params) e
 		// reached by a BAT cut short; say so anyway.
 		c.add(RuleBATBitmapMissing, "BAT", batOff, false, "the last chunk has PARTIALLY_PRESENT blocks but no sector bitmap entry")
 	}
-	return c.nameConflicts(g, batOff, p.HasParent, conflicts)
+	return c.nameConflicts(g, batOff, conflicts)
 }
 
 // batConflict is a block (BAT entry) found overlapping an earlier one at
@@ -1261,7 +1259,7 @@ type batConflict struct{ entry, unit int64 }
 // nameConflicts reports blocks found overlapping an earlier block, naming
 // that block: a second pass over the BAT finds, for each, the first entry
 // holding the contested MiB.
-func (c *checker) nameConflicts(g geometry, batOff int64, hasParent bool, conflicts []batConflict) error {
+func (c *checker) nameConflicts(g geometry, batOff int64, conflicts []batConflict) error {
 	if len(conflicts) == 0 {
 		return nil
 	}

@@ -76,6 +76,41 @@ func TestCorruptImages(t *testing.T) {
 			binary.LittleEndian.PutUint64(b[newBATOffset+16:], batEntry(payloadFullyPresent, 1<<40))
 			return b
 		}, ErrFormat, "BAT entry 2 at offset 0x300010"},
+		// Regions are checked against each other, the log and the file,
+		// known or not (an optional region still holds someone's data).
+		{"optional region over the BAT", func(b []byte) []byte {
+			return addRegionEntry(b, newBATOffset, mib, false)
+		}, ErrFormat, "overlaps entry 0"},
+		{"optional region over the log", func(b []byte) []byte {
+			return addRegionEntry(b, newLogOffset, mib, false)
+		}, ErrFormat, "overlaps the log"},
+		{"optional region past the end", func(b []byte) []byte {
+			return addRegionEntry(b, 64*mib, mib, false)
+		}, ErrFormat, "beyond end of file"},
+		// Blocks may not lie in the structures, over each other, or past
+		// the end of the file, where writes would destroy them.
+		{"BAT entry into the log", func(b []byte) []byte {
+			binary.LittleEndian.PutUint64(b[newBATOffset+16:], batEntry(payloadFullyPresent, newLogOffset))
+			return b
+		}, ErrFormat, "BAT entry 2 at offset 0x300010: [0x100000, +0x100000) overlaps the log"},
+		{"BAT entry into the metadata", func(b []byte) []byte {
+			binary.LittleEndian.PutUint64(b[newBATOffset+16:], batEntry(payloadFullyPresent, newMetaOffset))
+			return b
+		}, ErrFormat, "overlaps the metadata region"},
+		{"BAT entry into the BAT", func(b []byte) []byte {
+			binary.LittleEndian.PutUint64(b[newBATOffset+16:], batEntry(payloadFullyPresent, newBATOffset))
+			return b
+		}, ErrFormat, "overlaps the BAT region"},
+		{"BAT entry into an optional region", func(b []byte) []byte {
+			b = append(b, make([]byte, 2*mib)...)
+			binary.LittleEndian.PutUint64(b[newBATOffset+16:], batEntry(payloadFullyPresent, 6*mib))
+			return addRegionEntry(b, 5*mib, 2*mib, false)
+		}, ErrFormat, "overlaps region"},
+		{"two BAT entries, one block", func(b []byte) []byte {
+			copy(b[newBATOffset+16:], b[newBATOffset+8:newBATOffset+16])
+			return b
+		}, ErrFormat, "BAT entry 2 at offset 0x300010: [0x400000, +0x100000) overlaps BAT entry 1"},
+		{"block cut off by the end of the file", func(b []byte) []byte { return b[:len(b)-mib/2] }, ErrFormat, "cut off by the end of the file"},
 		{"truncated", func(b []byte) []byte { return b[:newBATOffset+100] }, ErrFormat, "beyond end of file"},
 		{"tiny", func(b []byte) []byte { return b[:1000] }, ErrFormat, "too short"},
 		{"not a vhdx", func(b []byte) []byte { copy(b, "conectix"); return b }, ErrFormat, "not a VHDX"},
@@ -110,4 +145,21 @@ func TestCorruptImages(t *testing.T) {
 			}
 		})
 	}
+}
+
+// addRegionEntry adds a region entry to both region tables of b.
+func addRegionEntry(b []byte, off, length int64, required bool) []byte {
+	for _, at := range []int64{region1Offset, region2Offset} {
+		n := binary.LittleEndian.Uint32(b[at+8:])
+		binary.LittleEndian.PutUint32(b[at+8:], n+1)
+		e := b[at+16+32*int64(n):]
+		copy(e, []byte("0123456789abcdef"))
+		binary.LittleEndian.PutUint64(e[16:], uint64(off))
+		binary.LittleEndian.PutUint32(e[24:], uint32(length))
+		if required {
+			binary.LittleEndian.PutUint32(e[28:], 1)
+		}
+		binary.LittleEndian.PutUint32(b[at+4:], checksum(b[at:at+regionTableSize], 4))
+	}
+	return b
 }

@@ -42,3 +42,11 @@ func checksumErr(structure string, off int64, got, want uint32) error {
 func unsupportedErr(structure string, off int64, format string, args ...any) error {
 	return &FormatError{Structure: structure, Offset: off, Msg: fmt.Sprintf(format, args...), Err: ErrUnsupported}
 }
+
+// errNotVHDX is what a file without the VHDX signature is refused with
+// (it is an ErrFormat): a parent locator naming one names no parent.
+var errNotVHDX = fmt.Errorf("not a VHDX file: %w", ErrFormat)
+
+func notVHDXErr(msg string) error {
+	return &FormatError{Structure: "file identifier", Offset: 0, Msg: msg, Err: errNotVHDX}
+}

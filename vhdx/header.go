@@ -170,11 +170,23 @@ func marshalRegionTable(entries []regionEntry) []byte {
 // regions is the validated content of a region table.
 type regions struct {
 	BAT, Metadata regionEntry
+	// Other holds the regions this implementation does not know (none
+	// required, or the table is refused): their space is not ours, so no
+	// block may lie in it.
+	Other []regionEntry
+}
+
+// all returns every region of the table.
+func (r *regions) all() []regionEntry {
+	return append([]regionEntry{r.BAT, r.Metadata}, r.Other...)
 }
 
 // validateRegions checks entries against the spec and the file size: known
-// regions present once, 1 MiB-aligned, inside the file, not overlapping
-// each other or the first 1 MiB; an unknown region marked required refuses.
+// regions present once, an unknown region marked required refused, and
+// every region, known or not, 1 MiB-aligned past the first 1 MiB, inside
+// the file and not overlapping another (MS-VHDX 2.2.3.2: all objects in
+// the table are non-overlapping; a region we do not know still holds
+// someone's data, which a block placed over it would destroy).
 func validateRegions(entries []regionEntry, name string, off, fileSize int64) (regions, error) {
 	var r regions
 	var haveBAT, haveMeta bool
@@ -195,7 +207,7 @@ func validateRegions(entries []regionEntry, name string, off, fileSize int64) (r
 			if e.Required {
 				return r, unsupportedErr(name, eoff, "unknown required region %s", e.GUID)
 			}
-			continue
+			r.Other = append(r.Other, e)
 		}
 		if e.Offset < mib || e.Offset%mib != 0 || e.Length == 0 || e.Length%mib != 0 {
 			return r, formatErr(name, eoff, "region %s at %#x length %#x not 1 MiB-aligned", e.GUID, e.Offset, e.Length)
@@ -204,8 +216,11 @@ func validateRegions(entries []regionEntry, name string, off, fileSize int64) (r
 			return r, formatErr(name, eoff, "region %s [%#x, +%#x) beyond end of file (%d bytes)", e.GUID, e.Offset, e.Length, fileSize)
 		}
 		for j, o := range entries[:i] {
+			if o.GUID == e.GUID {
+				return r, formatErr(name, eoff, "region %s listed twice", e.GUID)
+			}
 			if o.Offset < e.Offset+uint64(e.Length) && e.Offset < o.Offset+uint64(o.Length) {
-				return r, formatErr(name, eoff, "region %s overlaps entry %d", e.GUID, j)
+				return r, formatErr(name, eoff, "region %s overlaps entry %d (region %s)", e.GUID, j, o.GUID)
 			}
 		}
 	}

@@ -1,13 +1,16 @@
 package vhdx
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/vhdkit/vhdkit/disk"
 	"github.com/vhdkit/vhdkit/storage"
@@ -124,23 +127,7 @@ func Open(path string, opts OpenOptions) (*Image, error) {
 }
 
 func openChain(path string, opts OpenOptions, seen []os.FileInfo) (*Image, error) {
-	flag := os.O_RDWR
-	if opts.ReadOnly {
-		flag = os.O_RDONLY
-	}
-	var f storage.File
-	var err error
-	switch {
-	case opts.OpenFile != nil:
-		f, err = opts.OpenFile(path, flag)
-	case opts.ForceShare:
-		if !opts.ReadOnly {
-			return nil, fmt.Errorf("vhdx: %s: ForceShare needs ReadOnly", path)
-		}
-		f, err = storage.OpenForceShare(path)
-	default:
-		f, err = storage.OpenFile(path, flag, 0)
-	}
+	f, err := openImageFile(path, opts, false)
 	if err != nil {
 		return nil, err
 	}
@@ -150,6 +137,71 @@ func openChain(path string, opts OpenOptions, seen []os.FileInfo) (*Image, error
 		return nil, err
 	}
 	return im, nil
+}
+
+// openImageFile opens the file of an image. A FIFO or a character device
+// would block the open or every read forever (a hostile parent locator
+// naming one wedged every verb), so what is not a regular file (nor, for
+// an image that is not a parent, a block device) is refused before it is
+// opened; it is opened without blocking in case it was swapped meanwhile,
+// and what was opened is checked again.
+func openImageFile(path string, opts OpenOptions, parent bool) (storage.File, error) {
+	flag := os.O_RDWR
+	if opts.ReadOnly {
+		flag = os.O_RDONLY
+	}
+	if opts.OpenFile != nil {
+		return opts.OpenFile(path, flag)
+	}
+	if opts.ForceShare && !opts.ReadOnly {
+		return nil, fmt.Errorf("vhdx: %s: ForceShare needs ReadOnly", path)
+	}
+	fi, err := os.Stat(path)
+	if err == nil {
+		err = checkFileKind(path, fi, parent)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var f storage.File
+	if opts.ForceShare {
+		f, err = storage.OpenForceShare(path)
+	} else {
+		f, err = storage.OpenFile(path, flag|syscall.O_NONBLOCK, 0)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if of, ok := f.(interface {
+		Stat() (os.FileInfo, error)
+		Fd() uintptr
+	}); ok {
+		fi, err := of.Stat()
+		if err == nil {
+			err = checkFileKind(path, fi, parent)
+		}
+		if err == nil {
+			err = syscall.SetNonblock(int(of.Fd()), false)
+		}
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	return f, nil
+}
+
+// checkFileKind refuses what an image cannot be stored in: anything but a
+// regular file, or a block device for an image that is not a parent.
+func checkFileKind(path string, fi os.FileInfo, parent bool) error {
+	m := fi.Mode()
+	if m.IsRegular() || (!parent && m&os.ModeDevice != 0 && m&os.ModeCharDevice == 0) {
+		return nil
+	}
+	if parent {
+		return fmt.Errorf("vhdx: %s is not a regular file (%v)", path, m.Type())
+	}
+	return fmt.Errorf("vhdx: %s is neither a regular file nor a block device (%v)", path, m.Type())
 }
 
 // OpenFile opens an image stored in f; path names it (parent locators are
@@ -188,8 +240,11 @@ func (p missingParent) Size() int64                      { return p.size }
 func (missingParent) Flush() error                       { return nil }
 func (missingParent) Close() error                       { return nil }
 
-// readStructure reads everything but the BAT: headers, the log (replayed),
-// region table and metadata. It returns the file size after replay.
+// readStructure reads everything but the BAT: headers, the log, region
+// table and metadata. A pending log is read first and the rest through it
+// (what replay will make of the file), so that what the log may do is
+// checked against the image it leaves before any of it is written; then
+// it is replayed (see replayLog). It returns the file size after replay.
 func (im *Image) readStructure() (int64, error) {
 	size, err := im.f.Size()
 	if err != nil {
@@ -198,16 +253,35 @@ func (im *Image) readStructure() (int64, error) {
 	if err := im.readHeaders(size); err != nil {
 		return 0, err
 	}
-	if err := im.replayLog(size); err != nil {
+	pl, err := readLog(im.f, &im.hdr, size)
+	if err != nil {
 		return 0, err
 	}
-	if size, err = im.f.Size(); err != nil {
+	file, view := im.f, size
+	if pl != nil {
+		im.f, view = newOverlay(file, pl), max(size, pl.last)
+	}
+	if err := im.readRegions(view); err != nil {
 		return 0, err
 	}
-	if err := im.readRegions(size); err != nil {
+	if err := im.readMetadata(); err != nil {
 		return 0, err
 	}
-	return size, im.readMetadata()
+	if pl == nil {
+		return size, nil
+	}
+	if err := im.checkLogTarget(pl, size); err != nil {
+		return 0, err
+	}
+	im.replay = pl
+	if im.readOnly {
+		return view, nil // reads go through the overlay
+	}
+	im.f = file
+	if err := im.replayLog(pl); err != nil {
+		return 0, err
+	}
+	return im.f.Size()
 }
 
 func (im *Image) readAt(p []byte, off int64, what string) error {
@@ -228,14 +302,14 @@ func (im *Image) readHeaders(size int64) error {
 		if n, _ := im.f.ReadAt(sig[:], 0); n == 8 && binary.LittleEndian.Uint64(sig[:]) == sigFileIdent {
 			return formatErr("file", 0, "%d bytes, too short for a VHDX file", size)
 		}
-		return formatErr("file identifier", 0, "not a VHDX file")
+		return notVHDXErr("not a VHDX file")
 	}
 	b := make([]byte, 64*kib)
 	if err := im.readAt(b, fileIdentOffset, "file identifier"); err != nil {
 		return err
 	}
 	if binary.LittleEndian.Uint64(b) != sigFileIdent {
-		return formatErr("file identifier", 0, "not a VHDX file (signature %q)", b[:8])
+		return notVHDXErr(fmt.Sprintf("not a VHDX file (signature %q)", b[:8]))
 	}
 	im.creator = parseCreator(b)
 	var hs [2]header
@@ -261,17 +335,22 @@ func (im *Image) readHeaders(size int64) error {
 	return nil
 }
 
-// replayLog replays a pending log: on the file when it is writable, in
-// memory (an overlay under every later read) when it is read-only.
-func (im *Image) replayLog(size int64) error {
-	pl, err := readLog(im.f, &im.hdr, size)
-	if err != nil || pl == nil {
-		return err
-	}
-	im.replay = pl
-	if im.readOnly {
-		im.f = newOverlay(im.f, pl)
-		return nil
+// replayLog replays a pending log on the file (a read-only open reads
+// through it instead, see readStructure):
+//
+//  1. a new FileWriteGuid, written and synced before anything else
+//     changes: MS-VHDX 2.2.2 asks for it before the first modification,
+//     log playback included. The LogGuid stays, so a crash during replay
+//     replays again;
+//  2. the log's writes, and the file extended to its LastFileOffset, then
+//     sync;
+//  3. the log closed (LogGuid zero), so no later reader replays it again
+//     over newer data.
+func (im *Image) replayLog(pl *pendingLog) error {
+	h := im.hdr
+	h.FileWriteGUID = newGUID()
+	if err := im.writeHeader(h); err != nil {
+		return fmt.Errorf("vhdx: updating header before log replay: %w", err)
 	}
 	if err := pl.apply(im.f); err != nil {
 		return fmt.Errorf("vhdx: replaying log: %w", err)
@@ -279,10 +358,7 @@ func (im *Image) replayLog(size int64) error {
 	if err := im.f.Sync(); err != nil {
 		return err
 	}
-	// The log is applied and durable: close it so no later reader replays
-	// it again over newer data.
-	h := im.hdr
-	h.FileWriteGUID = newGUID()
+	h = im.hdr
 	h.LogGUID = GUID{}
 	return im.writeHeader(h)
 }
@@ -326,9 +402,9 @@ func (im *Image) readRegions(size int64) error {
 		return fmt.Errorf("no valid region table: %w; %v", errs[0], errs[1])
 	}
 	log := regionEntry{Offset: uint64(im.logOff), Length: uint32(im.logLen)}
-	for _, r := range []regionEntry{im.regs.BAT, im.regs.Metadata} {
+	for _, r := range im.regs.all() {
 		if r.Offset < log.Offset+uint64(log.Length) && log.Offset < r.Offset+uint64(r.Length) {
-			return formatErr("region table", region1Offset, "region %s overlaps the log", r.GUID)
+			return formatErr("region table", region1Offset, "region %s [%#x, +%#x) overlaps the log [%#x, +%#x)", r.GUID, r.Offset, r.Length, log.Offset, log.Length)
 		}
 	}
 	return nil
@@ -363,18 +439,27 @@ func (im *Image) readBAT(size int64) error {
 	if g.totalEntries*8 > int64(im.regs.BAT.Length) {
 		return formatErr("BAT region", off, "%d bytes hold fewer than the %d entries a %d-byte disk needs", im.regs.BAT.Length, g.totalEntries, g.virtualSize)
 	}
-	b := make([]byte, g.totalEntries*8)
-	if err := im.readAt(b, off, "BAT"); err != nil {
-		return err
-	}
+	// Read a piece at a time into the entries: a large BAT is not held
+	// twice, as bytes and as entries.
 	im.bat = make([]uint64, g.totalEntries)
-	end := max(size, int64(im.regs.BAT.Offset)+int64(im.regs.BAT.Length), int64(im.regs.Metadata.Offset)+int64(im.regs.Metadata.Length))
-	for i := range im.bat {
-		e := binary.LittleEndian.Uint64(b[8*i:])
-		if err := g.checkEntry(int64(i), e, size, im.p.HasParent, off); err != nil {
+	buf := make([]byte, min(g.totalEntries*8, mib))
+	for i := int64(0); i < g.totalEntries; {
+		n := min(int64(len(buf))/8, g.totalEntries-i)
+		if err := im.readAt(buf[:8*n], off+8*i, "BAT"); err != nil {
 			return err
 		}
-		im.bat[i] = e
+		for j := range n {
+			im.bat[i+j] = binary.LittleEndian.Uint64(buf[8*j:])
+		}
+		i += n
+	}
+	var bad error
+	batPlacement(im.bat, g, im.p.HasParent, off, size, im.reservedExtents(), func(err error) bool { bad = err; return false })
+	if bad != nil {
+		return bad
+	}
+	end := max(size, int64(im.regs.BAT.Offset)+int64(im.regs.BAT.Length), int64(im.regs.Metadata.Offset)+int64(im.regs.Metadata.Length))
+	for i, e := range im.bat {
 		if st := batState(e); st == payloadFullyPresent || st == payloadPartiallyPresent || (st == bitmapPresent && (int64(i)+1)%(g.chunkRatio+1) == 0) {
 			blk := g.blockSize
 			if (int64(i)+1)%(g.chunkRatio+1) == 0 {
@@ -389,16 +474,17 @@ func (im *Image) readBAT(size int64) error {
 }
 
 // overlay is a read-only view of a file with a pending log applied in
-// memory: reads see the log's writes, in order, over the file's bytes.
+// memory: reads see what replay would leave, each byte's last write over
+// the file's bytes.
 type overlay struct {
 	storage.File
-	log  *pendingLog
+	segs []logSegment // sorted, disjoint
 	size int64
 }
 
 func newOverlay(f storage.File, pl *pendingLog) *overlay {
 	size, _ := f.Size()
-	return &overlay{File: f, log: pl, size: max(size, pl.last)}
+	return &overlay{File: f, segs: logSegments(pl.writes), size: max(size, pl.last)}
 }
 
 func (o *overlay) Size() (int64, error) { return o.size, nil }
@@ -410,15 +496,14 @@ func (o *overlay) ReadAt(p []byte, off int64) (int, error) {
 		n, err = len(p), nil
 	}
 	end := off + int64(n)
-	for _, w := range o.log.writes {
-		lo, hi := max(off, w.off), min(end, w.off+w.length)
-		if lo >= hi {
-			continue
-		}
-		if w.data == nil {
+	i, _ := slices.BinarySearchFunc(o.segs, off, func(s logSegment, off int64) int { return cmp.Compare(s.end, off+1) })
+	for ; i < len(o.segs) && o.segs[i].off < end; i++ {
+		s := o.segs[i]
+		lo, hi := max(off, s.off), min(end, s.end)
+		if s.w.data == nil {
 			clear(p[lo-off : hi-off])
 		} else {
-			copy(p[lo-off:hi-off], w.data[lo-w.off:hi-w.off])
+			copy(p[lo-off:hi-off], s.w.data[lo-s.w.off:hi-s.w.off])
 		}
 	}
 	return n, err

@@ -1,10 +1,13 @@
 package vhdx
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/vhdkit/vhdkit/storage"
 )
 
 // Parent locator keys (MS-VHDX 2.6.2.6.1).
@@ -16,9 +19,22 @@ const (
 	keyAbsolutePath = "absolute_win32_path"
 )
 
+// maxChainDepth bounds a differencing chain, in images. Each image of a
+// chain holds an open file, its BAT and a level of recursion while the
+// chain opens, so a crafted chain of thousands of files (each naming the
+// next) would hold thousands of open files. Hyper-V allows 50 checkpoints
+// per machine; 256, as the vhd package, leaves room for any real chain.
+const maxChainDepth = 256
+
 // openParent resolves, opens (read-only) and checks the parent of a
 // differencing image. seen holds the files already in the chain, to refuse
-// a loop.
+// a loop and a chain deeper than maxChainDepth.
+//
+// The locator's paths are tried in the order MS-VHDX 2.6.2.6 gives
+// (parentCandidates); a candidate is taken only if it is a regular file
+// holding a VHDX whose DataWriteGuid is the child's parent_linkage (or
+// parent_linkage2): anything else is passed over for the next one, and
+// named in the error when none is taken.
 func (im *Image) openParent(opts OpenOptions, seen []os.FileInfo) error {
 	if p := opts.ParentImage; p != nil {
 		if err := im.checkParent(p); err != nil {
@@ -27,10 +43,14 @@ func (im *Image) openParent(opts OpenOptions, seen []os.FileInfo) error {
 		im.parent, im.parentPath = p, p.path
 		return nil
 	}
-	if fi, err := os.Stat(im.path); err == nil {
-		seen = append(seen, fi)
+	fi, _ := os.Stat(im.path) // nil when it fails: still one more level
+	seen = append(seen, fi)
+	if len(seen) >= maxChainDepth {
+		return &chainDepthError{im.path}
 	}
+	popts := OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile}
 	var tried []string
+	var mismatch error
 	for _, c := range im.parentCandidates(opts.ParentPath) {
 		if len(opts.ParentDirs) > 0 && !within(c, opts.ParentDirs) {
 			tried = append(tried, c+" (outside the allowed directories)")
@@ -41,28 +61,92 @@ func (im *Image) openParent(opts OpenOptions, seen []os.FileInfo) error {
 			tried = append(tried, c)
 			continue
 		}
+		if !fi.Mode().IsRegular() {
+			tried = append(tried, c+" (not a regular file)")
+			continue
+		}
 		for _, s := range seen {
-			if os.SameFile(s, fi) {
+			if s != nil && os.SameFile(s, fi) {
 				return fmt.Errorf("vhdx: %s: parent chain loops back to %s: %w", im.path, c, ErrParentMismatch)
 			}
 		}
-		parent, err := openChain(c, OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile}, seen)
+		f, err := openImageFile(c, popts, true)
 		if err != nil {
 			return fmt.Errorf("vhdx: %s: opening parent: %w", im.path, err)
 		}
-		if err := im.checkParent(parent); err != nil {
-			parent.Close()
-			return err
+		got, err := peekDataWriteGUID(f)
+		if err == nil {
+			err = im.checkLinkage(got, c)
 		}
-		im.parent, im.parentPath = parent, c
-		return nil
+		switch {
+		case errors.Is(err, errNotVHDX):
+			tried = append(tried, c+" (not a VHDX file)")
+		case errors.Is(err, ErrParentMismatch):
+			tried = append(tried, c+" (another DataWriteGuid)")
+			if mismatch == nil {
+				mismatch = err
+			}
+		case err != nil:
+			f.Close()
+			return fmt.Errorf("vhdx: %s: opening parent %s: %w", im.path, c, err)
+		default:
+			parent, err := openFile(f, c, popts, seen)
+			if err != nil {
+				f.Close()
+				var deep *chainDepthError
+				if errors.As(err, &deep) {
+					return err // one line, not one per level
+				}
+				return fmt.Errorf("vhdx: %s: opening parent: %w", im.path, err)
+			}
+			if err := im.checkParent(parent); err != nil {
+				parent.Close()
+				return err
+			}
+			im.parent, im.parentPath = parent, c
+			return nil
+		}
+		f.Close()
+	}
+	if mismatch != nil {
+		if len(tried) > 1 {
+			return fmt.Errorf("%w (tried %s)", mismatch, strings.Join(tried, ", "))
+		}
+		return mismatch
 	}
 	return fmt.Errorf("vhdx: %s: parent not found (tried %s): %w", im.path, strings.Join(tried, ", "), ErrParentNotFound)
 }
 
-// parentCandidates lists where the parent may be, best first: the caller's
-// path, else the locator's relative path from the child's folder, then the
-// file name of its absolute paths in the child's folder.
+// chainDepthError refuses a chain deeper than maxChainDepth.
+type chainDepthError struct{ path string } // the image whose parent was not opened
+
+func (e *chainDepthError) Error() string {
+	return fmt.Sprintf("vhdx: differencing chain deeper than %d images (the parent of %s, image %d, not opened)", maxChainDepth, e.path, maxChainDepth)
+}
+
+func (e *chainDepthError) Unwrap() error { return ErrUnsupported }
+
+// peekDataWriteGUID reads the current header of the VHDX in f, without
+// the rest of it: a candidate parent is checked before its chain is
+// opened.
+func peekDataWriteGUID(f storage.File) (GUID, error) {
+	size, err := f.Size()
+	if err != nil {
+		return GUID{}, err
+	}
+	im := &Image{f: f}
+	if err := im.readHeaders(size); err != nil {
+		return GUID{}, err
+	}
+	return im.hdr.DataWriteGUID, nil
+}
+
+// parentCandidates lists where the parent may be, in the order MS-VHDX
+// 2.6.2.6 asks: the caller's path alone if given, else relative_path
+// (from the child's folder), volume_path, then absolute_win32_path. A
+// Windows path is tried by its file name in the child's folder (Hyper-V's
+// chains are moved folder and all); one without a drive or volume is ours,
+// written from a POSIX path, and is tried as it is first.
 func (im *Image) parentCandidates(explicit string) []string {
 	if explicit != "" {
 		return []string{explicit}
@@ -86,10 +170,9 @@ func (im *Image) parentCandidates(explicit string) []string {
 			add(filepath.Join(dir, rel))
 		}
 	}
-	for _, k := range []string{keyAbsolutePath, keyVolumePath} {
+	for _, k := range []string{keyVolumePath, keyAbsolutePath} {
 		if abs, ok := loc.Get(k); ok && abs != "" {
 			if strings.HasPrefix(abs, "/") || (strings.HasPrefix(abs, `\`) && !strings.HasPrefix(abs, `\\`)) {
-				// A path without a drive: ours, written from a POSIX path.
 				add(filepath.Clean(strings.ReplaceAll(abs, `\`, "/")))
 			}
 			name := abs[strings.LastIndexAny(abs, `\/`)+1:]
@@ -145,22 +228,30 @@ func (im *Image) linkages() (l1, l2 GUID, err error) {
 // child reads zeros where it holds nothing past the parent's end, and a
 // smaller child sees a prefix of its parent.
 func (im *Image) checkParent(parent *Image) error {
+	if err := im.checkLinkage(parent.hdr.DataWriteGUID, parent.path); err != nil {
+		return err
+	}
+	if parent.p.LogicalSectorSize != im.p.LogicalSectorSize {
+		return fmt.Errorf("vhdx: %s: parent %s has %d-byte sectors, the child %d-byte: %w",
+			im.path, parent.path, parent.p.LogicalSectorSize, im.p.LogicalSectorSize, ErrParentMismatch)
+	}
+	return nil
+}
+
+// checkLinkage checks that got, the DataWriteGuid of the parent at path,
+// is one the child accepts.
+func (im *Image) checkLinkage(got GUID, path string) error {
 	l1, l2, err := im.linkages()
 	if err != nil {
 		return err
 	}
-	got := parent.hdr.DataWriteGUID
 	if got != l1 && (l2.IsZero() || got != l2) {
 		want := "{" + l1.String() + "}"
 		if !l2.IsZero() {
 			want += " or {" + l2.String() + "}"
 		}
 		return fmt.Errorf("vhdx: %s: parent %s has DataWriteGuid {%s}, the child expects %s: %w",
-			im.path, parent.path, got, want, ErrParentMismatch)
-	}
-	if parent.p.LogicalSectorSize != im.p.LogicalSectorSize {
-		return fmt.Errorf("vhdx: %s: parent %s has %d-byte sectors, the child %d-byte: %w",
-			im.path, parent.path, parent.p.LogicalSectorSize, im.p.LogicalSectorSize, ErrParentMismatch)
+			im.path, path, got, want, ErrParentMismatch)
 	}
 	return nil
 }

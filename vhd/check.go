@@ -251,5 +251,5 @@ func (im *Image) lintSpace() []Problem {
 		return nil
 	}
 	return []Problem{{Offset: -1, Struct: "file", Rule: "file.leak", Warning: true,
-		What: fmt.Sprintf("%d bytes in %d gaps of the file are referenced by nothing (leaked blocks; converting the image compacts it)", leaked, gaps)}}
+		What: fmt.Sprintf("%d bytes in %d gaps of the file are referenced by nothing (leaked blocks; optimize compacts it)", leaked, gaps)}}
 }

@@ -103,7 +103,8 @@
 // Trim of a whole block, and WriteZeroes with mayUnmap of a whole block
 // of a dynamic image, clear its BAT entry: the block then reads as zeros
 // (dynamic) or as the parent (differencing). Its space in the file is not
-// reused; Check reports it and converting the image compacts it. Trimming
+// reused; Check reports it and Optimize (or converting the image) compacts
+// it. Trimming
 // or zeroing part of a dynamic block writes zeros over its stored sectors
 // (QEMU ignores the bitmap and must see zeros; 7-Zip insists on them).
 // Trimming part of a differencing block clears the bits of its whole
@@ -167,8 +168,19 @@
 // differs from the end footer, before a later crash can make it matter
 // (it would bring back a BAT that lacks the blocks allocated since). The
 // old header, locator data and BAT stay behind, referenced by nothing:
-// Check reports such space once it adds up to a block, and converting the
-// image compacts it.
+// Check reports such space once it adds up to a block, and Optimize (or
+// converting the image) compacts it.
+//
+// # Checking and optimizing
+//
+// Check is strict: it reads the raw structures and reports, with the
+// structure, a rule id and the file offset, every rule of the
+// specification a file can break (strict.go lists them), besides what
+// Open finds about the parent. Optimize releases blocks that add nothing
+// (none of their sectors stored; with Full, stored sectors equal to what
+// lies below), moves the last blocks down into space nothing refers to,
+// cuts the file and punches the gaps it cannot cut, crash-safe step by
+// step (see Image.Optimize).
 //
 // # Resizing
 //

@@ -55,6 +55,17 @@ func (m *memImages) reopenCrashed(t *testing.T, img disk.Image) disk.Image {
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}
+	// A crash after a Flush leaves a file the strict Check finds no error
+	// in.
+	probs, err := CheckFile(c, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range probs {
+		if !p.Warning {
+			t.Fatalf("after a crash: Check: %v", p)
+		}
+	}
 	re, err := OpenFile(c, path, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Compares "qemu-img map" through "vhdkit nbd" with "qemu-img map" through
-# qemu-nbd serving the same fragmented images, in one run, over unix
-# sockets, read-only:
+# Compares "qemu-img map" (and "qemu-img convert" to a raw file) through
+# "vhdkit nbd" with the same through qemu-nbd serving the same fragmented
+# images, in one run, over unix sockets, read-only:
 #
 #   raw:  a sparse raw file of SIZE (default 1 GiB) in which every other
 #         STRIDE (default 64 KiB) holds data: SIZE/STRIDE extents, each a
@@ -10,9 +10,9 @@
 #         and data in every other block (qemu-nbd reads VHDX, but QEMU's
 #         VHDX driver reports no allocation, so its map is one extent)
 #
-# Both maps of the raw file must list the same data and hole ranges. Prints
-# seconds per map and ratio = vhdkit / qemu-nbd time: above 1, vhdkit is
-# slower.
+# Both maps of the raw file must list the same data and hole ranges, and
+# every copy must equal its source. Prints seconds per map or copy and
+# ratio = vhdkit / qemu-nbd time: above 1, vhdkit is slower.
 #
 # Usage: bench/nbd-map.sh [SIZE [STRIDE]]   (K, M or G; VHDKIT=path to use
 # a built binary instead of building one)
@@ -100,6 +100,22 @@ map_time() {
 	awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f\n", e - s }'
 }
 
+# convert_time WHO FILE prints the seconds qemu-img convert of the export
+# to a raw file took, and checks the copy against the raw contents.
+convert_time() {
+	serve "$1" "$2"
+	local start end
+	rm -f "$work/copy.raw"
+	start=$(date +%s.%N)
+	qemu-img convert -f raw -O raw "$uri" "$work/copy.raw"
+	end=$(date +%s.%N)
+	stop
+	local src=$work/frag.raw
+	[ "${2##*.}" = vhdx ] && src=$work/frag1m.raw
+	cmp -s "$src" "$work/copy.raw" || { echo "bench/nbd-map.sh: the copy through $1 differs" >&2; exit 1; }
+	awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f\n", e - s }'
+}
+
 # ranges MAP prints the map as start length data lines, neighbours merged.
 ranges() {
 	python3 - "$1" <<-'EOF2'
@@ -125,18 +141,21 @@ for kind in raw vhdx; do
 		echo "bench/nbd-map.sh: the maps of the raw file differ" >&2
 		exit 1
 	fi
-	rows+=("$kind|$n|$v|$q")
+	rows+=("map $kind|$n|$v|$q")
+	v=$(convert_time vhdkit "$file")
+	q=$(convert_time qemu "$file")
+	rows+=("convert $kind|$n|$v|$q")
 done
 
 echo
-printf '%-40s %8s %11s %11s %8s\n' "qemu-img map ($size)" ranges vhdkit qemu-nbd ratio
+printf '%-48s %8s %11s %11s %8s\n' "qemu-img ($size)" ranges vhdkit qemu-nbd ratio
 for row in "${rows[@]}"; do
 	IFS='|' read -r kind n v q <<<"$row"
 	case $kind in
-	raw) name="raw, data every other $stride" ;;
-	vhdx) name="vhdx 1M blocks, every other block" ;;
+	*raw) name="${kind% *}: raw, data every other $stride" ;;
+	*vhdx) name="${kind% *}: vhdx 1M blocks, every other block" ;;
 	esac
-	printf '%-40s %8s %10ss %10ss %8.1f\n' "$name" "$n" "$v" "$q" "$(awk -v v="$v" -v q="$q" 'BEGIN { print v / q }')"
+	printf '%-48s %8s %10ss %10ss %8.1f\n' "$name" "$n" "$v" "$q" "$(awk -v v="$v" -v q="$q" 'BEGIN { print v / q }')"
 done
 echo "ranges: data and hole ranges in vhdkit's map. ratio = vhdkit / qemu-nbd time:"
 echo "above 1, vhdkit is slower. One run each; $(nproc) CPUs."

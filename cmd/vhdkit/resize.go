@@ -30,8 +30,8 @@ partition afterwards, shrink it before.
 last partition, read from its MBR or GPT, rounded up to a whole MiB (to a
 whole sector for a disk that is not a whole number of MiB); a GPT's
 backup header and entries move to the new end first (flushed before the
-primary header points at them), so the table stays valid for sgdisk, fdisk
-and Windows. An MBR's extended partition counts whole. A disk without a
+primary header points at them), so the table stays valid (sgdisk -v and
+fdisk find no problem). An MBR's extended partition counts whole. A disk without a
 partition table, or whose table is damaged, is refused and left as it is.
 
 A disk other disks depend on (a parent of differencing disks: a checkpoint)
@@ -49,7 +49,7 @@ Examples:
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
 			var size sizeValue
-			fs.Var(&size, "size", "the new virtual size in `SIZE` (required)")
+			fs.Var(&size, "size", "the new virtual size in `SIZE` (required unless --to-minimum)")
 			shrink := fs.Bool("shrink", false, "allow a smaller size, discarding what lies past it")
 			toMinimum := fs.Bool("to-minimum", false, "shrink to the end of the last partition (MBR or GPT), moving a GPT's backup to the new end")
 			var children stringList

@@ -135,13 +135,13 @@ func (im *Image) optimize(opts OptimizeOptions, res *OptimizeResult) error {
 
 	// 2. Move.
 	blockSpan := im.bitmapSize + im.blockSize
-	free := im.freeSpans()
+	plan := im.newMovePlan(blockSpan)
+	buf := make([]byte, min(blockSpan, 1<<20))
 	for {
-		moves := im.planMoves(free, blockSpan)
+		moves := plan.next(maxMoveBatch)
 		if len(moves) == 0 {
 			break
 		}
-		buf := make([]byte, min(blockSpan, 1<<20))
 		for _, m := range moves {
 			for done := int64(0); done < blockSpan; {
 				n := min(int64(len(buf)), blockSpan-done)
@@ -162,8 +162,6 @@ func (im *Image) optimize(opts OptimizeOptions, res *OptimizeResult) error {
 		if err := im.flush(); err != nil {
 			return err
 		}
-		// The places left are free from now on.
-		free = im.freeSpans()
 		res.BlocksMoved += int64(len(moves))
 	}
 
@@ -306,55 +304,67 @@ func (im *Image) freeSpans() []span {
 // blockMove is one block to copy from one place of the file to another.
 type blockMove struct{ bi, from, to int64 }
 
-// planMoves picks up to maxMoveBatch moves, highest blocks first, each
-// into the lowest free space below it where a block fits with its data on
-// the boundary allocate uses, no two into the same space. The places the
-// blocks leave stay out of free until the batch is committed (see
-// Optimize, step 2).
-func (im *Image) planMoves(free []span, blockSpan int64) []blockMove {
-	free = slices.Clone(free)
-	type block struct{ bi, off int64 }
-	var blocks []block
+// movePlan picks the moves of step 2: the blocks from the highest down,
+// each into the lowest free space below it where a block fits with its
+// data on the boundary allocate uses. The free space is what nothing
+// referred to when the plan was made; the places blocks leave are never
+// needed as destinations (every block above them has had its turn), so
+// the plan stays valid across batches without looking at them, and it
+// takes O(n log n) time for n blocks in all.
+type movePlan struct {
+	blocks    []blockMove // by offset, highest first; to unused
+	free      []span      // by offset
+	cursor    int         // free[:cursor] hold no block
+	blockSpan int64
+	align     int64
+	bitmap    int64
+	done      bool
+}
+
+func (im *Image) newMovePlan(blockSpan int64) *movePlan {
+	p := &movePlan{free: im.freeSpans(), blockSpan: blockSpan, align: 4096, bitmap: im.bitmapSize}
+	if im.blockSize < p.align {
+		p.align = SectorSize
+	}
 	for i := range im.bat.n {
 		if e := im.bat.entry(i); e != batUnused {
-			blocks = append(blocks, block{i, int64(e) * SectorSize})
+			p.blocks = append(p.blocks, blockMove{bi: i, from: int64(e) * SectorSize})
 		}
 	}
-	slices.SortFunc(blocks, func(a, b block) int { return int(min(max(b.off-a.off, -1), 1)) })
-	align := int64(4096)
-	if im.blockSize < align {
-		align = SectorSize
-	}
+	slices.SortFunc(p.blocks, func(a, b blockMove) int { return int(min(max(b.from-a.from, -1), 1)) })
+	return p
+}
+
+// next returns up to n moves, none once the highest block left cannot
+// move down (lower ones moving would not shrink the file).
+func (p *movePlan) next(n int) []blockMove {
 	var moves []blockMove
-	for _, b := range blocks {
-		if len(moves) == maxMoveBatch {
+	for !p.done && len(moves) < n && len(p.blocks) > 0 {
+		b := p.blocks[0]
+		for p.cursor < len(p.free) && p.start(p.free[p.cursor])+p.blockSpan > p.free[p.cursor].end {
+			p.cursor++ // too small for any block
+		}
+		if p.cursor == len(p.free) {
+			p.done = true
 			break
 		}
-		placed := false
-		for k, f := range free {
-			start := alignUp(alignUp(f.off, SectorSize)+im.bitmapSize, align) - im.bitmapSize
-			if start+blockSpan > b.off {
-				break // only moves down shrink the file
-			}
-			if start+blockSpan <= f.end {
-				moves = append(moves, blockMove{b.bi, b.off, start})
-				rest := []span{}
-				if start > f.off {
-					rest = append(rest, span{f.off, start, ""})
-				}
-				if f.end > start+blockSpan {
-					rest = append(rest, span{start + blockSpan, f.end, ""})
-				}
-				free = slices.Replace(free, k, k+1, rest...)
-				placed = true
-				break
-			}
-		}
-		if !placed {
-			// The highest block that cannot move keeps the end where it is;
-			// lower ones moving would not shrink the file.
+		f := p.free[p.cursor]
+		start := p.start(f)
+		if start+p.blockSpan > b.from {
+			p.done = true
 			break
 		}
+		b.to = start
+		moves = append(moves, b)
+		p.blocks = p.blocks[1:]
+		// What is left of the space, after the block; the piece before it
+		// (alignment) is too small for a block.
+		p.free[p.cursor].off = start + p.blockSpan
 	}
 	return moves
+}
+
+// start is where a block placed in f starts.
+func (p *movePlan) start(f span) int64 {
+	return alignUp(alignUp(f.off, SectorSize)+p.bitmap, p.align) - p.bitmap
 }

@@ -153,8 +153,9 @@ type Server struct {
 	// concurrently; 0 means 16. Further requests wait in the socket.
 	Workers int
 	// ConnMemory bounds the payload bytes (write data being executed,
-	// read data being sent) held by one connection; 0 means 64 MiB.
-	// Values below MaxPayload are raised to it.
+	// read data being sent, block status replies and the extents they
+	// are made from) held by one connection; 0 means 64 MiB. Values
+	// below MaxPayload are raised to it.
 	ConnMemory int
 
 	mu        sync.Mutex

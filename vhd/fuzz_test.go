@@ -275,6 +275,19 @@ func FuzzOpen(f *testing.F) {
 		if linkErr != nil && !errors.Is(linkErr, disk.ErrFormat) && !errors.Is(linkErr, disk.ErrChecksum) && !errors.Is(linkErr, disk.ErrUnsupported) {
 			t.Fatalf("ReadParentLink: error %v", linkErr)
 		}
+		// The strict Check never fails on content, and finds an error in
+		// every file Open refuses.
+		probs, err := CheckFile(m.reopen(), child)
+		if err != nil {
+			t.Fatalf("Check: %v", err)
+		}
+		if img, err := OpenFile(m.reopen(), child, OpenOptions{ReadOnly: true}); err != nil {
+			if !slices.ContainsFunc(probs, func(p Problem) bool { return !p.Warning }) {
+				t.Fatalf("Open refuses the file (%v), Check finds no error: %v", err, probs)
+			}
+		} else {
+			img.Close()
+		}
 		for _, ignore := range []bool{false, true} {
 			img, err := OpenFile(m.reopen(), child, OpenOptions{ReadOnly: true, IgnoreChecksum: ignore})
 			if err != nil {

@@ -1,0 +1,272 @@
+package vhdx
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/vhdkit/vhdkit/storage"
+)
+
+// optimizeFixture fills im with data, then discards half of it: every
+// other block trimmed, and every sixth block overwritten with zeros as
+// data (FULLY_PRESENT blocks that read as zeros). It returns the model.
+func optimizeFixture(t testing.TB, im *Image) []byte {
+	t.Helper()
+	size := im.Size()
+	model := make([]byte, size)
+	r := rand.New(rand.NewPCG(5, 5))
+	for i := range model {
+		model[i] = byte(r.Uint32()) | 1
+	}
+	if _, err := im.WriteAt(model, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	bs := im.geo.blockSize
+	for b := int64(0); b*bs < size; b++ {
+		off := b * bs
+		n := min(bs, size-off)
+		switch {
+		case b%2 == 1:
+			if err := im.Trim(off, n); err != nil {
+				t.Fatal(err)
+			}
+		case b%6 == 0:
+			// Zeros written as data: only a full optimize finds them.
+			if _, err := im.WriteAt(make([]byte, n), off); err != nil {
+				t.Fatal(err)
+			}
+		default:
+			continue
+		}
+		clear(model[off : off+n])
+	}
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	return model
+}
+
+// TestOptimize: a full optimize of a half-discarded dynamic image releases
+// the blocks of zeros, moves the last blocks into the holes and cuts the
+// file, reads the same, passes the strict check and qemu-img check and
+// compare, and reports progress; quick mode changes no data either.
+func TestOptimize(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "o.vhdx")
+	im, err := Create(path, CreateOptions{Size: 48 << 20, BlockSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := optimizeFixture(t, im)
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	verify := func(what string) {
+		t.Helper()
+		probs, err := Check(path, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range probs {
+			t.Errorf("%s: check: %v", what, p)
+		}
+		ro, err := Open(path, OpenOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ro.Close()
+		if got := readAll(t, ro); !bytes.Equal(got, model) {
+			t.Fatalf("%s: content differs at %d", what, firstDiff(got, model))
+		}
+	}
+	res, err := Optimize(path, OptimizeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("quick: %+v", res)
+	verify("quick")
+	var last, calls int64
+	res, err = Optimize(path, OptimizeOptions{Full: true, Progress: func(done, total int64) {
+		if done <= last || done > total {
+			t.Errorf("progress %d of %d after %d", done, total, last)
+		}
+		last = done
+		calls++
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("full: %+v, %d progress calls", res, calls)
+	verify("full")
+	// 48 blocks: 24 trimmed, 8 of zeros released, 16 left after 4 MiB of
+	// structures.
+	if res.Released != 8 || res.SizeAfter != (4+16)<<20 || res.Moved == 0 || calls == 0 {
+		t.Fatalf("full optimize: %+v, %d progress calls", res, calls)
+	}
+	if fi, _ := os.Stat(path); fi.Size() != res.SizeAfter {
+		t.Fatalf("file is %d bytes, optimize says %d", fi.Size(), res.SizeAfter)
+	}
+	// The optimized image takes writes, in its own space first.
+	im, err = Open(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fresh := bytes.Repeat([]byte{0x77}, 3<<20)
+	if _, err := im.WriteAt(fresh, 7<<20); err != nil {
+		t.Fatal(err)
+	}
+	copy(model[7<<20:], fresh)
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	verify("written after")
+	needTool(t, "qemu-img")
+	raw := filepath.Join(dir, "o.raw")
+	if err := os.WriteFile(raw, model, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-img", "check", "-f", "vhdx", path)
+	run(t, "qemu-img", "compare", "-f", "vhdx", "-F", "raw", path, raw)
+}
+
+// TestOptimizeDifferencing: blocks of zeros in a child become ZERO, not
+// NOT_PRESENT, so they go on reading zeros over a parent full of data.
+func TestOptimizeDifferencing(t *testing.T) {
+	dir := t.TempDir()
+	parentPath := filepath.Join(dir, "p.vhdx")
+	p, err := Create(parentPath, CreateOptions{Size: 16 << 20, BlockSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := bytes.Repeat([]byte{0x33}, 16<<20)
+	if _, err := p.WriteAt(model, 0); err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	path := filepath.Join(dir, "c.avhdx")
+	im, err := Create(path, CreateOptions{Parent: parentPath, BlockSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for b := int64(0); b < 16; b++ {
+		v := byte(0)
+		if b%3 == 0 {
+			v = byte(b + 1)
+		}
+		blk := bytes.Repeat([]byte{v}, 1<<20)
+		if _, err := im.WriteAt(blk, b<<20); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[b<<20:], blk)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Optimize(path, OptimizeOptions{Full: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%+v", res)
+	if res.Released != 10 || res.SizeAfter >= res.SizeBefore {
+		t.Fatalf("%+v", res)
+	}
+	probs, err := Check(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range probs {
+		t.Errorf("check: %v", p)
+	}
+	ro, err := Open(path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if got := readAll(t, ro); !bytes.Equal(got, model) {
+		t.Fatalf("content differs at %d", firstDiff(got, model))
+	}
+}
+
+// TestCrashOptimize stops the disk at every operation of a full Optimize:
+// each crash clone opens read-only and read-write with the same content,
+// which Optimize never changes, and passes the strict check.
+func TestCrashOptimize(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.vhdx")
+	base := storage.NewMemFile(nil)
+	im, err := CreateFile(keepOpen{base}, path, CreateOptions{Size: 12<<20 + 4096, BlockSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := optimizeFixture(t, im)
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	orig := base.Bytes()
+	points := 0
+	for i := int64(0); ; i++ {
+		mf := storage.NewMemFile(orig)
+		ff := &storage.FaultFile{File: mf, FailAt: -1}
+		im, err := OpenFile(ff, path, OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ff.FailAt, ff.Dead = ff.Ops()+i, true
+		_, oerr := im.Optimize(OptimizeOptions{Full: true})
+		cerr := im.Close()
+		if !ff.Injected() {
+			if oerr != nil || cerr != nil {
+				t.Fatal(oerr, cerr)
+			}
+			if n, _ := mf.Size(); n >= int64(len(orig)) {
+				t.Fatalf("optimize left the file at %d bytes (was %d)", n, len(orig))
+			}
+			t.Logf("%d crash points", points)
+			return
+		}
+		if oerr != nil && !errors.Is(oerr, storage.ErrInjected) {
+			t.Fatalf("point %d: %v", i, oerr)
+		}
+		points++
+		for c := range 3 {
+			clone := mf.CrashClone(rand.New(rand.NewPCG(uint64(i), uint64(c))))
+			if err := afterOptimizeCrash(clone, path, model); err != nil {
+				t.Fatalf("point %d clone %d: %v", i, c, err)
+			}
+		}
+	}
+}
+
+func afterOptimizeCrash(clone *storage.MemFile, path string, model []byte) error {
+	if probs := writerProblems(clone.Bytes()); len(probs) > 0 {
+		return fmt.Errorf("as the crash left it: %v", probs)
+	}
+	if probs, err := CheckStructure(clone); err != nil || len(violations(probs)) > 0 {
+		return fmt.Errorf("check as the crash left it: %v %v", probs, err)
+	}
+	for _, ro := range []bool{true, false} {
+		im, err := OpenFile(keepOpen{clone}, path, OpenOptions{ReadOnly: ro})
+		if err != nil {
+			return fmt.Errorf("open (read-only %v): %w", ro, err)
+		}
+		got := make([]byte, im.Size())
+		_, err = im.ReadAt(got, 0)
+		if cerr := im.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(got, model) {
+			return fmt.Errorf("read-only %v: content differs at %d", ro, firstDiff(got, model))
+		}
+	}
+	return nil
+}

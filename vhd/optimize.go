@@ -67,7 +67,11 @@ const maxMoveBatch = 64
 //     and commit them as Flush does (write the BAT sectors, sync): a crash
 //     leaves each entry pointing at the block or released, which read the
 //     same;
-//  2. move blocks in batches: copy each (bitmap and data) into space no
+//  2. when a header move (Resize, SetParent) left the header, the locator
+//     data and the BAT above space they fit in, move them there as
+//     "Moving the header" in the package doc does (write them, sync,
+//     commit the end footer, sync, the copy at 0, sync); then move blocks
+//     in batches: copy each (bitmap and data) into space no
 //     structure refers to, below where it is; sync; point its BAT entry at
 //     the copy; sync (the Flush protocol's steps 2-4). A crash leaves each entry at the old place or the
 //     new one, both intact, since a place given up in a batch is reused
@@ -133,7 +137,11 @@ func (im *Image) optimize(opts OptimizeOptions, res *OptimizeResult) error {
 		return err
 	}
 
-	// 2. Move.
+	// 2. The header, locator data and BAT first, when a header move (Resize,
+	// SetParent) left them above space they fit in.
+	if err := im.lowerHeader(); err != nil {
+		return err
+	}
 	blockSpan := im.bitmapSize + im.blockSize
 	plan := im.newMovePlan(blockSpan)
 	buf := make([]byte, min(blockSpan, 1<<20))
@@ -367,4 +375,41 @@ func (p *movePlan) next(n int) []blockMove {
 // start is where a block placed in f starts.
 func (p *movePlan) start(f span) int64 {
 	return alignUp(alignUp(f.off, SectorSize)+p.bitmap, p.align) - p.bitmap
+}
+
+// lowerHeader moves the header, its locator data and the BAT into the
+// lowest space nothing refers to that lies below them and holds them all,
+// if there is such space (see Optimize, step 2). Locators it cannot
+// rewrite (an undecoded platform) keep everything where it is.
+func (im *Image) lowerHeader() error {
+	var locs []locatorData
+	metaStart := min(im.hdrOff, im.bat.off)
+	for _, e := range im.hdr.Locators {
+		if e.Code == platformNone || e.DataLength == 0 {
+			continue
+		}
+		if !e.known() {
+			return nil
+		}
+		data := make([]byte, e.DataLength) // bounded by maxLocatorLength at Open
+		if err := readFull(im.f, data, int64(e.DataOffset)); err != nil {
+			return err
+		}
+		locs = append(locs, locatorData{e.Code, data})
+		metaStart = min(metaStart, int64(e.DataOffset))
+	}
+	batRaw := im.batFor(im.bat.n)
+	need := relocatedSize(locs, batRaw)
+	for _, f := range im.freeSpans() {
+		at := alignUp(f.off, SectorSize)
+		if at+need > metaStart {
+			return nil
+		}
+		if at+need <= f.end {
+			h := im.hdr
+			h.MaxTableEntries = uint32(im.bat.n)
+			return im.relocateAt(h, locs, batRaw, im.ft, at)
+		}
+	}
+	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
@@ -158,10 +159,11 @@ func TestOptimizeRefused(t *testing.T) {
 	}
 }
 
-// After a resize the header and BAT lie at the end of the file: blocks
-// move below them, and the gaps left are punched.
-func TestOptimizeHeaderAtEnd(t *testing.T) {
-	dir := t.TempDir()
+// headerAtEnd is wasteful's image grown by a Resize, which moves the
+// header and the BAT to the end of the file, with a block written after
+// them; it returns the path and the content.
+func headerAtEnd(t *testing.T, dir string) (string, []byte) {
+	t.Helper()
 	path, content := wasteful(t, dir)
 	img, err := Open(path, OpenOptions{})
 	if err != nil {
@@ -173,32 +175,74 @@ func TestOptimizeHeaderAtEnd(t *testing.T) {
 	}
 	p := bytes.Repeat([]byte{0xAB}, bs)
 	mustWrite(t, img, p, 25*bs) // a block after the header
+	if img.hdrOff < 20*bs {
+		t.Fatalf("header at %#x after a resize", img.hdrOff)
+	}
 	mustClose(t, img)
 	content = append(content, make([]byte, 2*bs)...)
 	copy(content[25*bs:], p)
+	return path, content
+}
+
+// After a resize the header and BAT lie near the end of the file: they
+// move down into the space released, the blocks below them, and the file
+// ends after the last structure; the same for a differencing child whose
+// header SetParent moved.
+func TestOptimizeHeaderAtEnd(t *testing.T) {
+	dir := t.TempDir()
+	path, content := headerAtEnd(t, dir)
 	res, err := Optimize(path, OptimizeOptions{Full: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := readChain(t, path); !bytes.Equal(got, content) {
-		t.Fatalf("content changed: %s", diffAt(got, content))
+	checkOptimized(t, path, content)
+	img, err := Open(path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
 	}
-	// The gap below the header cannot be cut off: it is punched, and
-	// Check still sees it as referenced by nothing.
-	probs, err := Check(path, false)
-	if err != nil || len(probs) != 1 || probs[0].Rule != "file.leak" {
-		t.Fatalf("Check: %v %v", probs, err)
+	if want := img.usedEnd() + footerSize; res.FileSizeAfter != want || img.hdrOff > 4*(64<<10) {
+		t.Errorf("file is %d bytes (want %d), header at %#x: %+v", res.FileSizeAfter, want, img.hdrOff, res)
 	}
-	if res.BlocksMoved == 0 || res.BytesPunched == 0 && !res.PunchUnsupported {
-		t.Errorf("%+v", res)
+	mustClose(t, img)
+
+	base, child := makeChain(t, t.TempDir())
+	img, err = Open(child, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
 	}
+	if err := img.SetParent(base); err != nil {
+		t.Fatal(err)
+	}
+	mustClose(t, img)
+	want := readChain(t, child)
+	if _, err := Optimize(child, OptimizeOptions{Full: true}); err != nil {
+		t.Fatal(err)
+	}
+	checkOptimized(t, child, want)
+	img, err = Open(child, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l := img.Info().ParentLocators; len(l) != 2 || l[0].Path != base || img.hdrOff != footerSize {
+		t.Errorf("header at %#x, locators %+v", img.hdrOff, l)
+	}
+	mustClose(t, img)
 }
 
 // Optimize at every crash point: every state reads the content and passes
 // the strict Check.
 func TestCrashOptimize(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		build func(*testing.T, string) (string, []byte)
+	}{{"blocks", wasteful}, {"header-at-end", headerAtEnd}} {
+		t.Run(c.name, func(t *testing.T) { crashOptimize(t, c.build) })
+	}
+}
+
+func crashOptimize(t *testing.T, build func(*testing.T, string) (string, []byte)) {
 	dir := t.TempDir()
-	src, content := wasteful(t, dir)
+	src, content := build(t, dir)
 	image, err := os.ReadFile(src)
 	if err != nil {
 		t.Fatal(err)
@@ -208,15 +252,18 @@ func TestCrashOptimize(t *testing.T) {
 		_, err := img.Optimize(OptimizeOptions{Full: true})
 		return err
 	}, func(t *testing.T, what string) {
-		// Optimize never leaves the end of the file without its footer
-		// nor the copy at 0 stale (states Check only warns about, since
-		// appending writes leave them).
+		// No error; the warnings allowed: leaked space; the copy at 0
+		// stale between the commit of a header move and its rewrite (QEMU
+		// reads the same disk from it); the end without its footer when a
+		// cut not yet synced comes back at the old length with the cut
+		// sectors zeroed, as storage.MemFile lets it (shrinking a file
+		// cannot avoid that state; Open reads the copy at 0).
 		probs, err := Check(path, false)
 		if err != nil {
 			t.Fatalf("%s: Check: %v", what, err)
 		}
 		for _, p := range probs {
-			if p.Rule != "file.leak" && p.Rule != "parent" {
+			if !p.Warning || !slices.Contains([]string{"file.leak", "parent", "footer.copy-stale", "footer.end-damaged"}, p.Rule) {
 				t.Fatalf("%s: Check: %v", what, p)
 			}
 		}

@@ -25,7 +25,26 @@ type locatorData struct {
 // the image failed (the in-memory state is the old one, the file holds
 // the old or the new one).
 func (im *Image) relocate(h header, locs []locatorData, batRaw []byte, ft footer) error {
-	hdrOff := alignUp(im.nextAlloc, SectorSize)
+	return im.relocateAt(h, locs, batRaw, ft, alignUp(im.nextAlloc, SectorSize))
+}
+
+// relocatedSize is the space relocate needs for a header with locs and
+// batRaw.
+func relocatedSize(locs []locatorData, batRaw []byte) int64 {
+	n := int64(headerSize + len(batRaw))
+	for _, l := range locs {
+		n += alignUp(int64(len(l.data)), SectorSize)
+	}
+	return n
+}
+
+// relocateAt is relocate with the new structures at hdrOff: where the
+// next block would go (relocate), or inside the file, in space nothing
+// refers to, of relocatedSize bytes (Optimize). Inside the file, step 1
+// writes no footer behind them (the end footer stays where it is) and
+// step 2 commits over the end footer.
+func (im *Image) relocateAt(h header, locs []locatorData, batRaw []byte, ft footer, hdrOff int64) error {
+	appending := hdrOff == alignUp(im.nextAlloc, SectorSize)
 	pos := hdrOff + headerSize
 	buf := make([]byte, headerSize, headerSize+len(batRaw))
 	var decoded []Locator
@@ -55,18 +74,24 @@ func (im *Image) relocate(h header, locs []locatorData, batRaw []byte, ft footer
 	ft.DataOffset = uint64(hdrOff)
 	raw := ft.encode()
 
+	footerAt := im.footerAt
+	if appending {
+		footerAt = end
+	}
 	// 1. Nothing on disk points at the new structures yet.
 	if _, err := im.f.WriteAt(buf, hdrOff); err != nil {
 		return err
 	}
-	if _, err := im.f.WriteAt(im.footerRaw[:], end); err != nil {
-		return err
+	if appending {
+		if _, err := im.f.WriteAt(im.footerRaw[:], end); err != nil {
+			return err
+		}
 	}
 	if err := im.f.Sync(); err != nil {
 		return err
 	}
 	// 2. Commit: the end footer is what Open reads.
-	if _, err := im.f.WriteAt(raw[:], end); err != nil {
+	if _, err := im.f.WriteAt(raw[:], footerAt); err != nil {
 		return err
 	}
 	if err := im.f.Sync(); err != nil {
@@ -83,7 +108,7 @@ func (im *Image) relocate(h header, locs []locatorData, batRaw []byte, ft footer
 	im.hdr, im.hdrOff = h, hdrOff
 	im.ft, im.footerRaw = ft, raw
 	im.bat.off, im.bat.raw = int64(h.TableOffset), batRaw
-	im.nextAlloc, im.footerAt = end, end
+	im.nextAlloc, im.footerAt = footerAt, footerAt
 	if locs != nil {
 		im.locators = decoded
 	}

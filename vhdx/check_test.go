@@ -76,7 +76,7 @@ func TestCheckSamples(t *testing.T) {
 }
 
 // TestCheckWritten: images vhdkit writes, of every kind and sector size,
-// with data, zeroed ranges and a resize, pass the strict check.
+// with data, zeroed and trimmed ranges and a resize, pass the strict check.
 func TestCheckWritten(t *testing.T) {
 	dir := t.TempDir()
 	for _, sector := range []uint32{512, 4096} {
@@ -100,6 +100,9 @@ func TestCheckWritten(t *testing.T) {
 				model := make([]byte, im.Size())
 				fillRandom(t, im, model, int64(sector)+int64(typ), 30, 3<<20)
 				if err := im.WriteZeroes(8<<20, 4<<20, true); err != nil {
+					t.Fatal(err)
+				}
+				if err := im.Trim(16<<20, 5<<20+512); err != nil {
 					t.Fatal(err)
 				}
 				if typ != Differencing {

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -571,5 +572,56 @@ func TestMissingSectorBitmap(t *testing.T) {
 	}
 	if !errors.Is(err, ErrFormat) || !strings.Contains(err.Error(), "without a sector bitmap") {
 		t.Errorf("%v", err)
+	}
+}
+
+// TestLargeBATOpen: a legal BAT of four million allocated blocks (a
+// 4 TiB disk of 1 MiB blocks, every block present, in a sparse file)
+// opens with its overlap check, allocating little beyond the BAT itself:
+// it used to be held twice, as bytes and as entries.
+func TestLargeBATOpen(t *testing.T) {
+	if testing.Short() {
+		t.Skip("writes a 32 MiB BAT")
+	}
+	path := filepath.Join(t.TempDir(), "big.vhdx")
+	const size = 4 << 40
+	im, err := Create(path, CreateOptions{Size: size, BlockSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, batOff, payload := im.geo, int64(im.regs.BAT.Offset), im.fileEnd
+	im.Close()
+	bat := make([]byte, g.totalEntries*8)
+	for b := int64(0); b < g.dataBlocks; b++ {
+		binary.LittleEndian.PutUint64(bat[8*g.payloadIndex(b):], batEntry(payloadFullyPresent, payload+b*mib))
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.WriteAt(bat, batOff)
+	if err == nil {
+		err = f.Truncate(payload + g.dataBlocks*mib)
+	}
+	f.Close()
+	if err != nil {
+		t.Skip("no room for a sparse 4 TiB file:", err)
+	}
+	bat = nil
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	start := time.Now()
+	im, err = Open(path, OpenOptions{ReadOnly: true})
+	took := time.Since(start)
+	runtime.ReadMemStats(&after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	alloc := int64(after.TotalAlloc - before.TotalAlloc)
+	t.Logf("%d entries: open took %v, allocated %d MiB", g.totalEntries, took, alloc>>20)
+	if batBytes := g.totalEntries * 8; alloc > batBytes+batBytes/4+4*mib {
+		t.Errorf("open allocated %d bytes for a %d-byte BAT", alloc, batBytes)
 	}
 }

@@ -625,3 +625,29 @@ func TestLargeBATOpen(t *testing.T) {
 		t.Errorf("open allocated %d bytes for a %d-byte BAT", alloc, batBytes)
 	}
 }
+
+// BenchmarkCraftedLog opens an image whose 64 MiB log holds an entry at
+// every 4 KiB but the last, all valid, with consecutive sequence numbers,
+// each naming as its tail the place after it: no sequence is valid, and a
+// search that walks from each head's tail to the end is quadratic (16383
+// heads). Measured, not asserted: go test -bench CraftedLog -run X.
+func BenchmarkCraftedLog(b *testing.B) {
+	const logLen = 64 * mib
+	t := &testing.T{}
+	img := cleanImage(t)
+	logOff := int64(len(img))
+	img = append(img, make([]byte, logLen)...)
+	guid := newGUID()
+	for pos := int64(0); pos < logLen-logSectorSize; pos += logSectorSize {
+		e := craftEntry(guid, uint64(1+pos/logSectorSize), pos+logSectorSize, 0, 0, nil, nil)
+		copy(img[logOff+pos:], e)
+	}
+	editHeaders(t, img, func(h *header) { h.LogGUID, h.LogOffset, h.LogLength = guid, uint64(logOff), logLen })
+	for i := 0; i < b.N; i++ {
+		im, err := OpenFile(storage.NewMemFile(img), "x.vhdx", OpenOptions{ReadOnly: true})
+		if err != nil {
+			b.Fatal(err)
+		}
+		im.Close()
+	}
+}

@@ -400,9 +400,12 @@ func (c *checker) checkHeaders() (header, int64, bool, error) {
 	case valid[1] && hs[1].Seq > hs[0].Seq:
 		cur = 1
 	case valid[1] && hs[1].Seq == hs[0].Seq && !slices.Equal(raw[0], raw[1]):
-		// Identical copies (Disk2vhd writes them) are unambiguous;
-		// different ones with one sequence number are not.
-		c.add(RuleHeaderSequence, "header 2", header2Offset+8, false, "same sequence number %d as header 1 with different contents: which is current is undefined", hs[1].Seq)
+		c.add(RuleHeaderSequence, "header 2", header2Offset+8, false, "same sequence number %d as header 1 with different contents: neither is current (MS-VHDX 2.2.2: the file is corrupt)", hs[1].Seq)
+	case valid[1] && hs[1].Seq == hs[0].Seq:
+		// MS-VHDX 2.2.2 names no current header here either, but the
+		// copies are identical (Disk2vhd writes them so) and Hyper-V,
+		// QEMU and OpenVMM read either.
+		c.add(RuleHeaderSequence, "header 2", header2Offset+8, true, "same sequence number %d as header 1 (identical copies): MS-VHDX 2.2.2 makes neither current", hs[1].Seq)
 	}
 	h = hs[cur]
 	off := int64(header1Offset)

@@ -165,6 +165,14 @@ func FuzzLog(f *testing.F) {
 	pages := []page{{off: 3 * mib, data: bytes.Repeat([]byte{9}, pageSize)}, {off: 3*mib + pageSize, data: make([]byte, pageSize)}}
 	f.Add(marshalEntry(pages, 5, 0, guid, 8*mib, 9*mib), uint16(0))
 	f.Add(append(marshalEntry(pages[:1], 6, 0, guid, 8*mib, 8*mib), marshalEntry(pages, 7, 0, guid, 8*mib, 8*mib)...), uint16(1))
+	// Sixteen one-sector entries: sequences with tails before, at and
+	// after their heads, one wrapping.
+	var many []byte
+	for i, tail := range []int64{0, 0, 1, 3, 2, 5, 5, 9, 8, 8, 10, 12, 15, 13, 14, 15} {
+		many = append(many, craftEntry(guid, uint64(10+i%7+i/3), tail*logSectorSize, 0, 0, nil, nil)...)
+	}
+	f.Add(many, uint16(0))
+	f.Add(many, uint16(5))
 	f.Fuzz(func(t *testing.T, b []byte, shift uint16) {
 		const logLen = 64 * kib
 		log := make([]byte, logLen)
@@ -179,6 +187,19 @@ func FuzzLog(f *testing.F) {
 		}
 		h := header{LogGUID: guid, LogOffset: mib, LogLength: logLen}
 		r := &offsetReader{b: log, base: mib}
+		// The linear search finds the sequence a plain one does.
+		l := &logReader{r: r, off: mib, length: logLen, guid: guid}
+		byPos, err := l.scan()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got [2]int64
+		if seq := l.activeSequence(byPos); seq != nil {
+			got = [2]int64{seq[0].pos, seq[len(seq)-1].pos + 1}
+		}
+		if want := naiveSequence(log, guid); got != want {
+			t.Fatalf("active sequence [tail, head+1) %v, a plain search finds %v", got, want)
+		}
 		p, err := readLog(r, &h, 16*mib)
 		if err != nil || p == nil {
 			return
@@ -189,6 +210,64 @@ func FuzzLog(f *testing.F) {
 			}
 		}
 	})
+}
+
+// naiveSequence finds the active sequence of log the plain way: every
+// entry checksummed in full, a walk from each head's tail. It returns the
+// positions of its tail and its head + 1, zeros for none.
+func naiveSequence(log []byte, guid GUID) [2]int64 {
+	n := int64(len(log))
+	at := func(pos, k int64) []byte {
+		b := make([]byte, k)
+		for i := range b {
+			b[i] = log[(pos+int64(i))%n]
+		}
+		return b
+	}
+	type entry struct {
+		pos, length, tail int64
+		seq               uint64
+	}
+	valid := map[int64]*entry{}
+	for pos := int64(0); pos < n; pos += logSectorSize {
+		h := at(pos, logEntryHeaderSize)
+		length := int64(binary.LittleEndian.Uint32(h[8:]))
+		tail := int64(binary.LittleEndian.Uint32(h[12:]))
+		count := int64(binary.LittleEndian.Uint32(h[24:]))
+		if binary.LittleEndian.Uint32(h[0:]) != sigLogEntry || GUID(h[32:48]) != guid ||
+			length == 0 || length%logSectorSize != 0 || length > n || tail%logSectorSize != 0 || tail >= n ||
+			logEntryHeaderSize+count*logDescSize > length ||
+			int64(binary.LittleEndian.Uint64(h[48:])) < 0 || int64(binary.LittleEndian.Uint64(h[56:])) < 0 {
+			continue
+		}
+		if b := at(pos, length); binary.LittleEndian.Uint32(b[4:]) == checksum(b, 4) {
+			valid[pos] = &entry{pos, length, tail, binary.LittleEndian.Uint64(h[16:])}
+		}
+	}
+	var best, bestTail *entry
+	for _, h := range valid {
+		var span int64
+		for e, steps := valid[h.tail], 0; e != nil && steps <= len(valid); steps++ {
+			if span += e.length; span > n {
+				break
+			}
+			if e == h {
+				if best == nil || h.seq > best.seq || (h.seq == best.seq && h.pos < best.pos) {
+					best, bestTail = h, valid[h.tail]
+				}
+				break
+			}
+			next := valid[(e.pos+e.length)%n]
+			if next == nil || next.seq != e.seq+1 {
+				break
+			}
+			e = next
+		}
+	}
+	if best == nil {
+		return [2]int64{}
+	}
+	return [2]int64{bestTail.pos, best.pos + 1}
 }
 
 // offsetReader serves b as if it lay at file offset base.

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
@@ -124,4 +125,39 @@ func readChain(t *testing.T, path string) []byte {
 	}
 	defer mustClose(t, img)
 	return readAll(t, img)
+}
+
+// A FIFO where a parent or an image should be does not block: opening it
+// read-only finds no VHD (a locator naming one is also refused by its
+// type before any open; this covers a file swapped in between).
+func TestFIFONeverBlocks(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo.vhd")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Skip(err)
+	}
+	done := make(chan error, 2)
+	go func() {
+		_, ok := peekFooter(fifo, false)
+		if ok {
+			done <- errors.New("a FIFO read as a VHD")
+			return
+		}
+		done <- nil
+	}()
+	go func() {
+		img, err := Open(fifo, OpenOptions{ReadOnly: true})
+		if err == nil {
+			img.Close()
+			done <- errors.New("a FIFO opened as a VHD")
+			return
+		}
+		done <- nil
+	}()
+	// A regression hangs here (until go test's timeout).
+	for range 2 {
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/vhdkit/vhdkit/disk"
 	"github.com/vhdkit/vhdkit/storage"
@@ -76,6 +77,12 @@ func (o OpenOptions) open(path string, flag int) (storage.File, error) {
 		return storage.OpenForceShare(path)
 	case o.ForceShare:
 		return nil, fmt.Errorf("%s: ForceShare needs ReadOnly", path)
+	case flag&(os.O_WRONLY|os.O_RDWR) == 0:
+		// A FIFO put where an image or a parent should be (a crafted
+		// locator, a file swapped after its type was checked) must not
+		// block the open forever; on a regular file O_NONBLOCK does
+		// nothing, and reading a FIFO opened so finds no VHD.
+		flag |= syscall.O_NONBLOCK
 	}
 	return storage.OpenFile(path, flag, 0)
 }

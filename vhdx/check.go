@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"slices"
 	"sort"
@@ -416,6 +417,11 @@ func (c *checker) checkHeaders() (header, int64, bool, error) {
 	b := raw[cur]
 	if h.Version != 1 {
 		c.add(RuleHeaderVersion, name, off+66, false, "version %d, must be 1", h.Version)
+	}
+	if h.Seq == math.MaxUint64 && !h.LogGUID.IsZero() {
+		// Replaying the log ends by writing a header with a higher
+		// sequence number, which does not exist.
+		c.add(RuleHeaderSequence, name, off+8, false, "sequence number %d with a log to replay: no later header can follow (OpenVMM refuses)", h.Seq)
 	}
 	if h.LogVersion != 0 {
 		c.add(RuleHeaderLogVersion, name, off+64, false, "log version %d, must be 0", h.LogVersion)

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -294,6 +295,13 @@ func TestCheckRules(t *testing.T) {
 			refix(b, header2Offset, headerSize)
 			return b
 		}, RuleHeaderSequence, at(header2Offset + 8)},
+		{"header sequence number at its maximum with a log", false, func(b []byte) []byte {
+			logPages(b, 1, -1)
+			h := currentHeader(b)
+			binary.LittleEndian.PutUint64(b[h+8:], math.MaxUint64)
+			refix(b, h, headerSize)
+			return b
+		}, RuleHeaderSequence, func(b []byte) int64 { return currentHeader(b) + 8 }},
 		{"header version", false, func(b []byte) []byte {
 			h := currentHeader(b)
 			binary.LittleEndian.PutUint16(b[h+66:], 2)

@@ -77,7 +77,7 @@ func (s *freeSpace) takePending() []fileRange {
 	return p
 }
 
-// Bytes returns how much of the file the map holds free. The caller holds
+// bytes returns how much of the file the map holds free. The caller holds
 // mu.
 func (s *freeSpace) bytes() int64 {
 	var n int64

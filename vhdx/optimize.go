@@ -60,66 +60,78 @@ func Optimize(path string, opts OptimizeOptions) (OptimizeResult, error) {
 // syncing, and switching its BAT entry through the log; its old space is
 // freed only once the switch is durable. Before the file is cut the log is
 // closed (every entry applied and synced), so no entry names a file size
-// the cut file no longer has. Other I/O on the image waits while Optimize
-// runs.
+// the cut file no longer has.
+//
+// The image stays in use meanwhile: Optimize holds its locks for one step
+// at a time (a block read, a batch of moves), so reads, writes and flushes
+// wait for a step, not for the whole run.
 func (im *Image) Optimize(opts OptimizeOptions) (OptimizeResult, error) {
 	var res OptimizeResult
 	if err := im.writable(); err != nil {
 		return res, err
 	}
-	im.flushMu.Lock()
-	defer im.flushMu.Unlock()
-	im.mu.Lock()
-	defer im.mu.Unlock()
-	if im.closed {
-		return res, errClosed
-	}
-	size, err := im.f.Size()
-	if err != nil {
-		return res, err
-	}
-	res.SizeBefore, res.SizeAfter = size, size
-	if im.p.LeaveAllocated && !im.p.HasParent {
-		return res, nil
-	}
-	if err := im.beginWrite(false); err != nil {
-		return res, err
-	}
-	if err := im.buildSpace(); err != nil {
-		return res, err
-	}
 	o := optimizer{im: im, opts: opts}
-	if err := o.commit(nil); err != nil {
-		return res, err
-	}
-	if opts.Full {
-		if err := o.releaseZeros(&res); err != nil {
-			return res, err
+	skip := false
+	err := o.locked(func() error {
+		size, err := im.f.Size()
+		if err != nil {
+			return err
 		}
-	}
-	if err := o.punchFree(); err != nil {
-		return res, err
-	}
-	if opts.Full {
-		if err := o.compact(&res); err != nil {
-			return res, err
+		res.SizeBefore = size
+		if im.p.LeaveAllocated && !im.p.HasParent {
+			skip = true // a fixed image keeps its blocks
+			return nil
 		}
-		if err := o.truncate(); err != nil {
-			return res, err
+		if err := im.beginWrite(false); err != nil {
+			return err
 		}
+		if err := im.buildSpace(); err != nil {
+			return err
+		}
+		return o.commit(nil)
+	})
+	if err == nil && !skip && opts.Full {
+		err = o.releaseZeros(&res)
 	}
-	res.SizeAfter, err = im.f.Size()
+	if err == nil && !skip {
+		err = o.locked(o.punchFree)
+	}
+	if err == nil && !skip && opts.Full {
+		err = o.compact(&res)
+	}
+	if err == nil && !skip && opts.Full {
+		err = o.locked(o.truncate)
+	}
+	if err == nil {
+		err = o.locked(func() error {
+			res.SizeAfter, err = im.f.Size()
+			return err
+		})
+	}
 	if err != nil {
 		return res, fmt.Errorf("vhdx: optimize %s: %w", im.path, err)
 	}
 	return res, nil
 }
 
-// optimizer runs Optimize's steps; the image's flushMu and mu are held.
+// optimizer runs Optimize's steps.
 type optimizer struct {
 	im          *Image
 	opts        OptimizeOptions
 	done, total int64
+}
+
+// locked runs one step holding the image's flushMu and mu.
+func (o *optimizer) locked(step func() error) error {
+	im := o.im
+	im.flushMu.Lock()
+	defer im.flushMu.Unlock()
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.closed {
+		return errClosed
+	}
+	return step()
 }
 
 func (o *optimizer) step() {
@@ -130,13 +142,14 @@ func (o *optimizer) step() {
 }
 
 // commit makes the dirty pages durable as Flush does, then frees the space
-// they released and freed (punched out of the host file).
+// they released and freed (punched out of the host file). The locks are
+// held.
 func (o *optimizer) commit(freed []fileRange) error {
 	im := o.im
 	released := append(im.space.takePending(), freed...)
 	if err := im.commitDirty(); err != nil {
 		im.space.release(released...)
-		return fmt.Errorf("vhdx: optimize %s: %w", im.path, err)
+		return err
 	}
 	for _, r := range released {
 		r.zero = storage.Punch(im.f, r.off, r.end-r.off) == nil
@@ -145,59 +158,93 @@ func (o *optimizer) commit(freed []fileRange) error {
 	return nil
 }
 
-// releaseZeros reads every fully present block: one that reads as zeros is
-// released, whole MiB of zeros in the others are punched.
+// releaseZeros reads every fully present block, one step each: one that
+// reads as zeros is released, whole MiB of zeros in the others are
+// punched.
 func (o *optimizer) releaseZeros(res *OptimizeResult) error {
 	im := o.im
-	g := &im.geo
-	for b := int64(0); b < g.dataBlocks; b++ {
-		if batState(im.bat[g.payloadIndex(b)]) == payloadFullyPresent {
-			o.total++
+	err := o.locked(func() error {
+		g := &im.geo
+		for b := int64(0); b < g.dataBlocks; b++ {
+			if batState(im.bat[g.payloadIndex(b)]) == payloadFullyPresent {
+				o.total++
+			}
 		}
-	}
-	state := uint8(payloadNotPresent)
-	if im.parent != nil {
-		state = payloadZero
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	buf := make([]byte, mib)
-	for b := int64(0); b < g.dataBlocks; b++ {
-		idx := g.payloadIndex(b)
-		e := im.bat[idx]
-		if batState(e) != payloadFullyPresent {
-			continue
-		}
-		// The last block may end past the disk: what lies there is not
-		// read, whatever it holds.
-		n := min(g.blockSize, g.virtualSize-b*g.blockSize)
-		var zeroMiB []int64
-		for in := int64(0); in < n; in += mib {
-			k := min(mib, n-in)
-			if err := im.readFile(buf[:k], batOffset(e)+in); err != nil {
-				return err
+	for b := int64(0); ; b++ {
+		more := false
+		err := o.locked(func() error {
+			g := &im.geo
+			if b >= g.dataBlocks { // the disk may have shrunk meanwhile
+				return nil
 			}
-			if disk.IsZero(buf[:k]) {
-				zeroMiB = append(zeroMiB, in)
+			more = true
+			idx := g.payloadIndex(b)
+			if batState(im.bat[idx]) != payloadFullyPresent {
+				return nil
 			}
-		}
-		if int64(len(zeroMiB)) == (n+mib-1)/mib {
-			im.setBAT(idx, batEntry(state, 0))
-			im.releaseBlock(batOffset(e), g.blockSize)
-			res.Released++
-		} else {
-			for _, in := range zeroMiB {
-				if k := min(mib, n-in); k == mib {
-					if err := storage.Punch(im.f, batOffset(e)+in, mib); err != nil && !errors.Is(err, storage.ErrPunchUnsupported) {
-						return fmt.Errorf("vhdx: optimize %s: %w", im.path, err)
-					}
-				}
+			released, err := im.releaseIfZero(idx, b, buf)
+			if released {
+				res.Released++
 			}
+			o.step()
+			return err
+		})
+		if err != nil {
+			return err
 		}
-		o.step()
+		if !more {
+			break
+		}
 	}
-	return o.commit(nil)
+	return o.locked(func() error { return o.commit(nil) })
 }
 
-// punchFree punches every free range not known to read as zeros.
+// releaseIfZero reads fully present block b (entry idx): if it reads as
+// zeros it is released (NOT_PRESENT, or ZERO over a parent), else its
+// whole MiB of zeros are punched. The caller holds mu for writing.
+func (im *Image) releaseIfZero(idx, b int64, buf []byte) (bool, error) {
+	g := &im.geo
+	e := im.bat[idx]
+	// The last block may end past the disk: what lies there is not read,
+	// whatever it holds.
+	n := min(g.blockSize, g.virtualSize-b*g.blockSize)
+	var zeroMiB []int64
+	for in := int64(0); in < n; in += mib {
+		k := min(mib, n-in)
+		if err := im.readFile(buf[:k], batOffset(e)+in); err != nil {
+			return false, err
+		}
+		if disk.IsZero(buf[:k]) {
+			zeroMiB = append(zeroMiB, in)
+		}
+	}
+	if int64(len(zeroMiB)) == (n+mib-1)/mib {
+		state := uint8(payloadNotPresent)
+		if im.parent != nil {
+			state = payloadZero
+		}
+		im.setBAT(idx, batEntry(state, 0))
+		im.releaseBlock(batOffset(e), g.blockSize)
+		return true, nil
+	}
+	for _, in := range zeroMiB {
+		if n-in >= mib {
+			if err := storage.Punch(im.f, batOffset(e)+in, mib); err != nil && !errors.Is(err, storage.ErrPunchUnsupported) {
+				return false, err
+			}
+		}
+	}
+	return false, nil
+}
+
+// punchFree punches every free range not known to read as zeros. The
+// locks are held.
 func (o *optimizer) punchFree() error {
 	im := o.im
 	for i := range im.space.free {
@@ -210,7 +257,7 @@ func (o *optimizer) punchFree() error {
 			return nil
 		}
 		if err != nil {
-			return fmt.Errorf("vhdx: optimize %s: %w", im.path, err)
+			return err
 		}
 		r.zero = true
 	}
@@ -247,43 +294,48 @@ func (im *Image) liveBlocks() []liveBlock {
 }
 
 // compact moves blocks from the end of the file into the lowest free
-// space below them, a batch at a time: each batch's copies are synced and
-// its entries switched in one commit, then the space they left is freed.
+// space below them, a batch at a time, one step each: a batch's copies are
+// synced and its entries switched in one commit, then the space they left
+// is freed.
 func (o *optimizer) compact(res *OptimizeResult) error {
 	im := o.im
-	blocks := im.liveBlocks()
-	// Moves planned: as many of the last blocks as the free space below
-	// them holds, counted for the progress.
-	var free int64
-	for _, r := range im.space.free {
-		free += r.end - r.off
-	}
-	for i := len(blocks) - 1; i >= 0 && free >= blocks[i].n; i-- {
-		o.total++
-		free -= blocks[i].n
-	}
 	const batch = 64
-	for len(blocks) > 0 {
-		var left []fileRange
-		for len(left) < batch && len(blocks) > 0 {
-			b := blocks[len(blocks)-1]
-			off, zero, ok := im.space.takeBelow(b.n, b.off)
-			if !ok {
-				blocks = nil
-				break
+	first := true
+	for moved := true; moved; {
+		moved = false
+		err := o.locked(func() error {
+			blocks := im.liveBlocks()
+			if first {
+				// Moves planned, for the progress: as many of the last
+				// blocks as the free space below them holds.
+				free := im.space.bytes()
+				for i := len(blocks) - 1; i >= 0 && free >= blocks[i].n; i-- {
+					o.total++
+					free -= blocks[i].n
+				}
+				first = false
 			}
-			if err := o.copyBlock(b.off, off, b.n, zero); err != nil {
-				im.space.add(fileRange{off: off, end: off + b.n, zero: zero})
-				return err
+			var left []fileRange
+			for len(left) < batch && len(blocks) > 0 {
+				b := blocks[len(blocks)-1]
+				off, zero, ok := im.space.takeBelow(b.n, b.off)
+				if !ok {
+					break
+				}
+				if err := o.copyBlock(b.off, off, b.n, zero); err != nil {
+					im.space.add(fileRange{off: off, end: off + b.n, zero: zero})
+					return err
+				}
+				im.setBAT(b.idx, batEntry(batState(im.bat[b.idx]), off))
+				left = append(left, fileRange{off: b.off, end: b.off + b.n})
+				blocks = blocks[:len(blocks)-1]
+				res.Moved++
+				moved = true
+				o.step()
 			}
-			st := batState(im.bat[b.idx])
-			im.setBAT(b.idx, batEntry(st, off))
-			left = append(left, fileRange{off: b.off, end: b.off + b.n})
-			blocks = blocks[:len(blocks)-1]
-			res.Moved++
-			o.step()
-		}
-		if err := o.commit(left); err != nil {
+			return o.commit(left)
+		})
+		if err != nil {
 			return err
 		}
 	}

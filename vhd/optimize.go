@@ -25,18 +25,18 @@ type OptimizeOptions struct {
 	OpenFile   func(path string, flag int) (storage.File, error)
 }
 
-// OptimizeResult says what Optimize did.
+// OptimizeResult says what Optimize did (the fields vhdx.OptimizeResult
+// has, and the holes punched).
 type OptimizeResult struct {
-	BlocksReleased int64 `json:"blocks_released"`
-	BlocksMoved    int64 `json:"blocks_moved"`
-	FileSizeBefore int64 `json:"file_size_before"`
-	FileSizeAfter  int64 `json:"file_size_after"`
+	SizeBefore, SizeAfter int64 // the file's size
+	Released              int   // blocks released: they added nothing to the disk
+	Moved                 int   // blocks moved down the file
 	// BytesPunched is the space inside the file given back to the file
-	// system (holes punched where no block could be moved in).
-	BytesPunched int64 `json:"bytes_punched"`
+	// system (holes punched where nothing could be moved in).
+	BytesPunched int64
 	// PunchUnsupported: the file system cannot punch holes, so the space
 	// of gaps left inside the file stays allocated.
-	PunchUnsupported bool `json:"punch_unsupported,omitempty"`
+	PunchUnsupported bool
 }
 
 // Optimize compacts the dynamic or differencing image at path, like
@@ -97,7 +97,7 @@ func (im *Image) Optimize(opts OptimizeOptions) (OptimizeResult, error) {
 	if err != nil {
 		return res, err
 	}
-	res.FileSizeBefore, res.FileSizeAfter = size, size
+	res.SizeBefore, res.SizeAfter = size, size
 	if err := im.optimize(opts, &res); err != nil {
 		im.failed = err
 		return res, fmt.Errorf("vhd: %s: optimize: %w", im.path, err)
@@ -105,7 +105,7 @@ func (im *Image) Optimize(opts OptimizeOptions) (OptimizeResult, error) {
 	if size, err = im.f.Size(); err != nil {
 		return res, err
 	}
-	res.FileSizeAfter = size
+	res.SizeAfter = size
 	return res, nil
 }
 
@@ -127,7 +127,7 @@ func (im *Image) optimize(opts OptimizeOptions, res *OptimizeResult) error {
 		}
 		if release {
 			im.unallocate(bi)
-			res.BlocksReleased++
+			res.Released++
 		}
 	}
 	if opts.Progress != nil {
@@ -170,7 +170,7 @@ func (im *Image) optimize(opts OptimizeOptions, res *OptimizeResult) error {
 		if err := im.flush(); err != nil {
 			return err
 		}
-		res.BlocksMoved += int64(len(moves))
+		res.Moved += len(moves)
 	}
 
 	// 3. Cut.

@@ -75,11 +75,11 @@ func TestOptimizeDynamic(t *testing.T) {
 			kept := int64(20)
 			if full {
 				kept = 18
-				if res.BlocksReleased != 2 {
-					t.Errorf("released %d blocks, want 2", res.BlocksReleased)
+				if res.Released != 2 {
+					t.Errorf("released %d blocks, want 2", res.Released)
 				}
-			} else if res.BlocksReleased != 0 {
-				t.Errorf("quick released %d blocks, want 0", res.BlocksReleased)
+			} else if res.Released != 0 {
+				t.Errorf("quick released %d blocks, want 0", res.Released)
 			}
 			img, err := Open(path, OpenOptions{ReadOnly: true})
 			if err != nil {
@@ -89,16 +89,16 @@ func TestOptimizeDynamic(t *testing.T) {
 				t.Errorf("%d blocks allocated, want %d", n, kept)
 			}
 			// Nothing after the last block but the footer.
-			if want := img.bat.dataEnd(blockSpan) + footerSize; res.FileSizeAfter != want {
-				t.Errorf("file is %d bytes, want %d (%+v)", res.FileSizeAfter, want, res)
+			if want := img.bat.dataEnd(blockSpan) + footerSize; res.SizeAfter != want {
+				t.Errorf("file is %d bytes, want %d (%+v)", res.SizeAfter, want, res)
 			}
 			mustClose(t, img)
-			if res.FileSizeAfter >= res.FileSizeBefore || res.BlocksMoved == 0 {
+			if res.SizeAfter >= res.SizeBefore || res.Moved == 0 {
 				t.Errorf("nothing compacted: %+v", res)
 			}
 			// Again: nothing left to do.
 			res2, err := Optimize(path, OptimizeOptions{Full: full})
-			if err != nil || res2.BlocksMoved != 0 || res2.BlocksReleased != 0 || res2.FileSizeAfter != res.FileSizeAfter {
+			if err != nil || res2.Moved != 0 || res2.Released != 0 || res2.SizeAfter != res.SizeAfter {
 				t.Errorf("second run: %+v %v", res2, err)
 			}
 			// QEMU and 7-Zip read the same disk.
@@ -136,8 +136,8 @@ func TestOptimizeDifferencing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.BlocksReleased != 4 {
-		t.Errorf("released %d, want 4: %+v", res.BlocksReleased, res)
+	if res.Released != 4 {
+		t.Errorf("released %d, want 4: %+v", res.Released, res)
 	}
 	checkOptimized(t, child, content)
 }
@@ -200,8 +200,8 @@ func TestOptimizeHeaderAtEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := img.usedEnd() + footerSize; res.FileSizeAfter != want || img.hdrOff > 4*(64<<10) {
-		t.Errorf("file is %d bytes (want %d), header at %#x: %+v", res.FileSizeAfter, want, img.hdrOff, res)
+	if want := img.usedEnd() + footerSize; res.SizeAfter != want || img.hdrOff > 4*(64<<10) {
+		t.Errorf("file is %d bytes (want %d), header at %#x: %+v", res.SizeAfter, want, img.hdrOff, res)
 	}
 	mustClose(t, img)
 

@@ -94,7 +94,7 @@ func (c *cli) check(path string, in input, repair, asJSON bool) error {
 			return in.inUse(err)
 		}
 		for _, p := range list {
-			problems = append(problems, problem{p.Offset, p.What, false})
+			problems = append(problems, problem{p.Offset, p.What, p.Warning})
 		}
 	case "vhd":
 		check := func() ([]vhd.Problem, error) { return vhd.Check(path, repair) }

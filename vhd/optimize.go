@@ -17,8 +17,9 @@ type OptimizeOptions struct {
 	// differencing one), which needs reading every allocated block. Without
 	// it (quick mode) only blocks that store no sector are released.
 	Full bool
-	// Progress, when set, is called with the blocks scanned so far and
-	// their total.
+	// Progress, when set, is called with the steps done and the steps
+	// known so far: a block scanned (all are), then each batch of blocks
+	// moved. The numbers never decrease.
 	Progress func(done, total int64)
 	// ParentDirs and OpenFile are passed to Open.
 	ParentDirs []string
@@ -171,6 +172,10 @@ func (im *Image) optimize(opts OptimizeOptions, res *OptimizeResult) error {
 			return err
 		}
 		res.Moved += len(moves)
+		if opts.Progress != nil {
+			steps := im.bat.n + int64(res.Moved)
+			opts.Progress(steps, steps)
+		}
 	}
 
 	// 3. Cut.

@@ -65,9 +65,19 @@ func TestOptimizeDynamic(t *testing.T) {
 		t.Run(fmt.Sprintf("full=%v", full), func(t *testing.T) {
 			dir := t.TempDir()
 			path, content := wasteful(t, dir)
-			res, err := Optimize(path, OptimizeOptions{Full: full})
+			var last [2]int64
+			progress := func(done, total int64) {
+				if done < last[0] || total < last[1] || done > total {
+					t.Errorf("progress %d/%d after %d/%d", done, total, last[0], last[1])
+				}
+				last = [2]int64{done, total}
+			}
+			res, err := Optimize(path, OptimizeOptions{Full: full, Progress: progress})
 			if err != nil {
 				t.Fatal(err)
+			}
+			if want := int64(24 + res.Moved); last != [2]int64{want, want} {
+				t.Errorf("progress ended at %v, want %d steps", last, want)
 			}
 			checkOptimized(t, path, content)
 			// Quick: the 4 trimmed blocks' space; full: also the 2 blocks of

@@ -51,9 +51,11 @@ func check(path string, repair bool, opts OpenOptions) ([]Problem, error) {
 	if err != nil || !repair {
 		return probs, err
 	}
-	var fromCopy, copyDiffers, checksumBad bool
+	var fromCopy, copyDiffers, checksumBad, geometryShort bool
 	for _, p := range probs {
 		switch {
+		case p.Rule == "footer.geometry-short":
+			geometryShort = true
 		case p.Rule == "footer.end-damaged":
 			fromCopy = true
 		case p.Rule == "footer.copy-stale" || p.Rule == "footer.copy":
@@ -85,7 +87,58 @@ func check(path string, repair bool, opts OpenOptions) ([]Problem, error) {
 		}
 		probs = append(probs, Problem{Offset: -1, Struct: "footer", What: "footers rewritten", Warning: true})
 	}
+	if geometryShort && !checksumBad {
+		fixed, err := repairGeometry(path)
+		if err != nil {
+			return probs, err
+		}
+		if fixed {
+			probs = append(probs, Problem{Offset: -1, Struct: "footer", Warning: true,
+				What: "footer geometry set to the maximum, so that QEMU before 10.0 reads the whole disk"})
+		}
+	}
 	return probs, nil
+}
+
+// repairGeometry gives an image that vhdkit made before it wrote
+// footerGeometry (creator "vhdk", a size its geometry rounds down) the
+// geometry it writes now, so that QEMU before 10.0 reads the whole disk:
+// the end footer, then the copy at 0, each a one-sector write, synced;
+// between the two the copy differs only in its geometry, which a writable
+// open repairs. It reports whether it changed anything; images of other
+// creators are left alone (what their size means is theirs to say).
+func repairGeometry(path string) (bool, error) {
+	im, err := Open(path, OpenOptions{})
+	if err != nil {
+		return false, err
+	}
+	ft := im.ft
+	g := footerGeometry(int64(ft.CurrentSize))
+	if string(ft.CreatorApp[:]) != CreatorApp || ft.CurrentSize%SectorSize != 0 || g == ft.Geometry {
+		return false, im.Close()
+	}
+	ft.Geometry = g
+	raw := ft.encode()
+	err = func() error {
+		if _, err := im.f.WriteAt(raw[:], im.footerAt); err != nil {
+			return err
+		}
+		if err := im.f.Sync(); err != nil {
+			return err
+		}
+		im.ft, im.footerRaw = ft, raw
+		if ft.DiskType == Fixed {
+			return nil
+		}
+		if _, err := im.f.WriteAt(raw[:], 0); err != nil {
+			return err
+		}
+		return im.f.Sync()
+	}()
+	if cerr := im.Close(); err == nil {
+		err = cerr
+	}
+	return err == nil, err
 }
 
 // Warnings of Open that the strict checks report themselves.

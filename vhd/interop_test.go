@@ -2,6 +2,7 @@ package vhd
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -472,6 +473,47 @@ func TestResizeInexactReadInFullByQemu(t *testing.T) {
 			if got := qemuVirtualSize(t, path); got != size {
 				t.Errorf("%v resized to %d: qemu-img sees %d", typ, size, got)
 			}
+		}
+	}
+}
+
+// An image an older vhdkit made (its footer geometry rounded down from a
+// size it does not describe) reads short in QEMU; Check warns and Check
+// with repair gives it the geometry Create writes now.
+func TestRepairShortGeometry(t *testing.T) {
+	needTool(t, "qemu-img")
+	dir := t.TempDir()
+	for _, typ := range []Type{Fixed, Dynamic} {
+		path, _ := makeImage(t, dir, typ.String()+".vhd", CreateOptions{Type: typ, Size: 8 << 20})
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ats := []int{len(b) - footerSize}
+		if typ != Fixed {
+			ats = append(ats, 0)
+		}
+		for _, at := range ats {
+			f := b[at : at+footerSize]
+			GeometryFor(8 << 20).encode(f[56:])
+			binary.BigEndian.PutUint32(f[footerChecksumAt:], checksum(f, footerChecksumAt))
+		}
+		os.WriteFile(path, b, 0o600)
+		if got := qemuVirtualSize(t, path); got == 8<<20 {
+			t.Fatalf("%v: the old geometry reads whole in QEMU", typ)
+		}
+		probs, err := Check(path, false)
+		if err != nil || len(probs) != 1 || probs[0].Rule != "footer.geometry-short" || !probs[0].Warning {
+			t.Fatalf("%v: Check: %v %v", typ, probs, err)
+		}
+		if _, err := Check(path, true); err != nil {
+			t.Fatal(err)
+		}
+		if probs, err := Check(path, false); err != nil || len(probs) > 0 {
+			t.Errorf("%v: after repair: %v %v", typ, probs, err)
+		}
+		if got := qemuVirtualSize(t, path); got != 8<<20 {
+			t.Errorf("%v: after repair QEMU sees %d bytes", typ, got)
 		}
 	}
 }

@@ -195,13 +195,17 @@ func (im *Image) allocateEnd(n int64) int64 {
 	return off
 }
 
-// releaseBlock hands the n bytes at off, which a change to the BAT has
-// just stopped naming, to the map as pending. The caller holds mu for
-// writing.
-func (im *Image) releaseBlock(off, n int64) {
-	if im.space.built {
-		im.space.release(fileRange{off: off, end: off + n})
+// releaseBlock hands the n bytes at off, which the caller's change to the
+// BAT is about to stop naming, to the map as pending. The map is built
+// first if it is not: built after the change, it would take the space
+// for free at once. The caller holds mu for writing and has called
+// beginWrite.
+func (im *Image) releaseBlock(off, n int64) error {
+	if err := im.buildSpace(); err != nil {
+		return err
 	}
+	im.space.release(fileRange{off: off, end: off + n})
+	return nil
 }
 
 // reclaim makes space released by a commit that is now durable free: it is

@@ -229,8 +229,10 @@ func (im *Image) releaseIfZero(idx, b int64, buf []byte) (bool, error) {
 		if im.parent != nil {
 			state = payloadZero
 		}
+		if err := im.releaseBlock(batOffset(e), g.blockSize); err != nil {
+			return false, err
+		}
 		im.setBAT(idx, batEntry(state, 0))
-		im.releaseBlock(batOffset(e), g.blockSize)
 		return true, nil
 	}
 	for _, in := range zeroMiB {

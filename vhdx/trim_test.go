@@ -8,6 +8,9 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+
+	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/storage"
 )
 
 // fileAllocated is how much of the file at path the file system holds
@@ -293,4 +296,51 @@ func TestFreeSpaceAcrossOpens(t *testing.T) {
 	if fi, _ := os.Stat(path); fi.Size() != grown+bs {
 		t.Fatalf("file is %d bytes, want %d", fi.Size(), grown+bs)
 	}
+}
+
+// TestReleaseBeforeFirstAllocation: a block zeroed in a session that has
+// not allocated yet gives its space up only once the change is durable:
+// a block allocated before the flush must not land there, or a crash
+// would leave the zeroed block's entry naming the new block's data.
+func TestReleaseBeforeFirstAllocation(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "r.vhdx")
+	mf := storage.NewMemFile(nil)
+	im, err := CreateFile(keepOpen{mf}, path, CreateOptions{Size: 8 << 20, BlockSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := bytes.Repeat([]byte{0xAB}, 1<<20)
+	if _, err := im.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	im, err = OpenFile(keepOpen{mf}, path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := im.WriteZeroes(0, 1<<20, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(bytes.Repeat([]byte{0xCD}, 1<<20), 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	// A crash now, before any flush: block 0 reads as before or as zeros.
+	ro, err := OpenFile(mf.CrashClone(rand.New(rand.NewPCG(4, 4))), path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 1<<20)
+	if _, err := ro.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	ro.Close()
+	for off := 0; off < len(got); off += 512 {
+		s := got[off : off+512]
+		if !bytes.Equal(s, old[:512]) && !disk.IsZero(s) {
+			t.Fatalf("after a crash, block 0's sector at %d holds %x..., neither its data nor zeros", off, s[:8])
+		}
+	}
+	im.Close()
 }

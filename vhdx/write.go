@@ -365,11 +365,11 @@ func (im *Image) zeroRange(off, n int64, mayUnmap bool, state uint8) error {
 		var err error
 		switch {
 		case whole && !keep && (mayUnmap || !allocated):
-			if st != payloadNotPresent || im.parent != nil {
-				im.setBAT(idx, batEntry(state, 0))
-			}
 			if allocated {
-				im.releaseBlock(batOffset(e), g.blockSize)
+				err = im.releaseBlock(batOffset(e), g.blockSize)
+			}
+			if err == nil && (st != payloadNotPresent || im.parent != nil) {
+				im.setBAT(idx, batEntry(state, 0))
 			}
 		case st == payloadFullyPresent && mayUnmap && !keep:
 			err = im.discardFile(batOffset(e)+in, seg)

@@ -28,17 +28,27 @@
 //
 //  1. sync: payload written since the last Flush, and the pages the last
 //     Flush applied, become durable;
-//  2. write every dirty page as one log entry (or a sequence of entries
-//     starting at the beginning of the log), then sync: the Flush is durable;
+//  2. write the dirty pages as a log entry, then sync: the Flush is
+//     durable. An entry holds at most 126 pages (a 1 MiB log); more take
+//     several rounds, each syncing the pages the one before applied;
 //  3. write the pages to their final places, without a sync: until the next
 //     Flush's step 1, a crash is repaired by replaying the log.
+//
+// Entries alternate between the two halves of the log, each shorter than
+// its half, so writing one never destroys the one before (see logWriter in
+// log.go).
 //
 // Headers are never logged: they are updated by writing the non-current copy
 // with a higher sequence number and syncing, so one valid copy always
 // exists. The first write after open changes FileWriteGuid and
-// DataWriteGuid and opens the log (a fresh LogGuid) in one header update;
-// Close syncs and clears the LogGuid, leaving a clean file that needs no
-// replay.
+// DataWriteGuid in one header update. The header names a LogGuid only once
+// an entry carries it: the first Flush with pages to log writes an empty
+// entry, syncs, then updates the header. Close syncs and clears the
+// LogGuid, leaving a clean file that needs no replay.
+//
+// A block made ZERO or UNMAPPED gives up its space (its FileOffsetMB is
+// 0); the space is free for new blocks once the Flush committing the
+// change is durable, and punched out of the host file then (freespace.go).
 //
 // # Resizing
 //

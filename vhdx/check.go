@@ -212,7 +212,8 @@ func checkFile(f storage.File, path string, opts OpenOptions) ([]Problem, error)
 		im, err := openFile(keepOpen{f}, path, opts, nil)
 		if err != nil {
 			p := problemOf(err)
-			c.add(RuleOpen, "image", p.Offset, false, "%s", p.What)
+			c.add(RuleOpen, "", p.Offset, false, "%s", p.What)
+			c.probs[len(c.probs)-1].Structure = p.Structure // its What names it already
 		} else {
 			im.Close()
 		}
@@ -1054,9 +1055,13 @@ func (c *checker) checkLocator(b []byte, off int64) {
 		switch {
 		case l == 0 || l%2 != 0 || o%2 != 0:
 			c.add(RuleParentLocator, name, eoff, false, "%s at %#x, %d bytes: must be a non-empty, even-aligned UTF-16 string", what, o, l)
-		case uint64(o) < 20+12*uint64(n) || uint64(o)+uint64(l) > uint64(len(b)):
-			c.add(RuleParentLocator, name, eoff, false, "%s [%#x, +%d) outside the item's string area (%d bytes)", what, o, l, len(b))
+		case uint64(o)+uint64(l) > uint64(len(b)):
+			c.add(RuleParentLocator, name, eoff, false, "%s [%#x, +%d) past the end of the %d-byte item", what, o, l, len(b))
 		default:
+			if uint64(o) < 20+12*uint64(n) {
+				// Not forbidden in words, but no writer does it.
+				c.add(RuleParentLocator, name, eoff, true, "%s [%#x, +%d) overlaps the locator's header or entries", what, o, l)
+			}
 			u := make([]uint16, l/2)
 			for i := range u {
 				u[i] = binary.LittleEndian.Uint16(b[int(o)+2*i:])

@@ -168,6 +168,19 @@ func (d *Disk) Close() error {
 	return errors.Join(errs...)
 }
 
+// Optimize compacts the running leaf (vhdx.Image.Optimize) while I/O goes
+// on: the image holds its own locks one step at a time, and the leaf
+// cannot be swapped meanwhile. It is refused during a live merge, whose
+// copier reads the leaf's blocks where they are.
+func (d *Disk) Optimize(opts vhdx.OptimizeOptions) (vhdx.OptimizeResult, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.mirror != nil {
+		return vhdx.OptimizeResult{}, errors.New("merge: a live merge is running on this disk")
+	}
+	return d.leaf.Optimize(opts)
+}
+
 // setLeaf changes the leaf; the caller holds mu.
 func (d *Disk) setLeaf(im *vhdx.Image) {
 	d.leafMu.Lock()

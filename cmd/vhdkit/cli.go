@@ -25,7 +25,7 @@ type command struct {
 }
 
 func commands() []*command {
-	return []*command{createCommand(), infoCommand(), checkCommand(), convertCommand(), mapCommand(), resizeCommand(), mergeCommand(), setParentCommand(), nbdCommand(),
+	return []*command{createCommand(), infoCommand(), checkCommand(), convertCommand(), mapCommand(), resizeCommand(), optimizeCommand(), mergeCommand(), setParentCommand(), nbdCommand(),
 		serveCommand(), vmCommand(), checkpointCommand(), jobCommand(), demoCommand()}
 }
 

@@ -90,7 +90,7 @@ func vmCommand() *command {
 	return &command{
 		name:     "vm",
 		synopsis: "COMMAND [flags] [arguments]",
-		summary:  "create, list, show, delete and repair the daemon's machines",
+		summary:  "create, list, show, delete, repair and optimize the daemon's machines",
 		help: `A machine is a set of disks the daemon serves over NBD: the first as export
 NAME, the others as NAME/1, NAME/2, ... Each disk is a VHDX chain that
 checkpoints extend and checkpoint deletion merges back.
@@ -128,6 +128,7 @@ Examples:
 				}),
 			vmDeleteCommand(),
 			vmRepairCommand(),
+			vmOptimizeCommand(),
 		},
 	}
 }
@@ -162,6 +163,40 @@ Examples:
 				}
 				for _, p := range out.Kept {
 					fmt.Fprintf(c.stdout, "  kept    %s\n", p)
+				}
+				return nil
+			})
+		})
+}
+
+func vmOptimizeCommand() *command {
+	var full bool
+	return clientVerb("vm optimize", "NAME [--full]", "give the unused space of a running machine's disk files back (Optimize-VHD)",
+		`Compacts the files the machine's disks run on while it runs; Hyper-V
+needs the disk detached for that, but the daemon owns the I/O path, so the
+guest's I/O only waits for one step at a time. Without --full, space
+already released (trimmed or zeroed blocks, discarded ranges) is given back
+to the host's file system; with --full, blocks that read as zeros are
+released too, blocks at the end of each file move into the free space
+below them and the file is cut. What the disks read does not change, nor
+do the frozen files of checkpoints. Checkpoint changes wait until it ends;
+it is refused while a checkpoint job runs. See vhdkit optimize for a disk
+no daemon serves.
+
+Examples:
+  vhdkit vm optimize web
+  vhdkit vm optimize web --full
+`, true, 1,
+		func(fs *flag.FlagSet) {
+			full = false
+			fs.BoolVar(&full, "full", false, "also release blocks of zeros, move blocks down and cut the files")
+		},
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			o, err := cl.OptimizeVM(ctx, args[0], api.OptimizeVM{Full: full})
+			return f.reply(c, o, err, func() error {
+				for _, d := range o.Disks {
+					fmt.Fprintf(c.stdout, "disk %d: %s: %s -> %s (%d %s released, %d moved)\n", d.Disk, d.Path,
+						humanBytes(d.SizeBefore), humanBytes(d.SizeAfter), d.Released, plural(d.Released, "block", "blocks"), d.Moved)
 				}
 				return nil
 			})

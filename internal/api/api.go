@@ -9,6 +9,7 @@
 //	GET    /v1/vms/{vm}                           one machine
 //	DELETE /v1/vms/{vm}                           delete it (?force=1, ?delete_disks=1): DeletedVM
 //	POST   /v1/vms/{vm}/repair                    re-open a failed machine (RepairVM)
+//	POST   /v1/vms/{vm}/optimize                  compact its disks' files (OptimizeVM)
 //	GET    /v1/vms/{vm}/checkpoints               the checkpoint tree
 //	POST   /v1/vms/{vm}/checkpoints               create (CreateCheckpoint)
 //	PATCH  /v1/vms/{vm}/checkpoints/{cp}          rename (RenameCheckpoint)
@@ -172,6 +173,30 @@ type DeletedVM struct {
 	Removed      []string `json:"removed"` // files removed
 	Kept         []string `json:"kept"`    // attached files, left in place
 	Disconnected int      `json:"disconnected,omitempty"`
+}
+
+// OptimizeVM is the body of POST /v1/vms/{vm}/optimize.
+type OptimizeVM struct {
+	// Full also releases blocks that read as zeros and moves blocks down
+	// so the files can be cut (Optimize-VHD -Mode Full); otherwise only
+	// space already released is given back (-Mode Quick).
+	Full bool `json:"full,omitempty"`
+}
+
+// Optimized is what POST /v1/vms/{vm}/optimize did, disk by disk.
+type Optimized struct {
+	VM    string          `json:"vm"`
+	Disks []OptimizedDisk `json:"disks"`
+}
+
+// OptimizedDisk is one disk's file before and after.
+type OptimizedDisk struct {
+	Disk       int    `json:"disk"`
+	Path       string `json:"path"`
+	SizeBefore int64  `json:"size_before"`
+	SizeAfter  int64  `json:"size_after"`
+	Released   int    `json:"blocks_released"`
+	Moved      int    `json:"blocks_moved"`
 }
 
 // RepairVM is the body of POST /v1/vms/{vm}/repair. Empty, it retries

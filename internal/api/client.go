@@ -193,6 +193,12 @@ func (c *Client) DeleteVM(ctx context.Context, name string, opts DeleteVM) (*Del
 	return &v, c.do(ctx, "DELETE", "/v1/vms/"+esc(name)+"?"+q.Encode(), nil, &v)
 }
 
+// OptimizeVM compacts the files of a machine's disks while it runs.
+func (c *Client) OptimizeVM(ctx context.Context, name string, req OptimizeVM) (*Optimized, error) {
+	var v Optimized
+	return &v, c.do(ctx, "POST", "/v1/vms/"+esc(name)+"/optimize", req, &v)
+}
+
 // RepairVM retries opening a failed machine, after the change req asks for.
 func (c *Client) RepairVM(ctx context.Context, name string, req RepairVM) (*VM, error) {
 	var v VM

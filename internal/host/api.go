@@ -45,6 +45,13 @@ func (h *Host) Handler() http.Handler {
 		}
 		return h.RepairVM(r.PathValue("vm"), req)
 	})
+	handle("POST /v1/vms/{vm}/optimize", func(r *http.Request) (any, error) {
+		var req api.OptimizeVM
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		return h.OptimizeVM(r.PathValue("vm"), req)
+	})
 	handle("GET /v1/vms/{vm}/checkpoints", func(r *http.Request) (any, error) {
 		return h.Checkpoints(r.PathValue("vm"))
 	})

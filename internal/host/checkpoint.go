@@ -46,6 +46,9 @@ func (h *Host) checkpointable(name string) (*vm, error) {
 	if v.job != nil {
 		return nil, errorf(statusConflict, "machine %s: checkpoint job %s is %s; wait for it to finish", name, v.job.st.ID, v.job.st.State)
 	}
+	if v.optimizing {
+		return nil, errorf(statusConflict, "machine %s: its disks are being optimized; wait for it to finish", name)
+	}
 	return v, nil
 }
 

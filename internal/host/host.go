@@ -72,6 +72,9 @@ type vm struct {
 	// untouched until it is repaired or deleted.
 	failed string
 	job    *job // the job running on it, if any
+	// optimizing is set while OptimizeVM compacts its disks: their
+	// layers must not change meanwhile.
+	optimizing bool
 }
 
 // Error is a failure with an HTTP status: what the API reports.
@@ -534,6 +537,9 @@ func (h *Host) DeleteVM(name string, opts api.DeleteVM) (*api.DeletedVM, error) 
 	}
 	if v.job != nil && v.failed == "" {
 		return nil, errorf(statusConflict, "machine %s has a running job (%s); wait for it or cancel it first", name, v.job.st.ID)
+	}
+	if v.optimizing {
+		return nil, errorf(statusConflict, "machine %s: its disks are being optimized; wait for it to finish", name)
 	}
 	out := &api.DeletedVM{Name: name, Removed: []string{}, Kept: []string{}}
 	for _, ds := range v.st.Disks {

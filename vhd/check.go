@@ -162,9 +162,9 @@ func checkImage(f storage.File, path string, opts OpenOptions) (probs []Problem,
 	}
 	in := &inspector{f: f, size: size}
 	if err := in.inspectFile(); err != nil {
-		return in.probs, nil, err
+		return in.findings(), nil, err
 	}
-	probs = in.probs
+	probs = in.findings()
 	strictErrors := slices.ContainsFunc(probs, func(p Problem) bool { return !p.Warning })
 	im, err := openFile(f, path, opts, nil)
 	if errors.Is(err, disk.ErrChecksum) {

@@ -71,11 +71,36 @@ type inspector struct {
 	f     storage.File
 	size  int64
 	probs []Problem
+	// count is the findings of each rule; past maxPerRule they are only
+	// counted (a hostile BAT may break a rule millions of times).
+	count map[string]int
 }
 
+const maxPerRule = 100
+
 func (in *inspector) report(warning bool, structure, rule string, off int64, format string, args ...any) {
+	if in.count == nil {
+		in.count = map[string]int{}
+	}
+	if in.count[rule]++; in.count[rule] > maxPerRule {
+		return
+	}
 	in.probs = append(in.probs, Problem{Offset: off, Struct: structure, Rule: rule,
 		What: structure + ": " + fmt.Sprintf(format, args...), Warning: warning})
+}
+
+// findings returns the findings, with one more for each rule broken more
+// than maxPerRule times.
+func (in *inspector) findings() []Problem {
+	probs := in.probs
+	for _, p := range in.probs {
+		if n := in.count[p.Rule]; n > maxPerRule {
+			probs = append(probs, Problem{Offset: -1, Struct: p.Struct, Rule: p.Rule, Warning: p.Warning,
+				What: fmt.Sprintf("%s: %d more findings of rule %s", p.Struct, n-maxPerRule, p.Rule)})
+			in.count[p.Rule] = 0
+		}
+	}
+	return probs
 }
 
 func (in *inspector) errorf(structure, rule string, off int64, format string, args ...any) {
@@ -422,18 +447,17 @@ func (in *inspector) inspectLocators(h *header, hdrOff int64, lay layout, differ
 
 // inspectBAT checks every allocated entry: its block (bitmap and data)
 // lies within the data bytes of the file and overlaps neither another
-// block nor a reserved structure. It sorts the blocks by offset, so the
-// time is n log n and the memory one entry per allocated block.
+// block nor a reserved structure. It sorts the blocks by offset: n log n
+// time, and 4 bytes per allocated block besides the BAT itself.
 func (in *inspector) inspectBAT(bat []byte, batOff, need, blockSize, limit int64, reserved []span) {
 	blockSpan := bitmapSize(blockSize) + blockSize
-	type block struct{ i, off int64 }
-	var blocks []block
+	entry := func(i uint32) int64 { return int64(binary.BigEndian.Uint32(bat[4*int64(i):])) * SectorSize }
+	var blocks []uint32 // entry numbers, by block offset
 	for i := int64(0); i < int64(len(bat))/4; i++ {
-		e := binary.BigEndian.Uint32(bat[4*i:])
-		if e == batUnused {
+		if binary.BigEndian.Uint32(bat[4*i:]) == batUnused {
 			continue
 		}
-		off := int64(e) * SectorSize
+		off := entry(uint32(i))
 		if i >= need {
 			in.warnf("BAT", "bat.beyond-disk", batOff+4*i, "entry %d, past the %d the disk needs, points at %#x", i, need, off)
 		}
@@ -441,27 +465,25 @@ func (in *inspector) inspectBAT(bat []byte, batOff, need, blockSize, limit int64
 			in.errorf("BAT", "bat.bounds", batOff+4*i, "block %d at [%#x, %#x) lies outside the %d data bytes of the file (truncated?)", i, off, off+blockSpan, limit)
 			continue
 		}
-		blocks = append(blocks, block{i, off})
+		blocks = append(blocks, uint32(i))
 	}
-	slices.SortFunc(blocks, func(a, b block) int { return int(min(max(a.off-b.off, -1), 1)) })
-	reported := 0
-	for k := 1; k < len(blocks) && reported < 100; k++ {
-		if prev, cur := blocks[k-1], blocks[k]; cur.off < prev.off+blockSpan {
-			in.errorf("BAT", "bat.overlap", batOff+4*cur.i, "block %d at %#x overlaps block %d at %#x", cur.i, cur.off, prev.i, prev.off)
-			reported++
+	slices.SortFunc(blocks, func(a, b uint32) int { return int(min(max(entry(a)-entry(b), -1), 1)) })
+	for k := 1; k < len(blocks); k++ {
+		if prev, cur := blocks[k-1], blocks[k]; entry(cur) < entry(prev)+blockSpan {
+			in.errorf("BAT", "bat.overlap", batOff+4*int64(cur), "block %d at %#x overlaps block %d at %#x", cur, entry(cur), prev, entry(prev))
 		}
 	}
 	for _, r := range reserved {
 		// The first block ending after r starts.
-		k, _ := slices.BinarySearchFunc(blocks, r.off, func(b block, off int64) int {
-			if b.off+blockSpan <= off {
+		k, _ := slices.BinarySearchFunc(blocks, r.off, func(b uint32, off int64) int {
+			if entry(b)+blockSpan <= off {
 				return -1
 			}
 			return 1
 		})
-		for ; k < len(blocks) && blocks[k].off < r.end && reported < 100; k++ {
-			in.errorf("BAT", "bat.overlap", batOff+4*blocks[k].i, "block %d at [%#x, %#x) overlaps the %s at [%#x, %#x)", blocks[k].i, blocks[k].off, blocks[k].off+blockSpan, r.what, r.off, r.end)
-			reported++
+		for ; k < len(blocks) && entry(blocks[k]) < r.end; k++ {
+			b := blocks[k]
+			in.errorf("BAT", "bat.overlap", batOff+4*int64(b), "block %d at [%#x, %#x) overlaps the %s at [%#x, %#x)", b, entry(b), entry(b)+blockSpan, r.what, r.off, r.end)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package vhd
 import (
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -353,5 +354,36 @@ func TestStrictFixedSize(t *testing.T) {
 		return p.Rule == "footer.size" && !p.Warning && p.Offset == int64(len(b))-footerSize+48
 	}) {
 		t.Fatalf("%v", probs)
+	}
+}
+
+// A BAT that breaks a rule thousands of times yields maxPerRule findings
+// of it and one that counts the rest.
+func TestStrictCapped(t *testing.T) {
+	dir := t.TempDir()
+	path, _ := makeImage(t, dir, "d.vhd", CreateOptions{Size: 1 << 20, BlockSize: 512})
+	b, _ := os.ReadFile(path)
+	h := decodeHeader(b[footerSize:])
+	first := uint32(batUnused)
+	for i := int64(0); first == batUnused; i++ {
+		first = binary.BigEndian.Uint32(b[int64(h.TableOffset)+4*i:])
+	}
+	for i := range int64(h.MaxTableEntries) {
+		binary.BigEndian.PutUint32(b[int64(h.TableOffset)+4*i:], first)
+	}
+	os.WriteFile(path, b, 0o600)
+	probs, err := Check(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, summary := 0, false
+	for _, p := range probs {
+		if p.Rule == "bat.overlap" {
+			n++
+			summary = summary || strings.Contains(p.What, fmt.Sprintf("%d more findings", int(h.MaxTableEntries)-1-maxPerRule))
+		}
+	}
+	if n != maxPerRule+1 || !summary {
+		t.Fatalf("%d bat.overlap findings (summary %v) for %d entries on one block", n, summary, h.MaxTableEntries)
 	}
 }

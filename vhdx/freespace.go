@@ -103,9 +103,19 @@ func (im *Image) buildSpace() error {
 	if err != nil {
 		return err
 	}
-	used := []fileRange{{off: 0, end: mib}, {off: im.logOff, end: im.logOff + im.logLen}}
+	// One bit per MiB of the file says it is used: bounded memory (8 MiB
+	// for a 64 TiB file), whatever the number of blocks.
+	units := im.fileEnd / mib
+	used := make([]uint64, (units+63)/64)
+	mark := func(off, end int64) {
+		for u := max(off/mib, 0); u < min(alignUp(end, mib)/mib, units); u++ {
+			used[u/64] |= 1 << (u % 64)
+		}
+	}
+	mark(0, mib)
+	mark(im.logOff, im.logOff+im.logLen)
 	for _, r := range im.regionEntries() {
-		used = append(used, fileRange{off: int64(r.Offset), end: int64(r.Offset) + int64(r.Length)})
+		mark(int64(r.Offset), int64(r.Offset)+int64(r.Length))
 	}
 	g := &im.geo
 	for i, e := range im.bat {
@@ -118,29 +128,33 @@ func (im *Image) buildSpace() error {
 		if (int64(i)+1)%(g.chunkRatio+1) == 0 {
 			n, live = bitmapBlockSize, st == bitmapPresent
 		}
-		used = append(used, fileRange{off: off, end: off + n})
+		mark(off, off+n)
 		if !live {
 			im.setBAT(int64(i), batEntry(st, 0))
 		}
 	}
-	slices.SortFunc(used, func(a, b fileRange) int { return cmp.Compare(a.off, b.off) })
-	at := int64(mib)
-	for _, u := range used {
-		im.freeGap(at, min(u.off, im.fileEnd), size)
-		at = max(at, u.end)
+	for u := int64(1); u < units; {
+		if used[u/64] == ^uint64(0) && u%64 == 0 {
+			u += 64
+			continue
+		}
+		if used[u/64]&(1<<(u%64)) != 0 {
+			u++
+			continue
+		}
+		start := u
+		for u < units && used[u/64]&(1<<(u%64)) == 0 {
+			u++
+		}
+		im.freeGap(start*mib, u*mib, size)
 	}
-	im.freeGap(at, im.fileEnd, size)
 	im.space.built = true
 	return nil
 }
 
-// freeGap adds [from, to) to the map, whole MiB only; what lies past size
-// reads as zeros.
+// freeGap adds [from, to), whole MiB, to the map; what lies past size reads
+// as zeros.
 func (im *Image) freeGap(from, to, size int64) {
-	from, to = alignUp(from, mib), to/mib*mib
-	if from >= to {
-		return
-	}
 	split := min(max(alignUp(size, mib), from), to)
 	im.space.add(fileRange{off: from, end: split})
 	im.space.add(fileRange{off: split, end: to, zero: true})

@@ -281,25 +281,39 @@ func cutAfter(path string, size int64) error {
 // blocks leaked by trims or by writes a crash interrupted.
 func (im *Image) lintSpace() []Problem {
 	blockSpan := im.bitmapSize + im.blockSize
-	used := []span{{0, footerSize, ""}, {im.hdrOff, im.hdrOff + headerSize, ""},
+	meta := []span{{0, footerSize, ""}, {im.hdrOff, im.hdrOff + headerSize, ""},
 		{im.bat.off, im.bat.off + max(int64(len(im.bat.raw)), 4*int64(im.hdr.MaxTableEntries)), ""}}
 	for _, l := range im.locators {
-		used = append(used, span{l.Offset, l.Offset + int64(l.Length), ""})
+		meta = append(meta, span{l.Offset, l.Offset + int64(l.Length), ""})
 	}
+	slices.SortFunc(meta, func(a, b span) int { return int(min(max(a.off-b.off, -1), 1)) })
+	// Blocks as their sector numbers: 4 bytes each, however many.
+	var blocks []uint32
 	for i := range im.bat.n {
 		if e := im.bat.entry(i); e != batUnused {
-			used = append(used, span{int64(e) * SectorSize, int64(e)*SectorSize + blockSpan, ""})
+			blocks = append(blocks, e)
 		}
 	}
-	slices.SortFunc(used, func(a, b span) int { return int(min(max(a.off-b.off, -1), 1)) })
+	slices.Sort(blocks)
 	var leaked, gaps, pos int64
-	for _, u := range append(used, span{im.footerAt, im.footerAt, ""}) {
-		if u.off-pos >= blockSpan {
-			leaked += u.off - pos
+	visit := func(off, end int64) {
+		if off-pos >= blockSpan {
+			leaked += off - pos
 			gaps++
 		}
-		pos = max(pos, u.end)
+		pos = max(pos, end)
 	}
+	for len(meta) > 0 || len(blocks) > 0 {
+		if len(blocks) == 0 || len(meta) > 0 && meta[0].off <= int64(blocks[0])*SectorSize {
+			visit(meta[0].off, meta[0].end)
+			meta = meta[1:]
+			continue
+		}
+		off := int64(blocks[0]) * SectorSize
+		visit(off, off+blockSpan)
+		blocks = blocks[1:]
+	}
+	visit(im.footerAt, im.footerAt)
 	if leaked == 0 {
 		return nil
 	}

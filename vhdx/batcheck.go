@@ -116,7 +116,9 @@ func batPlacement(bat []uint64, g *geometry, hasParent bool, batOff, fileSize in
 			exts = append(exts, blockExtent(int64(i), off, length))
 		}
 	}
-	slices.SortFunc(exts, func(a, b fileExtent) int { return cmp.Or(cmp.Compare(a.off, b.off), cmp.Compare(a.end, b.end)) })
+	slices.SortFunc(exts, func(a, b fileExtent) int {
+		return cmp.Or(cmp.Compare(a.off, b.off), cmp.Compare(a.end, b.end), cmp.Compare(a.entry, b.entry))
+	})
 	reach := fileExtent{end: -1}
 	for _, x := range exts {
 		if x.off < reach.end {

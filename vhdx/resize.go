@@ -297,6 +297,16 @@ func (im *Image) planShrink(size int64) (resizePlan, error) {
 	var plan resizePlan
 	old := im.geo
 	g := newGeometry(im.p.BlockSize, im.p.LogicalSectorSize, uint64(size), im.p.HasParent)
+	// The blocks dropped give their space to the free-space map once the
+	// drop is durable (after the next flush); the map is built from the
+	// BAT before it loses them, or it would take their space for free at
+	// once (see releaseBlock).
+	dropped := im.droppedBlocks(g)
+	if len(dropped) > 0 {
+		if err := im.buildSpace(); err != nil {
+			return plan, err
+		}
+	}
 	im.geo, im.p.VirtualSize = g, uint64(size)
 	im.bat, im.bitmaps = im.bat[:g.totalEntries], im.bitmaps[:g.bitmapBlocks]
 	if err := im.resizeMetadata(size, &plan); err != nil {
@@ -313,9 +323,31 @@ func (im *Image) planShrink(size int64) (resizePlan, error) {
 		for b := g.dataBlocks; g.payloadIndex(b) < g.totalEntries; b++ {
 			im.bat[g.payloadIndex(b)] = 0
 		}
+		im.space.release(dropped...)
 	}
 	slices.Sort(plan.sw)
 	return plan, nil
+}
+
+// droppedBlocks lists the space of the allocated blocks a shrink to
+// geometry g drops: payload blocks past its end, and the sector bitmap
+// blocks of whole chunks past it.
+func (im *Image) droppedBlocks(g geometry) []fileRange {
+	var out []fileRange
+	for i := g.payloadIndex(g.dataBlocks); i < int64(len(im.bat)); i++ {
+		e := im.bat[i]
+		st, off := batState(e), batOffset(e)
+		if (i+1)%(g.chunkRatio+1) == 0 {
+			if i >= g.totalEntries && st == bitmapPresent && im.p.HasParent {
+				out = append(out, fileRange{off: off, end: off + bitmapBlockSize})
+			}
+			continue
+		}
+		if st == payloadFullyPresent || st == payloadPartiallyPresent {
+			out = append(out, fileRange{off: off, end: off + g.blockSize})
+		}
+	}
+	return out
 }
 
 // resizeMetadata renders the metadata region with the new virtual disk

@@ -421,3 +421,75 @@ func TestCrashTrimReuse(t *testing.T) {
 		})
 	}
 }
+
+// TestShrinkReleasesBlocks: the blocks a shrink drops serve later writes
+// once the shrink is durable: growing back and writing does not grow the
+// file, for a dynamic and a differencing image.
+func TestShrinkReleasesBlocks(t *testing.T) {
+	for _, kind := range []string{"dynamic", "differencing"} {
+		t.Run(kind, func(t *testing.T) {
+			dir := t.TempDir()
+			const mb = 1 << 20
+			opts := CreateOptions{Size: 16 * mb, BlockSize: mb}
+			if kind == "differencing" {
+				parent := filepath.Join(dir, "p.vhdx")
+				p, err := Create(parent, opts)
+				if err != nil {
+					t.Fatal(err)
+				}
+				p.Close()
+				opts = CreateOptions{Parent: parent, BlockSize: mb}
+			}
+			path := filepath.Join(dir, "s.vhdx")
+			im, err := Create(path, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			model := bytes.Repeat([]byte{0x42}, 16*mb)
+			if _, err := im.WriteAt(model, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := im.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			fi, _ := os.Stat(path)
+			full := fi.Size()
+			if err := im.Resize(4 * mb); err != nil {
+				t.Fatal(err)
+			}
+			if err := im.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if err := im.Resize(16 * mb); err != nil {
+				t.Fatal(err)
+			}
+			clear(model[4*mb:])
+			fresh := bytes.Repeat([]byte{0x24}, 12*mb)
+			if _, err := im.WriteAt(fresh, 4*mb); err != nil {
+				t.Fatal(err)
+			}
+			copy(model[4*mb:], fresh)
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if fi, _ := os.Stat(path); fi.Size() != full {
+				t.Fatalf("file went from %d to %d bytes: the dropped blocks were not reused", full, fi.Size())
+			}
+			probs, err := Check(path, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range probs {
+				t.Errorf("check: %v", p)
+			}
+			ro, err := Open(path, OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ro.Close()
+			if got := readAll(t, ro); !bytes.Equal(got, model) {
+				t.Fatalf("content differs at %d", firstDiff(got, model))
+			}
+		})
+	}
+}

@@ -26,8 +26,9 @@ never modified. With --repair, a pending VHDX log is replayed into the
 file, and a damaged VHD footer is rewritten from its intact copy.
 
 --json prints one object instead: {"file", "format", "ok", "problems":
-[{"severity": "error" or "warning", "message", "offset" (absent when the
-problem has no place in the file)}]}, with the same exit status.
+[{"severity": "error" or "warning", "message", "offset", "structure",
+"rule", "spec"}]} (offset absent when the problem has no place in the
+file; rule a stable identifier), with the same exit status.
 
 A file another program is writing is refused; --force-share (-U) checks it
 anyway (not with --repair), warning that what it finds may be inconsistent.
@@ -58,9 +59,12 @@ Examples:
 
 // problem is one inconsistency a format's Check found.
 type problem struct {
-	offset  int64 // -1: none
-	what    string
-	warning bool // the image reads correctly anyway
+	offset    int64  // -1: none
+	structure string // what holds it: "header 1", "BAT entry 17", ...
+	rule      string // the rule's stable id, "" when none applies
+	spec      string // where the rule is written, "" when not said
+	what      string
+	warning   bool // the image reads correctly anyway
 }
 
 // checkReport is check --json's output.
@@ -72,9 +76,12 @@ type checkReport struct {
 }
 
 type checkProblem struct {
-	Severity string `json:"severity"` // "error" or "warning"
-	Message  string `json:"message"`
-	Offset   *int64 `json:"offset,omitempty"`
+	Severity  string `json:"severity"` // "error" or "warning"
+	Message   string `json:"message"`
+	Offset    *int64 `json:"offset,omitempty"`
+	Structure string `json:"structure,omitempty"`
+	Rule      string `json:"rule,omitempty"`
+	Spec      string `json:"spec,omitempty"`
 }
 
 func (c *cli) check(path string, in input, repair, asJSON bool) error {
@@ -94,7 +101,7 @@ func (c *cli) check(path string, in input, repair, asJSON bool) error {
 			return in.inUse(err)
 		}
 		for _, p := range list {
-			problems = append(problems, problem{p.Offset, p.What, p.Warning})
+			problems = append(problems, problem{p.Offset, p.Structure, string(p.Rule), p.Spec, p.What, p.Warning})
 		}
 	case "vhd":
 		check := func() ([]vhd.Problem, error) { return vhd.Check(path, repair) }
@@ -106,7 +113,7 @@ func (c *cli) check(path string, in input, repair, asJSON bool) error {
 			return in.inUse(err)
 		}
 		for _, p := range list {
-			problems = append(problems, problem{p.Offset, p.What, p.Warning})
+			problems = append(problems, problem{p.Offset, p.Struct, p.Rule, "", p.What, p.Warning})
 		}
 	}
 	// The chain opens (raw: a format without metadata is consistent when
@@ -116,7 +123,7 @@ func (c *cli) check(path string, in input, repair, asJSON bool) error {
 		switch {
 		case err == nil:
 			for _, o := range merge.OutsideParents(chainOf(im, path)) {
-				problems = append(problems, problem{-1, strings.TrimPrefix(o.String(), path+": "), true})
+				problems = append(problems, problem{offset: -1, what: strings.TrimPrefix(o.String(), path+": "), warning: true})
 			}
 			if err := im.Close(); err != nil {
 				return err
@@ -171,7 +178,7 @@ func checkFailed(path string, failures int) error {
 func (c *cli) checkJSON(path, format string, problems []problem, failures int) error {
 	r := checkReport{File: path, Format: format, OK: failures == 0, Problems: []checkProblem{}}
 	for _, p := range problems {
-		cp := checkProblem{Severity: "error", Message: oneLine(p.what)}
+		cp := checkProblem{Severity: "error", Message: oneLine(p.what), Structure: p.structure, Rule: p.rule, Spec: p.spec}
 		if p.warning {
 			cp.Severity = "warning"
 		}

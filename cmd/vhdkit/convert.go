@@ -30,9 +30,10 @@ holding only the sectors where SRC differs from PATH (like qemu-img convert -B).
 A fixed VHD (--type fixed to a .vhd) is exactly the data followed by the
 512-byte VHD footer: the form Azure takes, for a disk whose size is a whole
 number of MiB. Azure rejects other sizes, so give the disk such a size before
-converting (DST has SRC's size; a raw SRC grows with truncate -s). QEMU and
-Virtual PC size a VHD made by vhdkit by its CHS geometry, which may round down
-(a 1 GiB disk reads as 1073479680 bytes there); a size exact in CHS reads whole.
+converting (DST has SRC's size; a raw SRC grows with truncate -s). The VHD
+keeps that exact size: where the CHS geometry cannot describe it, the footer
+holds the maximum geometry, which makes QEMU read the size stored (only
+Virtual PC, which sizes a disk by its geometry, would read it short).
 
 A fixed DST (--type fixed, for a raw DST too) gets all its space from the
 file system before the copy, so that no write to it can fail for lack of

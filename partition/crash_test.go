@@ -8,6 +8,7 @@ import (
 	"hash/crc32"
 	"io"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/storage"
@@ -117,6 +118,10 @@ func TestCrashToMinimum(t *testing.T) {
 // it: the old or the new size, a GPT whose primary and backup headers
 // are valid and agree, a protective MBR, and the partitions' bytes.
 func checkAfterCrash(format string, clone *storage.MemFile, img []byte, size, minimum int64) (int64, error) {
+	// The file as the crash left it passes the format's strict check.
+	if err := strictCheck(format, clone); err != nil {
+		return 0, err
+	}
 	im, err := openImage(format, clone)
 	if err != nil {
 		return 0, fmt.Errorf("open: %w", err)
@@ -168,4 +173,36 @@ func checkAfterCrash(format string, clone *storage.MemFile, img []byte, size, mi
 		return 0, fmt.Errorf("a shrunk disk's backup is at LBA %d", g.alternate)
 	}
 	return got, nil
+}
+
+// strictCheck runs the format's strict validator on f, refusing any
+// finding but a warning (and, for VHDX, a log waiting to be replayed).
+func strictCheck(format string, f storage.File) error {
+	var bad []string
+	switch format {
+	case "vhdx":
+		ps, err := vhdx.CheckStructure(f)
+		if err != nil {
+			return fmt.Errorf("strict check: %w", err)
+		}
+		for _, p := range ps {
+			if p.Violation() {
+				bad = append(bad, p.String())
+			}
+		}
+	case "vhd":
+		ps, err := vhd.CheckFile(f, "crash.vhd")
+		if err != nil {
+			return fmt.Errorf("strict check: %w", err)
+		}
+		for _, p := range ps {
+			if !p.Warning {
+				bad = append(bad, p.What)
+			}
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("strict check: %s", strings.Join(bad, "; "))
+	}
+	return nil
 }

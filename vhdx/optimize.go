@@ -368,6 +368,12 @@ func (o *optimizer) copyBlock(from, to, n int64, zero bool) error {
 // which replay would find the cut file shorter than.
 func (o *optimizer) truncate() error {
 	im := o.im
+	// Space released since the last step (by writes beside Optimize) is
+	// still named by entries on disk: commit it first, so that nothing
+	// the cut removes is named by an entry, in memory or on disk.
+	if err := o.commit(nil); err != nil {
+		return err
+	}
 	end := im.logOff + im.logLen
 	for _, r := range im.regionEntries() {
 		end = max(end, int64(r.Offset)+int64(r.Length))

@@ -310,6 +310,9 @@ func TestOptimizeOnline(t *testing.T) {
 		if _, err := im.Optimize(OptimizeOptions{Full: true}); err != nil {
 			t.Fatal(err)
 		}
+		if probs := spaceProblems(im); len(probs) > 0 {
+			t.Fatal(probs)
+		}
 	}
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -334,5 +337,111 @@ func TestOptimizeOnline(t *testing.T) {
 	defer ro.Close()
 	if got := readAll(t, ro); !bytes.Equal(got, model) {
 		t.Fatalf("reopened, content differs at %d", firstDiff(got, model))
+	}
+}
+
+// TestRandomSpaceOps runs random writes, trims, zeroings, flushes, resizes,
+// reopenings and optimizes on dynamic and differencing images, checking
+// after each that the free-space map agrees with the BAT and the content
+// with a model, and at the end the strict check.
+func TestRandomSpaceOps(t *testing.T) {
+	for _, kind := range []string{"dynamic", "differencing"} {
+		t.Run(kind, func(t *testing.T) {
+			dir := t.TempDir()
+			const mb = 1 << 20
+			size := int64(12 * mb)
+			opts := CreateOptions{Size: uint64(size), BlockSize: mb}
+			model := make([]byte, size)
+			if kind == "differencing" {
+				parent := filepath.Join(dir, "p.vhdx")
+				p, err := Create(parent, opts)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := range model {
+					model[i] = byte(i>>12) | 0x80
+				}
+				if _, err := p.WriteAt(model, 0); err != nil {
+					t.Fatal(err)
+				}
+				p.Close()
+				opts = CreateOptions{Parent: parent, BlockSize: mb}
+			}
+			path := filepath.Join(dir, "r.vhdx")
+			im, err := Create(path, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := rand.New(rand.NewPCG(3, uint64(len(kind))))
+			for i := 0; i < 400; i++ {
+				off := r.Int64N(size) / 512 * 512
+				n := min(size-off, (r.Int64N(3*mb)+512)/512*512)
+				if r.IntN(2) == 0 { // whole blocks, often
+					off, n = off/mb*mb, min(size-off/mb*mb, (n/mb+1)*mb)
+				}
+				var err error
+				switch op := r.IntN(20); {
+				case op < 8:
+					b := make([]byte, n)
+					for k := range b {
+						b[k] = byte(i) ^ byte(k>>9) | 1
+					}
+					_, err = im.WriteAt(b, off)
+					copy(model[off:], b)
+				case op < 11:
+					err = im.Trim(off, n)
+					clear(model[off : off+n])
+				case op < 13:
+					err = im.WriteZeroes(off, n, r.IntN(2) == 0)
+					clear(model[off : off+n])
+				case op < 16:
+					err = im.Flush()
+				case op < 17:
+					_, err = im.Optimize(OptimizeOptions{Full: r.IntN(2) == 0})
+				case op < 18 && kind == "dynamic":
+					next := (r.Int64N(16*mb) + mb) / 512 * 512
+					err = im.Resize(next)
+					if next > size {
+						model = append(model, make([]byte, next-size)...)
+					}
+					model, size = model[:next], next
+				default:
+					if err = im.Close(); err == nil {
+						im, err = Open(path, OpenOptions{})
+					}
+				}
+				if err != nil {
+					t.Fatalf("op %d: %v", i, err)
+				}
+				if probs := spaceProblems(im); len(probs) > 0 {
+					t.Fatalf("op %d: %v", i, probs)
+				}
+				if i%20 == 0 {
+					if got := readAll(t, im); !bytes.Equal(got, model) {
+						t.Fatalf("op %d: content differs at %d", i, firstDiff(got, model))
+					}
+				}
+			}
+			if got := readAll(t, im); !bytes.Equal(got, model) {
+				t.Fatalf("content differs at %d", firstDiff(got, model))
+			}
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			b, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if probs := writerProblems(b); len(probs) > 0 {
+				t.Fatal(probs)
+			}
+			probs, err := Check(path, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range probs {
+				t.Errorf("check: %v", p)
+			}
+		})
 	}
 }

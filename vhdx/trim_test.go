@@ -3,9 +3,11 @@ package vhdx
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"testing"
 
@@ -98,6 +100,9 @@ func TestTrimReturnsSpace(t *testing.T) {
 	}
 	copy(model[32<<20:], fresh[:32<<20])
 	copy(model[100<<20:], fresh[:1<<20])
+	if probs := spaceProblems(im); len(probs) > 0 {
+		t.Fatal(probs)
+	}
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -492,4 +497,43 @@ func TestShrinkReleasesBlocks(t *testing.T) {
 			}
 		})
 	}
+}
+
+// spaceProblems checks the free-space map against the BAT: ranges sorted,
+// disjoint, below fileEnd, and none (nor any pending one) overlapping a
+// live block, the log or a region.
+func spaceProblems(im *Image) []string {
+	im.mu.RLock()
+	defer im.mu.RUnlock()
+	if !im.space.built {
+		return nil
+	}
+	var probs []string
+	type span struct {
+		off, end int64
+		what     string
+	}
+	var taken []span
+	taken = append(taken, span{0, mib, "headers"}, span{im.logOff, im.logOff + im.logLen, "log"})
+	for _, r := range im.regionEntries() {
+		taken = append(taken, span{int64(r.Offset), int64(r.Offset) + int64(r.Length), "region"})
+	}
+	for _, b := range im.liveBlocks() {
+		taken = append(taken, span{b.off, b.off + b.n, fmt.Sprintf("BAT entry %d", b.idx)})
+	}
+	prev := int64(0)
+	for i, r := range slices.Concat(im.space.free, im.space.pending) {
+		if i < len(im.space.free) {
+			if r.off < prev || r.end <= r.off || r.end > im.fileEnd {
+				probs = append(probs, fmt.Sprintf("free range %d [%#x, %#x) out of order or past fileEnd %#x", i, r.off, r.end, im.fileEnd))
+			}
+			prev = r.end
+		}
+		for _, s := range taken {
+			if r.off < s.end && s.off < r.end {
+				probs = append(probs, fmt.Sprintf("free or pending [%#x, %#x) overlaps %s [%#x, %#x)", r.off, r.end, s.what, s.off, s.end))
+			}
+		}
+	}
+	return probs
 }

@@ -44,6 +44,22 @@ func Allocate(f File, off, length int64) error {
 	return nil
 }
 
+// Allocated reports whether f's file has blocks on disk for all of its
+// first n bytes, as after Allocate: a fixed image made with its space
+// allocated keeps it so as it grows, while one made sparse (--sparse)
+// stays sparse. Files that cannot tell (not OS files) report false.
+func Allocated(f File, n int64) bool {
+	o, ok := f.(osFile)
+	if !ok {
+		return false
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(o.Fd()), &st); err != nil {
+		return false
+	}
+	return st.Blocks*512 >= n
+}
+
 // allocate runs fallocate(2) in its default mode, which allocates and
 // extends the file.
 func (f osFile) allocate(off, length int64) error {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/storage"
 )
 
 // Resize changes the virtual size to size bytes, like Resize-VHD: a
@@ -81,8 +82,16 @@ func (im *Image) resizeFixed(size int64, ft footer) error {
 			// The file grows: first the old footer at the new end, so that
 			// the file ends in a footer for the old size throughout, then
 			// zeros over the old footer, which becomes data.
+			allocated := storage.Allocated(im.f, at)
 			if _, err := im.f.WriteAt(im.footerRaw[:], size); err != nil {
 				return err
+			}
+			if allocated {
+				// Made with its space allocated (not --sparse): the new
+				// data area gets its space too, as Create gives it.
+				if err := storage.Allocate(im.f, at, size-at); err != nil {
+					return err
+				}
 			}
 			if err := im.f.Sync(); err != nil {
 				return err

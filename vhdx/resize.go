@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"slices"
 	"sync/atomic"
+
+	"github.com/vhdkit/vhdkit/storage"
 )
 
 // Resize changes the virtual size to size bytes, as Resize-VHD does, for
@@ -108,6 +110,9 @@ func (im *Image) resize(size int64) error {
 	if err == nil {
 		err = im.commitPages(plan.prep)
 	}
+	if err == nil && size > old.geo.virtualSize {
+		err = im.allocateGrowth(old)
+	}
 	if err == nil {
 		err = im.syncPayload(im.fileEnd)
 	}
@@ -139,6 +144,33 @@ func (im *Image) resize(size int64) error {
 		}
 	}
 	return err
+}
+
+// allocateGrowth gives the blocks a grown fixed image gained their space
+// on disk, as Create does, when the image has all of its own (one made
+// with --sparse stays sparse): a fixed disk must not run out of space
+// later. The blocks are unread until the switch, so a crash or a full
+// file system here leaves the old size as it was.
+func (im *Image) allocateGrowth(old sizeState) error {
+	if !im.p.LeaveAllocated || im.p.HasParent {
+		return nil
+	}
+	var lo, hi int64 = -1, -1 // the new blocks' span in the file
+	for b := alignUp(old.geo.virtualSize, im.geo.blockSize) / im.geo.blockSize; b < im.geo.dataBlocks; b++ {
+		e := im.bat[im.geo.payloadIndex(b)]
+		if batState(e) != payloadFullyPresent {
+			continue
+		}
+		off := batOffset(e)
+		if lo < 0 || off < lo {
+			lo = off
+		}
+		hi = max(hi, off+im.geo.blockSize)
+	}
+	if lo < 0 || !storage.Allocated(im.f, lo) {
+		return nil
+	}
+	return storage.Allocate(im.f, lo, hi-lo)
 }
 
 // commitDirty commits the dirty pages as Flush does; the caller holds

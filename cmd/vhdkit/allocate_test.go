@@ -218,3 +218,36 @@ func TestFixedNoFallocate(t *testing.T) {
 		os.Remove(path)
 	}
 }
+
+// A fixed disk made with its space keeps it as resize grows it; one made
+// with --sparse stays sparse. Both read zeros in the new range.
+func TestFixedGrowAllocated(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name   string
+		sparse bool
+	}{{"g.vhdx", false}, {"g.vhd", false}, {"gs.vhdx", true}, {"gs.vhd", true}} {
+		path := filepath.Join(dir, tc.name)
+		args := []string{"create", "--type", "fixed", "--size", "16M", path}
+		if tc.sparse {
+			args = append(args[:len(args)-1], "--sparse", path)
+		}
+		if code, stderr := vhdkit(args...); code != 0 {
+			t.Fatalf("create %s: %s", tc.name, stderr)
+		}
+		if code, stderr := vhdkit("resize", "--size", "64M", path); code != 0 {
+			t.Fatalf("resize %s: %s", tc.name, stderr)
+		}
+		allocated, size := allocatedBytes(t, path)
+		t.Logf("%s: %d bytes, %d allocated", tc.name, size, allocated)
+		switch {
+		case !tc.sparse && allocated < 64<<20:
+			t.Errorf("%s grown to 64 MiB: only %d bytes allocated", tc.name, allocated)
+		case tc.sparse && allocated >= 64<<20:
+			t.Errorf("%s (--sparse) grown: %d bytes allocated", tc.name, allocated)
+		}
+		if code, stderr := vhdkit("check", path); code != 0 {
+			t.Errorf("check %s: %s", tc.name, stderr)
+		}
+	}
+}

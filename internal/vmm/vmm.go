@@ -1,0 +1,386 @@
+// Package vmm runs a machine under QEMU and controls it through QMP: it
+// builds the command line (accelerator, memory, CPUs, direct kernel boot,
+// the disks as NBD exports of the daemon with a reconnect delay, the
+// serial console and QMP on unix sockets), starts QEMU in a session of
+// its own so that the daemon's death leaves it running, and re-adopts a
+// QEMU a previous daemon started from the pid and sockets it recorded.
+//
+// Files of one machine's run live in its run directory:
+//
+//	RUN/qmp.sock      QMP, for the daemon
+//	RUN/serial.sock   the serial console (server; one client at a time)
+//	RUN/console.log   everything the serial console printed
+//	RUN/qemu.log      QEMU's own stdout and stderr
+package vmm
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/digitalocean/go-qemu/qmp"
+)
+
+// Accelerators.
+const (
+	AccelAuto = "auto"
+	AccelKVM  = "kvm"
+	AccelTCG  = "tcg"
+)
+
+// QEMUBinary is the emulator vmm runs; Debian ships it in qemu-system-x86.
+const QEMUBinary = "qemu-system-x86_64"
+
+// FindQEMU finds QEMUBinary on $PATH, or says which package to install.
+func FindQEMU() (string, error) {
+	p, err := exec.LookPath(QEMUBinary)
+	if err != nil {
+		return "", fmt.Errorf("%s not found on $PATH: install it (Debian and Ubuntu: apt install qemu-system-x86)", QEMUBinary)
+	}
+	return p, nil
+}
+
+// ChooseAccel resolves want ("auto", "kvm", "tcg", or "" for auto). Auto
+// takes KVM only where /dev/kvm opens read-write and the CPU offers
+// hardware virtualization (vmx or svm in /proc/cpuinfo); else TCG. An
+// explicit "kvm" that is not usable is an error that says why.
+func ChooseAccel(want string) (string, error) {
+	switch want {
+	case "", AccelAuto:
+		if kvmUsable() == nil {
+			return AccelKVM, nil
+		}
+		return AccelTCG, nil
+	case AccelKVM:
+		if err := kvmUsable(); err != nil {
+			return "", err
+		}
+		return AccelKVM, nil
+	case AccelTCG:
+		return AccelTCG, nil
+	}
+	return "", fmt.Errorf("accelerator %q: use auto, kvm or tcg", want)
+}
+
+func kvmUsable() error {
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("KVM is not usable: %w", err)
+	}
+	f.Close()
+	info, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return fmt.Errorf("KVM is not usable: %w", err)
+	}
+	for _, line := range strings.Split(string(info), "\n") {
+		if !strings.HasPrefix(line, "flags") {
+			continue
+		}
+		for _, f := range strings.Fields(line) {
+			if f == "vmx" || f == "svm" {
+				return nil
+			}
+		}
+	}
+	return errors.New("KVM is not usable: the CPU offers neither vmx nor svm")
+}
+
+// Disk is one of the machine's disks: an export of the daemon's NBD
+// server.
+type Disk struct {
+	Socket string // the NBD server's unix socket
+	Export string
+}
+
+// Config is what one run of a machine needs.
+type Config struct {
+	Name      string // the machine's name, for QEMU's -name
+	RunDir    string // where the sockets and logs go (see the package comment)
+	Accel     string // AccelKVM or AccelTCG (see ChooseAccel)
+	MemoryMiB int
+	CPUs      int
+	Kernel    string // direct kernel boot: -kernel, -initrd, -append
+	Initrd    string
+	Append    string
+	Disks     []Disk
+	// ReconnectDelay is how long QEMU holds a disk's I/O while the NBD
+	// server is gone (a daemon restart) before failing it.
+	ReconnectDelay time.Duration
+}
+
+// Process is a running QEMU: what a daemon records to re-adopt it.
+type Process struct {
+	Pid    int    `json:"pid"`
+	QMP    string `json:"qmp"`
+	Serial string `json:"serial"`
+	Log    string `json:"log"`     // QEMU's stdout and stderr
+	Cons   string `json:"console"` // the console's log
+}
+
+// Args renders the QEMU command line of c, without the program.
+func (c *Config) Args() []string {
+	qmpSock, serialSock, consLog := c.paths()
+	args := []string{
+		"-name", "vhdkit-" + c.Name,
+		"-accel", c.Accel,
+		"-m", fmt.Sprint(c.MemoryMiB),
+		"-smp", fmt.Sprint(c.CPUs),
+		"-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
+		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
+		"-chardev", "socket,id=serial0,path=" + escape(serialSock) + ",server=on,wait=off,logfile=" + escape(consLog) + ",logappend=on",
+		"-serial", "chardev:serial0",
+	}
+	if c.Kernel != "" {
+		args = append(args, "-kernel", c.Kernel)
+		if c.Initrd != "" {
+			args = append(args, "-initrd", c.Initrd)
+		}
+		if c.Append != "" {
+			args = append(args, "-append", c.Append)
+		}
+	}
+	delay := int64(c.ReconnectDelay / time.Second)
+	for i, d := range c.Disks {
+		node := fmt.Sprintf("disk%d", i)
+		args = append(args,
+			"-blockdev", fmt.Sprintf("driver=nbd,node-name=%s,server.type=unix,server.path=%s,export=%s,reconnect-delay=%d",
+				node, escape(d.Socket), escape(d.Export), delay),
+			"-device", fmt.Sprintf("virtio-blk-pci,drive=%s,id=vd%d", node, i))
+	}
+	return args
+}
+
+func (c *Config) paths() (qmpSock, serialSock, consLog string) {
+	return filepath.Join(c.RunDir, "qmp.sock"), filepath.Join(c.RunDir, "serial.sock"), filepath.Join(c.RunDir, "console.log")
+}
+
+// escape doubles the commas of a QEMU option value.
+func escape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+// startTimeout bounds the wait for QEMU's QMP socket to answer.
+const startTimeout = 30 * time.Second
+
+// Start starts QEMU for c in a session of its own (a signal to the
+// daemon's process group, or its death, does not reach it) and waits until
+// its QMP socket answers. exited receives QEMU's exit once it ends (the
+// daemon that started it reaps it; a daemon that re-adopts it polls).
+func Start(ctx context.Context, c Config) (p *Process, exited <-chan error, err error) {
+	bin, err := FindQEMU()
+	if err != nil {
+		return nil, nil, err
+	}
+	if c.MemoryMiB <= 0 || c.CPUs <= 0 {
+		return nil, nil, fmt.Errorf("machine %s: memory %d MiB and %d CPUs: both must be positive", c.Name, c.MemoryMiB, c.CPUs)
+	}
+	if err := os.MkdirAll(c.RunDir, 0o700); err != nil {
+		return nil, nil, err
+	}
+	qmpSock, serialSock, consLog := c.paths()
+	// Sockets a previous run left would make QEMU fail to bind.
+	for _, s := range []string{qmpSock, serialSock} {
+		if err := os.Remove(s); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, nil, err
+		}
+	}
+	logPath := filepath.Join(c.RunDir, "qemu.log")
+	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(bin, c.Args()...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Dir = c.RunDir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, nil, fmt.Errorf("starting %s: %w", bin, err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	p = &Process{Pid: cmd.Process.Pid, QMP: qmpSock, Serial: serialSock, Log: logPath, Cons: consLog}
+	deadline := time.Now().Add(startTimeout)
+	for {
+		_, err := p.Status(ctx)
+		if err == nil {
+			return p, done, nil
+		}
+		select {
+		case werr := <-done:
+			return nil, nil, fmt.Errorf("QEMU exited at start (%v): %s", werr, p.LogTail())
+		case <-ctx.Done():
+			cmd.Process.Kill()
+			return nil, nil, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			return nil, nil, fmt.Errorf("QEMU's QMP socket did not answer in %v: %v; %s", startTimeout, err, p.LogTail())
+		}
+	}
+}
+
+// LogTail is the end of QEMU's log, on one line, for an error message.
+func (p *Process) LogTail() string {
+	b, _ := os.ReadFile(p.Log)
+	b = bytes.TrimSpace(b)
+	if len(b) > 400 {
+		b = b[len(b)-400:]
+	}
+	if len(b) == 0 {
+		return "QEMU's log is empty"
+	}
+	return "QEMU's log: " + strings.ReplaceAll(string(b), "\n", " | ")
+}
+
+// Alive reports whether the recorded pid is still a QEMU: the process
+// exists and its executable is QEMUBinary (a pid reused by another
+// program after QEMU ended does not count).
+func (p *Process) Alive() bool {
+	if p == nil || p.Pid <= 0 {
+		return false
+	}
+	if err := syscall.Kill(p.Pid, 0); err != nil && !errors.Is(err, syscall.EPERM) {
+		return false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", p.Pid))
+	if err != nil {
+		return false
+	}
+	argv0, _, _ := bytes.Cut(cmdline, []byte{0})
+	if filepath.Base(string(argv0)) != QEMUBinary {
+		return false
+	}
+	// A zombie (our child, exited, not yet reaped) is not running.
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.Pid))
+	if err != nil {
+		return false
+	}
+	if i := bytes.LastIndexByte(stat, ')'); i >= 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
+		return false
+	}
+	return true
+}
+
+// qmpTimeout bounds one QMP exchange: connect, handshake, command.
+const qmpTimeout = 10 * time.Second
+
+// Execute runs one QMP command on a connection of its own (QEMU's QMP
+// socket serves one client at a time; the daemon holds none between
+// commands, so a restarted daemon finds it free) and returns the
+// command's "return" value.
+func (p *Process) Execute(ctx context.Context, command string, args any) (json.RawMessage, error) {
+	ctx, cancel := context.WithTimeout(ctx, qmpTimeout)
+	defer cancel()
+	mon, err := qmp.NewSocketMonitor("unix", p.QMP, qmpTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("QMP %s: %w", p.QMP, err)
+	}
+	type result struct {
+		out []byte
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		if err := mon.Connect(); err != nil {
+			res <- result{err: fmt.Errorf("QMP handshake: %w", err)}
+			return
+		}
+		cmd, err := json.Marshal(qmp.Command{Execute: command, Args: args})
+		if err != nil {
+			res <- result{err: err}
+			return
+		}
+		out, err := mon.Run(cmd)
+		res <- result{out, err}
+	}()
+	var r result
+	select {
+	case r = <-res:
+	case <-ctx.Done():
+		// Closing the connection ends the exchange under way.
+		mon.Disconnect()
+		<-res
+		return nil, fmt.Errorf("QMP %s: no answer in %v", command, qmpTimeout)
+	}
+	mon.Disconnect()
+	if r.err != nil {
+		return nil, fmt.Errorf("QMP %s: %w", command, r.err)
+	}
+	var reply struct {
+		Return json.RawMessage `json:"return"`
+	}
+	if err := json.Unmarshal(r.out, &reply); err != nil {
+		return nil, fmt.Errorf("QMP %s: reply %q: %w", command, r.out, err)
+	}
+	return reply.Return, nil
+}
+
+// Status is QEMU's run state (query-status): "running", "paused",
+// "shutdown", "internal-error", ...
+func (p *Process) Status(ctx context.Context) (string, error) {
+	out, err := p.Execute(ctx, "query-status", nil)
+	if err != nil {
+		return "", err
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := json.Unmarshal(out, &st); err != nil {
+		return "", fmt.Errorf("QMP query-status: %w", err)
+	}
+	return st.Status, nil
+}
+
+// Pause stops the guest's CPUs (QMP stop).
+func (p *Process) Pause(ctx context.Context) error {
+	_, err := p.Execute(ctx, "stop", nil)
+	return err
+}
+
+// Resume runs the guest's CPUs again (QMP cont).
+func (p *Process) Resume(ctx context.Context) error {
+	_, err := p.Execute(ctx, "cont", nil)
+	return err
+}
+
+// Powerdown presses the ACPI power button: a guest that handles it shuts
+// down and QEMU exits.
+func (p *Process) Powerdown(ctx context.Context) error {
+	_, err := p.Execute(ctx, "system_powerdown", nil)
+	return err
+}
+
+// Quit ends QEMU at once (turning the machine off: the guest gets no say,
+// what it had not flushed is lost) and waits for the process to go.
+func (p *Process) Quit(ctx context.Context) error {
+	if _, err := p.Execute(ctx, "quit", nil); err != nil && p.Alive() {
+		// QMP does not answer: the process goes anyway.
+		syscall.Kill(p.Pid, syscall.SIGKILL)
+	}
+	return p.WaitGone(ctx, qmpTimeout)
+}
+
+// WaitGone waits until the process is no longer a running QEMU, or
+// timeout passes.
+func (p *Process) WaitGone(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for p.Alive() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("QEMU (pid %d) still runs after %v", p.Pid, timeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return nil
+}

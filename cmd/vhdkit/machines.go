@@ -111,9 +111,9 @@ Examples:
 					vms, err := cl.VMs(ctx)
 					return f.reply(c, vms, err, func() error {
 						tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
-						fmt.Fprintln(tw, "NAME\tSTATE\tDISKS\tCHECKPOINTS\tCURRENT\tERROR")
+						fmt.Fprintln(tw, "NAME\tSTATE\tPOWER\tDISKS\tCHECKPOINTS\tCURRENT\tERROR")
 						for _, v := range vms {
-							fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\n", v.Name, v.State, len(v.Disks), v.Checkpoints, currentOf(&v), v.Error)
+							fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\n", v.Name, v.State, orDash(v.Power), len(v.Disks), v.Checkpoints, currentOf(&v), v.Error)
 						}
 						return tw.Flush()
 					})
@@ -127,6 +127,10 @@ Examples:
 					})
 				}),
 			vmDeleteCommand(),
+			vmStartCommand(),
+			vmStopCommand(),
+			vmPauseResumeCommand(true),
+			vmPauseResumeCommand(false),
 			vmRepairCommand(),
 			vmOptimizeCommand(),
 		},
@@ -266,7 +270,8 @@ func currentOf(v *api.VM) string {
 func vmCreateCommand() *command {
 	var disks sizeList
 	var attach stringList
-	return clientVerb("vm create", "NAME (--disk SIZE | --attach FILE)...", "create a machine with new dynamic VHDX disks or existing files",
+	var run settingsFlags
+	return clientVerb("vm create", "NAME (--disk SIZE | --attach FILE)... [--memory SIZE] [--cpus N] [--kernel F [--initrd F] [--append S]] [--accel auto|kvm|tcg]", "create a machine with new dynamic VHDX disks or existing files",
 		`New disks are dynamic VHDX files under DIR/vms/NAME, in the order given;
 --attach serves an existing VHDX file instead (it is kept when the machine
 is deleted).
@@ -274,11 +279,13 @@ is deleted).
 Examples:
   vhdkit vm create web --disk 20G
   vhdkit vm create db --attach /srv/db.vhdx --disk 1G
+  vhdkit vm create tiny --disk 1G --memory 256M --cpus 2 --kernel /boot/vmlinuz --initrd /boot/initrd.img --append console=ttyS0
 `, true, 1,
 		func(fs *flag.FlagSet) {
 			disks, attach = nil, nil
 			fs.Var(&disks, "disk", "add a new disk of `SIZE` (repeatable)")
 			fs.Var(&attach, "attach", "add the existing VHDX `FILE` as a disk (repeatable)")
+			run.add(fs)
 		},
 		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 			if len(disks)+len(attach) == 0 {
@@ -289,7 +296,11 @@ Examples:
 					attach[i] = abs // the daemon may run elsewhere
 				}
 			}
-			v, err := cl.CreateVM(ctx, api.CreateVM{Name: args[0], Disks: disks, Attach: attach})
+			settings, err := run.settings()
+			if err != nil {
+				return err
+			}
+			v, err := cl.CreateVM(ctx, api.CreateVM{Name: args[0], Disks: disks, Attach: attach, Settings: settings})
 			return f.reply(c, v, err, func() error {
 				printVM(c.stdout, v)
 				return nil
@@ -310,6 +321,7 @@ func printVM(w io.Writer, v *api.VM) {
 		fmt.Fprintf(w, "error: %s\n", v.Error)
 		fmt.Fprintf(w, "  (its disks are not exported; see \"vhdkit vm repair --help\")\n")
 	}
+	printRun(w, v)
 	fmt.Fprintf(w, "checkpoints: %d, running from: %s\n", v.Checkpoints, currentOf(v))
 	for _, d := range v.Disks {
 		if d.Export != "" {

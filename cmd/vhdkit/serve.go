@@ -90,8 +90,11 @@ func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, log *slog.Logger,
 			return err
 		}
 	}
+	if nbdTCP == "" && nbdSocket == "" {
+		nbdSocket = filepath.Join(dir, "nbd.sock")
+	}
 	srv := &nbd.Server{Logger: log}
-	h, err := host.Open(dir, host.Options{Logger: log, NBD: srv})
+	h, err := host.Open(dir, host.Options{Logger: log, NBD: srv, NBDSocket: nbdSocket})
 	if err != nil {
 		return err
 	}

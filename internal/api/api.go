@@ -10,6 +10,7 @@
 //	DELETE /v1/vms/{vm}                           delete it (?force=1, ?delete_disks=1): DeletedVM
 //	POST   /v1/vms/{vm}/repair                    re-open a failed machine (RepairVM)
 //	POST   /v1/vms/{vm}/optimize                  compact its disks' files (OptimizeVM)
+//	POST   /v1/vms/{vm}/start|stop|pause|resume   run it under QEMU (stop: StopVM)
 //	GET    /v1/vms/{vm}/checkpoints               the checkpoint tree
 //	POST   /v1/vms/{vm}/checkpoints               create (CreateCheckpoint)
 //	PATCH  /v1/vms/{vm}/checkpoints/{cp}          rename (RenameCheckpoint)
@@ -51,6 +52,11 @@ type VM struct {
 	Checkpoints int    `json:"checkpoints"`
 	// Disconnected counts the NBD clients a forced request disconnected.
 	Disconnected int `json:"disconnected,omitempty"`
+	// Power is whether the daemon runs it under QEMU (PowerOff, ...);
+	// Settings how, Runtime the QEMU it runs (see run.go).
+	Power    string    `json:"power"`
+	Settings *Settings `json:"settings,omitempty"`
+	Runtime  *Runtime  `json:"runtime,omitempty"`
 }
 
 // Disk is one of a machine's disks.
@@ -133,6 +139,8 @@ type CreateVM struct {
 	Name   string   `json:"name"`
 	Disks  []int64  `json:"disks,omitempty"`
 	Attach []string `json:"attach,omitempty"`
+	// Settings are how it runs; nil takes the defaults.
+	Settings *Settings `json:"settings,omitempty"`
 }
 
 // CreateCheckpoint is the body of POST /v1/vms/{vm}/checkpoints.

@@ -52,6 +52,7 @@ func (h *Host) Handler() http.Handler {
 		}
 		return h.OptimizeVM(r.PathValue("vm"), req)
 	})
+	h.runRoutes(handle)
 	handle("GET /v1/vms/{vm}/checkpoints", func(r *http.Request) (any, error) {
 		return h.Checkpoints(r.PathValue("vm"))
 	})

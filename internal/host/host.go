@@ -44,6 +44,9 @@ type Options struct {
 	// OpenFile opens image files; nil uses the operating system. (Tests
 	// inject faults through it.)
 	OpenFile func(path string, flag int) (storage.File, error)
+	// NBDSocket is the unix socket NBD serves on: machines run under QEMU
+	// reach their disks through it (run.go). "" when NBD is on TCP.
+	NBDSocket string
 }
 
 // Host is a running daemon's machines and jobs.
@@ -75,6 +78,7 @@ type vm struct {
 	// optimizing is set while OptimizeVM compacts its disks: their
 	// layers must not change meanwhile.
 	optimizing bool
+	run        *vmRun // its QEMU (run.go); nil while off
 }
 
 // Error is a failure with an HTTP status: what the API reports.
@@ -180,6 +184,7 @@ func Open(dir string, opts Options) (*Host, error) {
 		if v.failed == "" {
 			h.export(v)
 		}
+		h.adopt(v)
 	}
 	for _, j := range h.jobs {
 		h.startJob(j)
@@ -348,6 +353,7 @@ func (h *Host) view(v *vm) api.VM {
 	if c := v.st.checkpoint(v.st.Current); c != nil {
 		out.Current, out.CurrentName = cpID(c.ID), c.Name
 	}
+	v.viewRun(&out)
 	if v.failed != "" {
 		out.State, out.Error = api.VMFailed, v.failed
 		for i, ds := range v.st.Disks {
@@ -449,6 +455,10 @@ func (h *Host) CreateVM(req api.CreateVM) (*api.VM, error) {
 			return nil, errorf(statusBadRequest, "disk size %d: use a whole number of MiB between 1 MiB and 64 TiB", s)
 		}
 	}
+	settings, err := settingsOf(req.Settings)
+	if err != nil {
+		return nil, err
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.vms[req.Name] != nil {
@@ -458,7 +468,7 @@ func (h *Host) CreateVM(req api.CreateVM) (*api.VM, error) {
 	if err := mkdirPrivate(dir); err != nil {
 		return nil, err
 	}
-	ms := &machineState{Name: req.Name, Created: time.Now().UTC()}
+	ms := &machineState{Name: req.Name, Created: time.Now().UTC(), Settings: settings}
 	v := &vm{st: ms}
 	fail := func(err error) (*api.VM, error) {
 		for _, d := range v.disks {
@@ -540,6 +550,9 @@ func (h *Host) DeleteVM(name string, opts api.DeleteVM) (*api.DeletedVM, error) 
 	}
 	if v.optimizing {
 		return nil, errorf(statusConflict, "machine %s: its disks are being optimized; wait for it to finish", name)
+	}
+	if err := v.refuseRunning("deleting it"); err != nil {
+		return nil, err
 	}
 	out := &api.DeletedVM{Name: name, Removed: []string{}, Kept: []string{}}
 	for _, ds := range v.st.Disks {

@@ -34,7 +34,9 @@ type machineState struct {
 	Created     time.Time          `json:"created"`
 	Disks       []*diskState       `json:"disks"`
 	Checkpoints []*checkpointState `json:"checkpoints"`
-	Current     string             `json:"current,omitempty"` // checkpoint ID
+	Current     string             `json:"current,omitempty"`  // checkpoint ID
+	Settings    *api.Settings      `json:"settings,omitempty"` // how it runs (run.go)
+	Run         *runRecord         `json:"run,omitempty"`      // its QEMU while it runs (run.go)
 }
 
 type diskState struct {

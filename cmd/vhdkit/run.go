@@ -1,0 +1,164 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"path/filepath"
+
+	"github.com/vhdkit/vhdkit/internal/api"
+)
+
+// The verbs that run machines under QEMU: vm start, stop, pause, resume,
+// and the settings vm create takes.
+
+// settingsFlags are vm create's flags for how the machine runs.
+type settingsFlags struct {
+	memory, kernel, initrd, appendLine, accel string
+	cpus                                      int
+}
+
+func (s *settingsFlags) add(fs *flag.FlagSet) {
+	*s = settingsFlags{}
+	fs.StringVar(&s.memory, "memory", "", "the guest's memory `SIZE`, whole MiB (default 512M)")
+	fs.IntVar(&s.cpus, "cpus", 0, "the guest's `N` virtual CPUs (default 1)")
+	fs.StringVar(&s.kernel, "kernel", "", "boot this Linux kernel `FILE` directly (QEMU's -kernel)")
+	fs.StringVar(&s.initrd, "initrd", "", "with --kernel: its initramfs `FILE`")
+	fs.StringVar(&s.appendLine, "append", "", "with --kernel: its command `LINE`, e.g. \"console=ttyS0 root=/dev/vda1\"")
+	fs.StringVar(&s.accel, "accel", "", "`auto`, kvm or tcg: auto takes KVM where /dev/kvm is usable and the CPU has vmx/svm (default auto)")
+}
+
+// settings renders the flags for the daemon: paths absolute (it may run
+// elsewhere), the memory in MiB.
+func (s *settingsFlags) settings() (*api.Settings, error) {
+	out := &api.Settings{CPUs: s.cpus, Accel: s.accel, Append: s.appendLine}
+	if s.memory != "" {
+		n, err := parseSize(s.memory)
+		if err != nil {
+			return nil, usagef("--memory: %v", err)
+		}
+		if n%(1<<20) != 0 || n == 0 {
+			return nil, usagef("--memory %s: use a whole number of MiB (e.g. 512M, 2G)", s.memory)
+		}
+		out.MemoryMiB = int(n >> 20)
+	}
+	for _, f := range []struct {
+		in  string
+		out *string
+	}{{s.kernel, &out.Kernel}, {s.initrd, &out.Initrd}} {
+		if f.in == "" {
+			continue
+		}
+		abs, err := filepath.Abs(f.in)
+		if err != nil {
+			return nil, err
+		}
+		*f.out = abs
+	}
+	return out, nil
+}
+
+func vmStartCommand() *command {
+	return clientVerb("vm start", "NAME", "start a machine under QEMU (Start-VM)",
+		`QEMU runs the machine with its settings (vm create --memory, --cpus,
+--kernel, --initrd, --append, --accel); its disks are the daemon's NBD
+exports, with a reconnect delay so that a daemon restart only holds the
+guest's I/O. QEMU runs in a session of its own: stopping or killing the
+daemon leaves the machine running, and the next daemon re-adopts it. The
+serial console is a unix socket (vm show --json: runtime.serial), what it
+printed is kept in runtime.console. Needs qemu-system-x86_64 (Debian:
+qemu-system-x86).
+
+Examples:
+  vhdkit vm create tiny --disk 1G --memory 256M --kernel vmlinuz --initrd initrd.img --append console=ttyS0
+  vhdkit vm start tiny
+  socat -,raw,echo=0 UNIX-CONNECT:$(vhdkit vm show tiny --json | jq -r .runtime.serial)
+`, true, 1, nil,
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			v, err := cl.StartVM(ctx, args[0])
+			return f.reply(c, v, err, func() error {
+				printVM(c.stdout, v)
+				return nil
+			})
+		})
+}
+
+func vmStopCommand() *command {
+	var turnOff bool
+	var timeout int
+	return clientVerb("vm stop", "NAME [--turn-off] [--timeout SECONDS]", "power a machine off (Stop-VM): ACPI power button, then off",
+		`Presses the guest's ACPI power button and waits up to --timeout seconds
+for it to power off; a guest still up then (or one that is paused, which
+cannot react) is turned off: QEMU ends at once, as when pulling the plug,
+and what the guest had not written to its disks is lost. --turn-off turns
+it off without asking the guest (Stop-VM -TurnOff).
+
+Examples:
+  vhdkit vm stop web
+  vhdkit vm stop web --timeout 10
+  vhdkit vm stop web --turn-off
+`, true, 1,
+		func(fs *flag.FlagSet) {
+			turnOff, timeout = false, 0
+			fs.BoolVar(&turnOff, "turn-off", false, "end QEMU at once, without the ACPI power button")
+			fs.IntVar(&timeout, "timeout", 0, "`SECONDS` the guest has to power off before it is turned off (default 60)")
+		},
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			if timeout < 0 {
+				return usagef("--timeout %d: use a positive number of seconds", timeout)
+			}
+			v, err := cl.StopVM(ctx, args[0], api.StopVM{TurnOff: turnOff, TimeoutSeconds: timeout})
+			return f.reply(c, v, err, func() error {
+				fmt.Fprintf(c.stdout, "machine %s is %s\n", v.Name, v.Power)
+				return nil
+			})
+		})
+}
+
+func vmPauseResumeCommand(pause bool) *command {
+	name, summary, help := "vm pause", "stop a running machine's CPUs (Suspend-VM)", `The guest stops where it is, its memory kept; vm resume runs it on.
+
+Examples:
+  vhdkit vm pause web
+`
+	if !pause {
+		name, summary, help = "vm resume", "run a paused machine's CPUs again (Resume-VM)", `Examples:
+  vhdkit vm resume web
+`
+	}
+	return clientVerb(name, "NAME", summary, help, true, 1, nil,
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			do := cl.PauseVM
+			if !pause {
+				do = cl.ResumeVM
+			}
+			v, err := do(ctx, args[0])
+			return f.reply(c, v, err, func() error {
+				fmt.Fprintf(c.stdout, "machine %s is %s\n", v.Name, v.Power)
+				return nil
+			})
+		})
+}
+
+// printRun adds the power state and QEMU to printVM's description.
+func printRun(w interface{ Write([]byte) (int, error) }, v *api.VM) {
+	fmt.Fprintf(w, "power: %s\n", orDash(v.Power))
+	if s := v.Settings; s != nil {
+		fmt.Fprintf(w, "settings: %d MiB, %d %s, accel %s", s.MemoryMiB, s.CPUs, plural(s.CPUs, "CPU", "CPUs"), s.Accel)
+		if s.Kernel != "" {
+			fmt.Fprintf(w, ", kernel %s", s.Kernel)
+		}
+		fmt.Fprintln(w)
+	}
+	if r := v.Runtime; r != nil {
+		if r.Pid != 0 {
+			fmt.Fprintf(w, "QEMU: pid %d, %s; console %s (log %s)\n", r.Pid, r.Accel, r.Serial, r.Console)
+		}
+		if r.Reason != "" {
+			fmt.Fprintf(w, "failed: %s\n", r.Reason)
+		}
+		if r.Log != "" {
+			fmt.Fprintf(w, "QEMU's log: %s\n", r.Log)
+		}
+	}
+}

@@ -1,0 +1,140 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/guest"
+)
+
+// TestServeVMRun runs a machine under QEMU started by the daemon: vm
+// create with the busybox guest's kernel and initramfs, vm start; the
+// guest writes a pattern to its disk through the daemon's NBD export, then
+// writes and reads back a slot in a loop. The machine is paused and
+// resumed; the daemon is killed with SIGKILL and restarted: it re-adopts
+// the same QEMU, running, and the guest goes on without an I/O error
+// (reconnect-delay held its I/O). vm stop (the busybox guest ignores the
+// ACPI button, so the timeout turns it off) ends QEMU; the pattern is in
+// the VHDX file, which checks clean.
+func TestServeVMRun(t *testing.T) {
+	env := guest.Require(t)
+	nbdRequire(t, "qemu-img")
+	dir := shortTempDir(t)
+	pattern := make([]byte, 4<<20)
+	fillPattern(pattern, 8<<20, 0x5a)
+	slot := make([]byte, 1<<20)
+	fillPattern(slot, 0, 0x33)
+	boot, err := env.WriteBoot(dir, guest.Options{
+		Disks: []guest.Disk{{}},
+		Files: map[string]guest.File{"/pattern": {Data: pattern}, "/slot": {Data: slot}},
+		Script: `dd if=/pattern of=/dev/vda bs=1M seek=8 oflag=direct conv=fsync,notrunc status=none || echo GUEST-IO-ERROR
+echo VHDKIT-RUN-WROTE
+i=0
+while true; do
+  s=$(( 16 + i % 4 ))
+  dd if=/slot of=/dev/vda bs=1M seek=$s oflag=direct conv=fsync,notrunc status=none || echo GUEST-IO-ERROR
+  dd if=/dev/vda of=/tmp/back bs=1M skip=$s count=1 iflag=direct status=none || echo GUEST-IO-ERROR
+  cmp /slot /tmp/back || echo GUEST-IO-ERROR
+  echo "ITER $i"
+  i=$(( i + 1 ))
+  usleep 100000
+done
+`,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := filepath.Join(dir, "d")
+	d := startDaemon(t, data)
+	d.cli(t, "vm", "create", "g", "--disk", "64M", "--memory", "256M", "--cpus", "1", "--accel", "tcg",
+		"--kernel", boot.Kernel, "--initrd", boot.Initrd, "--append", boot.Append)
+	if v := d.vm(t, "g"); v.Power != api.PowerOff || v.Settings == nil || v.Settings.MemoryMiB != 256 {
+		t.Fatalf("after create: power %q, settings %+v", v.Power, v.Settings)
+	}
+	d.cli(t, "vm", "start", "g")
+	v := d.vm(t, "g")
+	if v.Power != api.PowerRunning || v.Runtime == nil || v.Runtime.Pid == 0 || v.Runtime.Accel != "tcg" {
+		t.Fatalf("after start: power %q, runtime %+v", v.Power, v.Runtime)
+	}
+	pid := v.Runtime.Pid
+	// QEMU runs in its own session: it outlives a killed daemon, and so
+	// must be ended here whatever the test does.
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	consoleLog := v.Runtime.Console
+	console := func() string {
+		b, _ := os.ReadFile(consoleLog)
+		return strings.ReplaceAll(string(b), "\r", "")
+	}
+	waitFor := func(marker string) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			c := console()
+			if strings.Contains(c, "GUEST-IO-ERROR") {
+				t.Fatalf("the guest saw an I/O error; console:\n%s", c)
+			}
+			if strings.Contains(c, marker) {
+				return
+			}
+		}
+		t.Fatalf("the guest never printed %q; console:\n%s\ndaemon:\n%s", marker, console(), d.stderr)
+	}
+	waitFor("VHDKIT-RUN-WROTE\n")
+	waitFor("ITER 2\n")
+	if out := d.cli(t, "vm", "list"); !strings.Contains(out, "running") {
+		t.Fatalf("vm list:\n%s", out)
+	}
+
+	d.cli(t, "vm", "pause", "g")
+	if p := d.vm(t, "g").Power; p != api.PowerPaused {
+		t.Fatalf("after pause: %q", p)
+	}
+	d.cli(t, "vm", "resume", "g")
+	if p := d.vm(t, "g").Power; p != api.PowerRunning {
+		t.Fatalf("after resume: %q", p)
+	}
+
+	// SIGKILL: nothing of the daemon runs on but QEMU.
+	d.kill()
+	if err := syscall.Kill(pid, 0); err != nil {
+		t.Fatalf("QEMU died with the daemon: %v", err)
+	}
+	before := strings.Count(console(), "ITER ")
+	d = startDaemon(t, data)
+	v = d.vm(t, "g")
+	if v.Power != api.PowerRunning || v.Runtime == nil || v.Runtime.Pid != pid {
+		t.Fatalf("after the restart: power %q, runtime %+v, want running pid %d", v.Power, v.Runtime, pid)
+	}
+	waitFor(fmt.Sprintf("ITER %d\n", before+3))
+
+	out := d.cli(t, "vm", "stop", "g", "--timeout", "2")
+	if !strings.Contains(out, "off") {
+		t.Fatalf("vm stop: %s", out)
+	}
+	if v := d.vm(t, "g"); v.Power != api.PowerOff || v.Runtime != nil {
+		t.Fatalf("after stop: power %q, runtime %+v", v.Power, v.Runtime)
+	}
+	if syscall.Kill(pid, 0) == nil {
+		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); strings.Contains(string(b), "qemu") {
+			t.Fatalf("QEMU (pid %d) still runs after vm stop", pid)
+		}
+	}
+	if c := console(); strings.Contains(c, "GUEST-IO-ERROR") {
+		t.Fatalf("the guest saw an I/O error; console:\n%s", c)
+	}
+	d.stop(t)
+	img := filepath.Join(data, "vms", "g", "disk0.vhdx")
+	if !bytes.Equal(readImage(t, img, 8<<20, int64(len(pattern))), pattern) {
+		t.Fatal("the pattern the guest wrote is not in the VHDX file")
+	}
+	if !bytes.Equal(readImage(t, img, 16<<20, 1<<20), slot) {
+		t.Fatal("the slot the guest wrote is not in the VHDX file")
+	}
+	checkClean(t, img)
+}

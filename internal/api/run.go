@@ -1,0 +1,72 @@
+package api
+
+import "context"
+
+// Power states of a machine run by the daemon under QEMU (VM.Power).
+const (
+	PowerOff      = "off"
+	PowerStarting = "starting"
+	PowerRunning  = "running"
+	PowerPaused   = "paused"
+	PowerStopping = "stopping"
+	// PowerFailed: QEMU did not start or ended on its own with an error;
+	// Runtime.Reason says why and Runtime.Log keeps QEMU's log.
+	PowerFailed = "failed"
+)
+
+// Settings are how a machine runs: what vm create sets.
+type Settings struct {
+	MemoryMiB int    `json:"memory_mib"`
+	CPUs      int    `json:"cpus"`
+	Accel     string `json:"accel"` // auto, kvm or tcg
+	// Direct kernel boot (QEMU's -kernel, -initrd, -append); without a
+	// kernel the firmware boots from the first disk.
+	Kernel string `json:"kernel,omitempty"`
+	Initrd string `json:"initrd,omitempty"`
+	Append string `json:"append,omitempty"`
+}
+
+// Runtime is a running (or failed) machine's QEMU.
+type Runtime struct {
+	Pid     int    `json:"pid,omitempty"`
+	Accel   string `json:"accel,omitempty"`   // the accelerator chosen
+	QMP     string `json:"qmp,omitempty"`     // QMP unix socket
+	Serial  string `json:"serial,omitempty"`  // the serial console's unix socket
+	Console string `json:"console,omitempty"` // what the console printed
+	Log     string `json:"log,omitempty"`     // QEMU's own output
+	Reason  string `json:"reason,omitempty"`  // why it failed
+}
+
+// StopVM is the body of POST /v1/vms/{vm}/stop.
+type StopVM struct {
+	// TurnOff ends QEMU at once instead of pressing the ACPI power button
+	// first (Stop-VM -TurnOff).
+	TurnOff bool `json:"turn_off,omitempty"`
+	// TimeoutSeconds is how long the guest has to power off after the
+	// ACPI power button before it is turned off; 0 means 60.
+	TimeoutSeconds int `json:"timeout_seconds,omitempty"`
+}
+
+// StartVM starts a machine under QEMU.
+func (c *Client) StartVM(ctx context.Context, name string) (*VM, error) {
+	var v VM
+	return &v, c.do(ctx, "POST", "/v1/vms/"+esc(name)+"/start", nil, &v)
+}
+
+// StopVM powers a machine off (ACPI, then turned off) or turns it off.
+func (c *Client) StopVM(ctx context.Context, name string, req StopVM) (*VM, error) {
+	var v VM
+	return &v, c.do(ctx, "POST", "/v1/vms/"+esc(name)+"/stop", req, &v)
+}
+
+// PauseVM stops a running machine's CPUs.
+func (c *Client) PauseVM(ctx context.Context, name string) (*VM, error) {
+	var v VM
+	return &v, c.do(ctx, "POST", "/v1/vms/"+esc(name)+"/pause", nil, &v)
+}
+
+// ResumeVM runs a paused machine's CPUs again.
+func (c *Client) ResumeVM(ctx context.Context, name string) (*VM, error) {
+	var v VM
+	return &v, c.do(ctx, "POST", "/v1/vms/"+esc(name)+"/resume", nil, &v)
+}

@@ -1,0 +1,393 @@
+package host
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/vmm"
+)
+
+// Machines run under QEMU (package vmm), their disks reaching it through
+// the daemon's NBD exports with a reconnect delay: a daemon restart only
+// holds the guest's I/O. QEMU runs in a session of its own, so the
+// daemon's death leaves it running; its pid and sockets are in the state
+// (machineState.Run) and the next daemon re-adopts it at Open.
+//
+// Run files live in DIR/run/NAME (sockets, QEMU's log, the console's log):
+// a unix socket path must stay short, and the machine's folder holds only
+// its disks, which deleting the machine removes.
+
+// Defaults of a machine's settings.
+const (
+	defaultMemoryMiB = 512
+	defaultCPUs      = 1
+	// reconnectDelay is how long QEMU holds a disk's I/O while the NBD
+	// server is gone before failing it: a daemon restart must take less.
+	reconnectDelay = 60 * time.Second
+	// defaultStopTimeout is how long stop waits for the guest to power
+	// off after the ACPI power button before it turns the machine off.
+	defaultStopTimeout = 60 * time.Second
+	// watchInterval is how often a re-adopted QEMU (not the daemon's
+	// child, so not reaped by it) is checked.
+	watchInterval = 500 * time.Millisecond
+)
+
+// runRecord is a machine's QEMU as persisted.
+type runRecord struct {
+	vmm.Process
+	Accel  string `json:"accel"`
+	Paused bool   `json:"paused,omitempty"`
+}
+
+// vmRun is a machine's power state in memory; the zero value is off.
+type vmRun struct {
+	power  string       // api.Power*; "" is off
+	proc   *vmm.Process // nil while off or failed
+	reason string       // why it failed
+	log    string       // the failed run's QEMU log, kept
+}
+
+// settingsOf validates req and fills in the defaults.
+func settingsOf(req *api.Settings) (*api.Settings, error) {
+	s := api.Settings{MemoryMiB: defaultMemoryMiB, CPUs: defaultCPUs, Accel: vmm.AccelAuto}
+	if req != nil {
+		if req.MemoryMiB != 0 {
+			s.MemoryMiB = req.MemoryMiB
+		}
+		if req.CPUs != 0 {
+			s.CPUs = req.CPUs
+		}
+		if req.Accel != "" {
+			s.Accel = req.Accel
+		}
+		s.Kernel, s.Initrd, s.Append = req.Kernel, req.Initrd, req.Append
+	}
+	if s.MemoryMiB < 16 || s.MemoryMiB > 1<<20 {
+		return nil, errorf(statusBadRequest, "memory %d MiB: use 16 MiB to 1 TiB", s.MemoryMiB)
+	}
+	if s.CPUs < 1 || s.CPUs > 255 {
+		return nil, errorf(statusBadRequest, "%d CPUs: use 1 to 255", s.CPUs)
+	}
+	switch s.Accel {
+	case vmm.AccelAuto, vmm.AccelKVM, vmm.AccelTCG:
+	default:
+		return nil, errorf(statusBadRequest, "accelerator %q: use auto, kvm or tcg", s.Accel)
+	}
+	if s.Kernel == "" && (s.Initrd != "" || s.Append != "") {
+		return nil, errorf(statusBadRequest, "an initrd or kernel command line needs a kernel (--kernel FILE)")
+	}
+	for _, f := range []*string{&s.Kernel, &s.Initrd} {
+		if *f == "" {
+			continue
+		}
+		if !filepath.IsAbs(*f) {
+			return nil, errorf(statusBadRequest, "%s: give an absolute path (the daemon may run elsewhere)", *f)
+		}
+		if fi, err := os.Stat(*f); err != nil {
+			return nil, errorf(statusBadRequest, "%v", err)
+		} else if !fi.Mode().IsRegular() {
+			return nil, errorf(statusBadRequest, "%s is not a regular file", *f)
+		}
+	}
+	return &s, nil
+}
+
+// power is a machine's power state; the caller holds mu.
+func (v *vm) power() string {
+	if v.run == nil || v.run.power == "" {
+		return api.PowerOff
+	}
+	return v.run.power
+}
+
+// viewRun adds the power state, settings and QEMU to out; the caller
+// holds mu.
+func (v *vm) viewRun(out *api.VM) {
+	out.Power = v.power()
+	if v.st.Settings != nil {
+		s := *v.st.Settings
+		out.Settings = &s
+	}
+	if r := v.run; r != nil && (r.proc != nil || r.reason != "") {
+		rt := &api.Runtime{Reason: r.reason, Log: r.log}
+		if rec := v.st.Run; rec != nil && r.proc != nil {
+			rt.Pid, rt.Accel, rt.QMP, rt.Serial, rt.Console, rt.Log = rec.Pid, rec.Accel, rec.QMP, rec.Serial, rec.Cons, rec.Log
+		}
+		out.Runtime = rt
+	}
+}
+
+// refuseRunning refuses what needs the machine off; the caller holds mu.
+func (v *vm) refuseRunning(what string) error {
+	switch p := v.power(); p {
+	case api.PowerOff, api.PowerFailed:
+		return nil
+	default:
+		return errorf(statusConflict, "machine %s is %s: stop it first (vhdkit vm stop %s) before %s", v.st.Name, p, v.st.Name, what)
+	}
+}
+
+func (h *Host) runDir(name string) string { return filepath.Join(h.dir, "run", name) }
+
+// runRoutes adds the routes of this file to the API.
+func (h *Host) runRoutes(handle func(pattern string, f func(r *http.Request) (any, error))) {
+	handle("POST /v1/vms/{vm}/start", func(r *http.Request) (any, error) { return h.StartVM(r.Context(), r.PathValue("vm")) })
+	handle("POST /v1/vms/{vm}/stop", func(r *http.Request) (any, error) {
+		var req api.StopVM
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		return h.StopVM(r.Context(), r.PathValue("vm"), req)
+	})
+	handle("POST /v1/vms/{vm}/pause", func(r *http.Request) (any, error) { return h.PauseVM(r.Context(), r.PathValue("vm")) })
+	handle("POST /v1/vms/{vm}/resume", func(r *http.Request) (any, error) { return h.ResumeVM(r.Context(), r.PathValue("vm")) })
+}
+
+// StartVM starts a machine that is off (or failed) under QEMU.
+//
+//  1. Under mu: the machine serves its disks, is off, the NBD socket is
+//     known; it becomes "starting" (no second start, no delete).
+//  2. Without mu (QEMU takes a moment to answer QMP): vmm.Start.
+//  3. Under mu: the pid and sockets are saved in the state before the
+//     reply, so a daemon killed from then on re-adopts the QEMU; a watcher
+//     notices its end.
+func (h *Host) StartVM(ctx context.Context, name string) (*api.VM, error) {
+	h.mu.Lock()
+	v, err := h.working(name)
+	if err != nil {
+		h.mu.Unlock()
+		return nil, err
+	}
+	if p := v.power(); p != api.PowerOff && p != api.PowerFailed {
+		h.mu.Unlock()
+		return nil, errorf(statusConflict, "machine %s is %s", name, p)
+	}
+	if h.opts.NBDSocket == "" || strings.HasPrefix(h.opts.NBDSocket, "@") {
+		h.mu.Unlock()
+		return nil, errorf(statusConflict, "the daemon serves NBD on TCP or an abstract socket: machines run only with --nbd-socket PATH (the default)")
+	}
+	s, err := settingsOf(v.st.Settings)
+	if err != nil {
+		h.mu.Unlock()
+		return nil, err
+	}
+	accel, err := vmm.ChooseAccel(s.Accel)
+	if err != nil {
+		h.mu.Unlock()
+		return nil, errorf(statusConflict, "machine %s: %v", name, err)
+	}
+	cfg := vmm.Config{Name: name, RunDir: h.runDir(name), Accel: accel, MemoryMiB: s.MemoryMiB, CPUs: s.CPUs,
+		Kernel: s.Kernel, Initrd: s.Initrd, Append: s.Append, ReconnectDelay: reconnectDelay}
+	for i := range v.st.Disks {
+		cfg.Disks = append(cfg.Disks, vmm.Disk{Socket: h.opts.NBDSocket, Export: exportName(name, i)})
+	}
+	v.run = &vmRun{power: api.PowerStarting}
+	h.mu.Unlock()
+	if err := mkdirPrivate(filepath.Join(h.dir, "run")); err != nil {
+		return nil, h.startFailed(v, err)
+	}
+	// The start outlives the request: a client that gives up must not
+	// leave a QEMU no state records.
+	p, exited, err := vmm.Start(context.WithoutCancel(ctx), cfg)
+	if err != nil {
+		return nil, h.startFailed(v, err)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v.st.Run = &runRecord{Process: *p, Accel: accel}
+	if err := h.save(); err != nil {
+		p.Quit(context.Background())
+		v.st.Run = nil
+		v.run = &vmRun{power: api.PowerFailed, reason: err.Error()}
+		return nil, err
+	}
+	v.run = &vmRun{power: api.PowerRunning, proc: p}
+	h.watch(v, p, exited)
+	h.log.Info("machine started", "vm", name, "pid", p.Pid, "accel", accel)
+	out := h.view(v)
+	return &out, nil
+}
+
+func (h *Host) startFailed(v *vm, err error) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v.run = &vmRun{power: api.PowerFailed, reason: err.Error(), log: filepath.Join(h.runDir(v.st.Name), "qemu.log")}
+	h.log.Error("machine did not start", "vm", v.st.Name, "err", err)
+	return errorf(http.StatusInternalServerError, "machine %s did not start: %v", v.st.Name, err)
+}
+
+// watch waits, in the background, for QEMU p to end: exited is its exit
+// status when the daemon started it, nil for a re-adopted one (polled).
+// An end the daemon did not ask for is "off" when QEMU exited cleanly
+// (the guest powered off), "failed" otherwise.
+func (h *Host) watch(v *vm, p *vmm.Process, exited <-chan error) {
+	h.wg.Add(1)
+	go func() {
+		defer h.wg.Done()
+		var werr error
+		if exited != nil {
+			select {
+			case werr = <-exited:
+			case <-h.ctx.Done():
+				return // the daemon closes; QEMU runs on
+			}
+		} else {
+			for p.Alive() {
+				select {
+				case <-time.After(watchInterval):
+				case <-h.ctx.Done():
+					return
+				}
+			}
+		}
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if v.run == nil || v.run.proc != p {
+			return // stopped by the daemon, which recorded it
+		}
+		if werr != nil && v.run.power != api.PowerStopping {
+			v.run = &vmRun{power: api.PowerFailed, reason: fmt.Sprintf("QEMU ended: %v; %s", werr, p.LogTail()), log: p.Log}
+			h.log.Error("machine failed", "vm", v.st.Name, "err", werr)
+		} else {
+			v.run = nil
+			h.log.Info("machine powered off", "vm", v.st.Name)
+		}
+		v.st.Run = nil
+		if err := h.save(); err != nil {
+			h.log.Error("saving state", "err", err)
+		}
+	}()
+}
+
+// adopt re-adopts the QEMU a previous daemon started for v, if it still
+// runs; at Open, before anything else runs.
+func (h *Host) adopt(v *vm) {
+	rec := v.st.Run
+	if rec == nil {
+		return
+	}
+	p := rec.Process
+	if !p.Alive() {
+		h.log.Info("machine's QEMU ended while no daemon ran", "vm", v.st.Name, "pid", p.Pid)
+		v.st.Run = nil
+		return
+	}
+	power := api.PowerRunning
+	ctx, cancel := context.WithTimeout(h.ctx, 10*time.Second)
+	defer cancel()
+	if status, err := p.Status(ctx); err != nil {
+		h.log.Warn("re-adopted QEMU does not answer QMP", "vm", v.st.Name, "pid", p.Pid, "err", err)
+	} else if status == "paused" {
+		power = api.PowerPaused
+	}
+	v.run = &vmRun{power: power, proc: &p}
+	h.watch(v, &p, nil)
+	h.log.Info("machine re-adopted", "vm", v.st.Name, "pid", p.Pid, "power", power)
+}
+
+// running returns a machine whose QEMU runs (running or paused); the
+// caller holds mu.
+func (h *Host) running(name string) (*vm, *vmm.Process, error) {
+	v, err := h.lookup(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	if p := v.power(); p != api.PowerRunning && p != api.PowerPaused {
+		return nil, nil, errorf(statusConflict, "machine %s is %s", name, p)
+	}
+	return v, v.run.proc, nil
+}
+
+// StopVM powers a machine off: the ACPI power button, then, if the guest
+// is still up after the timeout (or is paused, so cannot react), QEMU's
+// quit; with TurnOff, quit at once.
+func (h *Host) StopVM(ctx context.Context, name string, req api.StopVM) (*api.VM, error) {
+	timeout := defaultStopTimeout
+	if req.TimeoutSeconds < 0 || req.TimeoutSeconds > 3600 {
+		return nil, errorf(statusBadRequest, "stop timeout %d s: use 0 to 3600", req.TimeoutSeconds)
+	} else if req.TimeoutSeconds > 0 {
+		timeout = time.Duration(req.TimeoutSeconds) * time.Second
+	}
+	h.mu.Lock()
+	v, p, err := h.running(name)
+	if err != nil {
+		h.mu.Unlock()
+		return nil, err
+	}
+	paused := v.power() == api.PowerPaused
+	v.run.power = api.PowerStopping
+	h.mu.Unlock()
+
+	ctx = context.WithoutCancel(ctx)
+	how := "turned off"
+	if !req.TurnOff && !paused {
+		if err := p.Powerdown(ctx); err != nil {
+			h.log.Warn("ACPI power-down", "vm", name, "err", err)
+		} else if p.WaitGone(ctx, timeout) == nil {
+			how = "powered off"
+		}
+	}
+	var qerr error
+	if how == "turned off" {
+		qerr = p.Quit(ctx)
+	}
+
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if qerr != nil {
+		v.run.power = api.PowerRunning
+		return nil, errorf(http.StatusInternalServerError, "machine %s: %v", name, qerr)
+	}
+	v.run = nil
+	v.st.Run = nil
+	if err := h.save(); err != nil {
+		return nil, err
+	}
+	h.log.Info("machine stopped", "vm", name, "how", how)
+	out := h.view(v)
+	return &out, nil
+}
+
+// PauseVM stops a running machine's CPUs (QMP stop).
+func (h *Host) PauseVM(ctx context.Context, name string) (*api.VM, error) {
+	return h.setPaused(ctx, name, true)
+}
+
+// ResumeVM runs a paused machine's CPUs again (QMP cont).
+func (h *Host) ResumeVM(ctx context.Context, name string) (*api.VM, error) {
+	return h.setPaused(ctx, name, false)
+}
+
+func (h *Host) setPaused(ctx context.Context, name string, pause bool) (*api.VM, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v, p, err := h.running(name)
+	if err != nil {
+		return nil, err
+	}
+	from, to, do := api.PowerRunning, api.PowerPaused, p.Pause
+	if !pause {
+		from, to, do = api.PowerPaused, api.PowerRunning, p.Resume
+	}
+	if v.power() != from {
+		return nil, errorf(statusConflict, "machine %s is %s, not %s", name, v.power(), from)
+	}
+	// One short QMP exchange, under mu: nothing else may change the
+	// machine's power meanwhile.
+	if err := do(ctx); err != nil {
+		return nil, errorf(http.StatusInternalServerError, "machine %s: %v", name, err)
+	}
+	v.run.power = to
+	v.st.Run.Paused = pause
+	if err := h.save(); err != nil {
+		return nil, err
+	}
+	out := h.view(v)
+	return &out, nil
+}

@@ -138,3 +138,101 @@ done
 	}
 	checkClean(t, img)
 }
+
+// waitPower polls vm show until the machine's power is want.
+func (d *daemon) waitPower(t *testing.T, name, want string) api.VM {
+	t.Helper()
+	var v api.VM
+	for deadline := time.Now().Add(10 * time.Minute); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if v = d.vm(t, name); v.Power == want {
+			return v
+		}
+	}
+	t.Fatalf("machine %s stayed %s (runtime %+v), want %s", name, v.Power, v.Runtime, want)
+	return v
+}
+
+// TestServeVMRunEnds: a guest that powers itself off leaves the machine
+// off; a QEMU that dies (SIGKILL from outside) leaves it failed with the
+// reason and QEMU's log named, and it starts again from there. A running
+// machine is not deleted nor reverted to a checkpoint; bad settings are
+// refused at create.
+func TestServeVMRunEnds(t *testing.T) {
+	env := guest.Require(t)
+	dir := shortTempDir(t)
+	boot, err := env.WriteBoot(dir, guest.Options{Disks: []guest.Disk{{}},
+		Script: "echo VHDKIT-GUEST-UP\n[ -e /proc/cmdline ] && grep -q stay /proc/cmdline && while true; do sleep 1; done\n"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, filepath.Join(dir, "d"))
+	for _, c := range []struct {
+		args  []string
+		words []string
+	}{
+		{[]string{"--accel", "xen"}, []string{"accelerator", "xen"}},
+		{[]string{"--kernel", filepath.Join(dir, "missing")}, []string{"missing", "no such file"}},
+		{[]string{"--initrd", boot.Initrd}, []string{"needs a kernel"}},
+		{[]string{"--memory", "8M"}, []string{"memory 8 MiB"}},
+		{[]string{"--cpus", "-1"}, []string{"CPUs"}},
+	} {
+		d.fails(t, c.words, append([]string{"vm", "create", "bad", "--disk", "16M"}, c.args...)...)
+	}
+	if out := d.cli(t, "vm", "list"); strings.Contains(out, "bad") {
+		t.Fatalf("a refused machine was made:\n%s", out)
+	}
+
+	d.cli(t, "vm", "create", "once", "--disk", "16M", "--memory", "128M", "--accel", "tcg",
+		"--kernel", boot.Kernel, "--initrd", boot.Initrd, "--append", boot.Append)
+	v := d.vm(t, "once")
+	d.cli(t, "vm", "start", "once")
+	pid := d.vm(t, "once").Runtime.Pid
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	v = d.waitPower(t, "once", api.PowerOff)
+	if v.Runtime != nil {
+		t.Fatalf("a machine that powered off keeps a runtime: %+v", v.Runtime)
+	}
+
+	d.cli(t, "vm", "create", "stay", "--disk", "16M", "--memory", "128M", "--accel", "tcg",
+		"--kernel", boot.Kernel, "--initrd", boot.Initrd, "--append", boot.Append+" stay")
+	d.cli(t, "checkpoint", "create", "stay", "--name", "c1")
+	d.cli(t, "vm", "start", "stay")
+	pid = d.vm(t, "stay").Runtime.Pid
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	d.fails(t, []string{"running", "stop it first"}, "vm", "delete", "stay", "--delete-disks", "--force")
+	d.fails(t, []string{"running", "stop it first"}, "checkpoint", "apply", "stay", "c1", "--force")
+	d.fails(t, []string{"is running"}, "vm", "start", "stay")
+
+	syscall.Kill(pid, syscall.SIGKILL)
+	v = d.waitPower(t, "stay", api.PowerFailed)
+	if v.Runtime == nil || !strings.Contains(v.Runtime.Reason, "QEMU ended") || v.Runtime.Log == "" {
+		t.Fatalf("failed machine's runtime: %+v", v.Runtime)
+	}
+	if _, err := os.Stat(v.Runtime.Log); err != nil {
+		t.Fatalf("QEMU's log is not kept: %v", err)
+	}
+	if out := d.cli(t, "vm", "show", "stay"); !strings.Contains(out, "failed: QEMU ended") {
+		t.Fatalf("vm show of a failed machine:\n%s", out)
+	}
+	d.cli(t, "vm", "start", "stay")
+	pid = d.vm(t, "stay").Runtime.Pid
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	if out := d.cli(t, "vm", "stop", "stay", "--turn-off"); !strings.Contains(out, "is off") {
+		t.Fatalf("vm stop --turn-off: %s", out)
+	}
+	d.cli(t, "vm", "delete", "stay", "--delete-disks")
+}
+
+// TestServeVMStartNoQEMU: without qemu-system-x86_64 on the daemon's
+// $PATH, vm start says which package to install and the machine stays
+// startable.
+func TestServeVMStartNoQEMU(t *testing.T) {
+	vhdkitBinary(t) // built with the real $PATH
+	t.Setenv("PATH", t.TempDir())
+	d := startDaemon(t, filepath.Join(shortTempDir(t), "d"))
+	d.cli(t, "vm", "create", "g", "--disk", "16M", "--accel", "tcg")
+	d.fails(t, []string{"qemu-system-x86_64", "qemu-system-x86"}, "vm", "start", "g")
+	if v := d.vm(t, "g"); v.Power != api.PowerFailed || v.Runtime == nil || !strings.Contains(v.Runtime.Reason, "qemu-system-x86") {
+		t.Fatalf("after a start without QEMU: power %q, runtime %+v", v.Power, v.Runtime)
+	}
+}

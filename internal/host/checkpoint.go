@@ -199,6 +199,11 @@ func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.
 	if err != nil {
 		return nil, err
 	}
+	// QEMU would reconnect to the reverted disks under the running guest
+	// (--force only cuts its connection): the machine must be off.
+	if err := v.refuseRunning(fmt.Sprintf("applying checkpoint %q", c.Name)); err != nil {
+		return nil, err
+	}
 	if req.Save && req.SaveName != "" {
 		if err := checkName(req.SaveName); err != nil {
 			return nil, err

@@ -236,3 +236,56 @@ func TestServeVMStartNoQEMU(t *testing.T) {
 		t.Fatalf("after a start without QEMU: power %q, runtime %+v", v.Power, v.Runtime)
 	}
 }
+
+// TestServeVMStopACPI: vm stop presses the ACPI power button; a guest
+// that handles it (here: the button and evdev modules, a read of the
+// Power Button's event device, then poweroff) powers off by itself before
+// the timeout, and the machine is off.
+func TestServeVMStopACPI(t *testing.T) {
+	env := guest.Require(t)
+	dir := shortTempDir(t)
+	files := map[string]guest.File{}
+	for _, m := range []string{"evdev", "button"} {
+		f, err := env.ModuleFile(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files["/lib/modules/extra/"+m+".ko"] = f
+	}
+	boot, err := env.WriteBoot(dir, guest.Options{Disks: []guest.Disk{{}}, Files: files, Script: `insmod /lib/modules/extra/evdev.ko
+insmod /lib/modules/extra/button.ko
+dev=
+for e in /sys/class/input/event*; do
+  grep -q "Power Button" $e/device/name && dev=/dev/input/${e##*/}
+done
+echo "VHDKIT-ACPI-READY $dev"
+dd if=$dev bs=24 count=1 status=none > /dev/null
+echo VHDKIT-ACPI-PRESSED
+`})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, filepath.Join(dir, "d"))
+	d.cli(t, "vm", "create", "g", "--disk", "16M", "--memory", "128M", "--accel", "tcg",
+		"--kernel", boot.Kernel, "--initrd", boot.Initrd, "--append", boot.Append)
+	d.cli(t, "vm", "start", "g")
+	v := d.vm(t, "g")
+	pid, consoleLog := v.Runtime.Pid, v.Runtime.Console
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	console := func() string { b, _ := os.ReadFile(consoleLog); return strings.ReplaceAll(string(b), "\r", "") }
+	for deadline := time.Now().Add(10 * time.Minute); !strings.Contains(console(), "VHDKIT-ACPI-READY /dev/input/"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest never found its power button; console:\n%s", console())
+		}
+	}
+	// A long timeout: only the guest's own power-off ends QEMU in time.
+	if out := d.cli(t, "vm", "stop", "g", "--timeout", "600"); !strings.Contains(out, "is off") {
+		t.Fatalf("vm stop: %s", out)
+	}
+	if c := console(); !strings.Contains(c, "VHDKIT-ACPI-PRESSED") || !strings.Contains(c, "reboot: Power down") {
+		t.Fatalf("the guest did not power itself off; console:\n%s", c)
+	}
+	if !strings.Contains(d.stderr.String(), "how=\"powered off\"") {
+		t.Fatalf("the daemon did not log a power-off by the guest:\n%s", d.stderr)
+	}
+}

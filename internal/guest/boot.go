@@ -2,8 +2,10 @@ package guest
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 )
 
 // Boot is a guest's kernel, initramfs and command line as files, for a
@@ -25,4 +27,28 @@ func (e *Env) WriteBoot(dir string, o Options) (*Boot, error) {
 		return nil, err
 	}
 	return &Boot{Kernel: e.Kernel.Vmlinuz, Initrd: p, Append: "console=ttyS0 panic=-1 quiet"}, nil
+}
+
+// ModuleFile is the kernel's module name (e.g. "button", "evdev"),
+// decompressed for busybox's insmod, to add to Options.Files for a
+// script that loads it: the virtio modules /init loads are not all a test
+// may need.
+func (e *Env) ModuleFile(name string) (File, error) {
+	version := strings.TrimPrefix(filepath.Base(e.Kernel.Vmlinuz), "vmlinuz-")
+	root := filepath.Dir(filepath.Dir(e.Kernel.Vmlinuz))
+	for _, d := range []string{filepath.Join(root, "lib", "modules", version), filepath.Join(root, "usr", "lib", "modules", version)} {
+		var found string
+		filepath.WalkDir(filepath.Join(d, "kernel"), func(p string, de os.DirEntry, err error) error {
+			if err == nil && !de.IsDir() && strings.HasPrefix(de.Name(), name+".ko") {
+				found = p
+				return filepath.SkipAll
+			}
+			return nil
+		})
+		if found != "" {
+			data, err := readModule(found)
+			return File{Data: data}, err
+		}
+	}
+	return File{}, fmt.Errorf("guest: kernel %s has no module %s", version, name)
 }

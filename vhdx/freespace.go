@@ -91,9 +91,10 @@ func (s *freeSpace) bytes() int64 {
 // that neither the first MiB, the log, a region of the region table nor a
 // live block (FULLY or PARTIALLY_PRESENT, a present sector bitmap) holds.
 // Space past the file's current size reads as zeros. A stale offset in an
-// entry whose state reserves the field (written by an older vhdkit or
-// another tool) is set to zero; its space stays out of the map until the
-// next open, since until that change is durable the entry still names it.
+// entry whose state reserves the field (ZERO or UNMAPPED as an older
+// vhdkit left them, or another tool's) is set to zero, and the space only
+// such entries name is released: pending, since until that change is
+// durable the entry still names it on disk.
 // The caller holds mu for writing and has called beginWrite.
 func (im *Image) buildSpace() error {
 	if im.space.built {
@@ -118,6 +119,7 @@ func (im *Image) buildSpace() error {
 		mark(int64(r.Offset), int64(r.Offset)+int64(r.Length))
 	}
 	g := &im.geo
+	var stale []fileRange
 	for i, e := range im.bat {
 		st, off := batState(e), batOffset(e)
 		if off == 0 {
@@ -128,9 +130,26 @@ func (im *Image) buildSpace() error {
 		if (int64(i)+1)%(g.chunkRatio+1) == 0 {
 			n, live = bitmapBlockSize, st == bitmapPresent
 		}
-		mark(off, off+n)
-		if !live {
-			im.setBAT(int64(i), batEntry(st, 0))
+		if live {
+			mark(off, off+n)
+			continue
+		}
+		im.setBAT(int64(i), batEntry(st, 0))
+		stale = append(stale, fileRange{off: off, end: off + n})
+	}
+	// What only stale entries name is released: free once the change
+	// clearing them is durable. Each MiB once, and none a live block holds.
+	for _, r := range stale {
+		for u := max(r.off/mib, 0); u < min(alignUp(r.end, mib)/mib, units); u++ {
+			if used[u/64]&(1<<(u%64)) != 0 {
+				continue
+			}
+			used[u/64] |= 1 << (u % 64)
+			if p := im.space.pending; len(p) > 0 && p[len(p)-1].end == u*mib {
+				p[len(p)-1].end += mib
+			} else {
+				im.space.pending = append(p, fileRange{off: u * mib, end: (u + 1) * mib})
+			}
 		}
 	}
 	for u := int64(1); u < units; {

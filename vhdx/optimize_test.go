@@ -2,6 +2,7 @@ package vhdx
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -443,5 +444,69 @@ func TestRandomSpaceOps(t *testing.T) {
 				t.Errorf("check: %v", p)
 			}
 		})
+	}
+}
+
+// TestOptimizeOldFile: a file as the older vhdkit left it, with trimmed
+// blocks still naming their space (ZERO and UNMAPPED with FileOffsetMB
+// set), gives that space back to a quick optimize, and the entries lose
+// their offsets.
+func TestOptimizeOldFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "old.vhdx")
+	const mb = 1 << 20
+	im, err := Create(path, CreateOptions{Size: 16 * mb, BlockSize: 4 * mb})
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := bytes.Repeat([]byte{0x61}, 16*mb)
+	if _, err := im.WriteAt(model, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := make([]byte, 8)
+	for _, b := range []struct {
+		idx   int64
+		state uint8
+	}{{1, payloadZero}, {3, payloadUnmapped}} {
+		if _, err := f.ReadAt(e, newBATOffset+8*b.idx); err != nil {
+			t.Fatal(err)
+		}
+		binary.LittleEndian.PutUint64(e, batEntry(b.state, batOffset(binary.LittleEndian.Uint64(e))))
+		if _, err := f.WriteAt(e, newBATOffset+8*b.idx); err != nil {
+			t.Fatal(err)
+		}
+		clear(model[b.idx*4*mb : (b.idx+1)*4*mb])
+	}
+	f.Close()
+	before := fileAllocated(t, path)
+	res, err := Optimize(path, OptimizeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	after := fileAllocated(t, path)
+	t.Logf("%+v; allocated %d MiB before, %d MiB after", res, before>>20, after>>20)
+	if before-after < 7*mb {
+		t.Fatalf("allocated %d bytes before, %d after: the stale blocks' 8 MiB were not given back", before, after)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if probs := writerProblems(b); len(probs) > 0 {
+		t.Fatal(probs)
+	}
+	ro, err := Open(path, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if got := readAll(t, ro); !bytes.Equal(got, model) {
+		t.Fatalf("content differs at %d", firstDiff(got, model))
 	}
 }

@@ -240,9 +240,9 @@ func (p *Process) LogTail() string {
 	return "QEMU's log: " + strings.ReplaceAll(string(b), "\n", " | ")
 }
 
-// Alive reports whether the recorded pid is still a QEMU: the process
-// exists and its executable is QEMUBinary (a pid reused by another
-// program after QEMU ended does not count).
+// Alive reports whether the recorded pid is still this QEMU: the process
+// exists, its executable is QEMUBinary and it serves QMP on p.QMP (a pid
+// reused after QEMU ended, even by another QEMU, does not count).
 func (p *Process) Alive() bool {
 	if p == nil || p.Pid <= 0 {
 		return false
@@ -255,8 +255,8 @@ func (p *Process) Alive() bool {
 		return false
 	}
 	argv0, _, _ := bytes.Cut(cmdline, []byte{0})
-	if filepath.Base(string(argv0)) != QEMUBinary {
-		return false
+	if filepath.Base(string(argv0)) != QEMUBinary || !bytes.Contains(cmdline, []byte("unix:"+p.QMP+",")) {
+		return false // another program, or another machine's QEMU
 	}
 	// A zombie (our child, exited, not yet reaped) is not running.
 	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.Pid))

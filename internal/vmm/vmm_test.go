@@ -90,3 +90,32 @@ func TestMissingQEMU(t *testing.T) {
 		t.Fatalf("missing QEMU: %v", err)
 	}
 }
+
+// TestAliveIsThisQEMU: a recorded pid that now belongs to another
+// program, or to a QEMU with another QMP socket, is not taken for the
+// machine's QEMU.
+func TestAliveIsThisQEMU(t *testing.T) {
+	self := &Process{Pid: os.Getpid(), QMP: "/nonexistent/qmp.sock"}
+	if self.Alive() {
+		t.Fatal("the test process was taken for a QEMU")
+	}
+	if _, err := exec.LookPath(QEMUBinary); err != nil {
+		t.Skip(err)
+	}
+	dir, err := os.MkdirTemp("", "vmm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	ctx := context.Background()
+	p, _, err := Start(ctx, Config{Name: "t", RunDir: dir, Accel: AccelTCG, MemoryMiB: 64, CPUs: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Quit(ctx) })
+	other := *p
+	other.QMP = dir + "/other.sock"
+	if !p.Alive() || other.Alive() {
+		t.Fatalf("Alive: this QEMU %v, with another QMP socket %v", p.Alive(), other.Alive())
+	}
+}

@@ -92,7 +92,13 @@ func (im *Image) restoreSize(s sizeState) {
 // mu and has called beginWrite.
 func (im *Image) resize(size int64) error {
 	// Writes made before become durable first, so that a crash during the
-	// resize leaves them under either size.
+	// resize leaves them under either size. The free-space map is built
+	// before: building it may clear stale offsets in the BAT (see
+	// buildSpace), which must not be among the pages a failed resize
+	// forgets.
+	if err := im.buildSpace(); err != nil {
+		return err
+	}
 	if err := im.commitDirty(); err != nil {
 		return err
 	}

@@ -134,7 +134,7 @@ func (c *Config) Args() []string {
 		"-m", fmt.Sprint(c.MemoryMiB),
 		"-smp", fmt.Sprint(c.CPUs),
 		"-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
-		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
+		"-qmp", "unix:" + escape(qmpSock) + ",server=on,wait=off",
 		"-chardev", "socket,id=serial0,path=" + escape(serialSock) + ",server=on,wait=off,logfile=" + escape(consLog) + ",logappend=on",
 		"-serial", "chardev:serial0",
 	}
@@ -255,7 +255,7 @@ func (p *Process) Alive() bool {
 		return false
 	}
 	argv0, _, _ := bytes.Cut(cmdline, []byte{0})
-	if filepath.Base(string(argv0)) != QEMUBinary || !bytes.Contains(cmdline, []byte("unix:"+p.QMP+",")) {
+	if filepath.Base(string(argv0)) != QEMUBinary || !bytes.Contains(cmdline, []byte("unix:"+escape(p.QMP)+",")) {
 		return false // another program, or another machine's QEMU
 	}
 	// A zombie (our child, exited, not yet reaped) is not running.

@@ -200,6 +200,13 @@ func (h *Host) StartVM(ctx context.Context, name string) (*api.VM, error) {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.ctx.Err() != nil {
+		// The daemon closed meanwhile and saved its last state: a QEMU it
+		// does not record would run unseen.
+		p.Quit(context.Background())
+		v.run = nil
+		return nil, errorf(http.StatusServiceUnavailable, "machine %s: the daemon is shutting down; start it again once it is back", name)
+	}
 	v.st.Run = &runRecord{Process: *p, Accel: accel}
 	if err := h.save(); err != nil {
 		p.Quit(context.Background())

@@ -1,7 +1,6 @@
 package storage
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -9,7 +8,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -221,7 +219,7 @@ func lock(f *os.File, path string, mode lockMode) (*openLock, error) {
 		return nil, &LockError{Path: path, Write: true, Holders: []Holder{self(true)}}
 	}
 	if mode > l.mode {
-		if err := l.publishPatiently(path, mode); err != nil {
+		if err := l.publish(path, mode); err != nil {
 			if l.mode == lockNone {
 				l.holder.Close()
 			}
@@ -262,7 +260,14 @@ func (o *openLock) downgrade() {
 func (l *inodeLocks) settle(id fileID) {
 	m, ok := l.strongest()
 	if !ok {
-		l.holder.Close() // drops every lock of the description
+		// Unlocked before the close: a child forked a moment ago shares
+		// the description until it execs, and closing would leave the
+		// locks with it, for a reopen here or a qemu-img run by this
+		// process to trip over.
+		for _, b := range l.mode.bytes() {
+			setLock(l.holder, unix.F_UNLCK, b)
+		}
+		l.holder.Close()
 		delete(locks, id)
 		return
 	}
@@ -279,54 +284,6 @@ func (l *inodeLocks) settle(id fileID) {
 		}
 		l.mode = m
 	}
-}
-
-// publishPatiently is publish, waiting out conflicts with no other user
-// behind them. A child this process forks shares every open description
-// of ours until it execs, locks included; a file closed here just before
-// the fork stays locked by the child for that moment, and reopening it
-// then would meet a user that is really this process (a daemon starting
-// QEMU while it opens disks; a test running tools beside its own opens).
-// So a conflict whose holders are all children of this process, or gone,
-// is tested again for a while before it is reported. (A child given the
-// file on purpose, past its exec, is reported after that while.)
-func (l *inodeLocks) publishPatiently(path string, mode lockMode) error {
-	const patience = time.Second // a forked child execs in microseconds; the rest is load
-	start := time.Now()
-	for wait := 100 * time.Microsecond; ; wait = min(2*wait, 20*time.Millisecond) {
-		err := l.publish(path, mode)
-		var le *LockError
-		if !errors.As(err, &le) || time.Since(start) > patience {
-			return err
-		}
-		for _, h := range le.Holders {
-			if !childOrGone(h.PID) {
-				return err
-			}
-		}
-		time.Sleep(wait)
-	}
-}
-
-// childOrGone reports whether process pid is a child of this one, or no
-// longer exists.
-func childOrGone(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		// Gone before the open (ENOENT) or during the read (ESRCH).
-		return errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH)
-	}
-	// "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return false
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 2 {
-		return false
-	}
-	state, ppid := f[0], f[1]
-	return state == "X" || state == "Z" || ppid == strconv.Itoa(os.Getpid()) // dead, or ours
 }
 
 // publish raises the holder's locks to mode, or leaves them as they were

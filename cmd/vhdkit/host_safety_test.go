@@ -178,7 +178,7 @@ func TestServeFailedMachine(t *testing.T) {
 	d.fails(t, []string{"still failed", disk}, "vm", "repair", "a")
 	d.fails(t, []string{"is failed", "vm repair a"}, "checkpoint", "create", "a")
 	out := d.cli(t, "vm", "repair", "a", "--disk", "0", "--path", moved)
-	if !strings.Contains(out, "running") || !strings.Contains(out, "runs on "+moved) {
+	if !strings.Contains(out, "serving") || !strings.Contains(out, "runs on "+moved) {
 		t.Fatalf("vm repair:\n%s", out)
 	}
 	ca = dialNBD(t, d.nbd, "a")

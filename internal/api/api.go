@@ -28,10 +28,11 @@ package api
 
 import "time"
 
-// Machine states.
+// Machine states: whether its disks are served. Whether QEMU runs it is
+// its power state (Power).
 const (
-	// VMRunning: the machine's disks are open and exported.
-	VMRunning = "running"
+	// VMServing: the machine's disks are open and exported.
+	VMServing = "serving"
 	// VMFailed: a disk could not be opened (a file missing, damaged or
 	// locked by another program); Error says why. Its exports are absent;
 	// "vhdkit vm repair" retries or re-attaches a moved file.
@@ -42,7 +43,7 @@ const (
 type VM struct {
 	Name    string    `json:"name"`
 	Created time.Time `json:"created"`
-	State   string    `json:"state"`           // VMRunning or VMFailed
+	State   string    `json:"state"`           // VMServing or VMFailed
 	Error   string    `json:"error,omitempty"` // why it failed
 	Disks   []Disk    `json:"disks"`
 	// Current is the ID of the checkpoint the running state continues

@@ -349,7 +349,7 @@ func (h *Host) working(name string) (*vm, error) {
 
 // view renders a machine for the API; the caller holds mu.
 func (h *Host) view(v *vm) api.VM {
-	out := api.VM{Name: v.st.Name, Created: v.st.Created, State: api.VMRunning, Checkpoints: len(v.st.Checkpoints)}
+	out := api.VM{Name: v.st.Name, Created: v.st.Created, State: api.VMServing, Checkpoints: len(v.st.Checkpoints)}
 	if c := v.st.checkpoint(v.st.Current); c != nil {
 		out.Current, out.CurrentName = cpID(c.ID), c.Name
 	}

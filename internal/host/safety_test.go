@@ -127,7 +127,7 @@ func TestFailedMachine(t *testing.T) {
 	if err != nil || va.State != api.VMFailed || !strings.Contains(va.Error, leaf) || va.Disks[0].Export != "" {
 		t.Fatalf("vm a after its file moved: %+v %v", va, err)
 	}
-	if vb, _ := th.api.VM(ctx, "b"); vb.State != api.VMRunning {
+	if vb, _ := th.api.VM(ctx, "b"); vb.State != api.VMServing {
 		t.Fatalf("vm b: %+v", vb)
 	}
 	wb.c = th.dial(t, "b")
@@ -166,7 +166,7 @@ func TestFailedMachine(t *testing.T) {
 		t.Fatalf("re-attaching another machine's disk: %v", err)
 	}
 	va, err = th.api.RepairVM(ctx, "a", api.RepairVM{Disk: &zero, Path: moved})
-	if err != nil || va.State != api.VMRunning || va.Disks[0].Path != moved {
+	if err != nil || va.State != api.VMServing || va.Disks[0].Path != moved {
 		t.Fatalf("repair: %+v %v", va, err)
 	}
 	wa.c = th.dial(t, "a")
@@ -206,7 +206,7 @@ func TestDropLostCheckpoint(t *testing.T) {
 		t.Fatalf("dropping a checkpoint that is not lost: %v", err)
 	}
 	v, err := th.api.RepairVM(ctx, "d", api.RepairVM{DropCheckpoint: "two"})
-	if err != nil || v.State != api.VMRunning || v.CurrentName != "one" || v.Checkpoints != 1 {
+	if err != nil || v.State != api.VMServing || v.CurrentName != "one" || v.Checkpoints != 1 {
 		t.Fatalf("drop: %+v %v", v, err)
 	}
 	w.model = atOne

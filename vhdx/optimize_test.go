@@ -72,21 +72,7 @@ func TestOptimize(t *testing.T) {
 	}
 	verify := func(what string) {
 		t.Helper()
-		probs, err := Check(path, false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range probs {
-			t.Errorf("%s: check: %v", what, p)
-		}
-		ro, err := Open(path, OpenOptions{ReadOnly: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ro.Close()
-		if got := readAll(t, ro); !bytes.Equal(got, model) {
-			t.Fatalf("%s: content differs at %d", what, firstDiff(got, model))
-		}
+		wantCleanContent(t, path, model, what)
 	}
 	res, err := Optimize(path, OptimizeOptions{})
 	if err != nil {
@@ -179,21 +165,7 @@ func TestOptimizeDifferencing(t *testing.T) {
 	if res.Released != 10 || res.SizeAfter >= res.SizeBefore {
 		t.Fatalf("%+v", res)
 	}
-	probs, err := Check(path, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range probs {
-		t.Errorf("check: %v", p)
-	}
-	ro, err := Open(path, OpenOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ro.Close()
-	if got := readAll(t, ro); !bytes.Equal(got, model) {
-		t.Fatalf("content differs at %d", firstDiff(got, model))
-	}
+	wantCleanContent(t, path, model, "optimized")
 }
 
 // TestCrashOptimize stops the disk at every operation of a full Optimize:
@@ -324,21 +296,7 @@ func TestOptimizeOnline(t *testing.T) {
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
 	}
-	probs, err := Check(path, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range probs {
-		t.Errorf("check: %v", p)
-	}
-	ro, err := Open(path, OpenOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ro.Close()
-	if got := readAll(t, ro); !bytes.Equal(got, model) {
-		t.Fatalf("reopened, content differs at %d", firstDiff(got, model))
-	}
+	wantCleanContent(t, path, model, "reopened")
 }
 
 // TestRandomSpaceOps runs random writes, trims, zeroings, flushes, resizes,

@@ -109,21 +109,7 @@ func TestTrimReturnsSpace(t *testing.T) {
 	if got := fileSize(); got != grown {
 		t.Fatalf("file grew from %d to %d bytes: released blocks were not reused", grown, got)
 	}
-	probs, err := Check(path, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range probs {
-		t.Errorf("check: %v", p)
-	}
-	ro, err := Open(path, OpenOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := readAll(t, ro); !bytes.Equal(got, model) {
-		t.Fatalf("content differs from the model at %d", firstDiff(got, model))
-	}
-	ro.Close()
+	wantCleanContent(t, path, model, "trimmed")
 	needTool(t, "qemu-img")
 	raw := filepath.Join(dir, "t.raw")
 	if err := os.WriteFile(raw, model, 0o600); err != nil {
@@ -185,21 +171,7 @@ func TestTrimDifferencing(t *testing.T) {
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
 	}
-	probs, err := Check(path, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range probs {
-		t.Errorf("check: %v", p)
-	}
-	ro, err := Open(path, OpenOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ro.Close()
-	if got := readAll(t, ro); !bytes.Equal(got, model) {
-		t.Fatalf("reopened, content differs from the model at %d", firstDiff(got, model))
-	}
+	wantCleanContent(t, path, model, "reopened")
 }
 
 // TestFreeSpaceAcrossOpens: the free-space map is rebuilt on open from the
@@ -480,21 +452,7 @@ func TestShrinkReleasesBlocks(t *testing.T) {
 			if fi, _ := os.Stat(path); fi.Size() != full {
 				t.Fatalf("file went from %d to %d bytes: the dropped blocks were not reused", full, fi.Size())
 			}
-			probs, err := Check(path, false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for _, p := range probs {
-				t.Errorf("check: %v", p)
-			}
-			ro, err := Open(path, OpenOptions{ReadOnly: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ro.Close()
-			if got := readAll(t, ro); !bytes.Equal(got, model) {
-				t.Fatalf("content differs at %d", firstDiff(got, model))
-			}
+			wantCleanContent(t, path, model, "shrunk and grown")
 		})
 	}
 }

@@ -63,16 +63,23 @@ func Allocated(f File, n int64) bool {
 // allocate runs fallocate(2) in its default mode, which allocates and
 // extends the file.
 func (f osFile) allocate(off, length int64) error {
+	return f.fallocate("allocate", 0, off, length, ErrAllocateUnsupported)
+}
+
+// fallocate runs fallocate(2) with mode on the range, for op (the verb of
+// its errors); a file system without that mode gives an error wrapping
+// unsupported.
+func (f osFile) fallocate(op string, mode uint32, off, length int64, unsupported error) error {
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return err
 	}
 	var errno error
 	if err := rc.Control(func(fd uintptr) {
-		// Go's runtime preempts with signals: a long allocation can be
-		// interrupted, and starting over skips what is already allocated.
+		// Go's runtime preempts with signals: a long call can be
+		// interrupted, and starting over skips what is already done.
 		for {
-			errno = unix.Fallocate(int(fd), 0, off, length)
+			errno = unix.Fallocate(int(fd), mode, off, length)
 			if errno != unix.EINTR {
 				return
 			}
@@ -84,7 +91,7 @@ func (f osFile) allocate(off, length int64) error {
 	case errno == nil:
 		return nil
 	case errors.Is(errno, unix.EOPNOTSUPP), errors.Is(errno, unix.ENOSYS):
-		return fmt.Errorf("storage: allocate %d bytes of %s: %w (fallocate: %w)", length, f.Name(), ErrAllocateUnsupported, errno)
+		return fmt.Errorf("storage: %s %d bytes of %s: %w (fallocate: %w)", op, length, f.Name(), unsupported, errno)
 	}
-	return fmt.Errorf("storage: allocate %d bytes of %s: %w", length, f.Name(), errno)
+	return fmt.Errorf("storage: %s %d bytes at %d of %s: %w", op, length, off, f.Name(), errno)
 }

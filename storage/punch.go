@@ -50,26 +50,5 @@ func Punch(f File, off, length int64) error {
 
 // punch runs fallocate(2) with PUNCH_HOLE|KEEP_SIZE.
 func (f osFile) punch(off, length int64) error {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var errno error
-	if err := rc.Control(func(fd uintptr) {
-		for {
-			errno = unix.Fallocate(int(fd), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
-			if errno != unix.EINTR {
-				return
-			}
-		}
-	}); err != nil {
-		return err
-	}
-	switch {
-	case errno == nil:
-		return nil
-	case errors.Is(errno, unix.EOPNOTSUPP), errors.Is(errno, unix.ENOSYS):
-		return fmt.Errorf("storage: punch %d bytes of %s: %w (fallocate: %w)", length, f.Name(), ErrPunchUnsupported, errno)
-	}
-	return fmt.Errorf("storage: punch %d bytes at %d of %s: %w", length, off, f.Name(), errno)
+	return f.fallocate("punch", unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length, ErrPunchUnsupported)
 }

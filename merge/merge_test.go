@@ -13,6 +13,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
 
@@ -84,16 +85,6 @@ func content(t testing.TB, path string) []byte {
 	return b
 }
 
-func needTool(t testing.TB, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s is required in CI", name)
-		}
-		t.Skipf("%s not installed", name)
-	}
-}
-
 func run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()
@@ -137,14 +128,14 @@ func TestMergeTopIntoParent(t *testing.T) {
 	if err != nil || len(probs) > 0 {
 		t.Errorf("check: %v %v", probs, err)
 	}
-	needTool(t, "7zz")
+	testenv.Tool(t, "7zz")
 	out := filepath.Join(dir, "x")
 	run(t, "7zz", "x", "-y", "-o"+out, paths[2])
 	if got, _ := os.ReadFile(filepath.Join(out, "level2.img")); !bytes.Equal(got, contents[3]) {
 		t.Error("7zz x of the merged chain differs")
 	}
 	// libvhdi exposes each layer, base first: vhdi3 is level2, the leaf.
-	needTool(t, "vhdimount")
+	testenv.Tool(t, "vhdimount")
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatalf("vhdimount needs /dev/fuse: %v", err)
@@ -190,7 +181,7 @@ func TestMergeIntoBase(t *testing.T) {
 	if got := content(t, paths[0]); !bytes.Equal(got, contents[3]) {
 		t.Fatal("the base does not hold the merged content")
 	}
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	raw := filepath.Join(dir, "want.raw")
 	os.WriteFile(raw, contents[3], 0o644)
 	run(t, "qemu-img", "check", "-f", "vhdx", paths[0])

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/vhd"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
@@ -83,7 +84,7 @@ func TestMergeVHD(t *testing.T) {
 	if probs, err := vhd.Check(paths[2], false); err != nil || len(probs) > 0 {
 		t.Errorf("check: %v %v", probs, err)
 	}
-	needTool(t, "7zz")
+	testenv.Tool(t, "7zz")
 	out := filepath.Join(dir, "x")
 	run(t, "7zz", "x", "-y", "-o"+out, paths[2])
 	if got, _ := os.ReadFile(filepath.Join(out, "level2.img")); !bytes.Equal(got, contents[3]) {
@@ -101,7 +102,7 @@ func TestMergeVHD(t *testing.T) {
 	if got := content(t, paths[0]); !bytes.Equal(got, contents[3]) {
 		t.Fatal("the base does not hold the merged content")
 	}
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	raw := filepath.Join(dir, "want.raw")
 	os.WriteFile(raw, contents[3], 0o644)
 	run(t, "qemu-img", "compare", "-f", "vpc", "-F", "raw", paths[0], raw)
@@ -195,7 +196,7 @@ func TestMergeGrowsTarget(t *testing.T) {
 			if got := content(t, paths[0]); !bytes.Equal(got, want) {
 				t.Fatal("the grown base does not hold the merged content")
 			}
-			needTool(t, "qemu-img")
+			testenv.Tool(t, "qemu-img")
 			raw := filepath.Join(dir, "want.raw")
 			os.WriteFile(raw, want, 0o644)
 			run(t, "qemu-img", "compare", "-f", c.qemu, "-F", "raw", paths[0], raw)

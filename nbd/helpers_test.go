@@ -19,20 +19,6 @@ func inCI() bool {
 	return v != "" && v != "false" && v != "0"
 }
 
-// needTool finds an external program, skipping the test without it
-// unless running in CI.
-func needTool(t testing.TB, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		if inCI() {
-			t.Fatalf("%s not installed (required in CI)", name)
-		}
-		t.Skipf("%s not installed", name)
-	}
-	return p
-}
-
 // testServer is a Server listening on a unix socket in a temp dir.
 type testServer struct {
 	*Server

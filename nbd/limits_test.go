@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // Hostile clients against the server's bounds: block status work and
@@ -498,7 +499,7 @@ func TestTrimAndZeroSemantics(t *testing.T) {
 // each request listed every extent to the end of the export (up to
 // 1 GiB), so mapping took time quadratic in the number of extents.
 func TestQemuImgMapFragmented(t *testing.T) {
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	const size, stripe = 16 << 20, 4096
 	img := &stripeImage{size: size, stripe: stripe}
 	ts := startServer(t, nil, Export{Name: "d", Image: img, ReadOnly: true})

@@ -15,6 +15,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // testTLS makes a self-signed certificate for localhost and returns the
@@ -64,7 +66,7 @@ func testTLS(t testing.TB) (srv, cli *tls.Config, dir string) {
 // TestTLSLibnbd connects libnbd (nbdsh) over STARTTLS to a server that
 // requires TLS, and checks that a plaintext libnbd client is refused.
 func TestTLSLibnbd(t *testing.T) {
-	needTool(t, "nbdsh")
+	testenv.Tool(t, "nbdsh")
 	srvCfg, _, dir := testTLS(t)
 	img := newMemImage(1<<20, 512, nil)
 	ts := startServer(t, func(s *Server) { s.TLSConfig, s.TLSRequired = srvCfg, true }, Export{Name: "d", Image: img})
@@ -95,7 +97,7 @@ except nbd.Error as e:
 		t.Fatalf("plaintext client: %q", out)
 	}
 	// nbdinfo reaches it through an nbds+unix URI too.
-	needTool(t, "nbdinfo")
+	testenv.Tool(t, "nbdinfo")
 	uri := "nbds+unix:///d?socket=" + ts.sock + "&tls-certificates=" + dir
 	if out := run(t, 10*time.Second, nil, "nbdinfo", "--json", uri); !strings.Contains(out, `"TLS": true`) {
 		t.Fatalf("nbdinfo did not use TLS: %s", out)

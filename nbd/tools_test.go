@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // These tests drive the server with real NBD clients: libnbd's nbdinfo,
@@ -19,7 +21,7 @@ import (
 // earlier in PATH would hide.
 func nbdsh(t testing.TB, script string) string {
 	t.Helper()
-	needTool(t, "nbdsh")
+	testenv.Tool(t, "nbdsh")
 	return run(t, 30*time.Second, []string{"PATH=/usr/bin:" + os.Getenv("PATH")}, "nbdsh", "-c", script)
 }
 
@@ -38,7 +40,7 @@ func chainImage(size int64) *memImage {
 }
 
 func TestNbdinfoJSON(t *testing.T) {
-	needTool(t, "nbdinfo")
+	testenv.Tool(t, "nbdinfo")
 	rw := newMemImage(8<<20, 512, nil)
 	ro := newMemImage(4<<20, 4096, nil)
 	ts := startServer(t, nil,
@@ -112,7 +114,7 @@ func TestNbdinfoJSON(t *testing.T) {
 }
 
 func TestNbdinfoMap(t *testing.T) {
-	needTool(t, "nbdinfo")
+	testenv.Tool(t, "nbdinfo")
 	ts := startServer(t, nil, Export{Name: "d", Image: chainImage(1 << 20)})
 	check := func(got, want string) {
 		t.Helper()
@@ -140,7 +142,7 @@ func TestNbdinfoMap(t *testing.T) {
 // TestNbdcopy copies a sparse file into an export and back out over
 // several connections at once.
 func TestNbdcopy(t *testing.T) {
-	needTool(t, "nbdcopy")
+	testenv.Tool(t, "nbdcopy")
 	const size = 24 << 20
 	src := make([]byte, size)
 	for off := 0; off < size; off += 1 << 20 {
@@ -189,7 +191,7 @@ func TestNbdcopy(t *testing.T) {
 // TestNbdsh drives every command through libnbd, including error cases
 // with libnbd's client-side checks turned off.
 func TestNbdsh(t *testing.T) {
-	needTool(t, "nbdsh")
+	testenv.Tool(t, "nbdsh")
 	img := chainImage(1 << 20)
 	ro := newMemImage(1<<20, 512, nil)
 	ts := startServer(t, nil, Export{Name: "d", Image: img}, Export{Name: "ro", Image: ro, ReadOnly: true})
@@ -296,7 +298,7 @@ print("ok")
 }
 
 func TestQemuImg(t *testing.T) {
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	const size = 8 << 20
 	img := chainImage(size)
 	ts := startServer(t, nil, Export{Name: "d", Image: img})
@@ -351,7 +353,7 @@ func TestQemuImg(t *testing.T) {
 }
 
 func TestQemuIo(t *testing.T) {
-	needTool(t, "qemu-io")
+	testenv.Tool(t, "qemu-io")
 	img := newMemImage(8<<20, 512, nil)
 	ts := startServer(t, nil, Export{Name: "d", Image: img})
 	out := run(t, 60*time.Second, nil, "qemu-io", "-f", "raw",
@@ -391,7 +393,7 @@ func TestQemuIo(t *testing.T) {
 // TestFio is a short smoke run of fio's nbd engine (libnbd), with
 // verification of what it wrote.
 func TestFio(t *testing.T) {
-	needTool(t, "fio")
+	testenv.Tool(t, "fio")
 	img := newMemImage(32<<20, 512, nil)
 	ts := startServer(t, nil, Export{Name: "d", Image: img})
 	common := []string{"--ioengine=nbd", "--uri=" + ts.uri("d"), "--size=8m", "--iodepth=16", "--output-format=terse"}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
 
@@ -26,7 +27,7 @@ func allocated(t *testing.T, path string) int64 {
 // blocks, WRITE_ZEROES with NO_HOLE keeps zeros there, and once flushed
 // the host file holds less than before.
 func TestTrimReleasesVHDXBlocks(t *testing.T) {
-	needTool(t, "qemu-io")
+	testenv.Tool(t, "qemu-io")
 	const mib = 1 << 20
 	path := filepath.Join(t.TempDir(), "d.vhdx")
 	img, err := vhdx.Create(path, vhdx.CreateOptions{Size: 16 * mib, BlockSize: mib})

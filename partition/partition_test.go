@@ -13,21 +13,13 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // These tests build disks with the tools people partition with (sfdisk,
 // sgdisk) and judge what SetDiskSize leaves with them (sgdisk -v,
 // sfdisk --verify, fdisk -l).
-
-func needTool(t testing.TB, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s is required in CI: %v", name, err)
-		}
-		t.Skipf("%s not installed", name)
-	}
-}
 
 func run(t testing.TB, stdin string, name string, args ...string) string {
 	t.Helper()
@@ -49,7 +41,7 @@ func (d fileDisk) Flush() error { return d.Sync() }
 // script, with every partition filled with random bytes.
 func newDisk(t *testing.T, size int64, script string) string {
 	t.Helper()
-	needTool(t, "sfdisk")
+	testenv.Tool(t, "sfdisk")
 	path := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(path, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -174,8 +166,8 @@ func verifyAny(t *testing.T, path string) {
 }
 
 func TestGPTFromSfdisk(t *testing.T) {
-	needTool(t, "sgdisk")
-	needTool(t, "fdisk")
+	testenv.Tool(t, "sgdisk")
+	testenv.Tool(t, "fdisk")
 	path := newDisk(t, 64<<20, "label: gpt\nsize=10M, name=boot\nsize=20M\n")
 	parts := sfdiskPartitions(t, path)
 	tab := readTable(t, path)
@@ -223,7 +215,7 @@ func TestGPTFromSfdisk(t *testing.T) {
 // Without SetDiskSize a cut disk is what sgdisk complains about: the
 // check above would catch a shrink that dropped the backup.
 func TestGPTCutWithoutMoveIsBroken(t *testing.T) {
-	needTool(t, "sgdisk")
+	testenv.Tool(t, "sgdisk")
 	path := newDisk(t, 64<<20, "label: gpt\n,10M\n,20M\n")
 	if err := os.Truncate(path, 32<<20); err != nil {
 		t.Fatal(err)
@@ -242,7 +234,7 @@ func TestGPTCutWithoutMoveIsBroken(t *testing.T) {
 // not move it) shrinks to a valid table too, and an old backup header
 // left inside the new size is cleared.
 func TestGPTGrownThenShrunk(t *testing.T) {
-	needTool(t, "sgdisk")
+	testenv.Tool(t, "sgdisk")
 	path := newDisk(t, 32<<20, "label: gpt\n,10M\n,20M\n")
 	parts := sfdiskPartitions(t, path)
 	before := partitionsHash(t, path, parts)
@@ -281,8 +273,8 @@ func TestGPTGrownThenShrunk(t *testing.T) {
 // sectors and another entry mirrors GPT partition 1; both stay as they
 // are, and the disk shrinks to a table sgdisk accepts.
 func TestGPTHybrid(t *testing.T) {
-	needTool(t, "sgdisk")
-	needTool(t, "fdisk")
+	testenv.Tool(t, "sgdisk")
+	testenv.Tool(t, "fdisk")
 	path := newDisk(t, 64<<20, "label: gpt\n,10M\n,20M\n")
 	run(t, "", "sgdisk", "-h", "1", path)
 	parts := sfdiskPartitions(t, path)
@@ -307,7 +299,7 @@ func TestGPTHybrid(t *testing.T) {
 }
 
 func TestMBRFromSfdisk(t *testing.T) {
-	needTool(t, "fdisk")
+	testenv.Tool(t, "fdisk")
 	// Three primaries, then an extended partition to 57 MiB with two
 	// logical ones that end before it does: the extended one counts.
 	path := newDisk(t, 64<<20, "label: dos\n,8M,83\n,8M,7\n,5M,83\n,35M,5\n,5M,83\n,5M,82\n")
@@ -343,8 +335,8 @@ func TestMBRFromSfdisk(t *testing.T) {
 // partitions a loop device with that sector size; the table read as 512
 // is refused, as 4096 it shrinks to a table sgdisk accepts.
 func TestGPT4K(t *testing.T) {
-	needTool(t, "sgdisk")
-	needTool(t, "sfdisk")
+	testenv.Tool(t, "sgdisk")
+	testenv.Tool(t, "sfdisk")
 	if os.Geteuid() != 0 {
 		t.Skip("a 4096-byte-sector loop device needs root")
 	}

@@ -4,12 +4,13 @@ import (
 	"bytes"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // allocatedBytes is how much of the file at path the file system holds
@@ -79,50 +80,9 @@ func TestAllocateMemFileGrows(t *testing.T) {
 	}
 }
 
-// mountLoop makes a file system of size bytes with mkfs (e.g. mkfs.ext2)
-// in a file, mounts it on a fresh folder and returns the folder; it is
-// unmounted when the test ends. The test is skipped where mounting is not
-// allowed (not root, no loop devices); a missing mkfs fails it in CI.
-func mountLoop(t *testing.T, mkfs string, size int64) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a file system needs root")
-	}
-	if _, err := exec.LookPath(mkfs); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s is required in CI: %v", mkfs, err)
-		}
-		t.Skipf("%s not installed", mkfs)
-	}
-	dir := t.TempDir()
-	img := filepath.Join(dir, "fs.img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, size); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command(mkfs, "-q", "-F", img).CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v\n%s", mkfs, err, out)
-	}
-	mnt := filepath.Join(dir, "mnt")
-	if err := os.Mkdir(mnt, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
-		t.Skipf("cannot loop-mount here: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", mnt, err, out)
-		}
-	})
-	return mnt
-}
-
 // ext2 files have no extents, and ext4's fallocate refuses them.
 func TestAllocateUnsupported(t *testing.T) {
-	mnt := mountLoop(t, "mkfs.ext2", 16<<20)
+	mnt := testenv.MountLoop(t, 16<<20, "mkfs.ext2")
 	path := filepath.Join(mnt, "f")
 	f, err := OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
@@ -137,7 +97,7 @@ func TestAllocateUnsupported(t *testing.T) {
 }
 
 func TestAllocateNoSpace(t *testing.T) {
-	mnt := mountLoop(t, "mkfs.ext4", 16<<20)
+	mnt := testenv.MountLoop(t, 16<<20, "mkfs.ext4")
 	path := filepath.Join(mnt, "f")
 	f, err := OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {

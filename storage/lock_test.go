@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/storage"
 )
 
@@ -70,7 +71,7 @@ func TestLockWithinProcess(t *testing.T) {
 // metadata refuse to share writes (of a raw file they share them).
 func newVHDX(t *testing.T) string {
 	t.Helper()
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	path := filepath.Join(t.TempDir(), "disk.vhdx")
 	if out, err := exec.Command("qemu-img", "create", "-f", "vhdx", path, "64M").CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img create: %v\n%s", err, out)
@@ -82,7 +83,7 @@ func newVHDX(t *testing.T) string {
 // input, and returns once it holds the file; closing stdin ends it.
 func qemuIO(t *testing.T, path string, args ...string) (stdin io.WriteCloser) {
 	t.Helper()
-	needTool(t, "qemu-io")
+	testenv.Tool(t, "qemu-io")
 	cmd := exec.Command("qemu-io", append(args, "-f", "vhdx", path)...)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -164,7 +165,7 @@ func TestLockSharesWithQemuReader(t *testing.T) {
 }
 
 func TestQemuRefusesOurWriter(t *testing.T) {
-	needTool(t, "qemu-io")
+	testenv.Tool(t, "qemu-io")
 	path := newVHDX(t)
 	w := mustOpen(t, path, os.O_RDWR)
 	for _, args := range [][]string{
@@ -191,16 +192,6 @@ func TestQemuRefusesOurWriter(t *testing.T) {
 	r.Close()
 	if out, err := exec.Command("qemu-io", "-f", "vhdx", "-c", "write 0 512", path).CombinedOutput(); err != nil {
 		t.Errorf("qemu-io write after we closed: %v\n%s", err, out)
-	}
-}
-
-func needTool(t testing.TB, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s is required in CI", name)
-		}
-		t.Skipf("%s not installed", name)
 	}
 }
 

@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // allocatedBytes is how much of the file at path the file system holds
@@ -22,7 +24,7 @@ func allocatedBytes(t *testing.T, path string) (allocated, size int64) {
 // (no write to it can fail for space later); with Sparse, and for a
 // dynamic image, it does not. All read zeros in qemu-img.
 func TestCreateFixedAllocated(t *testing.T) {
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	const size = 64 << 20
 	dir := t.TempDir()
 	zeros := filepath.Join(dir, "zeros.img")

@@ -22,19 +22,6 @@ import (
 // inCI reports CI=true: missing tools and samples are failures there.
 func inCI() bool { return os.Getenv("CI") == "true" }
 
-// needTool skips (or, in CI, fails) when an external tool is missing.
-func needTool(t testing.TB, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		if inCI() {
-			t.Fatalf("%s not installed (CI=true)", name)
-		}
-		t.Skipf("%s not installed", name)
-	}
-	return p
-}
-
 func run(t testing.TB, name string, args ...string) []byte {
 	t.Helper()
 	cmd := exec.Command(name, args...)

@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // chsExact returns the smallest size ≥ approx (in sectors) that the
@@ -70,8 +71,8 @@ func sevenZipExtract(t *testing.T, path string) []byte {
 // Images made and written by QEMU read back byte for byte, and QEMU reads
 // what we then write into them.
 func TestQemuMadeImages(t *testing.T) {
-	needTool(t, "qemu-img")
-	needTool(t, "qemu-io")
+	testenv.Tool(t, "qemu-img")
+	testenv.Tool(t, "qemu-io")
 	for _, kind := range []struct {
 		name string
 		opts []string
@@ -142,8 +143,8 @@ func TestQemuMadeImages(t *testing.T) {
 
 // Our fixed and dynamic images read correctly in qemu-img and 7-Zip.
 func TestOursReadByQemuAnd7zip(t *testing.T) {
-	needTool(t, "qemu-img")
-	needTool(t, "7zz")
+	testenv.Tool(t, "qemu-img")
+	testenv.Tool(t, "7zz")
 	size := chsExact(11 << 20)
 	for _, c := range []struct {
 		name string
@@ -203,7 +204,7 @@ func TestOursReadByQemuAnd7zip(t *testing.T) {
 // A three-level chain with partial sector bitmaps extracts identically in
 // 7-Zip, which follows the W2ru locators and checks the unique ids.
 func TestDifferencingChain7zip(t *testing.T) {
-	needTool(t, "7zz")
+	testenv.Tool(t, "7zz")
 	r := rand.New(rand.NewPCG(3, 3))
 	dir := t.TempDir()
 	size := chsExact(7 << 20)
@@ -280,7 +281,7 @@ func TestDifferencingChain7zip(t *testing.T) {
 // libvhdi's vhdiinfo agrees on the metadata of our images (its data
 // reading is not used: version 20210425 misreads partial bitmaps).
 func TestVhdiinfo(t *testing.T) {
-	needTool(t, "vhdiinfo")
+	testenv.Tool(t, "vhdiinfo")
 	dir := t.TempDir()
 	size := chsExact(3 << 20)
 	base, _ := makeImage(t, dir, "base.vhd", CreateOptions{Size: uint64(size)})
@@ -318,8 +319,8 @@ func TestVhdiinfo(t *testing.T) {
 // Writing into Hyper-V's images (its block alignment, its locator space)
 // keeps them readable by 7-Zip and, for the dynamic one, qemu-img.
 func TestWriteIntoHyperVImages(t *testing.T) {
-	needTool(t, "7zz")
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "7zz")
+	testenv.Tool(t, "qemu-img")
 	dir := t.TempDir()
 	cp := func(rel, name string) string {
 		b, err := os.ReadFile(sample(t, rel))
@@ -377,8 +378,8 @@ func TestWriteIntoHyperVImages(t *testing.T) {
 // whose backup header is its last sector — compares equal to it, size
 // included.
 func TestInexactSizesReadInFullByQemu(t *testing.T) {
-	needTool(t, "qemu-img")
-	needTool(t, "qemu-io")
+	testenv.Tool(t, "qemu-img")
+	testenv.Tool(t, "qemu-io")
 	for _, c := range []struct {
 		name string
 		typ  Type
@@ -452,7 +453,7 @@ func TestInexactSizesReadInFullByQemu(t *testing.T) {
 // Resize to a size the geometry does not describe exactly: QEMU sees the
 // new size.
 func TestResizeInexactReadInFullByQemu(t *testing.T) {
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	dir := t.TempDir()
 	for _, typ := range []Type{Fixed, Dynamic} {
 		path := filepath.Join(dir, typ.String()+".vhd")
@@ -481,7 +482,7 @@ func TestResizeInexactReadInFullByQemu(t *testing.T) {
 // size it does not describe) reads short in QEMU; Check warns and Check
 // with repair gives it the geometry Create writes now.
 func TestRepairShortGeometry(t *testing.T) {
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	dir := t.TempDir()
 	for _, typ := range []Type{Fixed, Dynamic} {
 		path, _ := makeImage(t, dir, typ.String()+".vhd", CreateOptions{Type: typ, Size: 8 << 20})

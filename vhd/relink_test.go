@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // wholeBlockChild creates a child of parent at path and writes whole
@@ -45,7 +46,7 @@ func wholeBlockChild(t *testing.T, r *rand.Rand, path, parent string, parentCont
 // joined path leads it to the parent.
 func vhdimountChild(t *testing.T, child, parent string) []byte {
 	t.Helper()
-	needTool(t, "vhdimount")
+	testenv.Tool(t, "vhdimount")
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		if inCI() {
 			t.Fatalf("vhdimount needs /dev/fuse: %v", err)
@@ -184,7 +185,7 @@ func TestSetParentMoved(t *testing.T) {
 	} else {
 		img.Close()
 	}
-	needTool(t, "vhdiinfo")
+	testenv.Tool(t, "vhdiinfo")
 	out := string(run(t, "vhdiinfo", child))
 	for _, w := range []string{"Parent identifier\t: " + oldInfo.ParentUniqueID.String(), "Parent filename\t\t: " + moved} {
 		if !strings.Contains(out, w) {
@@ -211,7 +212,7 @@ func TestSetParentMoved(t *testing.T) {
 	}
 	mustClose(t, img)
 	checkClean(t, next)
-	needTool(t, "7zz")
+	testenv.Tool(t, "7zz")
 	if got := sevenZipExtract(t, next); !bytes.Equal(got, model) {
 		t.Errorf("7-Zip extracts %s", diffAt(got, model))
 	}
@@ -264,7 +265,7 @@ func TestSetParentOtherFile(t *testing.T) {
 	}
 	mustClose(t, img)
 	checkClean(t, child)
-	needTool(t, "7zz")
+	testenv.Tool(t, "7zz")
 	if got := sevenZipExtract(t, child); !bytes.Equal(got, model) {
 		t.Errorf("7-Zip extracts %s", diffAt(got, model))
 	}
@@ -412,7 +413,7 @@ func TestSetParentHyperV(t *testing.T) {
 	}
 	mustClose(t, img)
 	checkClean(t, child)
-	needTool(t, "7zz")
+	testenv.Tool(t, "7zz")
 	if got := sevenZipExtract(t, child); !bytes.Equal(got, model) {
 		t.Errorf("7-Zip extracts %s", diffAt(got, model))
 	}

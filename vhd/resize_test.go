@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // below is what a differencing child of parent reads where it holds
@@ -308,10 +309,10 @@ func TestResizeRefused(t *testing.T) {
 // (header and BAT now at the end) puts its blocks after them: we read its
 // writes, Check finds nothing wrong. qemu-img check does not support vpc.
 func TestResizeInterop(t *testing.T) {
-	needTool(t, "qemu-img")
-	needTool(t, "qemu-io")
-	needTool(t, "7zz")
-	needTool(t, "vhdiinfo")
+	testenv.Tool(t, "qemu-img")
+	testenv.Tool(t, "qemu-io")
+	testenv.Tool(t, "7zz")
+	testenv.Tool(t, "vhdiinfo")
 	for _, c := range []struct {
 		name string
 		opts CreateOptions
@@ -404,7 +405,7 @@ func itoa(n int) string { return strconv.Itoa(n) }
 // libvhdi. (A child larger than its parent they do not read: both fail at
 // the parent's end, where we read zeros.)
 func TestResizeChainInterop(t *testing.T) {
-	needTool(t, "7zz")
+	testenv.Tool(t, "7zz")
 	r := rand.New(rand.NewPCG(33, 33))
 	dir := t.TempDir()
 	const bs = 512 << 10

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // TestGUIDRules: opening changes nothing; the first write changes
@@ -211,7 +213,7 @@ func TestCheckpointWhileOpen(t *testing.T) {
 	if got := readAll(t, mustOpen(t, leafPath)); !bytes.Equal(got, model) {
 		t.Fatal("the reopened leaf differs")
 	}
-	needTool(t, "7zz")
+	testenv.Tool(t, "7zz")
 	run(t, "7zz", "x", "-y", "-o"+filepath.Join(dir, "x"), leafPath)
 	if got, _ := os.ReadFile(filepath.Join(dir, "x", "vm_cp1.img")); !bytes.Equal(got, model) {
 		t.Error("7zz reads the checkpoint chain differently")

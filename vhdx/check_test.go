@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/storage"
 )
 
@@ -134,8 +135,8 @@ func TestCheckWritten(t *testing.T) {
 
 // TestCheckQemuImg: VHDX files qemu-img and qemu-io write pass.
 func TestCheckQemuImg(t *testing.T) {
-	needTool(t, "qemu-img")
-	needTool(t, "qemu-io")
+	testenv.Tool(t, "qemu-img")
+	testenv.Tool(t, "qemu-io")
 	dir := t.TempDir()
 	for _, o := range []string{"subformat=dynamic", "subformat=fixed", "subformat=dynamic,block_size=1M,block_state_zero=on", "subformat=dynamic,log_size=4M"} {
 		t.Run(o, func(t *testing.T) {

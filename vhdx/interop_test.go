@@ -13,23 +13,13 @@ import (
 
 	randv2 "math/rand/v2"
 
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/storage"
 )
 
 // These tests judge our images with other implementations: qemu-img and
 // qemu-io (QEMU's VHDX driver, 512-byte sectors, no differencing), 7-Zip
 // and libvhdi (differencing chains).
-
-// needTool skips when a tool is missing, except in CI where it must exist.
-func needTool(t testing.TB, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s is required in CI: %v", name, err)
-		}
-		t.Skipf("%s not installed", name)
-	}
-}
 
 func run(t testing.TB, name string, args ...string) string {
 	t.Helper()
@@ -84,7 +74,7 @@ func firstDiff(a, b []byte) int {
 // TestQemuReadsOurImages: qemu-img check passes and qemu-img compare finds
 // each of our fixed and dynamic images identical to the raw data written.
 func TestQemuReadsOurImages(t *testing.T) {
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	dir := t.TempDir()
 	for _, c := range []struct {
 		typ   Type
@@ -123,8 +113,8 @@ func TestQemuReadsOurImages(t *testing.T) {
 // block sizes, block_state_zero on and off), written by qemu-io, read back
 // byte for byte.
 func TestWeReadQemuImages(t *testing.T) {
-	needTool(t, "qemu-img")
-	needTool(t, "qemu-io")
+	testenv.Tool(t, "qemu-img")
+	testenv.Tool(t, "qemu-io")
 	dir := t.TempDir()
 	for _, c := range []struct {
 		subformat, block, zero string
@@ -189,7 +179,7 @@ func TestWeReadQemuImages(t *testing.T) {
 // TestQemuConvertedImages: qemu-img convert -O vhdx of a raw file reads
 // back identically.
 func TestQemuConvertedImages(t *testing.T) {
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	dir := t.TempDir()
 	size := int64(50<<20 + 4096)
 	model := make([]byte, size)
@@ -248,7 +238,7 @@ func makeChain(t testing.TB, dir string, size uint64, levels int, sector uint32)
 // TestChainsWith7zip: 7-Zip extracts our differencing chains (1 to 3
 // levels, partially present blocks) byte-identically and names the parent.
 func TestChainsWith7zip(t *testing.T) {
-	needTool(t, "7zz")
+	testenv.Tool(t, "7zz")
 	for levels := 1; levels <= 3; levels++ {
 		t.Run(fmt.Sprint(levels), func(t *testing.T) {
 			dir := t.TempDir()
@@ -280,8 +270,8 @@ func TestChainsWith7zip(t *testing.T) {
 // TestChainsWithLibvhdi: vhdimount exposes our chain's top layer
 // byte-identically; vhdiinfo shows the parent identifier we linked to.
 func TestChainsWithLibvhdi(t *testing.T) {
-	needTool(t, "vhdiinfo")
-	needTool(t, "vhdimount")
+	testenv.Tool(t, "vhdiinfo")
+	testenv.Tool(t, "vhdimount")
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatalf("vhdimount needs /dev/fuse: %v", err)
@@ -321,7 +311,7 @@ func TestChainsWithLibvhdi(t *testing.T) {
 // from our own writer cut off between its log write and its apply —
 // replays to the same content as qemu-img check -r all gives.
 func TestLogReplayMatchesQemu(t *testing.T) {
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	dir := t.TempDir()
 	var pending []string
 	for _, s := range []string{"hyperv/discutils-vhdx-log-replay.vhdx.gz", "qemu-made/iotest-dirtylog-10G-4M.vhdx.bz2"} {

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/storage"
 )
 
@@ -115,7 +116,7 @@ func TestOptimize(t *testing.T) {
 		t.Fatal(err)
 	}
 	verify("written after")
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	raw := filepath.Join(dir, "o.raw")
 	if err := os.WriteFile(raw, model, 0o600); err != nil {
 		t.Fatal(err)

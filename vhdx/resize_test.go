@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // Tests of Resize and of chains whose layers differ in size. A disk grown
@@ -713,7 +714,7 @@ func resizeModel(t testing.TB, im *Image, b *[]byte, size int64) {
 // it: the parent's data, then zeros where the child holds nothing; and it
 // lists the chain clean once the child's BAT has moved.
 func TestResizedChainWith7zip(t *testing.T) {
-	needTool(t, "7zz")
+	testenv.Tool(t, "7zz")
 	dir := t.TempDir()
 	leaf, model := grownChain(t, dir)
 	out := filepath.Join(dir, "x")
@@ -786,7 +787,7 @@ func grownChain(t testing.TB, dir string) (string, []byte) {
 // file that qemu-img resize grew or shrank the same way (zeros in the new
 // range) and that took the same writes. qemu-img cannot resize a VHDX.
 func TestResizeQemu(t *testing.T) {
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	for _, c := range []struct {
 		typ   Type
 		block uint32
@@ -854,8 +855,8 @@ func TestResizeQemu(t *testing.T) {
 // qemu-io reads what we wrote at both ends and zeros between. (qemu-img
 // compare would read all 130 GiB.)
 func TestResizeQemuMovesBAT(t *testing.T) {
-	needTool(t, "qemu-img")
-	needTool(t, "qemu-io")
+	testenv.Tool(t, "qemu-img")
+	testenv.Tool(t, "qemu-io")
 	for _, typ := range []Type{Dynamic, Fixed} {
 		t.Run(typ.String(), func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "big.vhdx")

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/storage"
 )
 
@@ -110,7 +111,7 @@ func TestTrimReturnsSpace(t *testing.T) {
 		t.Fatalf("file grew from %d to %d bytes: released blocks were not reused", grown, got)
 	}
 	wantCleanContent(t, path, model, "trimmed")
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	raw := filepath.Join(dir, "t.raw")
 	if err := os.WriteFile(raw, model, 0o600); err != nil {
 		t.Fatal(err)

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/storage"
 )
 
@@ -357,7 +358,7 @@ func TestCrashWriterStrict(t *testing.T) {
 // same image of the crash clone, and the replayed file reads each sector
 // as flushed or newer.
 func TestQemuReplaysOurLog(t *testing.T) {
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	dir := t.TempDir()
 	path := filepath.Join(dir, "q.vhdx")
 	const size = 8 << 20

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // allocatedBytes is how much of the file at path the file system holds
@@ -100,48 +102,6 @@ func TestFixedAllocated(t *testing.T) {
 	}
 }
 
-// mountLoop makes a file system of size bytes with mkfs (mkfs.ext2,
-// mkfs.ext4) in a file, mounts it on a fresh folder and returns the
-// folder; it is unmounted when the test ends. The test is skipped where
-// mounting is not allowed (not root, no loop devices); a missing mkfs
-// fails it in CI.
-func mountLoop(t *testing.T, mkfs string, size int64) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a file system needs root")
-	}
-	if _, err := exec.LookPath(mkfs); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s is required in CI: %v", mkfs, err)
-		}
-		t.Skipf("%s not installed", mkfs)
-	}
-	dir := t.TempDir()
-	img := filepath.Join(dir, "fs.img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, size); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command(mkfs, "-q", "-F", img).CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v\n%s", mkfs, err, out)
-	}
-	mnt := filepath.Join(dir, "mnt")
-	if err := os.Mkdir(mnt, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
-		t.Skipf("cannot loop-mount here: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", mnt, err, out)
-		}
-	})
-	return mnt
-}
-
 // entries lists the names in dir but lost+found.
 func entries(t *testing.T, dir string) []string {
 	t.Helper()
@@ -162,7 +122,7 @@ func entries(t *testing.T, dir string) []string {
 // one line that names the cause and --sparse, and leaves no file; a sparse
 // one is made.
 func TestFixedNoSpace(t *testing.T) {
-	mnt := mountLoop(t, "mkfs.ext4", 16<<20)
+	mnt := testenv.MountLoop(t, 16<<20, "mkfs.ext4")
 	src := filepath.Join(t.TempDir(), "src.img")
 	if err := os.WriteFile(src, []byte("data"), 0o600); err != nil {
 		t.Fatal(err)
@@ -199,7 +159,7 @@ func TestFixedNoSpace(t *testing.T) {
 // ext2 files cannot be allocated ahead (ext4's fallocate needs extents):
 // a fixed disk there is refused with a hint at --sparse, and leaves no file.
 func TestFixedNoFallocate(t *testing.T) {
-	mnt := mountLoop(t, "mkfs.ext2", 16<<20)
+	mnt := testenv.MountLoop(t, 16<<20, "mkfs.ext2")
 	for _, name := range []string{"f.vhdx", "f.vhd", "f.img"} {
 		path := filepath.Join(mnt, name)
 		args := []string{"create", "--type", "fixed", "--size", "1M", path}

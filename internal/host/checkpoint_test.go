@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/storage"
 )
 
@@ -175,7 +176,7 @@ func TestApplyExportRename(t *testing.T) {
 	if _, err := th.api.ExportCheckpoint(ctx, "vm1", "one", out); statusOf(err) != http.StatusConflict {
 		t.Fatalf("exporting over an existing file: %v", err)
 	}
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	raw := filepath.Join(dir, "one.raw")
 	os.WriteFile(raw, atOne, 0o644)
 	runTool(t, "qemu-img", "compare", "-f", "vhdx", "-F", "raw", ex.Files[0], raw)

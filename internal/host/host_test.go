@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/nbd"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
@@ -244,16 +245,6 @@ func readFile(t testing.TB, path string) []byte {
 	return b
 }
 
-func needTool(t testing.TB, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s is required in CI", name)
-		}
-		t.Skipf("%s not installed", name)
-	}
-}
-
 func runTool(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()
@@ -361,7 +352,7 @@ func TestLiveMerge(t *testing.T) {
 			t.Fatalf("%s differs at %d after the host stopped", cp.Files[i], i)
 		}
 	}
-	needTool(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	for _, f := range cp.Files {
 		runTool(t, "qemu-img", "check", "-f", "vhdx", f)
 	}

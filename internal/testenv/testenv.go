@@ -1,0 +1,69 @@
+// Package testenv gives tests the real tools and file systems they check
+// against: a tool that is missing skips the test, except in CI
+// (CI set, as .ci/run sets CI=true), where it fails it, so that CI never passes by skipping.
+package testenv
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// Tool returns the path of the program name, skipping the test when it is
+// not installed (failing it in CI).
+func Tool(t testing.TB, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("%s is required in CI: %v", name, err)
+		}
+		t.Skipf("%s not installed", name)
+	}
+	return p
+}
+
+// MountLoop makes a file system of size bytes with mkfs (mkfs.ext2,
+// mkfs.ext4, mkfs.xfs, mkfs.btrfs; extra mkfs arguments after it, such as
+// "-m", "reflink=1") in a file, mounts it on a fresh folder and returns the
+// folder, unmounted when the test ends. The test is skipped where mounting
+// is not allowed (not root, no loop devices): that is a privilege, not a
+// missing tool. A missing mkfs fails it in CI.
+func MountLoop(t testing.TB, size int64, mkfs string, args ...string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a file system needs root")
+	}
+	mkfs = Tool(t, mkfs)
+	dir := t.TempDir()
+	img := filepath.Join(dir, "fs.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, size); err != nil {
+		t.Fatal(err)
+	}
+	force := "-f" // mkfs.xfs, mkfs.btrfs
+	if strings.HasPrefix(filepath.Base(mkfs), "mkfs.ext") {
+		force = "-F"
+	}
+	cmd := exec.Command(mkfs, append(append([]string{"-q", force}, args...), img)...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v\n%s", mkfs, err, out)
+	}
+	mnt := filepath.Join(dir, "mnt")
+	if err := os.Mkdir(mnt, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
+		t.Skipf("cannot loop-mount here: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", mnt, err, out)
+		}
+	})
+	return mnt
+}

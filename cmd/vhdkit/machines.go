@@ -106,6 +106,7 @@ Examples:
 `,
 		sub: []*command{
 			vmCreateCommand(),
+			vmImportCommand(),
 			clientVerb("vm list", "", "list machines", "", true, 0, nil,
 				func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 					vms, err := cl.VMs(ctx)

@@ -38,6 +38,7 @@ func (h *Host) Handler() http.Handler {
 		q := r.URL.Query()
 		return h.DeleteVM(r.PathValue("vm"), api.DeleteVM{Force: flagSet(q.Get("force")), DeleteDisks: flagSet(q.Get("delete_disks"))})
 	})
+	handle("POST /v1/vms/import", h.importRoute)
 	handle("POST /v1/vms/{vm}/repair", func(r *http.Request) (any, error) {
 		var req api.RepairVM
 		if err := decode(r, &req); err != nil {

@@ -61,6 +61,8 @@ type Host struct {
 	vms  map[string]*vm
 	jobs map[string]*job
 
+	imported importDirs // folders machines were imported from in place (import.go)
+
 	ctx    context.Context // ends at Close: job runners stop
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -143,6 +145,7 @@ func Open(dir string, opts Options) (*Host, error) {
 	}
 	h := &Host{dir: dir, opts: opts, log: opts.Logger, lock: lock, st: st, vms: map[string]*vm{}, jobs: map[string]*job{}}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
+	h.imported.load(st)
 	h.removeOrphans()
 	// One machine whose files are missing, damaged or locked fails
 	// alone: the others serve.
@@ -241,7 +244,7 @@ func (h *Host) openOptions(leaf string) vhdx.OpenOptions {
 
 // parentDirs are the folders the parents of leaf's chain may lie in.
 func (h *Host) parentDirs(leaf string) []string {
-	return []string{filepath.Dir(leaf), h.dir}
+	return append([]string{filepath.Dir(leaf), h.dir}, h.imported.list()...)
 }
 
 // Close stops the jobs at a safe point (they resume at the next Open),

@@ -37,6 +37,7 @@ type machineState struct {
 	Current     string             `json:"current,omitempty"`  // checkpoint ID
 	Settings    *api.Settings      `json:"settings,omitempty"` // how it runs (run.go)
 	Run         *runRecord         `json:"run,omitempty"`      // its QEMU while it runs (run.go)
+	Imported    string             `json:"imported,omitempty"` // the folder its files were imported from in place (import.go)
 }
 
 type diskState struct {

@@ -132,6 +132,8 @@ Examples:
 			vmStopCommand(),
 			vmPauseResumeCommand(true),
 			vmPauseResumeCommand(false),
+			vmRestartCommand(),
+			vmConsoleCommand(),
 			vmRepairCommand(),
 			vmOptimizeCommand(),
 		},

@@ -140,6 +140,26 @@ Examples:
 		})
 }
 
+func vmRestartCommand() *command {
+	return clientVerb("vm restart", "NAME", "reset a running machine: the guest reboots at once (Restart-VM -Force)",
+		`Resets the machine as its reset button would (QEMU's system_reset): the
+guest reboots at once, without being asked, and what it had not written to
+its disks is lost. An ACPI reboot request is not used because not every
+guest handles one; for a clean reboot, ask the guest itself (or vm stop,
+then vm start). A paused machine is reset and runs.
+
+Examples:
+  vhdkit vm restart web
+`, true, 1, nil,
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			v, err := cl.RestartVM(ctx, args[0])
+			return f.reply(c, v, err, func() error {
+				fmt.Fprintf(c.stdout, "machine %s restarted; it is %s\n", v.Name, v.Power)
+				return nil
+			})
+		})
+}
+
 // printRun adds the power state and QEMU to printVM's description.
 func printRun(w interface{ Write([]byte) (int, error) }, v *api.VM) {
 	fmt.Fprintf(w, "power: %s\n", orDash(v.Power))

@@ -3,7 +3,9 @@ package main
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/vhdkit/vhdkit/internal/api"
 	"github.com/vhdkit/vhdkit/internal/guest"
+	"golang.org/x/sys/unix"
 )
 
 // TestServeVMRun runs a machine under QEMU started by the daemon: vm
@@ -288,4 +291,158 @@ echo VHDKIT-ACPI-PRESSED
 	if !strings.Contains(d.stderr.String(), "how=\"powered off\"") {
 		t.Fatalf("the daemon did not log a power-off by the guest:\n%s", d.stderr)
 	}
+}
+
+// bootGuest creates and starts machine name on d with the busybox guest
+// running script; it returns the machine and a reader of its console log.
+func bootGuest(t *testing.T, d *daemon, dir, name, script string) (api.VM, func() string) {
+	t.Helper()
+	env := guest.Require(t)
+	boot, err := env.WriteBoot(dir, guest.Options{Disks: []guest.Disk{{}}, Script: script})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.cli(t, "vm", "create", name, "--disk", "16M", "--memory", "128M", "--accel", "tcg",
+		"--kernel", boot.Kernel, "--initrd", boot.Initrd, "--append", boot.Append)
+	d.cli(t, "vm", "start", name)
+	v := d.vm(t, name)
+	pid, consoleLog := v.Runtime.Pid, v.Runtime.Console
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	return v, func() string { b, _ := os.ReadFile(consoleLog); return strings.ReplaceAll(string(b), "\r", "") }
+}
+
+// waitConsole waits until ok(console()) holds.
+func waitConsole(t *testing.T, console func() string, what string, ok func(string) bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Minute); !ok(console()); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest never %s; console:\n%s", what, console())
+		}
+	}
+}
+
+// TestServeVMRestart: vm restart resets the machine (system_reset): the
+// same QEMU runs on and the guest boots a second time, which the console
+// shows (the script, which prints its marker once and then loops, prints
+// it twice; the kernel boots "quiet"); a paused
+// machine restarts and runs.
+func TestServeVMRestart(t *testing.T) {
+	dir := shortTempDir(t)
+	d := startDaemon(t, filepath.Join(dir, "d"))
+	v, console := bootGuest(t, d, dir, "g", "echo VHDKIT-BOOTED\nwhile true; do sleep 1; done\n")
+	boots := func(n int) func(string) bool {
+		return func(c string) bool { return strings.Count(c, "VHDKIT-BOOTED") >= n }
+	}
+	waitConsole(t, console, "booted", boots(1))
+	if out := d.cli(t, "vm", "restart", "g"); !strings.Contains(out, "restarted") {
+		t.Fatalf("vm restart: %s", out)
+	}
+	waitConsole(t, console, "booted again", boots(2))
+	w := d.vm(t, "g")
+	if w.Power != api.PowerRunning || w.Runtime == nil || w.Runtime.Pid != v.Runtime.Pid {
+		t.Fatalf("after restart: power %q, runtime %+v, want running pid %d", w.Power, w.Runtime, v.Runtime.Pid)
+	}
+	d.cli(t, "vm", "pause", "g")
+	d.cli(t, "vm", "restart", "g")
+	if p := d.vm(t, "g").Power; p != api.PowerRunning {
+		t.Fatalf("a paused machine after restart: %q", p)
+	}
+	waitConsole(t, console, "booted a third time", boots(3))
+	d.cli(t, "vm", "stop", "g", "--turn-off")
+	d.fails(t, []string{"is off"}, "vm", "restart", "g")
+}
+
+// TestServeVMConsole: vm console with stdin a pipe sends a command line
+// to the shell the busybox guest runs on its serial console and prints
+// the answer; the command returns after stdin ends (and --linger). On a
+// terminal (a pty here) what is typed reaches the guest and Ctrl-]
+// detaches, the terminal's settings restored, the machine still running.
+func TestServeVMConsole(t *testing.T) {
+	dir := shortTempDir(t)
+	d := startDaemon(t, filepath.Join(dir, "d"))
+	_, console := bootGuest(t, d, dir, "g", `echo VHDKIT-SHELL-READY
+while read -r line; do eval "$line"; done
+`)
+	waitConsole(t, console, "started its shell", func(c string) bool { return strings.Contains(c, "VHDKIT-SHELL-READY") })
+
+	cmd := exec.Command(d.bin, "vm", "console", "g", "--linger", "0.5")
+	cmd.Env = append(os.Environ(), "VHDKIT_DATA="+d.data)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(stdin, "echo ANSWER-$((6*7))\n")
+	waitConsole(t, out.String, "answered on the console client", func(c string) bool { return strings.Contains(c, "ANSWER-42") })
+	stdin.Close()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("vm console after stdin ended: %v\n%s", err, out)
+	}
+	if !strings.Contains(console(), "ANSWER-42") {
+		t.Fatalf("the console log lacks the answer:\n%s", console())
+	}
+
+	// A terminal: the pty's master plays the user.
+	master, slave := openPTY(t)
+	before, err := unix.IoctlGetTermios(int(slave.Fd()), unix.TCGETS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd = exec.Command(d.bin, "vm", "console", "g")
+	cmd.Env = append(os.Environ(), "VHDKIT_DATA="+d.data)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	term := &lockedBuffer{}
+	go io.Copy(term, master)
+	waitConsole(t, term.String, "attached", func(c string) bool { return strings.Contains(c, "detach with Ctrl-]") })
+	fmt.Fprintf(master, "echo TYPED-$((6*8))\r")
+	waitConsole(t, term.String, "answered on the terminal", func(c string) bool { return strings.Contains(c, "TYPED-48") })
+	master.Write([]byte{0x1d})
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("vm console after Ctrl-]: %v\n%s", err, term)
+	}
+	if !strings.Contains(term.String(), "detached") {
+		t.Fatalf("no word of the detach:\n%s", term)
+	}
+	after, err := unix.IoctlGetTermios(int(slave.Fd()), unix.TCGETS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *after != *before {
+		t.Fatalf("the terminal's settings were not restored: %+v, were %+v", *after, *before)
+	}
+	if p := d.vm(t, "g").Power; p != api.PowerRunning {
+		t.Fatalf("after detaching: %q", p)
+	}
+	d.cli(t, "vm", "stop", "g", "--turn-off")
+	d.fails(t, []string{"is off", "only while it runs"}, "vm", "console", "g")
+}
+
+// openPTY opens a pseudo-terminal pair (posix_openpt, unlockpt, ptsname).
+func openPTY(t *testing.T) (master, slave *os.File) {
+	t.Helper()
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminals: %v", err)
+	}
+	t.Cleanup(func() { m.Close() })
+	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return m, s
 }

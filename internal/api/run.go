@@ -70,3 +70,10 @@ func (c *Client) ResumeVM(ctx context.Context, name string) (*VM, error) {
 	var v VM
 	return &v, c.do(ctx, "POST", "/v1/vms/"+esc(name)+"/resume", nil, &v)
 }
+
+// RestartVM resets a running or paused machine (system_reset): the guest
+// reboots at once.
+func (c *Client) RestartVM(ctx context.Context, name string) (*VM, error) {
+	var v VM
+	return &v, c.do(ctx, "POST", "/v1/vms/"+esc(name)+"/restart", nil, &v)
+}

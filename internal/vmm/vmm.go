@@ -384,3 +384,12 @@ func (p *Process) WaitGone(ctx context.Context, timeout time.Duration) error {
 	}
 	return nil
 }
+
+// Reset resets the machine as its reset button would (QMP system_reset):
+// the guest reboots at once, without being asked (an ACPI reboot request
+// needs a guest that handles it; this, like Restart-VM -Force, does not).
+// What the guest had not written to its disks is lost.
+func (p *Process) Reset(ctx context.Context) error {
+	_, err := p.Execute(ctx, "system_reset", nil)
+	return err
+}

@@ -174,8 +174,8 @@ func (h *Host) ImportVM(req api.ImportVM) (*api.VM, error) {
 			got := im.Info().Chain
 			im.Close()
 			if !slices.Equal(got, want) {
-				return fail(errorf(statusBadRequest, "%s opens through %s, but by identity its chain is %s: point it at its parent with vhdkit set-parent, or import with --copy",
-					paths[i][k], strings.Join(got, " <- "), strings.Join(want, " <- ")))
+				return fail(errorf(statusBadRequest, "%s opens through %s, but by identity its chain is %s (each file followed by its parent): point it at its parent with vhdkit set-parent, or import with --copy",
+					paths[i][k], strings.Join(got, " -> "), strings.Join(want, " -> ")))
 			}
 		}
 	}
@@ -311,8 +311,8 @@ func readImportFolder(dir string) ([]*importedFile, error) {
 					break
 				}
 			}
-			return nil, errorf(statusBadRequest, "%s: its parent links form a loop (%s <- %s): no base disk to rebuild the chain from",
-				f.path, strings.Join(loop, " <- "), filepath.Base(p.path))
+			return nil, errorf(statusBadRequest, "%s: its parent links form a loop (%s -> %s, each file followed by its parent): no base disk to rebuild the chain from",
+				f.path, strings.Join(loop, " -> "), filepath.Base(p.path))
 		}
 	}
 	for _, f := range files {

@@ -169,7 +169,8 @@ func (h *Host) ImportVM(req api.ImportVM) (*api.VM, error) {
 			}
 			im, err := vhdx.Open(paths[i][k], vhdx.OpenOptions{ReadOnly: true, ParentDirs: parentDirs, OpenFile: h.opts.OpenFile})
 			if err != nil {
-				return fail(errorf(statusBadRequest, "%s: %v (vhdkit set-parent can point it at its parent, or import with --copy)", paths[i][k], err))
+				return fail(errorf(statusBadRequest, "%s: %v; by identity its chain is %s (each file followed by its parent): vhdkit set-parent can point each file at its parent, or import with --copy",
+					paths[i][k], err, strings.Join(want, " -> ")))
 			}
 			got := im.Info().Chain
 			im.Close()

@@ -134,7 +134,11 @@ func TestImportHyperVFolder(t *testing.T) {
 }
 
 func fileMD5(t *testing.T, p string) string {
-	sum := md5.Sum(readFile(t, p))
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := md5.Sum(b)
 	return hex.EncodeToString(sum[:])
 }
 
@@ -260,4 +264,94 @@ func gunzip(t *testing.T, src, dst string) {
 		t.Fatal(err)
 	}
 	out.Close()
+}
+
+// TestImportTwoDisks: two disks with the same tree make one checkpoint
+// tree whose checkpoints hold a file of each; trees that differ, two
+// copies of one file, and a renamed parent in place are refused (the
+// last imports with --copy, which links the copies by identity).
+func TestImportTwoDisks(t *testing.T) {
+	th := startHost(t, shortDir(t), Options{})
+	defer th.stop(t)
+	ctx := context.Background()
+	build := func(disks map[string][]string) string {
+		dir := filepath.Join(t.TempDir(), "vm")
+		os.MkdirAll(dir, 0o700)
+		t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+		for disk, chain := range disks {
+			parent := ""
+			for i, name := range chain {
+				p := filepath.Join(dir, name)
+				opts := vhdx.CreateOptions{Size: 4 << 20}
+				if parent != "" {
+					opts = vhdx.CreateOptions{Parent: parent}
+				}
+				im, err := vhdx.Create(p, opts)
+				if err != nil {
+					t.Fatal(err)
+				}
+				im.WriteAt([]byte(disk+name), int64(i)<<20)
+				if err := im.Close(); err != nil {
+					t.Fatal(err)
+				}
+				when := t0.Add(time.Duration(i) * time.Minute)
+				os.Chtimes(p, when, when)
+				parent = p
+			}
+		}
+		return dir
+	}
+	dir := build(map[string][]string{"A": {"sys.vhdx", "sys_1.avhdx", "sys_2.avhdx"}, "B": {"data.vhdx", "data_1.avhdx", "data_2.avhdx"}})
+	v, err := th.api.ImportVM(ctx, api.ImportVM{Name: "two", Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Disks by name: data.vhdx is disk 0.
+	if len(v.Disks) != 2 || filepath.Base(v.Disks[0].Path) != "data_2.avhdx" || filepath.Base(v.Disks[1].Path) != "sys_2.avhdx" {
+		t.Fatalf("disks %+v", v.Disks)
+	}
+	cps, _ := th.api.Checkpoints(ctx, "two")
+	if len(cps.Checkpoints) != 2 || cps.Checkpoints[1].Name != "data_1" || len(cps.Checkpoints[1].Files) != 2 ||
+		filepath.Base(cps.Checkpoints[1].Files[1]) != "sys_1.avhdx" || cps.Current != cps.Checkpoints[1].ID {
+		t.Fatalf("checkpoints %+v", cps)
+	}
+	got := make([]byte, 10)
+	th.dial(t, "two/1").ReadAt(got, 2<<20)
+	if string(got) != "Asys_2.avh" {
+		t.Fatalf("disk 1 reads %q at 2 MiB", got)
+	}
+
+	refuse := func(what string, req api.ImportVM, want string) {
+		t.Helper()
+		_, err := th.api.ImportVM(ctx, req)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("%s: got %v, want %q", what, err, want)
+		}
+		t.Logf("%s: %v", what, err)
+	}
+	dir = build(map[string][]string{"A": {"sys.vhdx", "sys_1.avhdx", "sys_2.avhdx"}, "B": {"data.vhdx", "data_1.avhdx"}})
+	refuse("trees differ", api.ImportVM{Name: "bad", Dir: dir}, "disagree on the checkpoints")
+
+	dir = build(map[string][]string{"A": {"sys.vhdx", "sys_1.avhdx"}})
+	b, _ := os.ReadFile(filepath.Join(dir, "sys_1.avhdx"))
+	os.WriteFile(filepath.Join(dir, "sys copy.avhdx"), b, 0o600)
+	refuse("a copy of a file", api.ImportVM{Name: "bad", Dir: dir}, "the same image")
+
+	dir = build(map[string][]string{"A": {"sys.vhdx", "sys_1.avhdx", "sys_2.avhdx"}})
+	os.Rename(filepath.Join(dir, "sys.vhdx"), filepath.Join(dir, "renamed.vhdx"))
+	refuse("a renamed parent", api.ImportVM{Name: "bad", Dir: dir}, "set-parent")
+	if vms := th.VMs(); len(vms) != 1 {
+		t.Fatalf("refusals left machines: %+v", vms)
+	}
+	v, err = th.api.ImportVM(ctx, api.ImportVM{Name: "renamed", Dir: dir, Copy: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"sys_2.avhdx", "sys_1.avhdx", "renamed.vhdx"}; len(v.Disks[0].Chain) != 3 || filepath.Base(v.Disks[0].Chain[2]) != want[2] {
+		t.Fatalf("copied chain %v, want %v", v.Disks[0].Chain, want)
+	}
+	th.dial(t, "renamed").ReadAt(got, 0)
+	if string(got) != "Asys.vhdx\x00" {
+		t.Fatalf("renamed base reads %q", got)
+	}
 }

@@ -105,6 +105,26 @@ func (h *Host) ImportVM(req api.ImportVM) (*api.VM, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Copies are made before the host is locked, which a copy of many
+	// gigabytes would hold for minutes: into a folder of their own whose
+	// name no machine can have, renamed into place under the lock.
+	var copies [][]string
+	var staging string
+	if req.Copy {
+		h.mu.Lock()
+		taken := h.vms[req.Name] != nil
+		h.mu.Unlock()
+		if taken {
+			return nil, errorf(statusConflict, "a machine named %q exists", req.Name)
+		}
+		if staging, err = os.MkdirTemp(filepath.Join(h.dir, "vms"), ".import-"); err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(staging) // gone already once renamed
+		if copies, err = copyTrees(roots, staging); err != nil {
+			return nil, err
+		}
+	}
 
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -119,7 +139,11 @@ func (h *Host) ImportVM(req api.ImportVM) (*api.VM, error) {
 		}
 	}
 	mdir := h.machineDir(req.Name)
-	if err := mkdirPrivate(mdir); err != nil {
+	if req.Copy {
+		if err := os.Rename(staging, mdir); err != nil {
+			return nil, errorf(statusConflict, "placing the copies: %v (a folder of that name is in the way)", err)
+		}
+	} else if err := mkdirPrivate(mdir); err != nil {
 		return nil, err
 	}
 	ms := &machineState{Name: req.Name, Created: time.Now().UTC()}
@@ -150,7 +174,13 @@ func (h *Host) ImportVM(req api.ImportVM) (*api.VM, error) {
 	}
 	parentDirs := []string{dir}
 	if req.Copy {
-		if paths, err = copyTrees(roots, mdir); err != nil {
+		for i := range copies {
+			for k := range copies[i] {
+				copies[i][k] = filepath.Join(mdir, filepath.Base(copies[i][k]))
+			}
+		}
+		paths = copies
+		if err := linkCopies(roots, paths, mdir); err != nil {
 			return fail(err)
 		}
 		parentDirs = []string{mdir}
@@ -406,10 +436,8 @@ func checkpointNameOf(path string, files []*importedFile) string {
 	return stem
 }
 
-// copyTrees copies every disk's files into mdir, then points each copy
-// at its copied parent: the copies are a chain of their own, the
-// originals untouched. It returns the copies' paths, per disk in
-// preorder.
+// copyTrees copies every disk's files into mdir and returns the copies'
+// paths, per disk in preorder.
 func copyTrees(roots []*importedFile, mdir string) ([][]string, error) {
 	var out [][]string
 	taken := map[string]bool{}
@@ -427,20 +455,30 @@ func copyTrees(roots []*importedFile, mdir string) ([][]string, error) {
 			}
 			ps = append(ps, dst)
 		}
+		out = append(out, ps)
+	}
+	return out, nil
+}
+
+// linkCopies points each copy (paths, as copyTrees returns them) at its
+// copied parent: the copies are a chain of their own, the originals
+// untouched.
+func linkCopies(roots []*importedFile, paths [][]string, mdir string) error {
+	for i, r := range roots {
+		files := preorder(r)
 		// Parents before children: each parent's copy is linked (and so
 		// opens) before its children are pointed at it.
 		for k, f := range files {
 			if f.parent == nil {
 				continue
 			}
-			parent := ps[slices.Index(files, f.parent)]
-			if err := merge.SetParent(ps[k], parent, false, merge.Options{ParentDirs: []string{mdir}}); err != nil {
-				return nil, fmt.Errorf("linking the copy of %s to its parent's: %w", f.path, err)
+			parent := paths[i][slices.Index(files, f.parent)]
+			if err := merge.SetParent(paths[i][k], parent, false, merge.Options{ParentDirs: []string{mdir}}); err != nil {
+				return fmt.Errorf("linking the copy of %s to its parent's: %w", f.path, err)
 			}
 		}
-		out = append(out, ps)
 	}
-	return out, nil
+	return nil
 }
 
 // copyFile copies src to a new file dst, durably.

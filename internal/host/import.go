@@ -379,7 +379,7 @@ func runningLeaves(roots []*importedFile) ([]*importedFile, error) {
 			}
 		}
 		if tie {
-			return nil, errorf(statusBadRequest, "%s: two of its leaf files were modified at the same instant (%s): cannot tell which one the machine runs on; touch it and import again",
+			return nil, errorf(statusBadRequest, "%s: two of its leaf files were modified at the same instant (%s): cannot tell which one the machine runs on; touch the one it runs on (touch FILE) and import again",
 				r.path, newest.mtime.UTC().Format(time.RFC3339Nano))
 		}
 		running = append(running, newest)

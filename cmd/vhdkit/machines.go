@@ -134,6 +134,7 @@ Examples:
 			vmPauseResumeCommand(false),
 			vmRestartCommand(),
 			vmConsoleCommand(),
+			vmSaveCommand(),
 			vmRepairCommand(),
 			vmOptimizeCommand(),
 		},

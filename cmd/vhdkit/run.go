@@ -66,8 +66,8 @@ exports, with a reconnect delay so that a daemon restart only holds the
 guest's I/O. QEMU runs in a session of its own: stopping or killing the
 daemon leaves the machine running, and the next daemon re-adopts it. The
 serial console is a unix socket (vm show --json: runtime.serial), what it
-printed is kept in runtime.console. Needs qemu-system-x86_64 (Debian:
-qemu-system-x86).
+printed is kept in runtime.console. A saved machine (vm save) goes on
+from its saved state. Needs qemu-system-x86_64 (Debian: qemu-system-x86).
 
 Examples:
   vhdkit vm create tiny --disk 1G --memory 256M --kernel vmlinuz --initrd initrd.img --append console=ttyS0
@@ -155,6 +155,30 @@ Examples:
 			v, err := cl.RestartVM(ctx, args[0])
 			return f.reply(c, v, err, func() error {
 				fmt.Fprintf(c.stdout, "machine %s restarted; it is %s\n", v.Name, v.Power)
+				return nil
+			})
+		})
+}
+
+func vmSaveCommand() *command {
+	return clientVerb("vm save", "NAME", "save a running machine's memory and devices to a file and end its QEMU (Save-VM)",
+		`Pauses the machine, writes its memory and device state (QEMU's migration
+stream) to DIR/run/NAME/saved.state, and ends QEMU: the machine is
+"saved". vm start goes on from that instant, the guest none the wiser (its
+clock jumps), and the file is deleted once it runs. The disks are not in
+the file: while a machine is saved its disks must stay as they are, so
+checkpoint apply is refused and vm delete needs --force (which discards
+the saved state). vm stop --turn-off discards the saved state: the next
+start boots afresh.
+
+Examples:
+  vhdkit vm save web
+  vhdkit vm start web
+`, true, 1, nil,
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			v, err := cl.SaveVM(ctx, args[0])
+			return f.reply(c, v, err, func() error {
+				fmt.Fprintf(c.stdout, "machine %s is %s\n", v.Name, v.Power)
 				return nil
 			})
 		})

@@ -446,3 +446,96 @@ func openPTY(t *testing.T) (master, slave *os.File) {
 	t.Cleanup(func() { s.Close() })
 	return m, s
 }
+
+// TestServeVMSave: vm save writes the machine's memory and device state
+// to a file and ends QEMU (power "saved"); the guest's counter, kept only
+// in its shell's memory, goes on after vm start from where it was rather
+// than from 0, and the guest did not boot again; the file goes once the
+// machine runs. While saved, checkpoint apply and vm delete (without
+// --force) are refused, vm stop without --turn-off too; the saved state
+// survives a daemon restart; --turn-off discards it and the guest boots
+// afresh.
+func TestServeVMSave(t *testing.T) {
+	dir := shortTempDir(t)
+	data := filepath.Join(dir, "d")
+	d := startDaemon(t, data)
+	v, console := bootGuest(t, d, dir, "g", `echo VHDKIT-BOOTED
+i=0
+while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
+`)
+	counts := func(c string) []int {
+		var out []int
+		for _, line := range strings.Split(c, "\n") {
+			var n int
+			if _, err := fmt.Sscanf(line, "COUNT %d", &n); err == nil {
+				out = append(out, n)
+			}
+		}
+		return out
+	}
+	waitConsole(t, console, "counted to 5", func(c string) bool { return len(counts(c)) > 5 })
+	d.cli(t, "checkpoint", "create", "g", "--name", "c1")
+	if out := d.cli(t, "vm", "save", "g"); !strings.Contains(out, "is saved") {
+		t.Fatalf("vm save: %s", out)
+	}
+	w := d.vm(t, "g")
+	if w.Power != api.PowerSaved || w.Runtime != nil {
+		t.Fatalf("after save: power %q, runtime %+v", w.Power, w.Runtime)
+	}
+	if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", v.Runtime.Pid)); strings.Contains(string(b), "qemu") {
+		t.Fatalf("QEMU (pid %d) still runs after vm save", v.Runtime.Pid)
+	}
+	state := filepath.Join(data, "run", "g", "saved.state")
+	if fi, err := os.Stat(state); err != nil || fi.Size() < 1<<20 {
+		t.Fatalf("saved state: %v, %v", fi, err)
+	}
+	c := console()
+	atSave := counts(c)
+	last := atSave[len(atSave)-1]
+	d.fails(t, []string{"is saved", "before applying"}, "checkpoint", "apply", "g", "c1", "--force")
+	d.fails(t, []string{"is saved", "--force"}, "vm", "delete", "g", "--delete-disks")
+	d.fails(t, []string{"is saved", "--turn-off"}, "vm", "stop", "g")
+
+	// The saved state is in a file, not in the daemon.
+	d.stop(t)
+	d = startDaemon(t, data)
+	if p := d.vm(t, "g").Power; p != api.PowerSaved {
+		t.Fatalf("after a daemon restart: %q", p)
+	}
+
+	d.cli(t, "vm", "start", "g")
+	w = d.vm(t, "g")
+	if w.Power != api.PowerRunning || w.Runtime == nil {
+		t.Fatalf("after start from saved: power %q, runtime %+v", w.Power, w.Runtime)
+	}
+	t.Cleanup(func() { syscall.Kill(w.Runtime.Pid, syscall.SIGKILL) })
+	waitConsole(t, console, "counted on", func(s string) bool { return len(counts(s)) > len(atSave)+3 })
+	after := counts(console()[len(c):])
+	if after[0] != last+1 {
+		t.Fatalf("the counter went on from %d after the restore (was %d at the save), want %d", after[0], last, last+1)
+	}
+	if n := strings.Count(console(), "VHDKIT-BOOTED"); n != 1 {
+		t.Fatalf("the guest booted %d times, want once", n)
+	}
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Fatalf("the saved state is still there after the resume: %v", err)
+	}
+
+	// Save again, then discard: the next start boots afresh.
+	d.cli(t, "vm", "save", "g")
+	if out := d.cli(t, "vm", "stop", "g", "--turn-off"); !strings.Contains(out, "is off") {
+		t.Fatalf("vm stop --turn-off of a saved machine: %s", out)
+	}
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Fatalf("the saved state is still there after it was discarded: %v", err)
+	}
+	d.cli(t, "vm", "start", "g")
+	w = d.vm(t, "g")
+	t.Cleanup(func() { syscall.Kill(w.Runtime.Pid, syscall.SIGKILL) })
+	waitConsole(t, console, "booted afresh", func(s string) bool { return strings.Count(s, "VHDKIT-BOOTED") == 2 })
+	d.cli(t, "vm", "save", "g")
+	d.cli(t, "vm", "delete", "g", "--delete-disks", "--force")
+	if _, err := os.Stat(filepath.Dir(state)); !os.IsNotExist(err) {
+		t.Fatalf("the run files of a deleted machine are still there: %v", err)
+	}
+}

@@ -9,6 +9,9 @@ const (
 	PowerRunning  = "running"
 	PowerPaused   = "paused"
 	PowerStopping = "stopping"
+	// PowerSaved: QEMU ended after writing the machine's memory and device
+	// state to a file (vm save, Save-VM); vm start goes on from it.
+	PowerSaved = "saved"
 	// PowerFailed: QEMU did not start or ended on its own with an error;
 	// Runtime.Reason says why and Runtime.Log keeps QEMU's log.
 	PowerFailed = "failed"
@@ -76,4 +79,11 @@ func (c *Client) ResumeVM(ctx context.Context, name string) (*VM, error) {
 func (c *Client) RestartVM(ctx context.Context, name string) (*VM, error) {
 	var v VM
 	return &v, c.do(ctx, "POST", "/v1/vms/"+esc(name)+"/restart", nil, &v)
+}
+
+// SaveVM writes a running or paused machine's state to a file and ends
+// its QEMU; StartVM goes on from it.
+func (c *Client) SaveVM(ctx context.Context, name string) (*VM, error) {
+	var v VM
+	return &v, c.do(ctx, "POST", "/v1/vms/"+esc(name)+"/save", nil, &v)
 }

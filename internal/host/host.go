@@ -554,7 +554,7 @@ func (h *Host) DeleteVM(name string, opts api.DeleteVM) (*api.DeletedVM, error) 
 	if v.optimizing {
 		return nil, errorf(statusConflict, "machine %s: its disks are being optimized; wait for it to finish", name)
 	}
-	if err := v.refuseRunning("deleting it"); err != nil {
+	if err := h.refuseDelete(v, opts.Force); err != nil {
 		return nil, err
 	}
 	out := &api.DeletedVM{Name: name, Removed: []string{}, Kept: []string{}}
@@ -584,6 +584,7 @@ func (h *Host) DeleteVM(name string, opts api.DeleteVM) (*api.DeletedVM, error) 
 		h.finishLocked(j, api.JobFailed, fmt.Sprintf("machine %s was deleted", name))
 	}
 	delete(h.vms, name)
+	h.removeRunFiles(name)
 	h.st.Machines = slices.DeleteFunc(h.st.Machines, func(m *machineState) bool { return m.Name == name })
 	if err := h.save(); err != nil {
 		return nil, err

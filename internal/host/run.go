@@ -30,6 +30,10 @@ const (
 	// reconnectDelay is how long QEMU holds a disk's I/O while the NBD
 	// server is gone before failing it: a daemon restart must take less.
 	reconnectDelay = 60 * time.Second
+	// restoreTimeout bounds the load of a saved state at start.
+	restoreTimeout = 10 * time.Minute
+	// saveTimeout bounds the write of a machine's state by vm save.
+	saveTimeout = 10 * time.Minute
 	// defaultStopTimeout is how long stop waits for the guest to power
 	// off after the ACPI power button before it turns the machine off.
 	defaultStopTimeout = 60 * time.Second
@@ -128,6 +132,11 @@ func (v *vm) refuseRunning(what string) error {
 	switch p := v.power(); p {
 	case api.PowerOff, api.PowerFailed:
 		return nil
+	case api.PowerSaved:
+		// The saved state holds the guest's memory, caches of its disks
+		// included: disks changed under it would be corrupted when it
+		// goes on.
+		return errorf(statusConflict, "machine %s is saved (its memory expects its disks as they are): start it and stop it (vhdkit vm start %s), or discard the saved state (vhdkit vm stop %s --turn-off), before %s", v.st.Name, v.st.Name, v.st.Name, what)
 	default:
 		return errorf(statusConflict, "machine %s is %s: stop it first (vhdkit vm stop %s) before %s", v.st.Name, p, v.st.Name, what)
 	}
@@ -147,6 +156,7 @@ func (h *Host) runRoutes(handle func(pattern string, f func(r *http.Request) (an
 	})
 	handle("POST /v1/vms/{vm}/pause", func(r *http.Request) (any, error) { return h.PauseVM(r.Context(), r.PathValue("vm")) })
 	handle("POST /v1/vms/{vm}/resume", func(r *http.Request) (any, error) { return h.ResumeVM(r.Context(), r.PathValue("vm")) })
+	handle("POST /v1/vms/{vm}/save", func(r *http.Request) (any, error) { return h.SaveVM(r.Context(), r.PathValue("vm")) })
 	handle("POST /v1/vms/{vm}/restart", func(r *http.Request) (any, error) { return h.RestartVM(r.Context(), r.PathValue("vm")) })
 }
 
@@ -165,7 +175,8 @@ func (h *Host) StartVM(ctx context.Context, name string) (*api.VM, error) {
 		h.mu.Unlock()
 		return nil, err
 	}
-	if p := v.power(); p != api.PowerOff && p != api.PowerFailed {
+	saved := v.power() == api.PowerSaved || h.hasSaved(name)
+	if p := v.power(); p != api.PowerOff && p != api.PowerFailed && !saved {
 		h.mu.Unlock()
 		return nil, errorf(statusConflict, "machine %s is %s", name, p)
 	}
@@ -185,6 +196,9 @@ func (h *Host) StartVM(ctx context.Context, name string) (*api.VM, error) {
 	}
 	cfg := vmm.Config{Name: name, RunDir: h.runDir(name), Accel: accel, MemoryMiB: s.MemoryMiB, CPUs: s.CPUs,
 		Kernel: s.Kernel, Initrd: s.Initrd, Append: s.Append, ReconnectDelay: reconnectDelay}
+	if saved {
+		cfg.Incoming = h.savedFile(name)
+	}
 	for i := range v.st.Disks {
 		cfg.Disks = append(cfg.Disks, vmm.Disk{Socket: h.opts.NBDSocket, Export: exportName(name, i)})
 	}
@@ -198,6 +212,28 @@ func (h *Host) StartVM(ctx context.Context, name string) (*api.VM, error) {
 	p, exited, err := vmm.Start(context.WithoutCancel(ctx), cfg)
 	if err != nil {
 		return nil, h.startFailed(v, err)
+	}
+	if saved {
+		// The state is loaded before the machine counts as running; its
+		// file goes only once the guest runs on from it.
+		st, err := p.WaitIncoming(context.WithoutCancel(ctx), restoreTimeout)
+		if err == nil && st == "paused" {
+			// The stream carries the run state at the save, which paused
+			// the machine first: it goes on once told.
+			if err = p.Resume(context.WithoutCancel(ctx)); err == nil {
+				st, err = p.Status(context.WithoutCancel(ctx))
+			}
+		}
+		if err == nil && st != "running" {
+			err = fmt.Errorf("after loading its saved state QEMU is %q", st)
+		}
+		if err != nil {
+			p.Quit(context.Background())
+			return nil, h.startFailed(v, fmt.Errorf("resuming from %s: %v; %s (vhdkit vm stop %s --turn-off discards the saved state)", cfg.Incoming, err, p.LogTail(), name))
+		}
+		if err := os.Remove(cfg.Incoming); err != nil {
+			h.log.Warn("saved state not removed", "vm", name, "file", cfg.Incoming, "err", err)
+		}
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -278,6 +314,9 @@ func (h *Host) watch(v *vm, p *vmm.Process, exited <-chan error) {
 func (h *Host) adopt(v *vm) {
 	rec := v.st.Run
 	if rec == nil {
+		if h.hasSaved(v.st.Name) {
+			v.run = &vmRun{power: api.PowerSaved}
+		}
 		return
 	}
 	p := rec.Process
@@ -323,6 +362,10 @@ func (h *Host) StopVM(ctx context.Context, name string, req api.StopVM) (*api.VM
 		timeout = time.Duration(req.TimeoutSeconds) * time.Second
 	}
 	h.mu.Lock()
+	if v, err := h.lookup(name); err == nil && (v.power() == api.PowerSaved || v.power() == api.PowerFailed && h.hasSaved(name)) {
+		defer h.mu.Unlock()
+		return h.discardSaved(v, req.TurnOff)
+	}
 	v, p, err := h.running(name)
 	if err != nil {
 		h.mu.Unlock()
@@ -428,4 +471,148 @@ func (h *Host) RestartVM(ctx context.Context, name string) (*api.VM, error) {
 	h.log.Info("machine restarted", "vm", name)
 	out := h.view(v)
 	return &out, nil
+}
+
+// savedFile is where vm save writes a machine's state, beside its other
+// run files; savedPart while it is being written.
+func (h *Host) savedFile(name string) string { return filepath.Join(h.runDir(name), "saved.state") }
+func (h *Host) savedPart(name string) string { return h.savedFile(name) + ".part" }
+
+// hasSaved reports whether the machine has a saved state (a complete one:
+// the file is renamed into place only once written and synced).
+func (h *Host) hasSaved(name string) bool {
+	_, err := os.Stat(h.savedFile(name))
+	return err == nil
+}
+
+// discardSaved turns a saved machine off for good (vm stop --turn-off,
+// like Hyper-V's Delete Saved State): the state file goes, the guest
+// will boot afresh. The caller holds mu.
+func (h *Host) discardSaved(v *vm, turnOff bool) (*api.VM, error) {
+	name := v.st.Name
+	if !turnOff {
+		return nil, errorf(statusConflict, "machine %s is saved: vhdkit vm start %s goes on from its saved state; vm stop --turn-off discards it", name, name)
+	}
+	if err := os.Remove(h.savedFile(name)); err != nil && !os.IsNotExist(err) {
+		return nil, errorf(http.StatusInternalServerError, "machine %s: discarding its saved state: %v", name, err)
+	}
+	v.run = nil
+	h.log.Info("saved state discarded", "vm", name)
+	out := h.view(v)
+	return &out, nil
+}
+
+// refuseDelete refuses to delete a machine that runs, or that is saved
+// unless force (the saved state is then discarded with the machine's run
+// files); the caller holds mu.
+func (h *Host) refuseDelete(v *vm, force bool) error {
+	if v.power() == api.PowerSaved && force {
+		return nil
+	}
+	if err := v.refuseRunning("deleting it"); err != nil {
+		if v.power() == api.PowerSaved {
+			return fmt.Errorf("%w; or delete it with --force, which discards its saved state", err)
+		}
+		return err
+	}
+	return nil
+}
+
+// removeRunFiles removes a deleted machine's run files (logs, a saved
+// state), so that a machine made later with its name starts clean.
+func (h *Host) removeRunFiles(name string) {
+	if err := os.RemoveAll(h.runDir(name)); err != nil {
+		h.log.Warn("run files not removed", "vm", name, "err", err)
+	}
+}
+
+// SaveVM saves a running or paused machine (Save-VM) and ends its QEMU;
+// vm start goes on from the saved state.
+//
+//  1. Under mu: the machine runs; it becomes "stopping" (nothing else
+//     changes its power meanwhile).
+//  2. Without mu: pause its CPUs (the state is of one instant), write
+//     the migration stream to saved.state.part, sync it, rename it to
+//     saved.state and sync the folder: a complete state or none.
+//  3. QEMU quits; the machine is "saved". A failure before the rename
+//     leaves it running (resumed if it was running).
+func (h *Host) SaveVM(ctx context.Context, name string) (*api.VM, error) {
+	h.mu.Lock()
+	v, p, err := h.running(name)
+	if err != nil {
+		h.mu.Unlock()
+		return nil, err
+	}
+	wasPaused := v.power() == api.PowerPaused
+	v.run.power = api.PowerStopping
+	h.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), saveTimeout)
+	defer cancel()
+	start := time.Now()
+	part, file := h.savedPart(name), h.savedFile(name)
+	err = p.Pause(ctx)
+	if err == nil {
+		os.Remove(part)
+		err = p.SaveState(ctx, part)
+	}
+	if err == nil {
+		err = syncFile(part)
+	}
+	if err == nil {
+		err = os.Rename(part, file)
+	}
+	if err == nil {
+		err = syncFile(filepath.Dir(file))
+	}
+	if err != nil {
+		os.Remove(part)
+		if !wasPaused {
+			if rerr := p.Resume(ctx); rerr != nil {
+				h.log.Error("resuming after a failed save", "vm", name, "err", rerr)
+			}
+		}
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if v.run != nil && v.run.proc == p {
+			v.run.power = api.PowerRunning
+			if wasPaused {
+				v.run.power = api.PowerPaused
+			}
+		}
+		return nil, errorf(http.StatusInternalServerError, "machine %s not saved: %v", name, err)
+	}
+	qerr := p.Quit(ctx)
+
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if qerr != nil {
+		// The state is saved but QEMU runs on: the machine must not run
+		// twice, and its disks would go on changing under the state.
+		os.Remove(file)
+		v.run.power = api.PowerPaused
+		return nil, errorf(http.StatusInternalServerError, "machine %s: saved, but QEMU did not end (%v); the saved state is discarded, the machine is paused", name, qerr)
+	}
+	v.run = &vmRun{power: api.PowerSaved}
+	v.st.Run = nil
+	if err := h.save(); err != nil {
+		return nil, err
+	}
+	size := int64(0)
+	if fi, err := os.Stat(file); err == nil {
+		size = fi.Size()
+	}
+	h.log.Info("machine saved", "vm", name, "file", file, "bytes", size, "took", time.Since(start))
+	out := h.view(v)
+	return &out, nil
+}
+
+// syncFile syncs a file or folder to stable storage.
+func syncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
 }

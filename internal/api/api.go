@@ -6,6 +6,7 @@
 //
 //	GET    /v1/vms                                list machines
 //	POST   /v1/vms                                create (CreateVM)
+//	POST   /v1/vms/import                         import a Hyper-V VM folder (ImportVM)
 //	GET    /v1/vms/{vm}                           one machine
 //	DELETE /v1/vms/{vm}                           delete it (?force=1, ?delete_disks=1): DeletedVM
 //	POST   /v1/vms/{vm}/repair                    re-open a failed machine (RepairVM)

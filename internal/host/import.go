@@ -42,7 +42,6 @@ type importedFile struct {
 	path     string
 	dwg      vhdx.GUID // its DataWriteGuid: what its children link to
 	link     *vhdx.ParentLink
-	size     int64
 	mtime    time.Time
 	parent   *importedFile
 	children []*importedFile // oldest first
@@ -298,7 +297,7 @@ func readImportFolder(dir string) ([]*importedFile, error) {
 		}
 		inf := im.Info()
 		im.Close()
-		f.dwg, f.size = inf.DataWriteGUID, int64(inf.VirtualSize)
+		f.dwg = inf.DataWriteGUID
 		if o := byGUID[f.dwg]; o != nil {
 			return nil, errorf(statusBadRequest, "%s and %s are the same image (DataWriteGuid {%s}): one is a copy of the other; remove one", o.path, p, f.dwg)
 		}

@@ -17,9 +17,9 @@ func vmImportCommand() *command {
 (in DIR/Virtual Hard Disks, or in DIR itself) become the machine's disks and
 checkpoint tree. Which file is whose parent is read from the files' parent
 links (a child records its parent's DataWriteGuid), not from their names.
-Each .vhdx is a disk; every file but the one each disk runs on becomes a
-checkpoint, named after the file (disk_6A1F....avhdx: "disk_6A1F..."),
-dated by its modification time. The file a disk runs on is its leaf
+Each file without a parent (a .vhdx, as a rule) is a disk; every file but
+the one each disk runs on becomes a checkpoint, named after the file
+(disk_6A1F....avhdx: "disk_6A1F..."), dated by its modification time. The file a disk runs on is its leaf
 modified last (Hyper-V records it in the binary .vmcx, which is not read).
 
 The files are used in place, and from then on belong to the daemon:

@@ -148,7 +148,8 @@ func vmDeleteCommand() *command {
 disk files the daemon created is deleted only with --delete-disks, which
 removes them (and its checkpoints' files); without it the command lists
 them and changes nothing. A machine with NBD clients connected is not
-deleted unless --force disconnects them first.
+deleted unless --force disconnects them first. A saved machine (vm save)
+is deleted only with --force, which discards its saved state.
 
 Examples:
   vhdkit vm delete web --delete-disks
@@ -157,7 +158,7 @@ Examples:
 		func(fs *flag.FlagSet) {
 			force, deleteDisks = false, false
 			fs.BoolVar(&deleteDisks, "delete-disks", false, "remove the disk and checkpoint files the daemon created for the machine")
-			fs.BoolVar(&force, "force", false, "disconnect the machine's NBD clients instead of refusing")
+			fs.BoolVar(&force, "force", false, "disconnect the machine's NBD clients, discard a saved state, instead of refusing")
 		},
 		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
 			out, err := cl.DeleteVM(ctx, args[0], api.DeleteVM{Force: force, DeleteDisks: deleteDisks})

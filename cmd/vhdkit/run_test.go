@@ -420,7 +420,27 @@ while read -r line; do eval "$line"; done
 	if p := d.vm(t, "g").Power; p != api.PowerRunning {
 		t.Fatalf("after detaching: %q", p)
 	}
+
+	// The machine ends under an attached console: the command ends too,
+	// saying so, rather than waiting on its stdin.
+	cmd = exec.Command(d.bin, "vm", "console", "g")
+	cmd.Env = append(os.Environ(), "VHDKIT_DATA="+d.data)
+	held, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	out = &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(held, "echo STILL-$((2*21))\n")
+	waitConsole(t, out.String, "answered again", func(c string) bool { return strings.Contains(c, "STILL-42") })
 	d.cli(t, "vm", "stop", "g", "--turn-off")
+	if err := cmd.Wait(); err == nil || !strings.Contains(out.String(), "console closed") {
+		t.Fatalf("vm console as its machine ended: %v\n%s", err, out)
+	}
 	d.fails(t, []string{"is off", "only while it runs"}, "vm", "console", "g")
 }
 
@@ -519,6 +539,22 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 	}
 	if _, err := os.Stat(state); !os.IsNotExist(err) {
 		t.Fatalf("the saved state is still there after the resume: %v", err)
+	}
+
+	// A paused machine saves too, and runs once started (Hyper-V's Start
+	// of a saved machine runs it).
+	d.cli(t, "vm", "pause", "g")
+	d.cli(t, "vm", "save", "g")
+	n := len(counts(console()))
+	d.cli(t, "vm", "start", "g")
+	w = d.vm(t, "g")
+	t.Cleanup(func() { syscall.Kill(w.Runtime.Pid, syscall.SIGKILL) })
+	if w.Power != api.PowerRunning {
+		t.Fatalf("a machine saved while paused, after start: %q", w.Power)
+	}
+	waitConsole(t, console, "counted on after the paused save", func(s string) bool { return len(counts(s)) > n+2 })
+	if got := counts(console()); got[n] != got[n-1]+1 {
+		t.Fatalf("after the paused save the counter went from %d to %d", got[n-1], got[n])
 	}
 
 	// Save again, then discard: the next start boots afresh.

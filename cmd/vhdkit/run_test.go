@@ -575,3 +575,34 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 		t.Fatalf("the run files of a deleted machine are still there: %v", err)
 	}
 }
+
+// TestServeVMSaveFails: a save that cannot be written (the file size
+// limit of QEMU, inherited by the cat writing the stream, stands in for
+// a full disk) fails with the reason, leaves no state file, and the
+// machine runs on from where it was.
+func TestServeVMSaveFails(t *testing.T) {
+	dir := shortTempDir(t)
+	data := filepath.Join(dir, "d")
+	d := startDaemon(t, data)
+	v, console := bootGuest(t, d, dir, "g", `i=0
+while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
+`)
+	waitConsole(t, console, "counted to 3", func(c string) bool { return strings.Contains(c, "COUNT 3\n") })
+	limit := unix.Rlimit{Cur: 256 << 10, Max: 256 << 10}
+	if err := unix.Prlimit(v.Runtime.Pid, unix.RLIMIT_FSIZE, &limit, nil); err != nil {
+		t.Skipf("cannot limit QEMU's file size: %v", err)
+	}
+	d.fails(t, []string{"not saved", "migration failed"}, "vm", "save", "g")
+	if p := d.vm(t, "g").Power; p != api.PowerRunning {
+		t.Fatalf("after a failed save: %q", p)
+	}
+	run := filepath.Join(data, "run", "g")
+	for _, f := range []string{"saved.state", "saved.state.part"} {
+		if _, err := os.Stat(filepath.Join(run, f)); !os.IsNotExist(err) {
+			t.Fatalf("%s after a failed save: %v", f, err)
+		}
+	}
+	n := strings.Count(console(), "COUNT ")
+	waitConsole(t, console, "counted on after the failed save", func(c string) bool { return strings.Count(c, "COUNT ") > n+2 })
+	d.cli(t, "vm", "stop", "g", "--turn-off")
+}

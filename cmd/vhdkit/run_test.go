@@ -606,3 +606,58 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 	waitConsole(t, console, "counted on after the failed save", func(c string) bool { return strings.Count(c, "COUNT ") > n+2 })
 	d.cli(t, "vm", "stop", "g", "--turn-off")
 }
+
+// TestServeVMSavedAcrossKill: what a daemon killed during vm save leaves
+// is sorted out by the next one. A QEMU still running beside a state file
+// (killed before QEMU quit) wins: the machine is re-adopted running and
+// the file discarded, never resumed under disks that went on changing. A
+// state file with its QEMU gone (killed after it quit) makes the machine
+// saved; a state that does not load leaves it failed with the reason and
+// the way out, and vm stop --turn-off discards it.
+func TestServeVMSavedAcrossKill(t *testing.T) {
+	dir := shortTempDir(t)
+	data := filepath.Join(dir, "d")
+	d := startDaemon(t, data)
+	v, console := bootGuest(t, d, dir, "g", "echo VHDKIT-BOOTED\nwhile true; do sleep 1; done\n")
+	waitConsole(t, console, "booted", func(c string) bool { return strings.Contains(c, "VHDKIT-BOOTED") })
+	state := filepath.Join(data, "run", "g", "saved.state")
+	if err := os.WriteFile(state, []byte("not a migration stream"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d.kill()
+	d = startDaemon(t, data)
+	if w := d.vm(t, "g"); w.Power != api.PowerRunning || w.Runtime == nil || w.Runtime.Pid != v.Runtime.Pid {
+		t.Fatalf("re-adopted beside a state file: power %q, runtime %+v", w.Power, w.Runtime)
+	}
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Fatalf("the state file beside a running QEMU was kept: %v", err)
+	}
+
+	if err := os.WriteFile(state, []byte("not a migration stream"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d.kill()
+	syscall.Kill(v.Runtime.Pid, syscall.SIGKILL)
+	for deadline := time.Now().Add(time.Minute); syscall.Kill(v.Runtime.Pid, 0) == nil; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("QEMU outlived SIGKILL")
+		}
+	}
+	d = startDaemon(t, data)
+	if p := d.vm(t, "g").Power; p != api.PowerSaved {
+		t.Fatalf("a state file and no QEMU: %q, want saved", p)
+	}
+	d.fails(t, []string{"did not start", "resuming from", "--turn-off"}, "vm", "start", "g")
+	if p := d.vm(t, "g").Power; p != api.PowerFailed {
+		t.Fatalf("after a state that did not load: %q", p)
+	}
+	d.cli(t, "vm", "stop", "g", "--turn-off")
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Fatalf("the state file was not discarded: %v", err)
+	}
+	d.cli(t, "vm", "start", "g")
+	w := d.vm(t, "g")
+	t.Cleanup(func() { syscall.Kill(w.Runtime.Pid, syscall.SIGKILL) })
+	waitConsole(t, console, "booted afresh", func(c string) bool { return strings.Count(c, "VHDKIT-BOOTED") == 2 })
+	d.cli(t, "vm", "stop", "g", "--turn-off")
+}

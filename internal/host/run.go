@@ -210,6 +210,10 @@ func (h *Host) StartVM(ctx context.Context, name string) (*api.VM, error) {
 	// The start outlives the request: a client that gives up must not
 	// leave a QEMU no state records.
 	p, exited, err := vmm.Start(context.WithoutCancel(ctx), cfg)
+	if err != nil && saved {
+		// A state that does not load may end QEMU before QMP answers.
+		err = fmt.Errorf("resuming from %s: %v (vhdkit vm stop %s --turn-off discards the saved state)", cfg.Incoming, err, name)
+	}
 	if err != nil {
 		return nil, h.startFailed(v, err)
 	}
@@ -323,7 +327,20 @@ func (h *Host) adopt(v *vm) {
 	if !p.Alive() {
 		h.log.Info("machine's QEMU ended while no daemon ran", "vm", v.st.Name, "pid", p.Pid)
 		v.st.Run = nil
+		if h.hasSaved(v.st.Name) {
+			// A save whose QEMU quit as the daemon died: the state is
+			// complete (renamed into place only once synced).
+			v.run = &vmRun{power: api.PowerSaved}
+		}
 		return
+	}
+	if h.hasSaved(v.st.Name) {
+		// A save the daemon died in before QEMU quit: QEMU runs on, and
+		// its disks will change, so the state must never be resumed.
+		h.log.Warn("discarding the saved state of a machine whose QEMU still runs", "vm", v.st.Name)
+		if err := os.Remove(h.savedFile(v.st.Name)); err != nil {
+			h.log.Error("discarding a saved state", "vm", v.st.Name, "err", err)
+		}
 	}
 	power := api.PowerRunning
 	ctx, cancel := context.WithTimeout(h.ctx, 10*time.Second)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -117,5 +118,25 @@ func TestAliveIsThisQEMU(t *testing.T) {
 	other.QMP = dir + "/other.sock"
 	if !p.Alive() || other.Alive() {
 		t.Fatalf("Alive: this QEMU %v, with another QMP socket %v", p.Alive(), other.Alive())
+	}
+}
+
+// TestShellQuote: the state file's path reaches sh (QEMU runs an exec:
+// migration's command with sh -c) as one word, whatever it holds.
+func TestShellQuote(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, `it's a "file" $HOME; rm -rf x`)
+	cmd := exec.Command("sh", "-c", "cat > "+shellQuote(file))
+	cmd.Stdin = strings.NewReader("state")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("sh: %v: %s", err, out)
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "state" {
+		t.Fatalf("%q: %q, %v", file, b, err)
+	}
+	c := Config{Incoming: file}
+	args := strings.Join(c.Args(), "\x00")
+	if !strings.Contains(args, "-incoming\x00exec:cat "+shellQuote(file)) {
+		t.Fatalf("no -incoming of the quoted file in %q", args)
 	}
 }

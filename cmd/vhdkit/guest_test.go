@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vhdkit/vhdkit/internal/guest"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // TestNBDGuest boots a QEMU guest whose virtio disk is a dynamic VHDX
@@ -83,8 +84,8 @@ func TestNBDGuest(t *testing.T) {
 // a last checkpoint leaves as we do.
 func TestServeGuestLiveMerge(t *testing.T) {
 	env := guest.Require(t)
-	nbdRequire(t, "qemu-img")
-	nbdRequire(t, "7zz")
+	testenv.Tool(t, "qemu-img")
+	testenv.Tool(t, "7zz")
 	dir := shortTempDir(t)
 	d := startDaemon(t, filepath.Join(dir, "d"))
 	d.cli(t, "vm", "create", "g", "--disk", "64M")

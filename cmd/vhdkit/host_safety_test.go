@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // The host refuses, or makes safe, what would corrupt a running disk,
@@ -42,7 +43,7 @@ func (d *daemon) fails(t *testing.T, words []string, args ...string) string {
 // disconnected first and the machine runs from the checkpoint, as
 // qemu-img reads.
 func TestServeApplyUnderClient(t *testing.T) {
-	qemuImg := nbdRequire(t, "qemu-img")
+	qemuImg := testenv.Tool(t, "qemu-img")
 	dir := shortTempDir(t)
 	d := startDaemon(t, filepath.Join(dir, "d"))
 	d.cli(t, "vm", "create", "web", "--disk", "32M")
@@ -491,5 +492,5 @@ func TestServeOptimizeRunning(t *testing.T) {
 	d.stop(t)
 	leaf := filepath.Join(d.data, "vms", "web", "disk0.vhdx")
 	runTool(t, time.Minute, d.bin, "check", leaf)
-	runTool(t, time.Minute, nbdRequire(t, "qemu-img"), "check", "-f", "vhdx", leaf)
+	runTool(t, time.Minute, testenv.Tool(t, "qemu-img"), "check", "-f", "vhdx", leaf)
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/nbd"
 )
 
@@ -27,8 +28,8 @@ import (
 // one line), and at the end every flushed write must read back, through
 // NBD and from the files after the daemon stops.
 func TestHostileAdmin(t *testing.T) {
-	qemuIO := nbdRequire(t, "qemu-io")
-	qemuImg := nbdRequire(t, "qemu-img")
+	qemuIO := testenv.Tool(t, "qemu-io")
+	qemuImg := testenv.Tool(t, "qemu-img")
 	dir := shortTempDir(t)
 	d := startDaemon(t, filepath.Join(dir, "d"))
 	const size = 32 << 20

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // TestVMImport: one daemon leaves a machine's files as Hyper-V would
@@ -18,7 +20,7 @@ import (
 // pattern through NBD, before and after an apply and a merge in the
 // imported tree; the originals of the copy import stay byte for byte.
 func TestVMImport(t *testing.T) {
-	qemuIO := nbdRequire(t, "qemu-io")
+	qemuIO := testenv.Tool(t, "qemu-io")
 	dir := shortTempDir(t)
 	src := startDaemon(t, filepath.Join(dir, "a"))
 	qio := func(d *daemon, export string, cmds ...string) {

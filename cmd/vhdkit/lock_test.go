@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/nbd"
 )
 
@@ -117,9 +118,9 @@ func TestMergeWhileServed(t *testing.T) {
 // as do qemu-nbd, qemu-io and qemu-img; read-only inspection works with
 // --force-share.
 func TestTwoServersOneFile(t *testing.T) {
-	qemuNBD := nbdRequire(t, "qemu-nbd")
-	qemuIO := nbdRequire(t, "qemu-io")
-	qemuImg := nbdRequire(t, "qemu-img")
+	qemuNBD := testenv.Tool(t, "qemu-nbd")
+	qemuIO := testenv.Tool(t, "qemu-io")
+	qemuImg := testenv.Tool(t, "qemu-img")
 	dir := shortTempDir(t)
 	img := filepath.Join(dir, "d.vhdx")
 	createImage(t, img, "--size", "32M")
@@ -161,7 +162,7 @@ func TestTwoServersOneFile(t *testing.T) {
 // TestRefuseQemuWriter: vhdkit refuses a file QEMU is writing, naming the
 // process.
 func TestRefuseQemuWriter(t *testing.T) {
-	qemuIO := nbdRequire(t, "qemu-io")
+	qemuIO := testenv.Tool(t, "qemu-io")
 	dir := shortTempDir(t)
 	base, top := filepath.Join(dir, "base.vhdx"), filepath.Join(dir, "top.avhdx")
 	createImage(t, base, "--size", "32M")

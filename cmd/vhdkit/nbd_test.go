@@ -26,6 +26,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/nbd"
 )
 
@@ -34,20 +35,6 @@ import (
 // activation by libnbd's [ CMD ] syntax, the listening socket. Real clients
 // are the oracle: nbdinfo, nbdcopy, qemu-io, qemu-img, and the package nbd
 // client where a test needs to count acknowledged writes.
-
-// nbdRequire finds an external program. Outside CI a missing one skips
-// the test; with CI set it fails it.
-func nbdRequire(t testing.TB, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s is required in CI: %v", name, err)
-		}
-		t.Skipf("%s not installed", name)
-	}
-	return p
-}
 
 var vhdkitBuild struct {
 	once sync.Once
@@ -252,7 +239,7 @@ func checkClean(t testing.TB, path string) {
 	logical, _ := sectorSizes(im)
 	im.Close()
 	if strings.HasSuffix(path, ".vhdx") && logical == 512 {
-		nbdRequire(t, "qemu-img")
+		testenv.Tool(t, "qemu-img")
 		runTool(t, time.Minute, "qemu-img", "check", "-f", "vhdx", path)
 	}
 }
@@ -319,7 +306,7 @@ type nbdinfoOutput struct {
 
 func nbdinfoJSON(t testing.TB, args ...string) nbdinfoOutput {
 	t.Helper()
-	nbdRequire(t, "nbdinfo")
+	testenv.Tool(t, "nbdinfo")
 	out := runTool(t, 2*time.Minute, "nbdinfo", append([]string{"--json"}, args...)...)
 	var info nbdinfoOutput
 	if err := json.Unmarshal([]byte(out), &info); err != nil {
@@ -374,7 +361,7 @@ func TestNBDInfoActivated(t *testing.T) {
 // with nbdcopy, which starts "vhdkit nbd" itself each time.
 func TestNBDCopyActivated(t *testing.T) {
 	bin := vhdkitBinary(t)
-	nbdRequire(t, "nbdcopy")
+	testenv.Tool(t, "nbdcopy")
 	dir := t.TempDir()
 	img := filepath.Join(dir, "d.vhdx")
 	createImage(t, img, "--size", "64M", "--block-size", "1M")
@@ -410,7 +397,7 @@ func TestNBDCopyActivated(t *testing.T) {
 // name, writes and reads it with qemu-io through both names, stops the
 // server with SIGTERM and checks the image.
 func TestNBDSocketQemuIO(t *testing.T) {
-	nbdRequire(t, "qemu-io")
+	testenv.Tool(t, "qemu-io")
 	dir := shortTempDir(t)
 	img := filepath.Join(dir, "d.vhdx")
 	createImage(t, img, "--size", "64M")
@@ -452,7 +439,7 @@ func TestNBDSocketQemuIO(t *testing.T) {
 // TestNBDReadOnly checks that --read-only refuses writes with EPERM, for
 // qemu-io and for a raw client, and leaves the file untouched.
 func TestNBDReadOnly(t *testing.T) {
-	nbdRequire(t, "qemu-io")
+	testenv.Tool(t, "qemu-io")
 	dir := shortTempDir(t)
 	img := filepath.Join(dir, "d.vhdx")
 	createImage(t, img, "--size", "16M")

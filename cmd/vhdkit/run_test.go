@@ -14,6 +14,7 @@ import (
 
 	"github.com/vhdkit/vhdkit/internal/api"
 	"github.com/vhdkit/vhdkit/internal/guest"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -28,7 +29,7 @@ import (
 // the VHDX file, which checks clean.
 func TestServeVMRun(t *testing.T) {
 	env := guest.Require(t)
-	nbdRequire(t, "qemu-img")
+	testenv.Tool(t, "qemu-img")
 	dir := shortTempDir(t)
 	pattern := make([]byte, 4<<20)
 	fillPattern(pattern, 8<<20, 0x5a)

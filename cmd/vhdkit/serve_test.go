@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 // daemon is a running "vhdkit serve".
@@ -128,8 +129,8 @@ func (d *daemon) vm(t testing.TB, name string) api.VM {
 // a progress bar, the disk back on its .vhdx; qemu-io reads every pattern,
 // and after SIGTERM qemu-img checks and compares the base.
 func TestServeQemuIO(t *testing.T) {
-	qemuIO := nbdRequire(t, "qemu-io")
-	nbdRequire(t, "qemu-img")
+	qemuIO := testenv.Tool(t, "qemu-io")
+	testenv.Tool(t, "qemu-img")
 	dir := shortTempDir(t)
 	d := startDaemon(t, filepath.Join(dir, "d"))
 	out := d.cli(t, "vm", "create", "web", "--disk", "64M", "--disk", "16M")

@@ -1,9 +1,7 @@
 package nbd
 
 import (
-	"os"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
@@ -11,16 +9,6 @@ import (
 	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
-
-// allocated is the host file's allocated bytes.
-func allocated(t *testing.T, path string) int64 {
-	t.Helper()
-	fi, err := os.Stat(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return fi.Sys().(*syscall.Stat_t).Blocks * 512
-}
 
 // TestTrimReleasesVHDXBlocks trims and zeroes a served dynamic VHDX with
 // qemu-io: TRIM and WRITE_ZEROES with may-unmap leave no data in their
@@ -38,7 +26,7 @@ func TestTrimReleasesVHDXBlocks(t *testing.T) {
 	ts := startServer(t, nil, Export{Name: "d", Image: img})
 	run(t, 60*time.Second, nil, "qemu-io", "-f", "raw",
 		"-c", "write -P 0x5a 0 8M", "-c", "flush", ts.uri("d"))
-	full := allocated(t, path)
+	full, _ := testenv.Allocated(t, path)
 	run(t, 60*time.Second, nil, "qemu-io", "-f", "raw",
 		"-c", "discard 0 3M", // NBD_CMD_TRIM
 		"-c", "write -z -u 3M 2M", // WRITE_ZEROES, may unmap
@@ -66,7 +54,7 @@ func TestTrimReleasesVHDXBlocks(t *testing.T) {
 			t.Errorf("block at %d MiB: %v, want data", off/mib, got)
 		}
 	}
-	if now := allocated(t, path); now >= full {
+	if now, _ := testenv.Allocated(t, path); now >= full {
 		t.Errorf("host file holds %d bytes after trimming 5 of 8 MiB, %d before", now, full)
 	} else {
 		t.Logf("host file: %d KiB allocated before, %d KiB after", full>>10, now>>10)

@@ -5,23 +5,12 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"syscall"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/raw"
 )
-
-// allocatedBytes is how much of the file at path the file system holds
-// blocks for (st_blocks counts 512-byte units).
-func allocatedBytes(t *testing.T, path string) int64 {
-	t.Helper()
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Blocks * 512
-}
 
 // A fixed raw disk has its blocks from the start; a sparse one gets them
 // as it is written. Both read zeros.
@@ -44,7 +33,7 @@ func TestCreateAllocated(t *testing.T) {
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if got := allocatedBytes(t, fixed); got < size {
+	if got, _ := testenv.Allocated(t, fixed); got < size {
 		t.Fatalf("CreateAllocated: %d of %d bytes allocated", got, size)
 	}
 	img, err = raw.Create(sparse, size)
@@ -52,7 +41,7 @@ func TestCreateAllocated(t *testing.T) {
 		t.Fatal(err)
 	}
 	img.Close()
-	if got := allocatedBytes(t, sparse); got > size/2 {
+	if got, _ := testenv.Allocated(t, sparse); got > size/2 {
 		t.Fatalf("Create: %d of %d bytes allocated, want a sparse file", got, size)
 	}
 	if _, err := raw.CreateAllocated(fixed, size); !errors.Is(err, fs.ErrExist) {

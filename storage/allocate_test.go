@@ -5,24 +5,12 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/vhdkit/vhdkit/internal/testenv"
 )
-
-// allocatedBytes is how much of the file at path the file system holds
-// blocks for (stat's st_blocks counts 512-byte units).
-func allocatedBytes(t *testing.T, path string) int64 {
-	t.Helper()
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Blocks * 512
-}
 
 func TestAllocateOSFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "f")
@@ -42,7 +30,7 @@ func TestAllocateOSFile(t *testing.T) {
 	if n, _ := f.Size(); n != size {
 		t.Fatalf("size after Allocate %d, want %d", n, size)
 	}
-	if got := allocatedBytes(t, path); got < size {
+	if got, _ := testenv.Allocated(t, path); got < size {
 		t.Fatalf("%d bytes allocated of %d: the file is still sparse", got, size)
 	}
 	got := make([]byte, 8192)

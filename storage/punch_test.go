@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
 func TestPunchOSFile(t *testing.T) {
@@ -24,7 +26,7 @@ func TestPunchOSFile(t *testing.T) {
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	before := allocatedBytes(t, path)
+	before, _ := testenv.Allocated(t, path)
 	err = Punch(f, 2<<20, 4<<20)
 	if errors.Is(err, ErrPunchUnsupported) {
 		t.Skipf("%s: %v", filepath.Dir(path), err)
@@ -35,7 +37,7 @@ func TestPunchOSFile(t *testing.T) {
 	if n, _ := f.Size(); n != size {
 		t.Fatalf("size after Punch %d, want %d", n, size)
 	}
-	if after := allocatedBytes(t, path); after > before-4<<20 {
+	if after, _ := testenv.Allocated(t, path); after > before-4<<20 {
 		t.Fatalf("%d bytes allocated after punching 4 MiB out of %d", after, before)
 	}
 	got := make([]byte, size)

@@ -2,22 +2,10 @@ package vhdx
 
 import (
 	"path/filepath"
-	"syscall"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/internal/testenv"
 )
-
-// allocatedBytes is how much of the file at path the file system holds
-// blocks for (st_blocks counts 512-byte units).
-func allocatedBytes(t *testing.T, path string) (allocated, size int64) {
-	t.Helper()
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Blocks * 512, st.Size
-}
 
 // A fixed VHDX has every block of its file allocated when Create returns
 // (no write to it can fail for space later); with Sparse, and for a
@@ -43,7 +31,7 @@ func TestCreateFixedAllocated(t *testing.T) {
 		if err := im.Close(); err != nil {
 			t.Fatal(err)
 		}
-		allocated, fileSize := allocatedBytes(t, path)
+		allocated, fileSize := testenv.Allocated(t, path)
 		switch {
 		case !tc.sparse && allocated < fileSize:
 			t.Errorf("%s: %d of its %d bytes allocated, want all", tc.name, allocated, fileSize)

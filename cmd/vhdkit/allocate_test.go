@@ -6,22 +6,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/internal/testenv"
 )
-
-// allocatedBytes is how much of the file at path the file system holds
-// blocks for (st_blocks counts 512-byte units), and its size.
-func allocatedBytes(t *testing.T, path string) (allocated, size int64) {
-	t.Helper()
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.Blocks * 512, st.Size
-}
 
 // vhdkit runs the command line in this process and returns its exit
 // status and stderr.
@@ -76,7 +64,7 @@ func TestFixedAllocated(t *testing.T) {
 		if code, stderr := vhdkit(args...); code != 0 {
 			t.Fatalf("vhdkit %s: exit %d: %s", strings.Join(tc.args, " "), code, stderr)
 		}
-		allocated, fileSize := allocatedBytes(t, path)
+		allocated, fileSize := testenv.Allocated(t, path)
 		t.Logf("%s: %d bytes, %d allocated", name, fileSize, allocated)
 		if fileSize < size {
 			t.Errorf("%s: %d bytes, less than the disk", name, fileSize)
@@ -198,7 +186,7 @@ func TestFixedGrowAllocated(t *testing.T) {
 		if code, stderr := vhdkit("resize", "--size", "64M", path); code != 0 {
 			t.Fatalf("resize %s: %s", tc.name, stderr)
 		}
-		allocated, size := allocatedBytes(t, path)
+		allocated, size := testenv.Allocated(t, path)
 		t.Logf("%s: %d bytes, %d allocated", tc.name, size, allocated)
 		switch {
 		case !tc.sparse && allocated < 64<<20:

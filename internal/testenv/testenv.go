@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // Tool returns the path of the program name, skipping the test when it is
@@ -66,4 +68,15 @@ func MountLoop(t testing.TB, size int64, mkfs string, args ...string) string {
 		}
 	})
 	return mnt
+}
+
+// Allocated returns how many bytes of the file at path the file system
+// holds blocks for (st_blocks, in 512-byte units), and the file's size.
+func Allocated(t testing.TB, path string) (allocated, size int64) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512, st.Size
 }

@@ -9,6 +9,7 @@
 //
 //	RUN/qmp.sock      QMP, for the daemon
 //	RUN/serial.sock   the serial console (server; one client at a time)
+//	RUN/qga.sock      the guest agent's channel (agent.go; one client at a time)
 //	RUN/console.log   everything the serial console printed
 //	RUN/qemu.log      QEMU's own stdout and stderr
 package vmm
@@ -126,6 +127,9 @@ type Process struct {
 	Serial string `json:"serial"`
 	Log    string `json:"log"`     // QEMU's stdout and stderr
 	Cons   string `json:"console"` // the console's log
+	// Agent is the guest agent's channel (agent.go); "" for a QEMU
+	// started before machines had one.
+	Agent string `json:"agent,omitempty"`
 }
 
 // Args renders the QEMU command line of c, without the program.
@@ -140,6 +144,11 @@ func (c *Config) Args() []string {
 		"-qmp", "unix:" + escape(qmpSock) + ",server=on,wait=off",
 		"-chardev", "socket,id=serial0,path=" + escape(serialSock) + ",server=on,wait=off,logfile=" + escape(consLog) + ",logappend=on",
 		"-serial", "chardev:serial0",
+		// The guest agent's channel: a virtio-serial port qemu-ga finds by
+		// name, on a socket the daemon dials.
+		"-device", "virtio-serial-pci,id=vser0",
+		"-chardev", "socket,id=qga0,path=" + escape(c.agentPath()) + ",server=on,wait=off",
+		"-device", "virtserialport,bus=vser0.0,chardev=qga0,name=" + AgentPortName,
 	}
 	if c.Kernel != "" {
 		args = append(args, "-kernel", c.Kernel)
@@ -163,6 +172,8 @@ func (c *Config) Args() []string {
 	}
 	return args
 }
+
+func (c *Config) agentPath() string { return filepath.Join(c.RunDir, "qga.sock") }
 
 func (c *Config) paths() (qmpSock, serialSock, consLog string) {
 	return filepath.Join(c.RunDir, "qmp.sock"), filepath.Join(c.RunDir, "serial.sock"), filepath.Join(c.RunDir, "console.log")
@@ -191,7 +202,7 @@ func Start(ctx context.Context, c Config) (p *Process, exited <-chan error, err 
 	}
 	qmpSock, serialSock, consLog := c.paths()
 	// Sockets a previous run left would make QEMU fail to bind.
-	for _, s := range []string{qmpSock, serialSock} {
+	for _, s := range []string{qmpSock, serialSock, c.agentPath()} {
 		if err := os.Remove(s); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, nil, err
 		}
@@ -211,7 +222,7 @@ func Start(ctx context.Context, c Config) (p *Process, exited <-chan error, err 
 	}
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
-	p = &Process{Pid: cmd.Process.Pid, QMP: qmpSock, Serial: serialSock, Log: logPath, Cons: consLog}
+	p = &Process{Pid: cmd.Process.Pid, QMP: qmpSock, Serial: serialSock, Log: logPath, Cons: consLog, Agent: c.agentPath()}
 	deadline := time.Now().Add(startTimeout)
 	for {
 		_, err := p.Status(ctx)

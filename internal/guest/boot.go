@@ -19,7 +19,7 @@ type Boot struct {
 // for; their sockets are unused) into dir.
 func (e *Env) WriteBoot(dir string, o Options) (*Boot, error) {
 	var initrd bytes.Buffer
-	if err := e.buildInitramfs(&initrd, o.Script, len(o.Disks), o.Files); err != nil {
+	if err := e.buildInitramfs(&initrd, o); err != nil {
 		return nil, err
 	}
 	p := filepath.Join(dir, "initrd.cpio")
@@ -34,6 +34,16 @@ func (e *Env) WriteBoot(dir string, o Options) (*Boot, error) {
 // script that loads it: the virtio modules /init loads are not all a test
 // may need.
 func (e *Env) ModuleFile(name string) (File, error) {
+	m, err := e.findModule(name)
+	if err != nil {
+		return File{}, err
+	}
+	data, err := readModule(m.Path)
+	return File{Data: data}, err
+}
+
+// findModule finds the kernel's module name in its package's tree.
+func (e *Env) findModule(name string) (Module, error) {
 	version := strings.TrimPrefix(filepath.Base(e.Kernel.Vmlinuz), "vmlinuz-")
 	root := filepath.Dir(filepath.Dir(e.Kernel.Vmlinuz))
 	for _, d := range []string{filepath.Join(root, "lib", "modules", version), filepath.Join(root, "usr", "lib", "modules", version)} {
@@ -46,9 +56,8 @@ func (e *Env) ModuleFile(name string) (File, error) {
 			return nil
 		})
 		if found != "" {
-			data, err := readModule(found)
-			return File{Data: data}, err
+			return Module{Name: name, Path: found}, nil
 		}
 	}
-	return File{}, fmt.Errorf("guest: kernel %s has no module %s", version, name)
+	return Module{}, fmt.Errorf("guest: kernel %s has no module %s", version, name)
 }

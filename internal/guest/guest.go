@@ -130,6 +130,7 @@ type Env struct {
 	Kernel  *Kernel
 	QEMU    string // qemu-system-x86_64
 	Busybox string // a statically linked busybox
+	Agent   string // qemu-ga (agent.go); found when a boot asks for it
 }
 
 // Find looks for the kernel, QEMU and a static busybox.
@@ -198,6 +199,11 @@ type Options struct {
 	Files map[string]File
 	// MemoryMiB is the guest's memory; 0 means 256.
 	MemoryMiB int
+	// Agent runs the QEMU guest agent (agent.go) on the virtio-serial
+	// port org.qemu.guest_agent.0, started before the script. The
+	// machine needs the port: vmm's machines have it; Start does not
+	// make one.
+	Agent bool
 }
 
 // Guest is a running QEMU.
@@ -215,7 +221,7 @@ func (e *Env) Start(t testing.TB, o Options) *Guest {
 	t.Helper()
 	dir := t.TempDir()
 	var initrd bytes.Buffer
-	if err := e.buildInitramfs(&initrd, o.Script, len(o.Disks), o.Files); err != nil {
+	if err := e.buildInitramfs(&initrd, o); err != nil {
 		t.Fatal(err)
 	}
 	initrdPath := filepath.Join(dir, "initrd.cpio")

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -81,8 +83,8 @@ type File struct {
 }
 
 // initScript is /init: it sets up /proc, /sys and /dev, loads the virtio
-// modules in dependency order, waits for the disks, runs the test's
-// script and powers off. If the power-off fails, init exits, the kernel
+// modules in dependency order, waits for the disks, starts the guest
+// agent if asked (agentStart), runs the test's script and powers off. If the power-off fails, init exits, the kernel
 // panics (panic=-1 reboots at once) and QEMU, run with -no-reboot, exits.
 const initScript = `#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -98,19 +100,50 @@ for d in %s; do
 	while [ ! -b /dev/$d ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 	[ -b /dev/$d ] || echo "guest: no /dev/$d"
 done
-sh /script
+%ssh /script
 echo "guest: script exited with status $?"
 sync
 poweroff -f
 `
 
-// buildInitramfs writes the initramfs: busybox as /bin/busybox, the
-// kernel's virtio modules under /lib/modules, /init, the test's script as
-// /script and its extra files.
-func (e *Env) buildInitramfs(w io.Writer, script string, disks int, files map[string]File) error {
+// buildInitramfs writes the initramfs of o: busybox as /bin/busybox,
+// the kernel's virtio modules under /lib/modules, /init, the test's
+// script as /script and its extra files; with o.Agent, qemu-ga, its
+// libraries and the virtio_console module too.
+func (e *Env) buildInitramfs(w io.Writer, o Options) error {
+	script, disks, files := o.Script, len(o.Disks), o.Files
 	busybox, err := os.ReadFile(e.Busybox)
 	if err != nil {
 		return err
+	}
+	modules := slices.Clone(e.Kernel.Modules)
+	var agentStep string
+	if o.Agent {
+		if e.Agent == "" {
+			if e.Agent, err = FindAgent(); err != nil {
+				return err
+			}
+		}
+		af, err := agentFiles(e.Agent)
+		if err != nil {
+			return err
+		}
+		merged := maps.Clone(files)
+		if merged == nil {
+			merged = map[string]File{}
+		}
+		for k, f := range af {
+			if _, ok := merged[k]; !ok {
+				merged[k] = f
+			}
+		}
+		files = merged
+		console, err := e.findModule("virtio_console")
+		if err != nil {
+			return err
+		}
+		modules = append(modules, console)
+		agentStep = agentStart
 	}
 	c := &cpioWriter{w: w}
 	dirs := map[string]bool{}
@@ -132,7 +165,7 @@ func (e *Env) buildInitramfs(w io.Writer, script string, disks int, files map[st
 	c.entry("bin/sh", modeSymlink|0o777, []byte("busybox"), [2]uint32{})
 
 	var names []string
-	for _, m := range e.Kernel.Modules {
+	for _, m := range modules {
 		data, err := readModule(m.Path)
 		if err != nil {
 			return err
@@ -144,7 +177,7 @@ func (e *Env) buildInitramfs(w io.Writer, script string, disks int, files map[st
 	for i := range disks {
 		devs = append(devs, "vd"+string(rune('a'+i)))
 	}
-	initText := fmt.Sprintf(initScript, strings.Join(names, " "), strings.Join(devs, " "))
+	initText := fmt.Sprintf(initScript, strings.Join(names, " "), strings.Join(devs, " "), agentStep)
 	c.entry("init", modeFile|0o755, []byte(initText), [2]uint32{})
 	c.entry("script", modeFile|0o755, []byte(script), [2]uint32{})
 

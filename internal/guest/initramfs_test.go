@@ -77,10 +77,10 @@ func TestInitramfs(t *testing.T) {
 		}},
 	}
 	var b bytes.Buffer
-	err := e.buildInitramfs(&b, "echo hi\n", 2, map[string]File{
+	err := e.buildInitramfs(&b, Options{Script: "echo hi\n", Disks: make([]Disk, 2), Files: map[string]File{
 		"/data/p1": {Data: []byte("abc")},
 		"x":        {Data: []byte("12345"), Mode: 0o600},
-	})
+	}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +113,7 @@ func TestInitramfs(t *testing.T) {
 	if !strings.Contains(initText, "for m in virtio virtio_blk; do") || !strings.Contains(initText, "for d in vda vdb; do") {
 		t.Errorf("init:\n%s", initText)
 	}
-	if err := e.buildInitramfs(&b, "", 0, map[string]File{"/init": {}}); err == nil {
+	if err := e.buildInitramfs(&b, Options{Files: map[string]File{"/init": {}}}); err == nil {
 		t.Error("a file named /init was accepted")
 	}
 }

@@ -112,6 +112,12 @@ type Config struct {
 	Initrd    string
 	Append    string
 	Disks     []Disk
+	// Generation is Gen1 (BIOS, i440fx) or Gen2 (UEFI, q35); see
+	// devices.go for the hardware of each.
+	Generation int
+	CDROM      string // an ISO image in the DVD drive; "" for no drive
+	Network    string // NetworkNone ("" too), NetworkUser or NetworkBridge+BR
+	MAC        string // the network adapter's address; "" lets QEMU choose
 	// ReconnectDelay is how long QEMU holds a disk's I/O while the NBD
 	// server is gone (a daemon restart) before failing it.
 	ReconnectDelay time.Duration
@@ -140,7 +146,7 @@ func (c *Config) Args() []string {
 		"-accel", c.Accel,
 		"-m", fmt.Sprint(c.MemoryMiB),
 		"-smp", fmt.Sprint(c.CPUs),
-		"-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
+		"-nodefaults", "-no-user-config", "-display", "none",
 		"-qmp", "unix:" + escape(qmpSock) + ",server=on,wait=off",
 		"-chardev", "socket,id=serial0,path=" + escape(serialSock) + ",server=on,wait=off,logfile=" + escape(consLog) + ",logappend=on",
 		"-serial", "chardev:serial0",
@@ -150,6 +156,7 @@ func (c *Config) Args() []string {
 		"-chardev", "socket,id=qga0,path=" + escape(c.agentPath()) + ",server=on,wait=off",
 		"-device", "virtserialport,bus=vser0.0,chardev=qga0,name=" + AgentPortName,
 	}
+	args = append(args, c.machineArgs()...)
 	if c.Kernel != "" {
 		args = append(args, "-kernel", c.Kernel)
 		if c.Initrd != "" {
@@ -162,15 +169,7 @@ func (c *Config) Args() []string {
 	if c.Incoming != "" {
 		args = append(args, "-incoming", "exec:cat "+shellQuote(c.Incoming))
 	}
-	delay := int64(c.ReconnectDelay / time.Second)
-	for i, d := range c.Disks {
-		node := fmt.Sprintf("disk%d", i)
-		args = append(args,
-			"-blockdev", fmt.Sprintf("driver=nbd,node-name=%s,server.type=unix,server.path=%s,export=%s,reconnect-delay=%d",
-				node, escape(d.Socket), escape(d.Export), delay),
-			"-device", fmt.Sprintf("virtio-blk-pci,drive=%s,id=vd%d", node, i))
-	}
-	return args
+	return append(args, c.diskArgs()...)
 }
 
 func (c *Config) agentPath() string { return filepath.Join(c.RunDir, "qga.sock") }
@@ -197,7 +196,16 @@ func Start(ctx context.Context, c Config) (p *Process, exited <-chan error, err 
 	if c.MemoryMiB <= 0 || c.CPUs <= 0 {
 		return nil, nil, fmt.Errorf("machine %s: memory %d MiB and %d CPUs: both must be positive", c.Name, c.MemoryMiB, c.CPUs)
 	}
+	if c.Generation == 0 {
+		c.Generation = Gen1
+	}
+	if err := c.checkDevices(); err != nil {
+		return nil, nil, err
+	}
 	if err := os.MkdirAll(c.RunDir, 0o700); err != nil {
+		return nil, nil, err
+	}
+	if err := c.prepareFirmware(); err != nil {
 		return nil, nil, err
 	}
 	qmpSock, serialSock, consLog := c.paths()

@@ -1,0 +1,296 @@
+package imagecopy_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/imagecopy"
+	"github.com/vhdkit/vhdkit/internal/testenv"
+	"github.com/vhdkit/vhdkit/raw"
+	"github.com/vhdkit/vhdkit/vhdx"
+)
+
+const diskSize = 48 << 20
+
+// chain makes base.vhdx (8 MiB blocks) and child.avhdx over it in dir,
+// written so that the child holds every shape a copy meets: whole 2 MiB
+// blocks (cloneable), partially present blocks with 4 KiB and unaligned
+// 512-byte runs, declared zeros, data that is zeros; and returns the
+// child open read-only with the bytes it reads.
+func chain(t *testing.T, dir string) (*vhdx.Image, []byte) {
+	t.Helper()
+	model := make([]byte, diskSize)
+	rng := rand.New(rand.NewPCG(7, 7))
+	fill := func(p []byte) {
+		for i := range p {
+			p[i] = byte(rng.Uint32() | 1)
+		}
+	}
+	base, err := vhdx.Create(filepath.Join(dir, "base.vhdx"), vhdx.CreateOptions{Size: diskSize, BlockSize: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(im *vhdx.Image, off, n int64) {
+		t.Helper()
+		p := make([]byte, n)
+		fill(p)
+		if _, err := im.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+	write(base, 0, 20<<20)
+	write(base, 30<<20, 3<<20)
+	if err := base.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	child, err := base.CreateChild(filepath.Join(dir, "child.avhdx"), vhdx.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	write(child, 2<<20, 6<<20)     // whole blocks
+	write(child, 10<<20+4096, 8192) // partial, aligned
+	write(child, 12<<20+512, 1536)  // partial, unaligned sectors
+	write(child, 36<<20, 2<<20)     // whole block over the parent's hole
+	if _, err := child.WriteAt(make([]byte, 2<<20), 40<<20); err != nil {
+		t.Fatal(err) // data that reads as zeros
+	}
+	if err := child.WriteZeroes(16<<20, 2<<20, true); err != nil {
+		t.Fatal(err)
+	}
+	clear(model[16<<20 : 18<<20])
+	if err := child.Close(); err != nil {
+		t.Fatal(err)
+	}
+	im, err := vhdx.Open(filepath.Join(dir, "child.avhdx"), vhdx.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { im.Close() })
+	return im, model
+}
+
+func extents(t *testing.T, im disk.Image) []disk.Extent {
+	t.Helper()
+	exts, err := im.(disk.Extenter).Extents(0, im.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return exts
+}
+
+func readAll(t *testing.T, im disk.Image) []byte {
+	t.Helper()
+	b := make([]byte, im.Size())
+	if _, err := im.ReadAt(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// checkStats checks that every byte of the extents was accounted once.
+func checkStats(t *testing.T, st imagecopy.Stats, total int64) {
+	t.Helper()
+	if got := st.Moved.Total() + st.Zeroed + st.Skipped; got != total {
+		t.Fatalf("stats %+v account for %d bytes, want %d", st, got, total)
+	}
+}
+
+// TestCopyFlattens copies a chain into fresh and written targets of each
+// kind, moving data file to file or reading it, and checks every byte.
+func TestCopyFlattens(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		target string // vhdx, raw, or written (a VHDX holding other data)
+		opts   imagecopy.Options
+	}{
+		{"vhdx-move", "vhdx", imagecopy.Options{Fresh: true}},
+		{"vhdx-detect-zeros", "vhdx", imagecopy.Options{Fresh: true, DetectZeros: true}},
+		{"vhdx-nomove", "vhdx", imagecopy.Options{Fresh: true, NoMove: true}},
+		{"raw-move", "raw", imagecopy.Options{Fresh: true}},
+		{"written-move", "written", imagecopy.Options{}},
+		{"written-detect-zeros", "written", imagecopy.Options{DetectZeros: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			src, model := chain(t, dir)
+			dst := target(t, dir, tc.target)
+			exts := extents(t, src)
+			st, err := imagecopy.Copy(context.Background(), dst, src, exts, tc.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkStats(t, st, diskSize)
+			// Moving data read for zero detection stops at the first
+			// range the file system does not clone (the bytes are in
+			// memory already).
+			if !tc.opts.NoMove && !tc.opts.DetectZeros && st.KernelCopied+st.Cloned < 8<<20 ||
+				tc.opts.DetectZeros && st.KernelCopied+st.Cloned == 0 {
+				t.Fatalf("%+v: the child's whole blocks were not moved file to file", st)
+			}
+			if tc.opts.NoMove && st.KernelCopied+st.Cloned != 0 {
+				t.Fatalf("%+v: NoMove moved file ranges", st)
+			}
+			if err := dst.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(readAll(t, dst), model) {
+				t.Fatal("the target differs from the source")
+			}
+			t.Logf("%+v", st)
+		})
+	}
+}
+
+// target makes the kind of target a test copies into.
+func target(t *testing.T, dir, kind string) disk.Image {
+	t.Helper()
+	var dst disk.Image
+	var err error
+	switch kind {
+	case "raw":
+		dst, err = raw.Create(filepath.Join(dir, "dst.img"), diskSize)
+	default:
+		var im *vhdx.Image
+		im, err = vhdx.Create(filepath.Join(dir, "dst.vhdx"), vhdx.CreateOptions{Size: diskSize})
+		if err == nil && kind == "written" {
+			// Data everywhere, which the copy must replace, zeros too.
+			_, err = im.WriteAt(bytes.Repeat([]byte{0xEE}, diskSize), 0)
+		}
+		dst = im
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dst.Close() })
+	return dst
+}
+
+// TestCopyResumes stops a copy midway (cancelled after its first durable
+// report) and resumes it from there.
+func TestCopyResumes(t *testing.T) {
+	dir := t.TempDir()
+	src, model := chain(t, dir)
+	dst := target(t, dir, "written")
+	exts := extents(t, src)
+	ctx, cancel := context.WithCancel(context.Background())
+	durable := int64(-1)
+	var progress []imagecopy.Progress
+	_, err := imagecopy.Copy(ctx, dst, src, exts, imagecopy.Options{
+		DurableEvery: 1, // every piece
+		Durable:      func(off int64) { durable = off; cancel() },
+		Progress:     func(p imagecopy.Progress) { progress = append(progress, p) },
+	})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled copy: %v", err)
+	}
+	if durable <= 0 || durable >= diskSize {
+		t.Fatalf("durable offset %d", durable)
+	}
+	if len(progress) == 0 || progress[0].Total != diskSize {
+		t.Fatalf("progress %+v", progress)
+	}
+	var resumed []imagecopy.Progress
+	if _, err := imagecopy.Copy(context.Background(), dst, src, exts, imagecopy.Options{From: durable,
+		Progress: func(p imagecopy.Progress) { resumed = append(resumed, p) }}); err != nil {
+		t.Fatal(err)
+	}
+	if resumed[0].Done != durable || resumed[len(resumed)-1].Done != diskSize {
+		t.Fatalf("resumed progress from %d to %d, want %d to %d", resumed[0].Done, resumed[len(resumed)-1].Done, durable, diskSize)
+	}
+	if !bytes.Equal(readAll(t, dst), model) {
+		t.Fatal("the resumed copy differs from the source")
+	}
+}
+
+// TestCopyBase writes only what differs from a differencing target's
+// parent.
+func TestCopyBase(t *testing.T) {
+	dir := t.TempDir()
+	src, model := chain(t, dir)
+	base, err := vhdx.Open(filepath.Join(dir, "base.vhdx"), vhdx.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer base.Close()
+	dst, err := vhdx.Create(filepath.Join(dir, "new.avhdx"), vhdx.CreateOptions{Parent: filepath.Join(dir, "base.vhdx")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	st, err := imagecopy.Copy(context.Background(), dst, src, extents(t, src), imagecopy.Options{Fresh: true, Base: base, Sector: 512})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkStats(t, st, diskSize)
+	if !bytes.Equal(readAll(t, dst), model) {
+		t.Fatal("the differencing target differs from the source")
+	}
+	// Written: the child's data (6 MiB, 8 KiB, 1.5 KiB, 2 MiB) and the
+	// zeros over the parent's data (2 MiB); not the 2 MiB of zeros over
+	// the parent's hole.
+	want := int64(6<<20 + 8192 + 1536 + 2<<20 + 2<<20)
+	if got := st.Moved.Total() + st.Zeroed; got != want {
+		t.Fatalf("%+v: wrote %d bytes, want %d", st, got, want)
+	}
+}
+
+// TestCopyClonesOnXFS: on XFS with reflink the child's whole blocks are
+// cloned into the target, which then shares its extents with the child.
+func TestCopyClonesOnXFS(t *testing.T) {
+	mnt := testenv.MountLoop(t, 512<<20, "mkfs.xfs", "-m", "reflink=1")
+	src, model := chain(t, mnt)
+	dst := target(t, mnt, "vhdx")
+	st, err := imagecopy.Copy(context.Background(), dst, src, extents(t, src), imagecopy.Options{Fresh: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkStats(t, st, diskSize)
+	// The whole 2 MiB blocks of the child (8 MiB), the 4 KiB-aligned
+	// run and the parent's payload (cloned from base.vhdx) at least.
+	if st.Cloned < 8<<20+8192 {
+		t.Fatalf("%+v: want the child's whole blocks cloned", st)
+	}
+	if err := dst.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readAll(t, dst), model) {
+		t.Fatal("the target differs from the source")
+	}
+	if shared := sharedBytes(t, filepath.Join(mnt, "dst.vhdx")); shared < 8<<20 {
+		t.Fatalf("filefrag shows %d shared bytes in the target, want the cloned %d", shared, st.Cloned)
+	}
+	t.Logf("%+v", st)
+}
+
+// sharedBytes sums the extents of the file at path that filefrag -v
+// (FIEMAP) flags shared with another file.
+func sharedBytes(t testing.TB, path string) int64 {
+	t.Helper()
+	filefrag := testenv.Tool(t, "filefrag")
+	out, err := exec.Command(filefrag, "-v", "-b4096", path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("filefrag -v %s: %v\n%s", path, err, out)
+	}
+	var shared int64
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Split(line, ":")
+		if len(f) < 5 || !strings.Contains(f[len(f)-1], "shared") {
+			continue
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(f[3]), 10, 64)
+		if err != nil {
+			t.Fatalf("filefrag line %q: %v", line, err)
+		}
+		shared += n * 4096
+	}
+	return shared
+}

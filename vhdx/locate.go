@@ -1,0 +1,217 @@
+package vhdx
+
+import (
+	"fmt"
+	"io"
+
+	"github.com/vhdkit/vhdkit/storage"
+)
+
+// Where data lives. A copy between images (merge, convert, export) can
+// move file ranges instead of bytes: Locate tells which file of the chain
+// holds a range of the disk, and at what offset; WriteFromFile takes a
+// range of the disk from a file range, allocating what it needs, and
+// moves it with storage.CopyRange (a clone where the file system can).
+// Payload blocks sit at MiB-aligned file offsets, so a block of one image
+// lines up with a block of another for a clone whatever their sizes.
+
+// fileLocator is what Locate asks of a parent of another format.
+type fileLocator interface {
+	Locate(off, n int64) (f storage.File, fileOff, m int64, err error)
+}
+
+// Locate reports where the bytes of [off, off+n) starting at off are
+// stored: in f at fileOff, contiguously, for the first m bytes (0 < m <=
+// n). f is nil for a first m bytes stored in no file as they read (zeros,
+// a parent that cannot tell): those are read and written as bytes. Runs
+// end at block boundaries and, in a partially present block, where the
+// sector bitmap changes.
+func (im *Image) Locate(off, n int64) (f storage.File, fileOff, m int64, err error) {
+	im.mu.RLock()
+	defer im.mu.RUnlock()
+	if err := im.checkIO(off, n); err != nil {
+		return nil, 0, 0, err
+	}
+	if im.closed {
+		return nil, 0, 0, errClosed
+	}
+	if n == 0 {
+		return nil, 0, 0, nil
+	}
+	return im.locateFile(off, n)
+}
+
+// locateFile is Locate with mu held (parents are read-only: their BATs
+// do not change).
+func (im *Image) locateFile(off, n int64) (storage.File, int64, int64, error) {
+	layer, e, m, foreign := im.locate(off, n)
+	switch {
+	case foreign != nil:
+		if l, ok := foreign.(fileLocator); ok {
+			return l.Locate(off, m)
+		}
+		return nil, 0, m, nil
+	case layer == nil:
+		return nil, 0, m, nil
+	}
+	g := &layer.geo
+	blk := off / g.blockSize
+	switch batState(e) {
+	case payloadFullyPresent:
+		return layer.f, batOffset(e) + off%g.blockSize, m, nil
+	case payloadPartiallyPresent:
+		bm, err := layer.bitmap(blk / g.chunkRatio)
+		if err != nil {
+			return nil, 0, 0, err
+		}
+		ss := g.sectorSize
+		blockStart := blk * g.blockSize
+		present, run := bitRun(bm, layer.bitIndex(off), (blockStart+g.blockSize)/ss-off/ss)
+		m = min(m, (off/ss+run)*ss-off)
+		if present {
+			return layer.f, batOffset(e) + off - blockStart, m, nil
+		}
+		if off >= layer.parent.Size() {
+			return nil, 0, m, nil
+		}
+		m = min(m, layer.parent.Size()-off)
+		switch p := layer.parent.(type) {
+		case *Image:
+			return p.Locate(off, m)
+		case fileLocator:
+			return p.Locate(off, m)
+		}
+		return nil, 0, m, nil
+	}
+	return nil, 0, m, nil // ZERO, UNMAPPED, UNDEFINED
+}
+
+// WriteFromFile writes [off, off+n) of the disk with the n bytes of src
+// at srcOff, as WriteAt would with those bytes, moving them file to file
+// (storage.CopyRange: cloned, copied in the kernel, or copied) into the
+// block's space. A block not yet allocated gets space for the whole of
+// it, so that a source block lined up with it is cloned whole; a range
+// that is not whole sectors of a partially present block (the sectors
+// around it would need reading) is copied through WriteAt.
+func (im *Image) WriteFromFile(off, n int64, src storage.File, srcOff int64) (storage.Moved, error) {
+	if err := im.writable(); err != nil {
+		return storage.Moved{}, err
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if err := im.checkIO(off, n); err != nil {
+		return storage.Moved{}, err
+	}
+	if im.closed {
+		return storage.Moved{}, errClosed
+	}
+	if n == 0 {
+		return storage.Moved{}, nil
+	}
+	if err := im.beginWrite(true); err != nil {
+		return storage.Moved{}, err
+	}
+	var moved storage.Moved
+	g := &im.geo
+	for n > 0 {
+		blk, in := off/g.blockSize, off%g.blockSize
+		seg := min(n, g.blockSize-in)
+		m, err := im.blockFromFile(off, seg, blk, in, src, srcOff)
+		moved = moved.Add(m)
+		if err != nil {
+			return moved, err
+		}
+		off, n, srcOff = off+seg, n-seg, srcOff+seg
+	}
+	return moved, nil
+}
+
+// blockFromFile writes seg bytes at off, within block blk at offset in,
+// from src at srcOff; the caller holds mu and has called beginWrite.
+func (im *Image) blockFromFile(off, seg, blk, in int64, src storage.File, srcOff int64) (storage.Moved, error) {
+	g := &im.geo
+	idx := g.payloadIndex(blk)
+	e := im.bat[idx]
+	whole := in == 0 && seg == g.blockSize
+	sectors := off%g.sectorSize == 0 && seg%g.sectorSize == 0
+	st := batState(e)
+	switch {
+	case st == payloadFullyPresent:
+		return im.copyIn(batOffset(e)+in, src, srcOff, seg)
+	case st == payloadPartiallyPresent || st == payloadNotPresent && im.parent != nil && !whole:
+		if !sectors {
+			return im.copyThrough(off, seg, src, srcOff)
+		}
+		blockOff := batOffset(e)
+		if st == payloadNotPresent {
+			// The sectors not written read from the parent whatever
+			// the space holds.
+			var err error
+			if blockOff, _, err = im.allocateBlock(g.blockSize); err != nil {
+				return storage.Moved{}, err
+			}
+		}
+		c := blk / g.chunkRatio
+		bm, err := im.presentBitmap(c)
+		if err != nil {
+			return storage.Moved{}, err
+		}
+		moved, err := im.copyIn(blockOff+in, src, srcOff, seg)
+		if err != nil {
+			return moved, err
+		}
+		first := im.bitIndex(off)
+		setBits(bm, first, seg/g.sectorSize)
+		im.markBits(c, first, seg/g.sectorSize)
+		if st == payloadNotPresent {
+			im.setBAT(idx, batEntry(payloadPartiallyPresent, blockOff))
+		}
+		return moved, nil
+	default:
+		// Unallocated (or the whole block of a differencing image): new
+		// space for the whole block, zeros around the range where the
+		// space does not read as zeros already.
+		blockOff, zero, err := im.allocateBlock(g.blockSize)
+		if err != nil {
+			return storage.Moved{}, err
+		}
+		if !zero {
+			if err := im.writeZeros(blockOff, in); err != nil {
+				return storage.Moved{}, err
+			}
+			if err := im.writeZeros(blockOff+in+seg, g.blockSize-in-seg); err != nil {
+				return storage.Moved{}, err
+			}
+		}
+		moved, err := im.copyIn(blockOff+in, src, srcOff, seg)
+		if err != nil {
+			return moved, err
+		}
+		im.setBAT(idx, batEntry(payloadFullyPresent, blockOff))
+		return moved, nil
+	}
+}
+
+// copyIn moves n bytes of src at srcOff to the file at fileOff.
+func (im *Image) copyIn(fileOff int64, src storage.File, srcOff, n int64) (storage.Moved, error) {
+	m, err := storage.CopyRange(im.f, fileOff, src, srcOff, n)
+	if err != nil {
+		return m, fmt.Errorf("vhdx: moving %d bytes to payload at file offset %#x: %w", n, fileOff, err)
+	}
+	return m, nil
+}
+
+// copyThrough reads n bytes of src at srcOff and writes them at off
+// through the write path; the caller holds mu and has called beginWrite.
+func (im *Image) copyThrough(off, n int64, src storage.File, srcOff int64) (storage.Moved, error) {
+	buf := make([]byte, n)
+	if k, err := src.ReadAt(buf, srcOff); err == io.EOF {
+		clear(buf[k:]) // past the end of the file: zeros
+	} else if err != nil {
+		return storage.Moved{}, fmt.Errorf("vhdx: reading %d bytes at source file offset %#x: %w", n, srcOff, err)
+	}
+	if err := im.write(buf, off); err != nil {
+		return storage.Moved{}, err
+	}
+	return storage.Moved{Copied: n}, nil
+}

@@ -19,14 +19,18 @@ func checkpointCommand() *command {
 		summary:  "checkpoints of a machine: create, list, apply, rename, export, delete (live merge)",
 		help: `A checkpoint freezes every disk of a machine at one instant; the machine
 goes on writing to new differencing children (.avhdx). Deleting a
-checkpoint merges, live, while the machine keeps running.
+checkpoint merges, live, while the machine keeps running. A running
+machine's checkpoint is production (its file systems frozen through the
+guest agent), standard (its memory saved too) or crash, as in Hyper-V.
 
 CHECKPOINT is a checkpoint's name or its ID, "cp-N" as list shows it; names
 of that form are refused, so "2" is always a name and cp-2 always an ID.
 
 Examples:
   vhdkit checkpoint create web --name before-upgrade
+  vhdkit checkpoint create web --name mem --type standard
   vhdkit checkpoint list web
+  vhdkit checkpoint apply web mem
   vhdkit checkpoint delete web before-upgrade --wait
 `,
 		sub: []*command{
@@ -69,16 +73,55 @@ Examples:
 }
 
 func checkpointCreateCommand() *command {
-	var name string
-	return clientVerb("checkpoint create", "VM [--name NAME]", "checkpoint every disk of a running machine at one instant",
-		"I/O is held and drained on all disks, each continues on a new .avhdx child,\nthen I/O resumes: connected clients notice nothing.\n", true, 1,
+	var name, kind string
+	var productionOnly bool
+	return clientVerb("checkpoint create", "VM [--name NAME] [--type production|standard|crash] [--production-only]",
+		"checkpoint every disk of a machine at one instant (Checkpoint-VM)",
+		`I/O is held and drained on all disks, each continues on a new .avhdx child,
+then I/O resumes: connected clients notice nothing. For a running machine
+--type says what the guest does meanwhile, as Hyper-V's checkpoint types:
+
+  production  (the default) the guest's file systems are frozen through
+              the QEMU guest agent while the disks switch, then thawed:
+              the checkpoint holds them clean, as after a sync. An agent
+              that does not answer in time (none installed, a paused
+              machine) gets a standard checkpoint instead, unless
+              --production-only: then the command fails, nothing changed.
+  standard    the machine is paused, its memory and device state saved
+              with the checkpoint (a .vmstate file beside its disks), the
+              disks switch, it resumes. Applying it runs the machine on
+              from that instant.
+  crash       the disks switch, the guest unaware: as after a power cut.
+
+A machine that is off (or saved, or failed) gets a crash checkpoint
+whatever the type, with a note saying so: no guest changes its disks.
+The time the guest was frozen or paused (the stun) is printed and kept.
+
+Examples:
+  vhdkit checkpoint create web --name before-upgrade
+  vhdkit checkpoint create web --name nightly --production-only
+  vhdkit checkpoint create web --name mem --type standard --json
+`, true, 1,
 		func(fs *flag.FlagSet) {
+			name, kind, productionOnly = "", "", false
 			fs.StringVar(&name, "name", "", "the checkpoint's `NAME` (default: machine name and time)")
+			fs.StringVar(&kind, "type", "production", "checkpoint `TYPE`: production, standard or crash")
+			fs.BoolVar(&productionOnly, "production-only", false, "fail rather than take a standard checkpoint when the guest agent does not answer")
 		},
 		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
-			cp, err := cl.CreateCheckpoint(ctx, args[0], api.CreateCheckpoint{Name: name})
+			cp, err := cl.CreateCheckpoint(ctx, args[0], api.CreateCheckpoint{Name: name, Type: kind, ProductionOnly: productionOnly})
 			return f.reply(c, cp, err, func() error {
-				fmt.Fprintf(c.stdout, "checkpoint %q (id %s) of %s\n", cp.Name, cp.ID, args[0])
+				fmt.Fprintf(c.stdout, "checkpoint %q (id %s) of %s: %s\n", cp.Name, cp.ID, args[0], cp.Type)
+				switch cp.Type {
+				case api.CheckpointProduction:
+					fmt.Fprintf(c.stdout, "  guest frozen %s (%d file %s frozen; the agent said %q during the switch)\n",
+						stunText(cp.StunMS), cp.Frozen, plural(cp.Frozen, "system", "systems"), cp.AgentStatus)
+				case api.CheckpointStandard:
+					fmt.Fprintf(c.stdout, "  guest paused %s; memory state %s\n", stunText(cp.StunMS), cp.StateFile)
+				}
+				if cp.Note != "" {
+					fmt.Fprintf(c.stdout, "  note: %s\n", cp.Note)
+				}
 				v, err := cl.VM(ctx, args[0])
 				if err != nil {
 					return err
@@ -100,10 +143,19 @@ func checkpointApplyCommand() *command {
 	var saveName string
 	return clientVerb("checkpoint apply", "VM CHECKPOINT [--save] [--force]", "revert a machine to a checkpoint (Restore-VMSnapshot)",
 		`The disks continue from the checkpoint's state on new children. The current
-state is discarded, unless --save checkpoints it first. While NBD clients
-are connected to the machine's disks the apply is refused (their disk
-would change under them, as a guest's file system would); --force
-disconnects them first.
+state is discarded, unless --save checkpoints it first. A running or
+paused machine is turned off first (its --save checkpoint is taken before,
+as a production one). Applying a standard checkpoint then starts the
+machine from its saved memory: it runs on from the instant of the
+checkpoint. After a production or crash checkpoint the machine stays off;
+vm start boots it from the disks. While NBD clients other than the
+machine are connected to its disks the apply is refused (their disk would
+change under them, as a guest's file system would); --force disconnects
+them first.
+
+Examples:
+  vhdkit checkpoint apply web before-upgrade
+  vhdkit checkpoint apply web cp-3 --save --save-name broken
 `, true, 2,
 		func(fs *flag.FlagSet) {
 			save, force, saveName = false, false, ""
@@ -117,7 +169,7 @@ disconnects them first.
 				if v.Disconnected > 0 {
 					fmt.Fprintf(c.stdout, "disconnected %d NBD %s\n", v.Disconnected, plural(v.Disconnected, "client", "clients"))
 				}
-				fmt.Fprintf(c.stdout, "%s now runs from checkpoint %s\n", v.Name, currentOf(v))
+				fmt.Fprintf(c.stdout, "%s now runs from checkpoint %s; the machine is %s\n", v.Name, currentOf(v), v.Power)
 				return nil
 			})
 		})
@@ -230,7 +282,11 @@ func printTree(w io.Writer, t *api.Checkpoints) {
 		}
 		for _, c := range list {
 			head, next := branch()
-			fmt.Fprintf(w, "%s%s  (%s, %s)\n", head, c.Name, c.ID, c.Created.Local().Format(time.DateTime))
+			kind := c.Type
+			if c.StunMS > 0 {
+				kind += ", stun " + stunText(c.StunMS)
+			}
+			fmt.Fprintf(w, "%s%s  (%s, %s, %s)\n", head, c.Name, c.ID, c.Created.Local().Format(time.DateTime), kind)
 			walk(c.ID, next)
 		}
 		if t.Current == parent {
@@ -393,4 +449,9 @@ func printJob(w io.Writer, j *api.Job) {
 	if j.Bandwidth > 0 {
 		fmt.Fprintf(w, "  bandwidth: %s/s\n", humanBytes(j.Bandwidth))
 	}
+}
+
+// stunText renders a stun time in milliseconds.
+func stunText(ms float64) string {
+	return fmt.Sprintf("%.1f ms", ms)
 }

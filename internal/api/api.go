@@ -82,6 +82,22 @@ type Checkpoint struct {
 	Files   []string  `json:"files"` // the frozen file of each disk
 	// Current is set on the checkpoint the running state continues from.
 	Current bool `json:"current,omitempty"`
+	// Type is how it was taken: CheckpointProduction, CheckpointStandard
+	// or CheckpointCrash (checkpoints from before types are crash).
+	Type string `json:"type"`
+	// StunMS is how long the guest was frozen (production) or paused
+	// (standard) for it, in milliseconds; 0 for crash.
+	StunMS float64 `json:"stun_ms,omitempty"`
+	// StateFile is a standard checkpoint's memory and device state.
+	StateFile string `json:"state_file,omitempty"`
+	// Frozen is how many file systems the guest agent froze
+	// (production), AgentStatus what the agent reported while the disks
+	// switched ("frozen").
+	Frozen      int    `json:"frozen_filesystems,omitempty"`
+	AgentStatus string `json:"agent_status,omitempty"`
+	// Note says why the type is not the one asked for (the agent did
+	// not answer, the machine is off).
+	Note string `json:"note,omitempty"`
 }
 
 // Checkpoints is a machine's tree, in creation order.
@@ -148,6 +164,13 @@ type CreateVM struct {
 // CreateCheckpoint is the body of POST /v1/vms/{vm}/checkpoints.
 type CreateCheckpoint struct {
 	Name string `json:"name,omitempty"` // default: a timestamp
+	// Type is CheckpointProduction (the default), CheckpointStandard or
+	// CheckpointCrash. A production checkpoint whose agent does not
+	// answer in time is taken standard, unless ProductionOnly (then it
+	// fails and nothing changes). A machine that is off gets a crash
+	// checkpoint whatever the type, with a Note saying so.
+	Type           string `json:"type,omitempty"`
+	ProductionOnly bool   `json:"production_only,omitempty"`
 }
 
 // RenameCheckpoint is the body of PATCH /v1/vms/{vm}/checkpoints/{cp}.

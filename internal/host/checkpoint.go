@@ -1,6 +1,7 @@
 package host
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -33,7 +34,9 @@ func (h *Host) Checkpoints(name string) (*api.Checkpoints, error) {
 
 func checkpointView(m *machineState, c *checkpointState) api.Checkpoint {
 	return api.Checkpoint{ID: cpID(c.ID), Name: c.Name, Parent: cpID(c.Parent), Created: c.Created,
-		Files: slices.Clone(c.Files), Current: m.Current == c.ID}
+		Files: slices.Clone(c.Files), Current: m.Current == c.ID,
+		Type: c.Kind.typeOf(), StunMS: c.Kind.StunMS, StateFile: c.Kind.State, Frozen: c.Kind.Frozen,
+		AgentStatus: c.Kind.AgentStatus, Note: c.Kind.Note}
 }
 
 // checkpointable returns the machine, refusing while a job changes its
@@ -54,7 +57,8 @@ func (h *Host) checkpointable(name string) (*vm, error) {
 
 // CreateCheckpoint freezes every disk of the machine at one instant: new
 // I/O is held and in-flight I/O drained on all disks, each disk continues
-// on a new differencing child, then I/O resumes.
+// on a new differencing child, then I/O resumes. For a running machine
+// the guest takes part as req.Type asks (runcheckpoint.go).
 func (h *Host) CreateCheckpoint(name string, req api.CreateCheckpoint) (*api.Checkpoint, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -62,7 +66,7 @@ func (h *Host) CreateCheckpoint(name string, req api.CreateCheckpoint) (*api.Che
 	if err != nil {
 		return nil, err
 	}
-	c, err := h.checkpoint(v, req.Name)
+	c, err := h.createCheckpoint(v, req)
 	if err != nil {
 		return nil, err
 	}
@@ -70,19 +74,35 @@ func (h *Host) CreateCheckpoint(name string, req api.CreateCheckpoint) (*api.Che
 	return &out, nil
 }
 
-// checkpoint does CreateCheckpoint's work; the caller holds mu.
+// checkpoint takes a crash checkpoint; the caller holds mu.
 func (h *Host) checkpoint(v *vm, name string) (*checkpointState, error) {
-	now := time.Now().UTC()
-	if name == "" {
-		name = fmt.Sprintf("%s - (%s)", v.st.Name, now.Format("2006-01-02 15:04:05.000"))
-	}
-	if err := checkName(name); err != nil {
+	id, name, err := h.newCheckpointName(v, name)
+	if err != nil {
 		return nil, err
 	}
-	if v.st.named(name) != nil {
-		return nil, errorf(statusConflict, "machine %s already has a checkpoint named %q", v.st.Name, name)
+	return h.checkpointAs(v, id, name, checkpointKind{Type: api.CheckpointCrash})
+}
+
+// newCheckpointName hands out the ID of a new checkpoint of v and checks
+// its name (a timestamp when ""); the caller holds mu.
+func (h *Host) newCheckpointName(v *vm, name string) (id, checked string, err error) {
+	if name == "" {
+		name = fmt.Sprintf("%s - (%s)", v.st.Name, time.Now().UTC().Format("2006-01-02 15:04:05.000"))
 	}
-	c := &checkpointState{ID: h.st.nextID(), Name: name, Parent: v.st.Current, Created: now}
+	if err := checkName(name); err != nil {
+		return "", "", err
+	}
+	if v.st.named(name) != nil {
+		return "", "", errorf(statusConflict, "machine %s already has a checkpoint named %q", v.st.Name, name)
+	}
+	return h.st.nextID(), name, nil
+}
+
+// checkpointAs switches every disk of v to a new child: checkpoint id,
+// named name (see newCheckpointName), taken as kind says; the caller
+// holds mu.
+func (h *Host) checkpointAs(v *vm, id, name string, kind checkpointKind) (*checkpointState, error) {
+	c := &checkpointState{ID: id, Name: name, Parent: v.st.Current, Created: time.Now().UTC(), Kind: kind}
 	for _, d := range v.disks {
 		d.Pause()
 	}
@@ -186,36 +206,82 @@ func (h *Host) RenameCheckpoint(name, ref, newName string) (*api.Checkpoint, err
 // current state is discarded, or first checkpointed when req.Save is set.
 // Connected NBD clients would see their disk change under them (a guest's
 // file system is then corrupt): the apply is refused while there are
-// any, or with req.Force they are disconnected first. (Hyper-V turns the
-// machine off; once machines run, so will this.)
+// any, or with req.Force they are disconnected first.
+//
+// A running (or paused) machine is turned off first, as Hyper-V does (its
+// --save checkpoint is taken before, of the default type, production).
+// A standard checkpoint then starts the machine from its memory state:
+// it runs on from the instant of the checkpoint; after a production or
+// crash checkpoint the machine stays off, to boot from its disks.
 func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.VM, error) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	v, err := h.checkpointable(name)
 	if err != nil {
+		h.mu.Unlock()
 		return nil, err
 	}
 	c, err := h.findCheckpoint(v, ref)
 	if err != nil {
-		return nil, err
-	}
-	// QEMU would reconnect to the reverted disks under the running guest
-	// (--force only cuts its connection): the machine must be off.
-	if err := v.refuseRunning(fmt.Sprintf("applying checkpoint %q", c.Name)); err != nil {
+		h.mu.Unlock()
 		return nil, err
 	}
 	if req.Save && req.SaveName != "" {
 		if err := checkName(req.SaveName); err != nil {
+			h.mu.Unlock()
 			return nil, err
 		}
 	}
-	disconnected, err := h.refuseClients(v, fmt.Sprintf("applying checkpoint %q", c.Name), req.Force)
+	if p := v.power(); req.Save && (p == api.PowerRunning || p == api.PowerPaused) {
+		if _, err := h.createCheckpoint(v, api.CreateCheckpoint{Name: req.SaveName}); err != nil {
+			h.mu.Unlock()
+			return nil, err
+		}
+		req.Save = false
+	}
+	h.mu.Unlock()
+	if _, err := h.turnOffForApply(name); err != nil {
+		return nil, err
+	}
+	out, c, err := h.applyCheckpoint(name, ref, req)
 	if err != nil {
 		return nil, err
 	}
+	if c.Kind.Type == api.CheckpointStandard && c.Kind.State != "" {
+		started, err := h.startFromCheckpoint(context.WithoutCancel(h.ctx), name, c)
+		if err != nil {
+			return nil, err
+		}
+		started.Disconnected = out.Disconnected
+		return started, nil
+	}
+	return out, nil
+}
+
+// applyCheckpoint does ApplyCheckpoint's work on a machine that is off.
+func (h *Host) applyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.VM, *checkpointState, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v, err := h.checkpointable(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := h.findCheckpoint(v, ref)
+	if err != nil {
+		return nil, nil, err
+	}
+	// QEMU would reconnect to the reverted disks under the running guest
+	// (--force only cuts its connection): the machine must be off (a
+	// start may have come between the turn-off and here).
+	if err := v.refuseRunning(fmt.Sprintf("applying checkpoint %q", c.Name)); err != nil {
+		return nil, nil, err
+	}
+	disconnected, err := h.refuseClients(v, fmt.Sprintf("applying checkpoint %q", c.Name), req.Force)
+	if err != nil {
+		return nil, nil, err
+	}
 	if req.Save {
 		if _, err := h.checkpoint(v, req.SaveName); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	for _, d := range v.disks {
@@ -242,13 +308,13 @@ func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.
 			return im, nil
 		})
 		if err != nil {
-			return nil, fmt.Errorf("reverting disk %d (disks before it are reverted already): %w", i, err)
+			return nil, nil, fmt.Errorf("reverting disk %d (disks before it are reverted already): %w", i, err)
 		}
 		v.st.Disks[i].Leaf = path
 	}
 	v.st.Current = c.ID
 	if err := h.save(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	// Only now may the discarded state go: the saved state no longer
 	// names it. A file some checkpoint holds is never the running leaf.
@@ -260,7 +326,7 @@ func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.
 	h.log.Info("checkpoint applied", "vm", name, "checkpoint", c.Name)
 	out := h.view(v)
 	out.Disconnected = disconnected
-	return &out, nil
+	return &out, c, nil
 }
 
 // referenced reports whether a disk or checkpoint uses file; the caller
@@ -282,7 +348,8 @@ func (h *Host) referenced(file string) bool {
 }
 
 // ExportCheckpoint writes each disk's state at the checkpoint to a
-// standalone dynamic VHDX in dir (flattened: no parent).
+// standalone dynamic VHDX in dir (flattened: no parent), and a standard
+// checkpoint's memory state beside them (VM.vmstate).
 func (h *Host) ExportCheckpoint(name, ref, dir string) (*api.Exported, error) {
 	h.mu.Lock()
 	v, err := h.working(name)
@@ -295,7 +362,7 @@ func (h *Host) ExportCheckpoint(name, ref, dir string) (*api.Exported, error) {
 		h.mu.Unlock()
 		return nil, err
 	}
-	files := slices.Clone(c.Files)
+	files, state := slices.Clone(c.Files), c.Kind.State
 	// A job merging into the checkpoint's files changes them; exporting
 	// then would read a mix.
 	busy := v.job != nil
@@ -320,6 +387,15 @@ func (h *Host) ExportCheckpoint(name, ref, dir string) (*api.Exported, error) {
 		}
 		out.Files = append(out.Files, dst)
 	}
+	if state != "" {
+		// A standard checkpoint's memory state goes with it.
+		dst := filepath.Join(dir, name+stateExt)
+		if err := exportState(state, dst); err != nil {
+			return out, fmt.Errorf("exporting the memory state: %w", err)
+		}
+		out.Files = append(out.Files, dst)
+	}
+	h.log.Info("checkpoint exported", "vm", name, "checkpoint", ref, "dir", dir)
 	return out, nil
 }
 

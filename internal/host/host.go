@@ -322,6 +322,7 @@ func (h *Host) removeOrphans() {
 				os.Remove(f)
 			}
 		}
+		h.removeStaleStates(m)
 	}
 }
 

@@ -421,6 +421,7 @@ func (h *Host) drop(j *job, v *vm, c *checkpointState) error {
 		h.mu.Unlock()
 		return err
 	}
+	h.removeStaleStates(v.st)
 	var files []string
 	for _, f := range c.Files {
 		if !h.referenced(f) {
@@ -446,6 +447,7 @@ func (h *Host) checkpointDeleted(j *job, v *vm, c *checkpointState) error {
 	if err := h.save(); err != nil {
 		return err
 	}
+	h.removeStaleStates(v.st)
 	h.log.Info("checkpoint merged", "vm", v.st.Name, "checkpoint", c.Name)
 	return nil
 }

@@ -197,6 +197,7 @@ func (h *Host) dropLost(v *vm, ref string) error {
 		}
 		return err
 	}
+	h.removeStaleStates(v.st)
 	h.log.Warn("lost checkpoint dropped", "vm", v.st.Name, "checkpoint", c.Name, "descendants", len(ids)-1, "running_state_lost", runsFrom)
 	for _, f := range discard {
 		if !h.referenced(f) && filepath.Dir(f) == h.machineDir(v.st.Name) {

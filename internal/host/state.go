@@ -52,6 +52,8 @@ type checkpointState struct {
 	Parent  string    `json:"parent,omitempty"`
 	Created time.Time `json:"created"`
 	Files   []string  `json:"files"` // per disk
+
+	Kind checkpointKind `json:"kind"` // how it was taken (runcheckpoint.go)
 }
 
 // jobState is a job as persisted: what the API shows, what is left to

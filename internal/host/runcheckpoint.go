@@ -1,0 +1,391 @@
+package host
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/vmm"
+	"github.com/vhdkit/vhdkit/storage"
+)
+
+// Checkpoints of running machines, as Hyper-V takes them (its checkpoint
+// types):
+//
+//   - production (the default): the guest's file systems are frozen
+//     through its agent (vmm.Agent: QEMU's guest agent on a virtio-serial
+//     port), the disks switch to their new children, the file systems are
+//     thawed. An agent that does not answer in time gets a standard
+//     checkpoint instead, as Hyper-V's default does, unless the request
+//     is production only: then it fails and nothing has changed.
+//   - standard: the machine is paused, its memory and device state
+//     written beside the checkpoint's disks (QEMU's migration stream:
+//     DIR/vms/NAME/cpID.vmstate, as .part, synced, renamed), the disks
+//     switch, the machine runs on (QEMU takes cont after a completed
+//     migration). Applying it starts the machine from that state.
+//   - crash: the disks switch, the guest unaware (checkpoint.go). A
+//     machine that is not running (off, saved, failed) gets this kind
+//     whatever was asked, with a note saying so, as Hyper-V does: no
+//     guest changes its disks, there is nothing to freeze or save.
+//
+// The guest is stunned (frozen or paused) from the freeze or pause to the
+// thaw or resume; that time is measured and kept with the checkpoint.
+// The whole of it happens under mu, as the crash checkpoint does: nothing
+// else may change the machine's disks or power meanwhile, and each step's
+// wait is bounded.
+
+// checkpointKind is how a checkpoint was taken, as persisted.
+type checkpointKind struct {
+	Type   string  `json:"type,omitempty"` // api.Checkpoint*; "" (from before types) is crash
+	StunMS float64 `json:"stun_ms,omitempty"`
+	// State is a standard checkpoint's memory and device state: a file
+	// that belongs to the checkpoint (deleted and exported with it).
+	State       string `json:"state,omitempty"`
+	Frozen      int    `json:"frozen,omitempty"`       // file systems the agent froze
+	AgentStatus string `json:"agent_status,omitempty"` // the agent's freeze status during the switch
+	Note        string `json:"note,omitempty"`         // why it is not the type asked for
+}
+
+// typeOf is the kind's type for the API.
+func (k checkpointKind) typeOf() string {
+	if k.Type == "" {
+		return api.CheckpointCrash
+	}
+	return k.Type
+}
+
+// Bounds of a running machine's checkpoint.
+const (
+	// agentSyncTimeout is how long the guest agent has to answer at all:
+	// what "answering in time" means for the fallback to standard.
+	agentSyncTimeout = 10 * time.Second
+	// freezeTimeout bounds the freeze itself: the guest syncs its file
+	// systems first, which takes as long as its dirty data takes.
+	freezeTimeout = 60 * time.Second
+	// thawAttempts: a thaw is retried, a frozen guest is stuck.
+	thawAttempts = 3
+	// checkpointSaveTimeout bounds the write of a standard checkpoint's
+	// memory state.
+	checkpointSaveTimeout = 10 * time.Minute
+)
+
+// stateExt names a standard checkpoint's state file.
+const stateExt = ".vmstate"
+
+// checkpointStatePath is where checkpoint id's memory state goes.
+func (h *Host) checkpointStatePath(machine, id string) string {
+	return filepath.Join(h.machineDir(machine), "cp"+id+stateExt)
+}
+
+// createCheckpoint takes a checkpoint of the type req asks for; the
+// caller holds mu and has checked that v may be checkpointed.
+func (h *Host) createCheckpoint(v *vm, req api.CreateCheckpoint) (*checkpointState, error) {
+	want := req.Type
+	switch want {
+	case "":
+		want = api.CheckpointProduction
+	case api.CheckpointProduction, api.CheckpointStandard, api.CheckpointCrash:
+	default:
+		return nil, errorf(statusBadRequest, "checkpoint type %q: use production, standard or crash", req.Type)
+	}
+	if req.ProductionOnly && want != api.CheckpointProduction {
+		return nil, errorf(statusBadRequest, "production only applies to a production checkpoint, not %s", want)
+	}
+	id, name, err := h.newCheckpointName(v, req.Name)
+	if err != nil {
+		return nil, err
+	}
+	power := v.power()
+	switch {
+	case want == api.CheckpointCrash:
+		return h.checkpointAs(v, id, name, checkpointKind{Type: api.CheckpointCrash})
+	case power == api.PowerStarting || power == api.PowerStopping:
+		return nil, errorf(statusConflict, "machine %s is %s: take the checkpoint once it is running or off (or a crash checkpoint now: --type crash)", v.st.Name, power)
+	case power != api.PowerRunning && power != api.PowerPaused:
+		// Nothing runs on the disks: the crash checkpoint is as good.
+		return h.checkpointAs(v, id, name, checkpointKind{Type: api.CheckpointCrash,
+			Note: fmt.Sprintf("machine %s is %s: a crash checkpoint of its disks (nothing to freeze or save)", v.st.Name, power)})
+	}
+	p := v.run.proc
+	if want == api.CheckpointStandard {
+		return h.standardCheckpoint(v, p, id, name, "")
+	}
+	var note string
+	switch {
+	case power == api.PowerPaused:
+		note = fmt.Sprintf("machine %s is paused: its guest agent cannot answer", v.st.Name)
+	case p.GuestAgent() == nil:
+		note = fmt.Sprintf("machine %s's QEMU has no guest agent channel (started by an older vhdkit)", v.st.Name)
+	default:
+		c, err := h.productionCheckpoint(v, p, id, name)
+		if err == nil || !errors.Is(err, errAgent) {
+			return c, err
+		}
+		note = err.Error()
+	}
+	if req.ProductionOnly {
+		return nil, errorf(statusConflict, "no production checkpoint of %s: %s; nothing was changed (without --production-only a standard checkpoint is taken instead)", v.st.Name, note)
+	}
+	h.log.Warn("production checkpoint not possible: taking a standard one", "vm", v.st.Name, "reason", note)
+	return h.standardCheckpoint(v, p, id, name, note+": a standard checkpoint was taken instead")
+}
+
+// errAgent marks a production checkpoint that failed for want of a
+// working guest agent, before anything changed: the caller may fall back.
+var errAgent = errors.New("the guest agent")
+
+// productionCheckpoint freezes the guest's file systems, switches the
+// disks and thaws; the caller holds mu.
+//
+//  1. Freeze (guest-fsfreeze-freeze): the agent must sync within
+//     agentSyncTimeout and freeze within freezeTimeout. A failure here is
+//     errAgent, after a thaw (a freeze the client gave up on may still
+//     complete in the guest).
+//  2. Ask the agent for its status while frozen: kept with the
+//     checkpoint, what shows the freeze held during the switch.
+//  3. Switch the disks (the crash checkpoint's code).
+//  4. Thaw, whatever happened in 3, retried: a guest left frozen hangs
+//     every writer.
+func (h *Host) productionCheckpoint(v *vm, p *vmm.Process, id, name string) (*checkpointState, error) {
+	agent := p.GuestAgent()
+	agent.SyncTimeout = agentSyncTimeout
+	ctx := context.WithoutCancel(h.ctx)
+	start := time.Now()
+	frozen, err := agent.Freeze(ctx, freezeTimeout)
+	if err != nil {
+		if !errors.Is(err, vmm.ErrNoAgent) {
+			// The freeze was asked for: it may have happened.
+			h.thaw(v, agent)
+		}
+		return nil, fmt.Errorf("%w did not freeze the file systems: %v", errAgent, err)
+	}
+	status, err := agent.FreezeStatus(ctx)
+	if err != nil {
+		status = "unknown: " + err.Error()
+	}
+	c, err := h.checkpointAs(v, id, name, checkpointKind{Type: api.CheckpointProduction, Frozen: frozen, AgentStatus: status})
+	terr := h.thaw(v, agent)
+	stun := time.Since(start)
+	if err != nil {
+		return nil, err
+	}
+	c.Kind.StunMS = ms(stun)
+	if terr != nil {
+		c.Kind.Note = fmt.Sprintf("the checkpoint is taken, but the guest's file systems may still be frozen: %v", terr)
+	}
+	if err := h.save(); err != nil {
+		h.log.Error("saving the state", "err", err)
+	}
+	h.log.Info("production checkpoint", "vm", v.st.Name, "checkpoint", name, "frozen", frozen, "agent_status", status, "stun", stun)
+	return c, nil
+}
+
+// thaw thaws the guest's file systems, retrying; a failure is logged and
+// returned.
+func (h *Host) thaw(v *vm, agent *vmm.Agent) error {
+	var err error
+	for range thawAttempts {
+		if _, err = agent.Thaw(context.WithoutCancel(h.ctx)); err == nil {
+			return nil
+		}
+		var ae *vmm.AgentError
+		if errors.As(err, &ae) {
+			// The agent answered: nothing it can thaw (or it never froze).
+			return nil
+		}
+	}
+	h.log.Error("the guest's file systems may still be frozen", "vm", v.st.Name, "err", err)
+	return err
+}
+
+// standardCheckpoint pauses the machine, saves its memory and device
+// state beside the checkpoint's disks, switches the disks and resumes;
+// the caller holds mu. note says why it is standard when another type
+// was asked for.
+//
+//  1. Pause (QMP stop; a paused machine stays so): the guest's I/O is
+//     drained and its state is of one instant.
+//  2. The migration stream to cpID.vmstate.part, synced, renamed, the
+//     folder synced: a complete state or none.
+//  3. Switch the disks: the state and the checkpoint's files are of the
+//     same instant. The checkpoint is saved with its state file.
+//  4. Resume (QMP cont), whatever happened in 2 and 3. A failure in 2 or
+//     3 removes the state file: no half checkpoint, the machine runs on.
+func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, id, name, note string) (*checkpointState, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), checkpointSaveTimeout)
+	defer cancel()
+	wasPaused := v.power() == api.PowerPaused
+	file := h.checkpointStatePath(v.st.Name, id)
+	part := file + ".part"
+	start := time.Now()
+	var err error
+	if !wasPaused {
+		err = p.Pause(ctx)
+	}
+	if err == nil {
+		os.Remove(part)
+		err = p.SaveState(ctx, part)
+	}
+	if err == nil {
+		err = syncFile(part)
+	}
+	if err == nil {
+		err = os.Rename(part, file)
+	}
+	if err == nil {
+		err = syncFile(filepath.Dir(file))
+	}
+	var c *checkpointState
+	if err == nil {
+		c, err = h.checkpointAs(v, id, name, checkpointKind{Type: api.CheckpointStandard, State: file, Note: note})
+	}
+	if err != nil {
+		os.Remove(part)
+		os.Remove(file)
+	}
+	var rerr error
+	if !wasPaused {
+		rerr = p.Resume(ctx)
+	}
+	stun := time.Since(start)
+	if err != nil {
+		if rerr != nil {
+			return nil, errorf(http.StatusInternalServerError, "no checkpoint of %s: %v; and the machine did not resume: %v", v.st.Name, err, rerr)
+		}
+		return nil, errorf(http.StatusInternalServerError, "no checkpoint of %s (the machine runs on): %v", v.st.Name, err)
+	}
+	c.Kind.StunMS = ms(stun)
+	if rerr != nil {
+		c.Kind.Note = strings.TrimPrefix(c.Kind.Note+"; the machine did not resume: "+rerr.Error(), "; ")
+		h.log.Error("resuming after a standard checkpoint", "vm", v.st.Name, "err", rerr)
+	}
+	if err := h.save(); err != nil {
+		h.log.Error("saving the state", "err", err)
+	}
+	size := int64(0)
+	if fi, err := os.Stat(file); err == nil {
+		size = fi.Size()
+	}
+	h.log.Info("standard checkpoint", "vm", v.st.Name, "checkpoint", name, "state", file, "bytes", size, "stun", stun)
+	return c, nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// removeStaleStates removes the memory state files in a machine's folder
+// that no checkpoint holds: those of deleted checkpoints, and what an
+// interrupted standard checkpoint left. The caller holds mu (or owns h).
+func (h *Host) removeStaleStates(m *machineState) {
+	files, _ := filepath.Glob(filepath.Join(h.machineDir(m.Name), "cp*"+stateExt+"*"))
+	for _, f := range files {
+		if !slices.ContainsFunc(m.Checkpoints, func(c *checkpointState) bool { return c.Kind.State == f }) {
+			if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+				h.log.Warn("removing a checkpoint's state file", "file", f, "err", err)
+			}
+		}
+	}
+}
+
+// exportState copies a standard checkpoint's state file into dir beside
+// its disks, as NAME.vmstate (written as .partial, synced, renamed).
+func exportState(src, dst string) error {
+	if _, err := os.Lstat(dst); err == nil {
+		return errorf(statusConflict, "%s exists (vhdkit does not overwrite files)", dst)
+	}
+	tmp := dst + ".partial"
+	err := copyFile(src, tmp)
+	if err == nil {
+		err = os.Rename(tmp, dst)
+	}
+	if err == nil {
+		err = storage.SyncDir(filepath.Dir(dst))
+	}
+	if err != nil {
+		os.Remove(tmp)
+	}
+	return err
+}
+
+// turnOffForApply turns a running or paused machine off (Stop-VM
+// -TurnOff: the state being left is discarded anyway) before a
+// checkpoint is applied, and waits for its QEMU's NBD connections to go.
+// It reports whether it did.
+func (h *Host) turnOffForApply(name string) (bool, error) {
+	h.mu.Lock()
+	v, err := h.lookup(name)
+	if err != nil {
+		h.mu.Unlock()
+		return false, err
+	}
+	p := v.power()
+	h.mu.Unlock()
+	if p != api.PowerRunning && p != api.PowerPaused {
+		return false, nil
+	}
+	if _, err := h.StopVM(context.WithoutCancel(h.ctx), name, api.StopVM{TurnOff: true}); err != nil {
+		return false, fmt.Errorf("turning machine %s off before the apply: %w", name, err)
+	}
+	// QEMU is gone; the server notices its connections' end a moment later.
+	for deadline := time.Now().Add(disconnectTimeout); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		h.mu.Lock()
+		n := 0
+		if v, err := h.lookup(name); err == nil {
+			n, _ = h.clients(v)
+		}
+		h.mu.Unlock()
+		if n == 0 {
+			break
+		}
+	}
+	h.log.Info("machine turned off to apply a checkpoint", "vm", name)
+	return true, nil
+}
+
+// startFromCheckpoint starts machine name from standard checkpoint c's
+// state after c was applied: a copy of the state becomes the machine's
+// saved state (the checkpoint keeps its own), which StartVM resumes and
+// then deletes.
+func (h *Host) startFromCheckpoint(ctx context.Context, name string, c *checkpointState) (*api.VM, error) {
+	h.mu.Lock()
+	v, err := h.lookup(name)
+	if err != nil {
+		h.mu.Unlock()
+		return nil, err
+	}
+	saved, part := h.savedFile(name), h.savedPart(name)
+	state := c.Kind.State
+	h.mu.Unlock()
+	if err := mkdirPrivate(filepath.Join(h.dir, "run")); err != nil {
+		return nil, err
+	}
+	if err := mkdirPrivate(h.runDir(name)); err != nil {
+		return nil, err
+	}
+	os.Remove(part)
+	err = copyFile(state, part)
+	if err == nil {
+		err = os.Rename(part, saved)
+	}
+	if err == nil {
+		err = syncFile(filepath.Dir(saved))
+	}
+	if err != nil {
+		os.Remove(part)
+		return nil, errorf(http.StatusInternalServerError, "checkpoint %q applied, machine %s is off: its saved state was not copied: %v", c.Name, name, err)
+	}
+	h.mu.Lock()
+	v.run = &vmRun{power: api.PowerSaved}
+	h.mu.Unlock()
+	out, err := h.StartVM(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint %q applied, but the machine did not start from its state: %w", c.Name, err)
+	}
+	return out, nil
+}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -27,6 +28,9 @@ type memDisk struct {
 	failAt int64 // the disk stops at this operation; -1 never
 	once   bool  // only operation failAt fails; the disk goes on working
 	hit    atomic.Bool
+	// cloned counts the bytes moved by clone (MemFile stands in for one),
+	// to show that a sweep goes through the cloning path.
+	cloned atomic.Int64
 }
 
 var errStopped = errors.New("disk stopped")
@@ -131,6 +135,17 @@ func (f *stoppable) Truncate(n int64) error {
 	return f.File.Truncate(n)
 }
 
+// CopyRangeFrom is one operation, like a write: a clone into the file
+// (MemFile copies, and keeps or loses the range per sector at a crash).
+func (f *stoppable) CopyRangeFrom(src storage.File, srcOff, dstOff, n int64) (storage.Moved, error) {
+	if err := f.d.step(); err != nil {
+		return storage.Moved{}, err
+	}
+	m, err := storage.CopyRange(f.File, dstOff, src, srcOff, n)
+	f.d.cloned.Add(m.Cloned)
+	return m, err
+}
+
 func (f *stoppable) Close() error { return nil } // the MemFile outlives its handles
 
 func (d *memDisk) options(into string) Options {
@@ -215,6 +230,9 @@ func TestMergeCrash(t *testing.T) {
 				if !d.hit.Load() {
 					if err != nil {
 						t.Fatal(err)
+					}
+					if strings.HasPrefix(c.name, "vhdx/") && d.cloned.Load() == 0 {
+						t.Fatal("the merge cloned nothing: the sweep missed the cloning path")
 					}
 					break
 				}

@@ -218,21 +218,5 @@ func grow(dst disk.Image, size int64) error {
 	return r.Resize(size)
 }
 
-// zeroFill writes zeros over a range of dst.
-func zeroFill(dst disk.Image, off, n int64) error {
-	if z, ok := dst.(disk.Zeroer); ok {
-		return z.WriteZeroes(off, n, true)
-	}
-	buf := make([]byte, min(n, 1<<20))
-	for n > 0 {
-		k := min(n, int64(len(buf)))
-		if _, err := dst.WriteAt(buf[:k], off); err != nil {
-			return err
-		}
-		off, n = off+k, n-k
-	}
-	return nil
-}
-
 // chainNames joins paths for messages.
 func chainNames(paths []string) string { return strings.Join(paths, " -> ") }

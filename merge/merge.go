@@ -94,9 +94,11 @@ type OpenChild interface {
 
 // Result says what a merge did.
 type Result struct {
-	Target   string   // the file that is now the leaf
-	Removed  []string // merged-away files, TOP first
-	Copied   int64    // bytes copied (data) into the target
+	Target  string   // the file that is now the leaf
+	Removed []string // merged-away files, TOP first
+	Copied  int64    // bytes of data carried into the target
+	// Moved says how the data went: cloned, copied in the kernel, copied.
+	Moved    storage.Moved
 	Zeroed   int64    // bytes the merged layers declared zero
 	Grown    int64    // the target's new size if it grew, else 0
 	Relinked []string // other files now pointing at the target

@@ -15,13 +15,14 @@ import (
 
 	"github.com/vhdkit/vhdkit/internal/api"
 	"github.com/vhdkit/vhdkit/internal/host"
+	"github.com/vhdkit/vhdkit/internal/web"
 	"github.com/vhdkit/vhdkit/nbd"
 )
 
 func serveCommand() *command {
 	return &command{
 		name:     "serve",
-		synopsis: "[--data DIR] [--nbd-socket PATH | --nbd HOST:PORT]",
+		synopsis: "[--data DIR] [--nbd-socket PATH | --nbd HOST:PORT] [--http HOST:PORT [--http-token-file FILE]]",
 		summary:  "run the host daemon: machines, checkpoints, live merge, NBD exports",
 		help: `Runs the vhdkit host until SIGINT or SIGTERM. Its state (machines, disks,
 checkpoint trees, jobs) lives in DIR: --data, else $VHDKIT_DATA, else
@@ -41,9 +42,20 @@ address (loopback unless you say otherwise). On shutdown, requests in
 flight finish, disks are flushed and closed, and running jobs stop at a
 safe point; they resume when the daemon starts again, also after a crash.
 
+--http serves the web console (machines, checkpoint trees, live merges
+with their progress, disk maps, the host's events) and the same API on a
+TCP address: open http://HOST:PORT/ and log in with the token serve
+prints, or the one in --http-token-file FILE (made, mode 0600, with a new
+token when FILE does not exist). Scripts may send "Authorization: Bearer
+TOKEN". An address other than loopback needs --http-token-file: the
+console is the host's control plane, and its HTTP is not encrypted (put a
+TLS proxy in front of it). Checkpoint exports through the console go to
+DIR/exports.
+
 Examples:
   vhdkit serve --data /var/lib/vhdkit
   vhdkit serve --nbd 127.0.0.1:10809
+  vhdkit serve --http 127.0.0.1:8080
   qemu-io -f raw 'nbd+unix:///web?socket=/var/lib/vhdkit/nbd.sock'
 `,
 		setup: func(fs *flag.FlagSet) func(context.Context, *cli, []string) error {
@@ -51,12 +63,21 @@ Examples:
 			sock := fs.String("nbd-socket", "", "serve NBD on the unix socket `PATH` (default DIR/nbd.sock)")
 			tcp := fs.String("nbd", "", "serve NBD on TCP `HOST:PORT` instead")
 			verbose := fs.Bool("verbose", false, "log debug messages too")
+			var con console
+			fs.StringVar(&con.addr, "http", "", "serve the web console and the API on TCP `HOST:PORT` (port 0: any free port)")
+			fs.StringVar(&con.tokenFile, "http-token-file", "", "the console's token is in `FILE` (made with a new token if missing)")
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 0 {
 					return usagef("serve takes no arguments")
 				}
 				if *sock != "" && *tcp != "" {
 					return usagef("--nbd-socket and --nbd exclude each other")
+				}
+				if con.tokenFile != "" && con.addr == "" {
+					return usagef("--http-token-file goes with --http")
+				}
+				if con.addr != "" && !web.Loopback(con.addr) && con.tokenFile == "" {
+					return usagef("--http %s is not a loopback address: anyone who reaches it gets the host's control plane; give --http-token-file FILE (and put TLS in front of it), or bind 127.0.0.1", con.addr)
 				}
 				level := slog.LevelInfo
 				if *verbose {
@@ -73,15 +94,29 @@ Examples:
 						}
 					}
 				}
-				return serve(ctx, dir, *sock, *tcp, log, ready)
+				con.ready = func(url, token string) {
+					if con.tokenFile != "" {
+						fmt.Fprintf(c.stdout, "vhdkit console %s (token in %s)\n", url, con.tokenFile)
+					} else {
+						fmt.Fprintf(c.stdout, "vhdkit console %s token %s\n", url, token)
+					}
+				}
+				return serve(ctx, dir, *sock, *tcp, con, log, ready)
 			}
 		},
 	}
 }
 
+// console says where serve runs the web console: on addr, "" for none.
+type console struct {
+	addr      string
+	tokenFile string
+	ready     func(url, token string) // called once it listens
+}
+
 // serve runs a host on dir until ctx ends; ready is called once it
 // listens.
-func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, log *slog.Logger, ready func(*host.Host, string)) (err error) {
+func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, con console, log *slog.Logger, ready func(*host.Host, string)) (err error) {
 	if dir, err = filepath.Abs(dir); err != nil {
 		return err
 	}
@@ -125,12 +160,33 @@ func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, log *slog.Logger,
 		apiL.Close()
 		return fmt.Errorf("NBD: %w", err)
 	}
-	hs := &http.Server{Handler: h.Handler(), ReadHeaderTimeout: 10 * time.Second}
-	errc := make(chan error, 2)
+	apiHandler := h.Handler()
+	hs := &http.Server{Handler: apiHandler, ReadHeaderTimeout: 10 * time.Second}
+	// Event streams last until the client goes: Shutdown ends them.
+	hs.RegisterOnShutdown(h.StopStreams)
+	errc := make(chan error, 3)
 	go func() { errc <- hs.Serve(apiL) }()
 	go func() { errc <- srv.Serve(nbdL) }()
+	var consoleURL, token string
+	if con.addr != "" {
+		var ws *http.Server
+		ws, consoleURL, token, err = serveConsole(con, dir, apiHandler, h, errc)
+		if err != nil {
+			hs.Close()
+			srv.Shutdown(context.Background())
+			return err
+		}
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), nbdShutdownTimeout)
+			defer cancel()
+			ws.Shutdown(sctx)
+		}()
+	}
 	if ready != nil {
 		ready(h, addr)
+	}
+	if con.addr != "" && con.ready != nil {
+		con.ready(consoleURL, token)
 	}
 	select {
 	case <-ctx.Done():
@@ -148,4 +204,27 @@ func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, log *slog.Logger,
 		os.Remove(nbdSocket)
 	}
 	return err
+}
+
+// serveConsole serves the web console, with the API behind its token
+// check, on con.addr; it returns the console's URL and token.
+func serveConsole(con console, dir string, apiHandler http.Handler, h *host.Host, errc chan<- error) (ws *http.Server, url, token string, err error) {
+	token = web.NewToken()
+	if con.tokenFile != "" {
+		if token, err = web.ReadToken(con.tokenFile); err != nil {
+			return nil, "", "", err
+		}
+	}
+	handler, err := web.New(apiHandler, token, dir)
+	if err != nil {
+		return nil, "", "", err
+	}
+	l, err := net.Listen("tcp", con.addr)
+	if err != nil {
+		return nil, "", "", fmt.Errorf("console: %w", err)
+	}
+	ws = &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
+	ws.RegisterOnShutdown(h.StopStreams)
+	go func() { errc <- ws.Serve(l) }()
+	return ws, "http://" + l.Addr().String() + "/", token, nil
 }

@@ -25,6 +25,9 @@
 //	GET    /v1/jobs, /v1/jobs/{id}                jobs
 //	POST   /v1/jobs/{id}/pause|resume|cancel      control a job
 //	PATCH  /v1/jobs/{id}                          set its bandwidth (SetJob)
+//	GET    /v1/vms/{vm}/disks/{disk}              a disk's files and map (DiskDetails; ?map=1)
+//	GET    /v1/events                             what the host did (Event; ?after=SEQ)
+//	GET    /v1/events/stream                      the same, and job progress, as server-sent events
 package api
 
 import "time"

@@ -112,6 +112,21 @@ func (h *Host) Handler() http.Handler {
 		}
 		return h.SetBandwidth(r.PathValue("id"), *req.Bandwidth)
 	})
+	handle("GET /v1/vms/{vm}/disks/{disk}", func(r *http.Request) (any, error) {
+		i, err := strconv.Atoi(r.PathValue("disk"))
+		if err != nil {
+			return nil, errorf(statusBadRequest, "disk %q is not a disk number", r.PathValue("disk"))
+		}
+		return h.DiskDetails(r.PathValue("vm"), i, flagSet(r.URL.Query().Get("map")))
+	})
+	handle("GET /v1/events", func(r *http.Request) (any, error) {
+		after, err := eventCursor(r)
+		if err != nil {
+			return nil, err
+		}
+		return h.Events(after), nil
+	})
+	mux.HandleFunc("GET /v1/events/stream", h.streamEvents)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		h.reply(w, r, nil, errorf(http.StatusNotFound, "no API route %s %s", r.Method, r.URL.Path))
 	})

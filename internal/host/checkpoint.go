@@ -197,6 +197,7 @@ func (h *Host) RenameCheckpoint(name, ref, newName string) (*api.Checkpoint, err
 		c.Name = old
 		return nil, err
 	}
+	h.log.Info("checkpoint renamed", "vm", name, "checkpoint", newName, "old", old)
 	out := checkpointView(v.st, c)
 	return &out, nil
 }

@@ -62,6 +62,7 @@ type Host struct {
 	jobs map[string]*job
 
 	imported importDirs // folders machines were imported from in place (import.go)
+	events   eventLog   // what the host did, from its log (events.go)
 
 	ctx    context.Context // ends at Close: job runners stop
 	cancel context.CancelFunc
@@ -143,7 +144,8 @@ func Open(dir string, opts Options) (*Host, error) {
 		lock.Close()
 		return nil, err
 	}
-	h := &Host{dir: dir, opts: opts, log: opts.Logger, lock: lock, st: st, vms: map[string]*vm{}, jobs: map[string]*job{}}
+	h := &Host{dir: dir, opts: opts, lock: lock, st: st, vms: map[string]*vm{}, jobs: map[string]*job{}}
+	h.log = withEvents(opts.Logger, &h.events)
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	h.imported.load(st)
 	h.removeOrphans()

@@ -575,6 +575,7 @@ func (h *Host) runLive(j *job, v *vm, d *merge.Disk) error {
 		j.cursor = next
 		j.progress(s.Base+copied, n)
 		h.mu.Unlock()
+		h.events.touch()
 		throttle.wait(h.ctx, j.wake, n, bw)
 	}
 	// Completion: the copy is durable; the switch is brief. The target's
@@ -685,6 +686,7 @@ func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
 			last = done
 			bw = j.st.Bandwidth
 			h.mu.Unlock()
+			h.events.touch()
 		}
 		opts.Pace = func(n int64) { throttle.wait(ctx, j.wake, n, bw) }
 		opts.Durable = func(off int64) {

@@ -456,6 +456,7 @@ func (h *Host) setPaused(ctx context.Context, name string, pause bool) (*api.VM,
 	if err := h.save(); err != nil {
 		return nil, err
 	}
+	h.log.Info("machine "+to, "vm", name)
 	out := h.view(v)
 	return &out, nil
 }

@@ -1,14 +1,13 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"os"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/imagecopy"
 	"github.com/vhdkit/vhdkit/raw"
 )
 
@@ -153,11 +152,12 @@ func (c *cli) convert(ctx context.Context, in input, fl imageFlags, progress boo
 		}
 	}()
 
-	cp := &imageCopy{src: src, dst: dst, parent: parent}
+	opts := imagecopy.Options{Fresh: true, DetectZeros: true}
 	if parent != nil {
-		cp.sector, _ = sectorSizes(dst)
+		sector, _ := sectorSizes(dst)
+		opts = imagecopy.Options{Fresh: true, Base: parent, Sector: sector}
 	}
-	if err := cp.runWithProgress(ctx, c, progress); err != nil {
+	if err := c.copyImage(ctx, src, dst, opts, progress); err != nil {
 		return err
 	}
 	if err := dst.Flush(); err != nil {
@@ -185,8 +185,9 @@ func (c *cli) convertToDevice(ctx context.Context, src disk.Image, srcPath, dstP
 		return fmt.Errorf("%s is %d bytes (%s), smaller than %s (%d bytes, %s)",
 			dstPath, dst.Size(), formatSize(dst.Size()), srcPath, src.Size(), formatSize(src.Size()))
 	}
-	cp := &imageCopy{src: src, dst: dst, dense: true}
-	err = cp.runWithProgress(ctx, c, progress)
+	// A device does not read zeros where nothing is written: every range
+	// is written, zeros as zeros.
+	err = c.copyImage(ctx, src, dst, imagecopy.Options{DetectZeros: true}, progress)
 	if err == nil {
 		err = dst.Flush()
 	}
@@ -196,328 +197,38 @@ func (c *cli) convertToDevice(ctx context.Context, src disk.Image, srcPath, dstP
 	return err
 }
 
-// runWithProgress runs the copy with a progress bar on stderr when it is
-// a terminal or progress asks for one.
-func (cp *imageCopy) runWithProgress(ctx context.Context, c *cli, progress bool) error {
+// copyImage copies every range of src into dst with the copy engine
+// (imagecopy: data moved file to file where the formats and the file
+// system allow, cloned on XFS and btrfs), with a progress bar on stderr
+// when it is a terminal or progress asks for one, which ends with what
+// was cloned, copied in the kernel and copied.
+func (c *cli) copyImage(ctx context.Context, src, dst disk.Image, opts imagecopy.Options, progress bool) error {
+	var exts []disk.Extent
+	if err := walkExtents(ctx, src, func(e disk.Extent) error {
+		exts = append(exts, e)
+		return nil
+	}); err != nil {
+		return fmt.Errorf("mapping the source: %w", err)
+	}
+	var bar *progressBar
 	if progress || isTerminal(c.stderr) {
-		cp.progress = newProgressBar(c.stderr, cp.src.Size(), isTerminal(c.stderr))
-	}
-	if err := cp.run(ctx); err != nil {
-		if cp.progress != nil {
-			cp.progress.abort()
+		bar = newProgressBar(c.stderr, src.Size(), isTerminal(c.stderr))
+		var last int64
+		opts.Progress = func(p imagecopy.Progress) {
+			bar.add(p.Done - last)
+			last = p.Done
 		}
+	}
+	st, err := imagecopy.Copy(ctx, dst, src, exts, opts)
+	if bar == nil {
 		return err
 	}
-	if cp.progress != nil {
-		cp.progress.finish()
-	}
-	return nil
-}
-
-// The copy runs as a pipeline: one goroutine reads SRC chunk by chunk and
-// decides what has to be written, the caller's goroutine writes, so reading
-// and writing overlap. A chunk is large so that each costs few calls into
-// the formats; zero detection works on smaller granules inside it.
-const (
-	copyChunk   = 4 << 20  // bytes read at once
-	copyBuffers = 6        // chunks in flight between reader and writer
-	zeroGranule = 64 << 10 // all-zero granules of SRC are not written
-	// maxWrite caps one WriteAt: on Linux (ext4), copying a 4 MiB write
-	// into the page cache costs several times the kernel time of four
-	// 1 MiB writes, measured; reads show no such effect.
-	maxWrite = 1 << 20
-)
-
-// imageCopy copies src into a fresh dst.
-type imageCopy struct {
-	src, dst disk.Image
-	// parent, when set, is what dst already reads through (a differencing
-	// dst): only sectors where src differs from parent are written.
-	parent disk.Image
-	sector int // dst's logical sector size, with parent
-	// dense says dst does not read zeros where nothing is written (a
-	// block device): every range is written, zeros too.
-	dense    bool
-	progress *progressBar
-
-	free       chan []byte // chunk buffers not in use
-	allocated  int         // buffers made so far (at most copyBuffers)
-	parentBuf  []byte      // the reader's buffer for parent data
-	zeroChunk  []byte      // copyChunk zero bytes, never written to
-	jobs       chan copyJob
-	readerDone chan error
-}
-
-// copyJob is one chunk handed from the reader to the writer.
-type copyJob struct {
-	off    int64
-	length int64  // bytes of the disk the job accounts for (for progress)
-	buf    []byte // the chunk's bytes; nil when they are all zero or nothing is written
-	writes []span // ranges of buf to write, relative to off
-}
-
-// span is a range [off, off+n).
-type span struct{ off, n int64 }
-
-func (cp *imageCopy) run(ctx context.Context) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	cp.free = make(chan []byte, copyBuffers)
-	cp.jobs = make(chan copyJob, copyBuffers)
-	cp.readerDone = make(chan error, 1)
-	cp.zeroChunk = make([]byte, copyChunk)
-	go func() {
-		var err error
-		defer func() {
-			if r := recover(); r != nil {
-				err = fmt.Errorf("internal error while reading: %v", r)
-			}
-			close(cp.jobs)
-			cp.readerDone <- err
-		}()
-		err = cp.read(ctx)
-	}()
-
-	var werr error
-	for job := range cp.jobs {
-		if werr == nil {
-			werr = cp.write(ctx, job)
-			if werr != nil {
-				cancel() // stop the reader; keep draining its jobs
-			}
-		}
-		if job.buf != nil {
-			cp.free <- job.buf
-		}
-	}
-	rerr := <-cp.readerDone
-	if werr != nil {
-		return werr
-	}
-	return rerr
-}
-
-// write performs one job on dst.
-func (cp *imageCopy) write(ctx context.Context, job copyJob) error {
-	if err := ctx.Err(); err != nil {
+	if err != nil {
+		bar.abort()
 		return err
 	}
-	data := job.buf
-	if data == nil {
-		data = cp.zeroChunk
-	}
-	if cp.dense && job.buf == nil && len(job.writes) == 0 {
-		if err := zeroRange(cp.dst, job.off, job.length); err != nil {
-			return fmt.Errorf("zeroing at offset %d: %w", job.off, err)
-		}
-	}
-	for _, s := range job.writes {
-		for off, end := s.off, s.off+s.n; off < end; {
-			n := min(end-off, maxWrite)
-			if _, err := cp.dst.WriteAt(data[off:off+n], job.off+off); err != nil {
-				return fmt.Errorf("writing at offset %d: %w", job.off+off, err)
-			}
-			off += n
-		}
-	}
-	if cp.progress != nil {
-		cp.progress.add(job.length)
-	}
-	return nil
-}
-
-// read walks src's allocation map and sends the writer a job per chunk.
-func (cp *imageCopy) read(ctx context.Context) error {
-	return walkExtents(ctx, cp.src, func(e disk.Extent) error {
-		srcZero := e.Type != disk.Data
-		switch {
-		case !srcZero:
-			return cp.copyRange(ctx, e.Offset, e.Length, false)
-		case cp.parent == nil:
-			return cp.send(ctx, copyJob{off: e.Offset, length: e.Length})
-		}
-		// SRC reads as zeros here: only the parent's data needs covering.
-		list, err := imageExtents(cp.parent, e.Offset, e.Length)
-		if err != nil {
-			return fmt.Errorf("mapping the parent: %w", err)
-		}
-		for _, p := range list {
-			if p.Type == disk.Data {
-				err = cp.copyRange(ctx, p.Offset, p.Length, true)
-			} else {
-				err = cp.send(ctx, copyJob{off: p.Offset, length: p.Length})
-			}
-			if err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-}
-
-// copyRange reads [off, off+n) chunk by chunk (unless srcZero says src
-// reads as zeros there) and sends the writer what differs from what dst
-// already reads: zeros, or the parent's data.
-func (cp *imageCopy) copyRange(ctx context.Context, off, n int64, srcZero bool) error {
-	end := off + n
-	for off < end {
-		// Chunks end on multiples of copyChunk, so they line up with the
-		// target's blocks whatever the extent boundaries.
-		next := min(end, (off/copyChunk+1)*copyChunk)
-		length := next - off
-		job := copyJob{off: off, length: length}
-		var data []byte
-		if srcZero {
-			data = cp.zeroChunk[:length]
-		} else {
-			buf, err := cp.buffer(ctx)
-			if err != nil {
-				return err
-			}
-			data = buf[:length]
-			if err := readFull(cp.src, data, off); err != nil {
-				cp.free <- buf
-				return err
-			}
-			job.buf = buf
-		}
-		if cp.parent != nil {
-			var err error
-			job.writes, err = cp.parentDiff(data, off)
-			if err != nil {
-				if job.buf != nil {
-					cp.free <- job.buf
-				}
-				return err
-			}
-		} else if cp.dense {
-			job.writes = []span{{0, length}}
-		} else {
-			job.writes = nonZeroSpans(data, zeroGranule)
-		}
-		if len(job.writes) == 0 && job.buf != nil {
-			cp.free <- job.buf
-			job.buf = nil
-		}
-		if err := cp.send(ctx, job); err != nil {
-			if job.buf != nil {
-				cp.free <- job.buf
-			}
-			return err
-		}
-		off = next
-	}
-	return nil
-}
-
-// parentDiff reads the parent's bytes under data and returns the runs of
-// sectors where they differ.
-func (cp *imageCopy) parentDiff(data []byte, off int64) ([]span, error) {
-	if cp.parentBuf == nil {
-		cp.parentBuf = make([]byte, copyChunk)
-	}
-	p := cp.parentBuf[:len(data)]
-	if err := readFull(cp.parent, p, off); err != nil {
-		return nil, fmt.Errorf("reading the parent: %w", err)
-	}
-	if bytes.Equal(data, p) {
-		return nil, nil
-	}
-	return diffSpans(data, p, cp.sector, off), nil
-}
-
-// buffer returns a free chunk buffer, making one while fewer than
-// copyBuffers exist.
-func (cp *imageCopy) buffer(ctx context.Context) ([]byte, error) {
-	select {
-	case b := <-cp.free:
-		return b, nil
-	default:
-	}
-	if cp.allocated < copyBuffers {
-		cp.allocated++
-		return make([]byte, copyChunk), nil
-	}
-	select {
-	case b := <-cp.free:
-		return b, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-}
-
-func (cp *imageCopy) send(ctx context.Context, job copyJob) error {
-	select {
-	case cp.jobs <- job:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-func readFull(im disk.Image, p []byte, off int64) error {
-	n, err := im.ReadAt(p, off)
-	if n == len(p) {
-		return nil
-	}
-	if err == nil {
-		err = errors.New("short read")
-	}
-	return fmt.Errorf("reading at offset %d: %w", off+int64(n), err)
-}
-
-// nonZeroSpans returns the runs of granules of data that hold a non-zero
-// byte, adjacent ones merged.
-func nonZeroSpans(data []byte, granule int) []span {
-	var spans []span
-	for i := 0; i < len(data); i += granule {
-		g := data[i:min(len(data), i+granule)]
-		if disk.IsZero(g) {
-			continue
-		}
-		if n := len(spans); n > 0 && spans[n-1].off+spans[n-1].n == int64(i) {
-			spans[n-1].n += int64(len(g))
-		} else {
-			spans = append(spans, span{int64(i), int64(len(g))})
-		}
-	}
-	return spans
-}
-
-// diffSpans returns the runs of sectors (of sector bytes, counted from
-// disk offset 0; base is data's disk offset) where a and b differ.
-func diffSpans(a, b []byte, sector int, base int64) []span {
-	var spans []span
-	i := 0
-	for i < len(a) {
-		// The first sector may start before data when base is unaligned.
-		j := min(len(a), i+sector-int((base+int64(i))%int64(sector)))
-		if !bytes.Equal(a[i:j], b[i:j]) {
-			if n := len(spans); n > 0 && spans[n-1].off+spans[n-1].n == int64(i) {
-				spans[n-1].n += int64(j - i)
-			} else {
-				spans = append(spans, span{int64(i), int64(j - i)})
-			}
-		}
-		i = j
-	}
-	return spans
-}
-
-// zeroRange makes [off, off+n) of im read as zeros: with the image's own
-// zeroing (a block device's BLKZEROOUT, through fallocate) where it has
-// one, else by writing zeros.
-func zeroRange(im disk.Image, off, n int64) error {
-	if z, ok := im.(disk.Zeroer); ok {
-		return z.WriteZeroes(off, n, true)
-	}
-	var zeros [64 << 10]byte
-	for n > 0 {
-		k := min(n, int64(len(zeros)))
-		if _, err := im.WriteAt(zeros[:k], off); err != nil {
-			return err
-		}
-		off, n = off+k, n-k
-	}
+	bar.finish()
+	fmt.Fprintf(c.stderr, "data: %s cloned, %s copied in the kernel, %s copied; %s written as zeros\n",
+		humanBytes(st.Cloned), humanBytes(st.KernelCopied), humanBytes(st.Copied), humanBytes(st.Zeroed))
 	return nil
 }

@@ -122,7 +122,8 @@ func (c *cli) merge(ctx context.Context, top string, opts merge.Options, progres
 	if err != nil {
 		return outsideHint(err)
 	}
-	fmt.Fprintf(c.stdout, "merged into %s: %s of data, %s declared zero\n", res.Target, humanBytes(res.Copied), humanBytes(res.Zeroed))
+	fmt.Fprintf(c.stdout, "merged into %s: %s of data (%s cloned, %s copied in the kernel, %s copied), %s declared zero\n", res.Target,
+		humanBytes(res.Copied), humanBytes(res.Moved.Cloned), humanBytes(res.Moved.KernelCopied), humanBytes(res.Moved.Copied), humanBytes(res.Zeroed))
 	for _, p := range res.Removed {
 		fmt.Fprintf(c.stdout, "removed %s\n", p)
 	}

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Times vhdkit's copies where the file system can clone and where it
+# cannot, against the tools that do the same work, on the same bytes in
+# one run per file system:
+#
+#   vhdkit merge of a child holding SIZE of changed data into its base
+#   cp --reflink=auto and cp --reflink=never of the same bytes
+#   qemu-img commit of an equivalent qcow2 chain
+#   vhdkit convert raw -> dynamic VHDX against qemu-img convert
+#
+# on loop-mounted XFS (mkfs.xfs -m reflink=1) and btrfs, made in a
+# temporary folder and unmounted after (as root; skipped otherwise), and
+# on the file system of ${TMPDIR:-/tmp}. Each step starts after a sync and
+# ends with its output synced (qemu-img with -t writeback); every output is
+# compared with the data (qemu-img compare). Best of BENCH_RUNS (default
+# 2). Prints seconds and ratios: merge/cp is vhdkit's time over cp's (at
+# most 3 is the aim on XFS and btrfs, at most 1 elsewhere against cp
+# --reflink=never), qemu/vhdkit above 1 means vhdkit is faster.
+#
+# Usage: bench/clone.sh [SIZE]   (SIZE default 1G; K, M or G)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size=${1:-1G}
+for tool in qemu-img bc; do
+	command -v $tool >/dev/null || { echo "bench/clone.sh: $tool is needed" >&2; exit 1; }
+done
+work=$(mktemp -d "${TMPDIR:-/tmp}/vhdkit-clone-bench-XXXXXX")
+mounts=()
+cleanup() {
+	for m in "${mounts[@]}"; do umount "$m" || true; done
+	rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "building vhdkit and the data generator"
+go build -o "$work/vhdkit" ./cmd/vhdkit
+go build -o "$work/gendata" ./bench/gendata
+vhdkit=$work/vhdkit
+"$work/gendata" -size "$size" -seed 7 "$work/data.img"
+bytes=$(stat -c %s "$work/data.img")
+
+# The folders to run in: loop-mounted XFS and btrfs, and the work folder.
+dirs=() names=()
+if [ "$(id -u)" = 0 ]; then
+	for fs in xfs btrfs; do
+		mkfs=$(command -v mkfs.$fs || true)
+		if [ -z "$mkfs" ]; then
+			echo "mkfs.$fs is missing (apt-get install ${fs}progs): no $fs row" >&2
+			continue
+		fi
+		img=$work/$fs.fs
+		truncate -s $((bytes * 10 + (1 << 30))) "$img"
+		args=(-q -f)
+		[ $fs = xfs ] && args+=(-m reflink=1)
+		"$mkfs" "${args[@]}" "$img" >/dev/null
+		mkdir "$work/$fs"
+		mount -o loop "$img" "$work/$fs"
+		mounts+=("$work/$fs")
+		dirs+=("$work/$fs") names+=("$fs (loop, reflink)")
+	done
+else
+	echo "not root: no loop-mounted XFS and btrfs rows" >&2
+fi
+mkdir "$work/plain"
+dirs+=("$work/plain") names+=("$(stat -f -c %T "$work") (work folder)")
+
+# secs CMD... runs CMD after a sync and prints its elapsed seconds, sync
+# included.
+secs() {
+	sync
+	local s e
+	s=$(date +%s.%N)
+	"$@" >/dev/null
+	sync
+	e=$(date +%s.%N)
+	echo "$e - $s" | bc -l
+}
+best() { printf '%s\n' "$@" | sort -g | head -n1; }
+runs=${BENCH_RUNS:-2}
+
+rows=()
+for i in "${!dirs[@]}"; do
+	d=${dirs[$i]}
+	echo "${names[$i]}: $d"
+	cp --reflink=never "$work/data.img" "$d/new.img"
+	mt=() at=() nt=() qt=() vct=() qct=() moved=""
+	for ((run = 1; run <= runs; run++)); do
+		rm -f "$d"/base.* "$d"/top.* "$d"/copy.* "$d"/out.*
+		# vhdkit: an empty dynamic base and a child holding the new data.
+		"$vhdkit" create --size "$bytes" "$d/base.vhdx" >/dev/null
+		"$vhdkit" convert --parent "$d/base.vhdx" "$d/new.img" "$d/top.avhdx" >/dev/null
+		mt+=("$(secs "$vhdkit" merge "$d/top.avhdx")")
+		qemu-img compare -q -f raw -F vhdx "$d/new.img" "$d/base.vhdx"
+		at+=("$(secs cp --reflink=auto "$d/new.img" "$d/copy.auto")")
+		nt+=("$(secs cp --reflink=never "$d/new.img" "$d/copy.never")")
+		rm -f "$d"/base.* "$d"/copy.*
+		# qemu: an empty qcow2 base and an overlay holding the same data.
+		qemu-img create -q -f qcow2 "$d/base.qcow2" "$bytes"
+		qemu-img convert -q -f raw -O qcow2 -B "$d/base.qcow2" -F qcow2 "$d/new.img" "$d/top.qcow2"
+		qt+=("$(secs qemu-img commit -q -t writeback "$d/top.qcow2")")
+		qemu-img compare -q -f raw -F qcow2 "$d/new.img" "$d/base.qcow2"
+		rm -f "$d"/base.* "$d"/top.*
+		# convert raw -> dynamic VHDX, 32 MiB blocks for both.
+		vct+=("$(secs "$vhdkit" convert "$d/new.img" "$d/out.vhdx")")
+		qemu-img compare -q -f raw -F vhdx "$d/new.img" "$d/out.vhdx"
+		qct+=("$(secs qemu-img convert -t writeback -f raw -O vhdx -o subformat=dynamic,block_size=32M "$d/new.img" "$d/out.q.vhdx")")
+		qemu-img compare -q -f raw -F vhdx "$d/new.img" "$d/out.q.vhdx"
+		rm -f "$d"/out.*
+	done
+	# What the merge's copy did, once more for the record.
+	"$vhdkit" create --size "$bytes" "$d/base.vhdx" >/dev/null
+	"$vhdkit" convert --parent "$d/base.vhdx" "$d/new.img" "$d/top.avhdx" >/dev/null
+	moved=$("$vhdkit" merge "$d/top.avhdx" | grep -o "([^)]*cloned[^)]*)" || true)
+	rm -f "$d"/base.* "$d"/top.* "$d/new.img"
+	m=$(best "${mt[@]}") a=$(best "${at[@]}") n=$(best "${nt[@]}") q=$(best "${qt[@]}")
+	vc=$(best "${vct[@]}") qc=$(best "${qct[@]}")
+	rows+=("$(printf '| %-22s | %6.3f | %6.3f | %6.3f | %6.3f | %5.2f | %5.2f | %5.2f | %6.3f | %6.3f | %5.2f |' \
+		"${names[$i]}" "$m" "$a" "$n" "$q" \
+		"$(echo "$m / $a" | bc -l)" "$(echo "$m / $n" | bc -l)" "$(echo "$q / $m" | bc -l)" \
+		"$vc" "$qc" "$(echo "$qc / $vc" | bc -l)")")
+	[ -n "$moved" ] && rows+=("|   merge moved: $moved |")
+done
+
+printf '\n%s of changed data (merge) and of disk-like data (convert), best of %d runs, seconds incl. sync:\n\n' "$size" "$runs"
+echo '| file system            | merge  | cp auto | cp never | qemu-img commit | merge/cp auto | merge/cp never | commit/merge | convert | qemu-img convert | qemu/vhdkit |'
+echo '|------------------------|--------|--------|--------|--------|-------|-------|-------|--------|--------|-------|'
+printf '%s\n' "${rows[@]}"

@@ -147,6 +147,9 @@ func (eh *eventHandler) Handle(ctx context.Context, r slog.Record) error {
 			case "job":
 				ev.Job = v
 			default:
+				if v == "" {
+					return true
+				}
 				if ev.Fields == nil {
 					ev.Fields = map[string]string{}
 				}

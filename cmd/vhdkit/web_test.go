@@ -1,0 +1,590 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/testenv"
+	"github.com/vhdkit/vhdkit/nbd"
+)
+
+// consoleDaemon is a "vhdkit serve --http" and what it printed.
+type consoleDaemon struct {
+	*daemon
+	url   string // http://127.0.0.1:PORT/
+	token string
+}
+
+// startConsole runs vhdkit serve with the console on a free loopback
+// port and reads the console's address and token from its output.
+func startConsole(t *testing.T, data string) *consoleDaemon {
+	t.Helper()
+	cmd := exec.Command(vhdkitBinary(t), "serve", "--data", data, "--http", "127.0.0.1:0")
+	d := &daemon{bin: cmd.Path, cmd: cmd, data: data, nbd: filepath.Join(data, "nbd.sock"), stderr: &lockedBuffer{}, done: make(chan struct{})}
+	cmd.Stderr = d.stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan []string, 1)
+	go func() {
+		r := bufio.NewReader(stdout)
+		first, _ := r.ReadString('\n')
+		second, _ := r.ReadString('\n')
+		lines <- []string{first, second}
+		io.Copy(io.Discard, r)
+		d.err = cmd.Wait()
+		close(d.done)
+	}()
+	t.Cleanup(func() { d.kill() })
+	var got []string
+	select {
+	case got = <-lines:
+	case <-time.After(time.Minute):
+		t.Fatalf("vhdkit serve did not start within a minute; stderr:\n%s", d.stderr)
+	}
+	// "vhdkit console http://127.0.0.1:PORT/ token TOKEN"
+	f := strings.Fields(got[1])
+	if !strings.HasPrefix(got[0], "vhdkit serving ") || len(f) != 5 || f[1] != "console" || f[3] != "token" {
+		<-d.done
+		t.Fatalf("vhdkit serve: %v; stdout %q; stderr:\n%s", d.err, got, d.stderr)
+	}
+	t.Logf("console %s", f[2])
+	return &consoleDaemon{daemon: d, url: f[2], token: f[4]}
+}
+
+// request sends one API request to the console's TCP listener with the
+// headers given and returns the status and body.
+func (d *consoleDaemon) request(t *testing.T, method, path, body string, header map[string]string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, strings.TrimSuffix(d.url, "/")+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// newBrowser starts headless Chromium (Debian's chromium package).
+func newBrowser(t *testing.T) context.Context {
+	t.Helper()
+	chromium := testenv.Tool(t, "chromium")
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(chromium),
+		chromedp.WindowSize(1280, 1000),
+		chromedp.Flag("disable-dev-shm-usage", true),
+	)
+	if os.Geteuid() == 0 {
+		opts = append(opts, chromedp.NoSandbox) // Chromium refuses root otherwise
+	}
+	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	t.Cleanup(cancelAlloc)
+	ctx, cancel := chromedp.NewContext(actx, chromedp.WithLogf(t.Logf))
+	t.Cleanup(cancel)
+	// Starts the browser.
+	if err := chromedp.Do(ctx); err != nil {
+		t.Fatalf("starting %s: %v", chromium, err)
+	}
+	return ctx
+}
+
+// browse runs actions in the browser, giving them a generous time: the
+// machine may be busy with QEMU guests of other tests.
+func browse(t *testing.T, ctx context.Context, what string, actions ...chromedp.Action[chromedp.Void]) {
+	t.Helper()
+	tctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	if err := chromedp.Do(tctx, actions...); err != nil {
+		t.Fatalf("browser, %s: %v", what, err)
+	}
+}
+
+// artifactDir is where the run writes its screenshots: $VHDKIT_ARTIFACTS,
+// else a new temporary folder that outlives the test.
+func artifactDir(t *testing.T) string {
+	dir := os.Getenv("VHDKIT_ARTIFACTS")
+	if dir == "" {
+		var err error
+		if dir, err = os.MkdirTemp("", "vhdkit-console-"); err != nil {
+			t.Fatal(err)
+		}
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// get runs one action that returns a value, as browse does.
+func get[T any](t *testing.T, ctx context.Context, what string, a chromedp.Action[T]) T {
+	t.Helper()
+	tctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	v, err := chromedp.Run(tctx, a)
+	if err != nil {
+		t.Fatalf("browser, %s: %v", what, err)
+	}
+	return v
+}
+
+// until waits for a JavaScript condition on the page.
+func until(cond string) chromedp.Action[chromedp.Void] {
+	return chromedp.Poll[chromedp.Void](cond, chromedp.WithPollingInterval(100*time.Millisecond), chromedp.WithPollingTimeout(3*time.Minute))
+}
+
+func screenshot(t *testing.T, ctx context.Context, dir, name string) {
+	t.Helper()
+	png := get(t, ctx, "screenshot "+name, chromedp.CaptureScreenshot())
+	path := filepath.Join(dir, name+".png")
+	if err := os.WriteFile(path, png, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("screenshot %s", path)
+}
+
+// nbdWriter writes 64 KiB patterns at random places of a disk and
+// flushes each, as a guest would, remembering the last seed written to
+// each chunk.
+type nbdWriter struct {
+	c      *nbd.Client
+	chunks int64
+	stop   chan struct{}
+	done   chan struct{}
+	mu     sync.Mutex
+	seeds  map[int64]byte
+	writes int
+	err    error
+}
+
+const writerChunk = 64 << 10
+
+func startWriter(c *nbd.Client, size int64) *nbdWriter {
+	w := &nbdWriter{c: c, chunks: size / writerChunk, stop: make(chan struct{}), done: make(chan struct{}), seeds: map[int64]byte{}}
+	go w.run()
+	return w
+}
+
+func (w *nbdWriter) run() {
+	defer close(w.done)
+	b := make([]byte, writerChunk)
+	for i := 0; ; i++ {
+		select {
+		case <-w.stop:
+			return
+		default:
+		}
+		chunk := rand.Int64N(w.chunks)
+		seed := byte(0x80 + i%100)
+		off := chunk * writerChunk
+		fillPattern(b, off, seed)
+		_, err := w.c.WriteAt(b, off)
+		if err == nil {
+			err = w.c.Flush()
+		}
+		if err != nil {
+			w.err = fmt.Errorf("write %d at %d: %w", i, off, err)
+			return
+		}
+		w.mu.Lock()
+		w.seeds[chunk] = seed
+		w.writes++
+		w.mu.Unlock()
+		time.Sleep(2 * time.Millisecond) // a guest, not a benchmark: leave the merge some disk
+	}
+}
+
+// finish stops the writer and reads back every chunk it wrote.
+func (w *nbdWriter) finish(t *testing.T) map[int64]byte {
+	t.Helper()
+	close(w.stop)
+	<-w.done
+	if w.err != nil {
+		t.Fatalf("NBD writer: %v", w.err)
+	}
+	got := make([]byte, writerChunk)
+	for chunk, seed := range w.seeds {
+		if _, err := w.c.ReadAt(got, chunk*writerChunk); err != nil {
+			t.Fatal(err)
+		}
+		wantPattern(t, got, chunk*writerChunk, seed, "a write made during the merges")
+	}
+	t.Logf("NBD writer: %d writes over %d chunks, all read back", w.writes, len(w.seeds))
+	return w.seeds
+}
+
+// pageTree is the checkpoint tree as the page draws it: each node with
+// the node it hangs under ("" for a root), "now" for the running state.
+const pageTreeJS = `[...document.querySelectorAll('#tree li')].map(li => {
+	const p = li.parentElement.closest('li[data-cp-id]');
+	return {id: li.dataset.cpId || 'now', name: li.dataset.cpName || '', parent: p ? p.dataset.cpId : ''};
+})`
+
+type treeNode struct {
+	ID     string `json:"id"`
+	Name   string `json:"name"`
+	Parent string `json:"parent"`
+}
+
+// wantTree checks the page's tree against "checkpoint list --json".
+func wantTree(t *testing.T, ctx context.Context, d *consoleDaemon, vm string) {
+	t.Helper()
+	var list api.Checkpoints
+	if err := json.Unmarshal([]byte(d.cli(t, "checkpoint", "list", vm, "--json")), &list); err != nil {
+		t.Fatal(err)
+	}
+	want := []treeNode{{ID: "now", Parent: list.Current}}
+	for _, c := range list.Checkpoints {
+		want = append(want, treeNode{ID: c.ID, Name: c.Name, Parent: c.Parent})
+	}
+	cmp := func(a, b treeNode) int { return strings.Compare(a.ID, b.ID) }
+	slices.SortFunc(want, cmp)
+	// The page redraws on the host's events: wait for it to agree.
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		got := get(t, ctx, "read the tree", chromedp.Evaluate[[]treeNode](pageTreeJS))
+		slices.SortFunc(got, cmp)
+		if slices.Equal(got, want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the page's tree\n%+v\nwant (checkpoint list --json)\n%+v", got, want)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// answer fills the page's question dialog and presses OK.
+func answer(text string) chromedp.Action[chromedp.Void] {
+	return chromedp.Steps(
+		chromedp.WaitVisible(chromedp.CSS("#ask-ok")),
+		chromedp.SetValue(chromedp.CSS("#ask-input"), text),
+		chromedp.Click(chromedp.CSS("#ask-ok")),
+		chromedp.WaitNotVisible(chromedp.CSS("#ask")),
+	)
+}
+
+// cpButton is a checkpoint's action button in the tree.
+func cpButton(name, class string) string {
+	return fmt.Sprintf(`li[data-cp-name=%q] > .node .%s`, name, class)
+}
+
+// TestWebConsole drives the console in headless Chromium against a real
+// "vhdkit serve --http": the tree it draws matches checkpoint list
+// --json through create and rename from the page; deleting checkpoints
+// from the page starts live merges whose progress bar moves (a rate limit
+// set from the page, then lifted from the page) and end with the machine
+// on its .vhdx, while an NBD writer runs and every write verifies; the
+// disk's map on the page is the one "vhdkit map" gives; requests without
+// the token, without the CSRF token, or from another origin (also a
+// page of another origin in the same browser) are refused.
+func TestWebConsole(t *testing.T) {
+	ctx := newBrowser(t)
+	shots := artifactDir(t)
+	dir := shortTempDir(t)
+	d := startConsole(t, filepath.Join(dir, "d"))
+	const size = 128 << 20
+	d.cli(t, "vm", "create", "web", "--disk", "128M")
+	c := dialNBD(t, d.nbd, "web")
+	for off := int64(0); off < 32<<20; off += 1 << 20 {
+		writeFlushed(t, c, off, 1<<20, 1)
+	}
+	d.cli(t, "checkpoint", "create", "web", "--name", "before")
+	for off := int64(32 << 20); off < 96<<20; off += 1 << 20 {
+		writeFlushed(t, c, off, 1<<20, 2)
+	}
+
+	// Refused: no token; a cross-origin POST with the token; the cookie
+	// without the CSRF token.
+	// Each refused request names the checkpoint it would make: none may
+	// appear.
+	refused := []string{"no-token", "cross-origin", "no-csrf", "evil-page"}
+	create := func(name string) string { return `{"name":"` + name + `"}` }
+	if st, body := d.request(t, "POST", "/v1/vms/web/checkpoints", create("no-token"), nil); st != http.StatusUnauthorized || !strings.Contains(body, "token") {
+		t.Errorf("POST without the token: %d %s", st, body)
+	}
+	if st, body := d.request(t, "GET", "/v1/vms", "", nil); st != http.StatusUnauthorized {
+		t.Errorf("GET without the token: %d %s", st, body)
+	}
+	bearer := "Bearer " + d.token
+	if st, body := d.request(t, "POST", "/v1/vms/web/checkpoints", create("cross-origin"), map[string]string{
+		"Authorization": bearer, "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}); st != http.StatusForbidden {
+		t.Errorf("cross-origin POST: %d %s", st, body)
+	}
+	if st, body := d.request(t, "POST", "/v1/vms/web/checkpoints", create("no-csrf"), map[string]string{
+		"Cookie": "vhdkit_token=" + d.token}); st != http.StatusForbidden || !strings.Contains(body, "CSRF") {
+		t.Errorf("POST with the cookie, no CSRF token: %d %s", st, body)
+	}
+	if st, body := d.request(t, "GET", "/v1/vms/web", "", map[string]string{"Authorization": bearer}); st != http.StatusOK || !strings.Contains(body, `"web"`) {
+		t.Errorf("GET with the token: %d %s", st, body)
+	}
+	// Through the console an export goes to DIR/exports/NAME, nowhere else.
+	if st, body := d.request(t, "POST", "/v1/vms/web/checkpoints/before/export", `{"dir":"`+dir+`/out"}`, map[string]string{
+		"Authorization": bearer}); st != http.StatusBadRequest || !strings.Contains(body, filepath.Join(d.data, "exports")) {
+		t.Errorf("export to a path through the console: %d %s", st, body)
+	}
+
+	// Log in: a wrong token first.
+	browse(t, ctx, "log in",
+		chromedp.Navigate(d.url),
+		chromedp.WaitVisible(chromedp.CSS("#token")),
+		chromedp.SendKeys(chromedp.CSS("#token"), "not-the-token-at-all"),
+		chromedp.Submit(chromedp.CSS("#token")),
+		chromedp.WaitVisible(chromedp.CSS("#token")),
+	)
+	if loc := get(t, ctx, "after a wrong token", chromedp.Location()); !strings.Contains(loc, "/login") {
+		t.Fatalf("a wrong token led to %s", loc)
+	}
+	browse(t, ctx, "log in",
+		chromedp.SendKeys(chromedp.CSS("#token"), d.token),
+		chromedp.Submit(chromedp.CSS("#token")),
+		chromedp.WaitVisible(chromedp.CSS(`#machines tr[data-vm="web"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`li[data-cp-name="before"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#conn.live`)),
+	)
+	wantTree(t, ctx, d, "web")
+
+	// A page of another origin in the same browser (another port of
+	// 127.0.0.1: the same site, so SameSite lets the cookie go) posts to
+	// the console: refused.
+	evil := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, `<!doctype html><title>evil</title><script>
+fetch(%q, {method: "POST", mode: "no-cors", credentials: "include", body: '{"name":"evil-page"}'})
+  .finally(() => { document.title = "sent"; });
+</script>`, d.url+"v1/vms/web/checkpoints")
+	}))
+	defer evil.Close()
+	browse(t, ctx, "the other origin's page",
+		chromedp.Navigate(evil.URL),
+		until(`document.title === "sent"`),
+	)
+	out := d.cli(t, "checkpoint", "list", "web")
+	for _, name := range refused {
+		if strings.Contains(out, name) {
+			t.Errorf("the refused request %q made a checkpoint:\n%s", name, out)
+		}
+	}
+
+	// Create and rename from the page.
+	browse(t, ctx, "create a checkpoint",
+		chromedp.Navigate(d.url),
+		chromedp.WaitVisible(chromedp.CSS(`li[data-cp-name="before"]`)),
+		chromedp.Click(chromedp.CSS("#cp-create")),
+		answer("scratch"),
+		chromedp.WaitVisible(chromedp.CSS(`li[data-cp-name="scratch"]`)),
+	)
+	wantTree(t, ctx, d, "web")
+	browse(t, ctx, "rename it",
+		chromedp.Click(chromedp.CSS(cpButton("scratch", "rename"))),
+		answer("renamed"),
+		chromedp.WaitVisible(chromedp.CSS(`li[data-cp-name="renamed"]`)),
+	)
+	wantTree(t, ctx, d, "web")
+	screenshot(t, ctx, shots, "machines-and-tree")
+
+	// The writer goes on from here to the end.
+	w := startWriter(dialNBD(t, d.nbd, "web"), size)
+
+	// Delete "renamed": a live merge of the running file into its file.
+	browse(t, ctx, "delete renamed",
+		chromedp.Click(chromedp.CSS(cpButton("renamed", "delete"))),
+		answer("0"), // no rate limit
+		chromedp.WaitVisible(chromedp.CSS(`.job[data-state="done"]`)),
+		chromedp.WaitNotPresent(chromedp.CSS(`li[data-cp-name="renamed"]`)),
+	)
+	wantTree(t, ctx, d, "web")
+
+	// Disk details: the map on the page is vhdkit map's.
+	browse(t, ctx, "disk details",
+		chromedp.Click(chromedp.CSS(`#disks tr[data-disk="0"] button.details`)),
+		chromedp.WaitVisible(chromedp.CSS(`#strip[data-extents]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#files tr[data-depth="1"]`)),
+	)
+	screenshot(t, ctx, shots, "disk-details")
+	var details api.DiskDetails
+	st, body := d.request(t, "GET", "/v1/vms/web/disks/0?map=1", "", map[string]string{"Authorization": bearer})
+	if st != http.StatusOK || json.Unmarshal([]byte(body), &details) != nil {
+		t.Fatalf("disk details: %d %s", st, body)
+	}
+	if len(details.Files) != 2 || !strings.HasSuffix(details.Files[1].Path, "disk0.vhdx") || details.Files[0].Type != "differencing" || details.Files[1].BlockSize == 0 {
+		t.Fatalf("disk details files: %+v", details.Files)
+	}
+	var depths [2]bool
+	for _, e := range details.Map {
+		if e.Type == "data" && e.Depth < 2 {
+			depths[e.Depth] = true
+		}
+	}
+	if !depths[0] || !depths[1] {
+		t.Fatalf("the map should hold data at depths 0 and 1: %+v", details.Map)
+	}
+
+	// Delete "before" at 8 MiB/s from the page: the bar moves; then the
+	// limit is lifted from the page and the merge ends.
+	browse(t, ctx, "delete before",
+		chromedp.Click(chromedp.CSS(cpButton("before", "delete"))),
+		answer("8"),
+		chromedp.WaitVisible(chromedp.CSS(`.job[data-state="running"]`)),
+	)
+	var seen []int
+	deadline := time.Now().Add(5 * time.Minute)
+	for len(seen) < 3 {
+		pct := get(t, ctx, "read the bar", chromedp.Evaluate[int](`Number(document.querySelector('.job[data-state="running"] .bar, .job[data-state="completing"] .bar, .job .bar').getAttribute('aria-valuenow'))`))
+		if len(seen) > 0 && pct < seen[len(seen)-1] {
+			t.Fatalf("the progress bar went back: %v then %d", seen, pct)
+		}
+		if pct > 0 && pct < 100 && (len(seen) == 0 || pct > seen[len(seen)-1]) {
+			seen = append(seen, pct)
+		}
+		if pct == 100 || time.Now().After(deadline) {
+			t.Fatalf("the bar did not show the merge moving below 100%%: %v, now %d", seen, pct)
+		}
+		time.Sleep(150 * time.Millisecond)
+	}
+	t.Logf("progress seen on the page: %v%%", seen)
+	screenshot(t, ctx, shots, "live-merge")
+	browse(t, ctx, "lift the limit",
+		chromedp.SetValue(chromedp.CSS(`.job[data-state="running"] input.bandwidth`), "0"),
+		chromedp.Click(chromedp.CSS(`.job[data-state="running"] button.set-bandwidth`)),
+	)
+	browse(t, ctx, "wait for the merge",
+		until(`document.querySelectorAll('.job[data-state="done"]').length === 2 && !document.querySelector('li[data-cp-id]')`),
+		chromedp.WaitVisible(chromedp.CSS(`li[data-now]`)),
+	)
+	browse(t, ctx, "the page after the merge", until(`document.querySelector('#disks .running-on').textContent === 'disk0.vhdx'`))
+	if pct := get(t, ctx, "the bars", chromedp.Evaluate[[]string](`[...document.querySelectorAll('.job .bar')].map(b => b.getAttribute('aria-valuenow'))`)); !slices.Equal(pct, []string{"100", "100"}) {
+		t.Errorf("the finished jobs' bars show %v%%", pct)
+	}
+	v := d.vm(t, "web")
+	if want := filepath.Join(d.data, "vms", "web", "disk0.vhdx"); v.Disks[0].Path != want || len(v.Disks[0].Chain) != 1 {
+		t.Fatalf("after the merges the machine runs on %+v, want %s alone", v.Disks[0], want)
+	}
+	wantTree(t, ctx, d, "web")
+	events := get(t, ctx, "the event log", chromedp.Text(chromedp.CSS("#events")))
+	for _, want := range []string{"checkpoint created", "checkpoint renamed", "checkpoint delete started", "disk switched to merged file", "job finished"} {
+		if !strings.Contains(events, want) {
+			t.Errorf("the event log lacks %q:\n%s", want, events)
+		}
+	}
+	screenshot(t, ctx, shots, "after-merge")
+
+	// Every write verifies through NBD: the writer's, and those before it
+	// that it did not overwrite.
+	written := w.finish(t)
+	got := make([]byte, writerChunk)
+	for off := int64(0); off < 96<<20; off += writerChunk {
+		if _, ok := written[off/writerChunk]; ok {
+			continue
+		}
+		if _, err := c.ReadAt(got, off); err != nil {
+			t.Fatal(err)
+		}
+		seed := byte(1)
+		if off >= 32<<20 {
+			seed = 2
+		}
+		wantPattern(t, got, off, seed, "a write made before the merges")
+	}
+
+	// The page's map of the merged disk is what vhdkit map prints for it.
+	browse(t, ctx, "disk details again",
+		chromedp.Click(chromedp.CSS(`#disks tr[data-disk="0"] button.details`)),
+		chromedp.WaitNotPresent(chromedp.CSS(`#files tr[data-depth="1"]`)),
+	)
+	st, body = d.request(t, "GET", "/v1/vms/web/disks/0?map=1", "", map[string]string{"Authorization": bearer})
+	details = api.DiskDetails{}
+	if st != http.StatusOK || json.Unmarshal([]byte(body), &details) != nil {
+		t.Fatalf("disk details: %d %s", st, body)
+	}
+	var cliMap []api.Extent
+	if err := json.Unmarshal([]byte(d.cli(t, "map", "--json", "-U", want0(d))), &cliMap); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(details.Map, cliMap) {
+		t.Fatalf("the console's map\n%+v\nvhdkit map's\n%+v", details.Map, cliMap)
+	}
+	if extents := get(t, ctx, "the strip", chromedp.AttributeValue(chromedp.CSS("#strip"), "data-extents")).Value; extents != fmt.Sprint(len(cliMap)) {
+		t.Errorf("the strip drew %s extents, vhdkit map has %d", extents, len(cliMap))
+	}
+	d.stop(t)
+}
+
+func want0(d *consoleDaemon) string { return filepath.Join(d.data, "vms", "web", "disk0.vhdx") }
+
+// TestWebConsoleTokenFile: a non-loopback console needs a token file;
+// the token file is made when missing (mode 0600) and read when present,
+// and a bearer token from it is accepted.
+func TestWebConsoleTokenFile(t *testing.T) {
+	dir := shortTempDir(t)
+	bin := vhdkitBinary(t)
+	out, err := exec.Command(bin, "serve", "--data", filepath.Join(dir, "d"), "--http", "0.0.0.0:0").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "not a loopback address") || !strings.Contains(string(out), "--http-token-file") {
+		t.Fatalf("serve --http 0.0.0.0:0 without a token file: %v\n%s", err, out)
+	}
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte("short\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err = exec.Command(bin, "serve", "--data", filepath.Join(dir, "d"), "--http", "127.0.0.1:0", "--http-token-file", tokenFile).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "at least 16") {
+		t.Fatalf("serve with a short token: %v\n%s", err, out)
+	}
+	os.Remove(tokenFile)
+
+	cmd := exec.Command(bin, "serve", "--data", filepath.Join(dir, "d"), "--http", "127.0.0.1:0", "--http-token-file", tokenFile)
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	r := bufio.NewReader(stdout)
+	r.ReadString('\n')
+	line, _ := r.ReadString('\n')
+	f := strings.Fields(line)
+	if len(f) != 6 || f[1] != "console" || !strings.Contains(line, "token in "+tokenFile) {
+		t.Fatalf("serve printed %q", line)
+	}
+	fi, err := os.Stat(tokenFile)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("token file: %v %v", fi, err)
+	}
+	b, _ := os.ReadFile(tokenFile)
+	u, _ := url.JoinPath(f[2], "v1/vms")
+	req, _ := http.NewRequest("GET", u, nil)
+	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(b)))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /v1/vms with the file's token: %s", resp.Status)
+	}
+}

@@ -84,6 +84,9 @@ type Options struct {
 	// NoMove reads and writes every byte, even where a file range could
 	// be moved (for comparisons).
 	NoMove bool
+	// MaxPiece, when set, caps a piece below its default 4 MiB (a live
+	// merge holds a client write to the piece's range while it copies).
+	MaxPiece int64
 }
 
 // Stats counts what a copy did with the bytes of its extents.
@@ -195,13 +198,19 @@ func (c *copier) run(ctx context.Context, todo []disk.Extent) error {
 		// No read-ahead: each piece is read inside its Step.
 		for _, e := range todo {
 			err := c.pieces(ctx, e, func(p piece) error {
-				return c.opts.Step(p.off, p.n, func() error {
+				err := c.opts.Step(p.off, p.n, func() error {
 					if err := c.fill(&p); err != nil {
 						return err
 					}
 					defer c.recycle(p)
 					return c.put(p)
 				})
+				if err != nil {
+					return err
+				}
+				// Outside the Step: pacing may sleep, a durable report
+				// flushes.
+				return c.after(p.n, p.off+p.n)
 			})
 			if err != nil {
 				return err
@@ -244,6 +253,9 @@ func (c *copier) run(ctx context.Context, todo []disk.Extent) error {
 			if werr = ctx.Err(); werr == nil {
 				werr = c.put(p)
 			}
+			if werr == nil {
+				werr = c.after(p.n, p.off+p.n)
+			}
 			if werr != nil {
 				cancel() // stop the reader; keep draining its pieces
 			}
@@ -268,6 +280,9 @@ func (c *copier) pieces(ctx context.Context, e disk.Extent, fn func(piece) error
 			return err
 		}
 		next := min(end, (off/pieceSize+1)*pieceSize)
+		if c.opts.MaxPiece > 0 {
+			next = min(next, off+c.opts.MaxPiece)
+		}
 		p := piece{off: off, n: next - off}
 		switch {
 		case e.Type == disk.Data && c.canMove():
@@ -356,7 +371,7 @@ func (c *copier) recycle(p piece) {
 	}
 }
 
-// put writes a piece into the target and accounts for it.
+// put writes a piece into the target.
 func (c *copier) put(p piece) error {
 	var err error
 	switch {
@@ -369,10 +384,7 @@ func (c *copier) put(p piece) error {
 	default:
 		err = c.write(p)
 	}
-	if err != nil {
-		return err
-	}
-	return c.after(p.n, p.off+p.n)
+	return err
 }
 
 // after accounts for n bytes done, up to end: progress, durability,

@@ -56,7 +56,7 @@ func chain(t *testing.T, dir string) (*vhdx.Image, []byte) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	write(child, 2<<20, 6<<20)     // whole blocks
+	write(child, 2<<20, 6<<20)      // whole blocks
 	write(child, 10<<20+4096, 8192) // partial, aligned
 	write(child, 12<<20+512, 1536)  // partial, unaligned sectors
 	write(child, 36<<20, 2<<20)     // whole block over the parent's hole

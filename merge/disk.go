@@ -212,4 +212,3 @@ func (d *Disk) CheckpointPaused(path string) error {
 		return leaf.CreateChild(path, vhdx.CreateOptions{})
 	})
 }
-

@@ -1,6 +1,7 @@
 package merge
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math"
@@ -9,6 +10,8 @@ import (
 	"sync/atomic"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/imagecopy"
+	"github.com/vhdkit/vhdkit/storage"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
 
@@ -41,16 +44,23 @@ import (
 // LiveMerge is a running merge of a Disk's leaf into its parent.
 type LiveMerge struct {
 	d      *Disk
+	leaf   *vhdx.Image // the disk's leaf, which cannot change while the merge runs
 	top    string
 	target *vhdx.Image
-	todo   []disk.Extent // the ranges the leaf held at the start, in order
-	total  int64
+	// todo are the ranges the leaf held at the start, in order, all as
+	// data: each is copied from where the leaf holds it when the copier
+	// gets there.
+	todo  []disk.Extent
+	total int64
 
 	locks rangeLocks
 	// next is where the copier goes on from (MaxInt64 before it starts):
 	// client writes wholly after it, within a range of todo, are not
 	// mirrored, since the copier reads them from the leaf later.
 	next atomic.Int64
+
+	movedMu sync.Mutex
+	moved   storage.Moved
 
 	errMu     sync.Mutex
 	mirrorErr error // the first failed mirrored write since the last Err
@@ -94,11 +104,12 @@ func (d *Disk) StartMerge(g vhdx.GUID) (*LiveMerge, error) {
 		t.Close()
 		return nil, fmt.Errorf("merge: %w", err)
 	}
-	m := &LiveMerge{d: d, top: leaf.Path(), target: t, redoFrom: -1}
+	m := &LiveMerge{d: d, leaf: leaf, top: leaf.Path(), target: t, redoFrom: -1}
 	m.next.Store(math.MaxInt64) // no copier yet: mirror everything
 	for _, e := range exts {
 		if e.Depth == 0 && e.Type != disk.Hole {
-			m.todo = append(m.todo, e)
+			e.Type = disk.Data
+			m.todo = disk.AppendExtent(m.todo, e)
 			m.total += e.Length
 		}
 	}
@@ -113,16 +124,56 @@ func (m *LiveMerge) Target() string { return m.target.Path() }
 // Total is the number of bytes the copy covers.
 func (m *LiveMerge) Total() int64 { return m.total }
 
-// liveChunk is the most a copy step moves: small enough that a client
+// liveChunk is the most a copy piece moves: small enough that a client
 // write waiting on its range lock waits briefly.
 const liveChunk = 1 << 20
 
+// Run carries the ranges of the merge from opts.From on into the target
+// (step 2), through the copy engine (imagecopy: data cloned or copied in
+// the kernel from the leaf's file where the file system can), with the
+// offline merge's options: Progress, Pace, From and Durable (the target
+// is flushed before each report). It returns the offset below which
+// everything is copied, and nil when all is, or the error that stopped it:
+// ctx's, a failed I/O, or a mirrored write that failed (the copy must
+// then start over: see MirrorError).
+func (m *LiveMerge) Run(ctx context.Context, opts Options) (reached int64, err error) {
+	reached = max(opts.From, 0)
+	o := copyOptions(opts)
+	o.MaxPiece = liveChunk
+	o.Step = func(off, n int64, copy func() error) error {
+		if err := m.step(off, n, copy); err != nil {
+			return err
+		}
+		reached = off + n
+		return nil
+	}
+	st, err := imagecopy.Copy(ctx, m.target, m.leaf, m.todo, o)
+	m.addMoved(st.Moved)
+	if err != nil {
+		return reached, err
+	}
+	return m.d.size, nil
+}
+
+// Moved says how the data the merge carried went so far: cloned, copied
+// in the kernel, copied.
+func (m *LiveMerge) Moved() storage.Moved {
+	m.movedMu.Lock()
+	defer m.movedMu.Unlock()
+	return m.moved
+}
+
+func (m *LiveMerge) addMoved(mv storage.Moved) {
+	m.movedMu.Lock()
+	m.moved = m.moved.Add(mv)
+	m.movedMu.Unlock()
+}
+
 // CopyStep copies the next piece of the merge at or after virtual offset
 // off (step 2) and returns the offset after it and the bytes it covered;
-// next is -1 when nothing is left.
-func (m *LiveMerge) CopyStep(off int64, buf []byte) (next, n int64, err error) {
-	// From here the copier goes forward from off: a client write wholly
-	// at or after it, in a data range, is the copier's to carry.
+// next is -1 when nothing is left. (Run is the loop; a step at a time is
+// for tests that interleave client writes with the copier.)
+func (m *LiveMerge) CopyStep(off int64) (next, n int64, err error) {
 	m.next.Store(off)
 	i := m.extentAfter(off)
 	if i == len(m.todo) {
@@ -130,8 +181,45 @@ func (m *LiveMerge) CopyStep(off int64, buf []byte) (next, n int64, err error) {
 	}
 	e := m.todo[i]
 	start := max(off, e.Offset)
-	n = min(e.Offset+e.Length-start, liveChunk, int64(len(buf)))
-	return start + n, n, m.copy(start, buf[:n])
+	n = min(e.Offset+e.Length-start, liveChunk)
+	piece := []disk.Extent{{Offset: start, Length: n, Type: disk.Data}}
+	st, err := imagecopy.Copy(context.Background(), m.target, m.leaf, piece, imagecopy.Options{Step: m.step})
+	m.addMoved(st.Moved)
+	return start + n, n, err
+}
+
+// step runs the engine's copy of [off, off+n) under the disk's I/O lock
+// and the range's lock, so that a client write and the copy of its range
+// never interleave. The engine moves the range from where the leaf holds
+// it now, not where it did when the merge began: a client may have
+// written there since (even where the leaf declared zeros), and its data
+// must not be zeroed in the target behind it. What reads as zeros is
+// written as zeros.
+func (m *LiveMerge) step(off, n int64, copy func() error) error {
+	if err, _ := m.MirrorError(); err != nil {
+		// The copy starts over (the caller stops the merge): no need to
+		// rewind here.
+		return fmt.Errorf("mirroring writes into %s: %w", m.target.Path(), err)
+	}
+	// From here the copier goes forward from off: a client write wholly
+	// at or after it, in a data range, is the copier's to carry.
+	m.next.Store(off)
+	d := m.d
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.mirror != m {
+		return errors.New("merge: the live merge was stopped")
+	}
+	end := off + n
+	m.locks.lock(off, end)
+	defer m.locks.unlock(off, end)
+	if err := copy(); err != nil {
+		return err
+	}
+	// Before the range's lock goes: a write waiting for it must see that
+	// the copier has passed.
+	m.next.Store(end)
+	return nil
 }
 
 // extentAfter returns the index of the first range of the copy that ends
@@ -155,38 +243,6 @@ func (m *LiveMerge) needsMirror(off, end int64) bool {
 	}
 	e := m.todo[i]
 	return off < e.Offset || end > e.Offset+e.Length
-}
-
-// copy carries [off, off+len(buf)) from the leaf into the target. It
-// reads the leaf even where the leaf declared zeros when the merge began:
-// a client may have written there since, and its data must not be zeroed
-// in the target behind it. What reads as zeros is written as zeros.
-func (m *LiveMerge) copy(off int64, buf []byte) error {
-	d := m.d
-	d.mu.RLock()
-	defer d.mu.RUnlock()
-	if d.mirror != m {
-		return errors.New("merge: the live merge was stopped")
-	}
-	end := off + int64(len(buf))
-	m.locks.lock(off, end)
-	defer m.locks.unlock(off, end)
-	if _, err := d.leaf.ReadAt(buf, off); err != nil {
-		return fmt.Errorf("reading %s: %w", m.top, err)
-	}
-	var err error
-	if disk.IsZero(buf) {
-		err = m.target.WriteZeroes(off, int64(len(buf)), true)
-	} else {
-		_, err = m.target.WriteAt(buf, off)
-	}
-	if err != nil {
-		return err
-	}
-	// Before the range's lock goes: a write waiting for it must see that
-	// the copier has passed.
-	m.next.Store(end)
-	return nil
 }
 
 // FlushTarget makes what was copied so far durable in the target, so the
@@ -276,4 +332,3 @@ func (m *LiveMerge) Stop() error {
 	d.mirror = nil
 	return m.target.Close()
 }
-

@@ -2,6 +2,8 @@ package merge
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -126,10 +128,9 @@ func TestLiveMerge(t *testing.T) {
 			}
 		}(w)
 	}
-	buf := make([]byte, liveChunk)
 	var copied int64
 	for off := int64(0); off >= 0; {
-		next, n, err := m.CopyStep(off, buf)
+		next, n, err := m.CopyStep(off)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -199,10 +200,9 @@ func TestLiveMergeResume(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, liveChunk)
 	off := int64(0)
 	for i := 0; i < 3; i++ {
-		if off, _, err = m.CopyStep(off, buf); err != nil {
+		if off, _, err = m.CopyStep(off); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -225,7 +225,7 @@ func TestLiveMergeResume(t *testing.T) {
 	if m, err = d.StartMerge(g); err != nil {
 		t.Fatal(err)
 	}
-	for ; off >= 0; off, _, err = m.CopyStep(off, buf) {
+	for ; off >= 0; off, _, err = m.CopyStep(off) {
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -274,8 +274,7 @@ func TestLiveMergeMirrorsBehindCopier(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, liveChunk)
-	off, _, err := m.CopyStep(0, buf) // the first 1 MiB is copied
+	off, _, err := m.CopyStep(0) // the first 1 MiB is copied
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -329,8 +328,7 @@ func TestLiveMergeWriteIntoZeroRange(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, liveChunk)
-	off, _, err := m.CopyStep(0, buf)
+	off, _, err := m.CopyStep(0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -346,9 +344,8 @@ func TestLiveMergeWriteIntoZeroRange(t *testing.T) {
 // checks that the disk reads want.
 func finishLive(t *testing.T, d *Disk, m *LiveMerge, off int64, want []byte) {
 	t.Helper()
-	buf := make([]byte, liveChunk)
 	var err error
-	for ; off >= 0; off, _, err = m.CopyStep(off, buf) {
+	for ; off >= 0; off, _, err = m.CopyStep(off) {
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -357,6 +354,101 @@ func finishLive(t *testing.T, d *Disk, m *LiveMerge, off int64, want []byte) {
 		t.Fatal(err)
 	}
 	got := make([]byte, len(want))
+	if _, err := d.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("after the merge the disk differs at %d", i)
+	}
+}
+
+// TestLiveMergeRun runs a live merge's copy with Run, the one loop the
+// host drives, under writers: cancelled halfway (a pause), it reports
+// where it got and what is durable, resumes from there with From, and
+// the switched disk reads the newest data; progress only moves forward,
+// the leaf's whole blocks go file to file, and pacing sees every byte.
+func TestLiveMergeRun(t *testing.T) {
+	const size = 32 << 20
+	d, want, base := liveChain(t, size)
+	defer d.Close()
+	rng := rand.New(rand.NewPCG(11, 12))
+	fillRand(rng, want[2<<20:18<<20])
+	if _, err := d.WriteAt(want[2<<20:18<<20], 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	m, err := d.StartMerge(vhdx.NewGUID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	for w := 0; w < 2; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 13))
+			buf := make([]byte, 64<<10)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				n := int64(rng.IntN(128)+1) * 512
+				off := int64(w)*size/2 + rng.Int64N((size/2-n)/512)*512
+				fillRand(rng, buf[:n])
+				if _, err := d.WriteAt(buf[:n], off); err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				copy(want[off:off+n], buf[:n])
+				mu.Unlock()
+			}
+		}(w)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var done, paced, durable int64
+	opts := Options{
+		Progress: func(d, total int64) {
+			if d < done || total != m.Total() {
+				t.Errorf("progress %d of %d after %d of %d", d, total, done, m.Total())
+			}
+			done = d
+			if d > total/2 {
+				cancel()
+			}
+		},
+		Pace:    func(n int64) { paced += n },
+		Durable: func(off int64) { durable = off },
+	}
+	reached, err := m.Run(ctx, opts)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled Run: %v", err)
+	}
+	if reached <= 0 || reached >= size || durable > reached {
+		t.Fatalf("cancelled at %d (durable %d) of %d", reached, durable, size)
+	}
+	opts.From = reached
+	if reached, err = m.Run(context.Background(), opts); err != nil || reached != size {
+		t.Fatalf("resumed Run: reached %d, %v", reached, err)
+	}
+	if done != m.Total() || paced < m.Total()-opts.From {
+		t.Fatalf("progress ended at %d, paced %d, of %d", done, paced, m.Total())
+	}
+	if mv := m.Moved(); mv.Cloned+mv.KernelCopied < 8<<20 {
+		t.Fatalf("moved %+v: the leaf's whole blocks did not go file to file", mv)
+	}
+	if err := m.Complete(nil); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	wg.Wait()
+	if d.Leaf() != base {
+		t.Fatalf("leaf %s, want %s", d.Leaf(), base)
+	}
+	got := make([]byte, size)
 	if _, err := d.ReadAt(got, 0); err != nil {
 		t.Fatal(err)
 	}

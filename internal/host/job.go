@@ -531,52 +531,83 @@ func (h *Host) runLive(j *job, v *vm, d *merge.Disk) error {
 		j.live, j.cursor = m, s.Offset
 		h.mu.Unlock()
 	}
-	buf := make([]byte, 1<<20)
+	if err, _ := m.MirrorError(); err != nil {
+		// copyLive starts the merge over: no need to rewind.
+		return fmt.Errorf("mirroring writes into %s: %w", s.Target, err)
+	}
+	// The copy runs in the merge (LiveMerge.Run); the job persists where
+	// it got, paces it and reports its progress. A copy that starts over
+	// counts again from the step's base: Done stays where it was until
+	// the copy passes it.
+	ctx, cancel := context.WithCancel(h.ctx)
+	defer cancel()
 	h.mu.Lock()
 	j.meter.reset()
-	// A copy that starts over counts again from the step's base: Done
-	// stays where it was until the copy passes it.
-	copied := int64(0)
-	if s.Offset > 0 {
-		copied = j.st.Done - s.Base
-	}
-	j.pos = s.Base + copied
-	h.mu.Unlock()
-	throttle := newThrottle()
-	lastSave := time.Now()
-	for {
-		h.mu.Lock()
-		if err, _ := m.MirrorError(); err != nil {
-			// copyLive starts the merge over: no need to rewind.
-			h.mu.Unlock()
-			return fmt.Errorf("mirroring writes into %s: %w", s.Target, err)
+	j.stopStep = cancel
+	paused, bw, from := j.pauseReq, j.st.Bandwidth, j.cursor
+	if from >= 0 {
+		j.pos = s.Base
+		if s.Offset > 0 {
+			j.pos = j.st.Done
 		}
-		stop, paused, bw := h.ctx.Err() != nil, j.pauseReq, j.st.Bandwidth
-		cursor := j.cursor
+	}
+	h.mu.Unlock()
+	if paused {
+		cancel()
+	}
+	throttle := newThrottle()
+	last := int64(-1) // the first report includes what an earlier run copied
+	opts := merge.Options{From: from,
+		Progress: func(done, total int64) {
+			h.mu.Lock()
+			if last < 0 {
+				last = done
+			}
+			j.progress(s.Base+done, max(done-last, 0))
+			last = done
+			bw = j.st.Bandwidth
+			h.mu.Unlock()
+			h.events.touch()
+		},
+		Pace: func(n int64) { throttle.wait(ctx, j.wake, n, bw) },
+		// The target is flushed before each report.
+		Durable: func(off int64) {
+			h.mu.Lock()
+			j.cursor = off
+			if off > s.Offset {
+				s.Offset = off
+			}
+			j.st.Updated = time.Now().UTC()
+			h.saveLocked()
+			h.mu.Unlock()
+		},
+	}
+	if from >= 0 {
+		reached, err := m.Run(ctx, opts)
+		h.mu.Lock()
+		j.stopStep = nil
+		j.cursor = reached
 		h.mu.Unlock()
-		if stop || paused || time.Since(lastSave) > time.Second {
-			if err := h.saveProgress(j, m, cursor); err != nil {
+		if err != nil && ctx.Err() != nil && !errors.Is(err, context.Canceled) {
+			err = context.Canceled
+		}
+		if errors.Is(err, context.Canceled) {
+			// Paused, or the host closes: what was copied is made
+			// durable and recorded, and the copy goes on from there.
+			if err := h.saveProgress(j, m, reached); err != nil {
 				return err
 			}
-			lastSave = time.Now()
-			if stop || paused {
-				return errPaused
-			}
+			return errPaused
 		}
-		if cursor < 0 {
-			break
-		}
-		next, n, err := m.CopyStep(cursor, buf)
 		if err != nil {
 			return fmt.Errorf("copying into %s: %w", s.Target, err)
 		}
-		copied += n
 		h.mu.Lock()
-		j.cursor = next
-		j.progress(s.Base+copied, n)
+		j.cursor = -1 // copied: a restart after a clean stop completes at once
 		h.mu.Unlock()
-		h.events.touch()
-		throttle.wait(h.ctx, j.wake, n, bw)
+		if err := h.saveProgress(j, m, -1); err != nil {
+			return err
+		}
 	}
 	// Completion: the copy is durable; the switch is brief. The target's
 	// flush outside the pause leaves little for the one inside it.
@@ -617,7 +648,9 @@ func (h *Host) runLive(j *job, v *vm, d *merge.Disk) error {
 	if err != nil {
 		return fmt.Errorf("switching to %s: %w", s.Target, err)
 	}
-	h.log.Info("disk switched to merged file", "vm", v.st.Name, "disk", s.Disk, "file", s.Target, "stall", stall)
+	mv := m.Moved()
+	h.log.Info("disk switched to merged file", "vm", v.st.Name, "disk", s.Disk, "file", s.Target, "stall", stall,
+		"cloned", mv.Cloned, "kernel_copied", mv.KernelCopied, "copied", mv.Copied)
 	if err := os.Remove(s.Top); err != nil && !errors.Is(err, os.ErrNotExist) {
 		h.log.Warn("removing the merged file", "file", s.Top, "err", err)
 	}

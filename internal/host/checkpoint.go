@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/imagecopy"
 	"github.com/vhdkit/vhdkit/internal/api"
 	"github.com/vhdkit/vhdkit/storage"
 	"github.com/vhdkit/vhdkit/vhdx"
@@ -431,30 +432,16 @@ func flatten(src, dst string) error {
 	return err
 }
 
+// copyData copies what in reads into the new image out with the copy
+// engine: data moved file to file (cloned where the file system can),
+// ranges that read as zeros left unallocated.
 func copyData(in *vhdx.Image, out *vhdx.Image) error {
 	exts, err := in.Extents(0, in.Size())
 	if err != nil {
 		return err
 	}
-	buf := make([]byte, 1<<20)
-	for _, e := range exts {
-		if e.Type != disk.Data {
-			continue
-		}
-		for off := e.Offset; off < e.Offset+e.Length; {
-			n := min(int64(len(buf)), e.Offset+e.Length-off)
-			if _, err := in.ReadAt(buf[:n], off); err != nil {
-				return err
-			}
-			if !disk.IsZero(buf[:n]) {
-				if _, err := out.WriteAt(buf[:n], off); err != nil {
-					return err
-				}
-			}
-			off += n
-		}
-	}
-	return nil
+	_, err = imagecopy.Copy(context.Background(), out, in, exts, imagecopy.Options{Fresh: true, DetectZeros: true})
+	return err
 }
 
 // DeleteCheckpoint starts the job that deletes a checkpoint, or with

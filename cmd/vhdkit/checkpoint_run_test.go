@@ -1,0 +1,339 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/guest"
+	"github.com/vhdkit/vhdkit/internal/testenv"
+	"github.com/vhdkit/vhdkit/internal/vmm"
+	"golang.org/x/sys/unix"
+)
+
+// Checkpoints of running machines: production (frozen through the guest
+// agent), standard (memory saved), their fallbacks and failures, and
+// apply on a running machine.
+
+// runGuest creates machine name on d with a 64 MiB disk and the busybox
+// guest running script (with the guest agent if agent), lets prepare
+// write the disk through NBD before the first boot, starts it and returns
+// it with a reader of its console log.
+func runGuest(t *testing.T, d *daemon, dir, name, script string, agent bool, prepare func(uri string)) (api.VM, func() string) {
+	t.Helper()
+	env := guest.Require(t)
+	if agent {
+		guest.RequireAgent(t)
+	}
+	boot, err := env.WriteBoot(dir, guest.Options{Disks: []guest.Disk{{}}, Script: script, Agent: agent})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.cli(t, "vm", "create", name, "--disk", "64M", "--memory", "128M", "--accel", "tcg",
+		"--kernel", boot.Kernel, "--initrd", boot.Initrd, "--append", boot.Append)
+	if prepare != nil {
+		prepare(d.uri(name))
+	}
+	d.cli(t, "vm", "start", name)
+	v := d.vm(t, name)
+	pid, consoleLog := v.Runtime.Pid, v.Runtime.Console
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	return v, func() string { b, _ := os.ReadFile(consoleLog); return strings.ReplaceAll(string(b), "\r", "") }
+}
+
+// createCheckpoint runs checkpoint create with args and --json.
+func (d *daemon) createCheckpoint(t *testing.T, args ...string) api.Checkpoint {
+	t.Helper()
+	var cp api.Checkpoint
+	out := d.cli(t, append([]string{"checkpoint", "create"}, append(args, "--json")...)...)
+	if err := json.Unmarshal([]byte(out), &cp); err != nil {
+		t.Fatalf("checkpoint create: %v: %s", err, out)
+	}
+	return cp
+}
+
+// counts are the values of the guest's "COUNT n" lines.
+func counts(c string) []int {
+	var out []int
+	for _, line := range strings.Split(c, "\n") {
+		var n int
+		if _, err := fmt.Sscanf(line, "COUNT %d", &n); err == nil {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// e2fsckClean copies the disk state of file (a checkpoint's frozen file,
+// read through its chain by vhdkit) to a raw image and checks the ext4
+// file system on it read-only, forced: it must be clean, and its journal
+// too. (A crash checkpoint of a mounted ext4 file system passes e2fsck
+// -fn as well, skipping the journal's recovery: the journal is what makes
+// it consistent. Only a frozen one has its journal flushed and
+// needs_recovery cleared, as after a clean unmount.)
+func e2fsckClean(t *testing.T, file string) {
+	t.Helper()
+	raw := filepath.Join(t.TempDir(), "state.img")
+	var stdout, stderr strings.Builder
+	if code := run(context.Background(), []string{"convert", "-U", file, raw}, &stdout, &stderr); code != 0 {
+		t.Fatalf("vhdkit convert %s: exit %d: %s%s", file, code, stdout.String(), stderr.String())
+	}
+	out, err := exec.Command("e2fsck", "-fn", raw).CombinedOutput()
+	if err != nil || strings.Contains(string(out), "journal recovery") {
+		t.Fatalf("e2fsck -fn of the checkpoint's state: %v\n%s", err, out)
+	}
+	out, err = exec.Command("dumpe2fs", "-h", raw).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "has_journal") || strings.Contains(string(out), "needs_recovery") {
+		t.Fatalf("the checkpoint's file system needs its journal replayed (not frozen): %v\n%s", err, out)
+	}
+}
+
+// TestServeCheckpointProduction: the guest mounts an ext4 file system on
+// its disk and writes, renames and removes files throughout. A production
+// checkpoint (the default type) freezes it through the guest agent: the
+// agent reports one or more file systems frozen and, asked while the
+// disks switch, "frozen"; after the command it reports "thawed" (asked
+// here through the agent's socket) and the guest writes on. The
+// checkpoint's state, read through vhdkit, is a clean ext4 file system
+// (e2fsck -fn) whose journal needs no recovery (a crash checkpoint's
+// does), twice. A standard checkpoint's state file is listed with
+// it and exported with it.
+func TestServeCheckpointProduction(t *testing.T) {
+	testenv.Tool(t, "mkfs.ext4")
+	testenv.Tool(t, "e2fsck")
+	testenv.Tool(t, "dumpe2fs")
+	testenv.Tool(t, "qemu-img")
+	dir := shortTempDir(t)
+	data := filepath.Join(dir, "d")
+	d := startDaemon(t, data)
+	fs := filepath.Join(dir, "fs.img")
+	if out, err := exec.Command("truncate", "-s", "64M", fs).CombinedOutput(); err != nil {
+		t.Fatalf("truncate: %v: %s", err, out)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", fs).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v: %s", err, out)
+	}
+	_, console := runGuest(t, d, dir, "g", `mkdir -p /mnt
+mount -t ext4 /dev/vda /mnt || echo GUEST-MOUNT-FAILED
+echo VHDKIT-MOUNTED
+i=0
+while true; do
+  dd if=/dev/urandom of=/mnt/tmp bs=4k count=8 status=none || echo GUEST-IO-ERROR
+  mv /mnt/tmp /mnt/f$(( i % 20 )) || echo GUEST-IO-ERROR
+  mkdir -p /mnt/d$(( i % 7 ))
+  echo $i > /mnt/d$(( i % 7 ))/n$i || echo GUEST-IO-ERROR
+  rm -f /mnt/d$(( (i + 3) % 7 ))/n$(( i - 25 ))
+  echo "WROTE $i"
+  i=$(( i + 1 ))
+done
+`, true, func(uri string) {
+		if out, err := exec.Command("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, uri).CombinedOutput(); err != nil {
+			t.Fatalf("writing the file system through NBD: %v: %s", err, out)
+		}
+	})
+	wrote := func(c string) int { return strings.Count(c, "WROTE ") }
+	waitConsole(t, console, "wrote files", func(c string) bool {
+		if strings.Contains(c, "GUEST-") {
+			t.Fatalf("the guest failed; console:\n%s", c)
+		}
+		return strings.Contains(c, "agent started") && wrote(c) > 20
+	})
+	agent := &vmm.Agent{Socket: filepath.Join(data, "run", "g", "qga.sock"), SyncTimeout: time.Minute}
+	for i, name := range []string{"p1", "p2"} {
+		cp := d.createCheckpoint(t, "g", "--name", name)
+		if cp.Type != api.CheckpointProduction || cp.Frozen < 1 || cp.AgentStatus != "frozen" || cp.StunMS <= 0 || cp.Note != "" {
+			t.Fatalf("production checkpoint %s: type %q, %d frozen, agent said %q, stun %v ms, note %q", name, cp.Type, cp.Frozen, cp.AgentStatus, cp.StunMS, cp.Note)
+		}
+		t.Logf("production checkpoint %s: stun %.1f ms, %d file systems frozen", name, cp.StunMS, cp.Frozen)
+		if s, err := agent.FreezeStatus(context.Background()); err != nil || s != "thawed" {
+			t.Fatalf("after the checkpoint the agent says %q, %v; want thawed", s, err)
+		}
+		n := wrote(console())
+		waitConsole(t, console, "wrote on after the thaw", func(c string) bool { return wrote(c) > n+5 })
+		e2fsckClean(t, cp.Files[0])
+		if i == 0 && cp.Files[0] != filepath.Join(data, "vms", "g", "disk0.vhdx") {
+			t.Fatalf("the first checkpoint froze %s", cp.Files[0])
+		}
+	}
+	if c := console(); strings.Contains(c, "GUEST-") {
+		t.Fatalf("the guest failed; console:\n%s", c)
+	}
+	out := d.cli(t, "checkpoint", "list", "g")
+	if !strings.Contains(out, "production, stun ") {
+		t.Fatalf("checkpoint list:\n%s", out)
+	}
+
+	// A standard checkpoint of the same machine: its state file is the
+	// checkpoint's, exported with it.
+	cp := d.createCheckpoint(t, "g", "--name", "s1", "--type", "standard")
+	if cp.Type != api.CheckpointStandard || cp.StateFile == "" || cp.StunMS <= 0 {
+		t.Fatalf("standard checkpoint: %+v", cp)
+	}
+	t.Logf("standard checkpoint: stun %.1f ms", cp.StunMS)
+	if fi, err := os.Stat(cp.StateFile); err != nil || fi.Size() < 1<<20 || filepath.Dir(cp.StateFile) != filepath.Join(data, "vms", "g") {
+		t.Fatalf("state file %s: %v, %v", cp.StateFile, fi, err)
+	}
+	exp := filepath.Join(dir, "export")
+	out = d.cli(t, "checkpoint", "export", "g", "s1", exp)
+	want, _ := os.ReadFile(cp.StateFile)
+	if got, err := os.ReadFile(filepath.Join(exp, "g.vmstate")); err != nil || string(got) != string(want) {
+		t.Fatalf("exported state: %v (%d bytes, want %d); export said:\n%s", err, len(got), len(want), out)
+	}
+	// (Its file system needs the journal replayed: the rest of the
+	// guest's state is in the memory state.)
+	checkClean(t, filepath.Join(exp, "g-disk0.vhdx"))
+	d.cli(t, "vm", "stop", "g", "--turn-off")
+}
+
+// TestServeCheckpointStandard: the guest keeps a counter in its shell's
+// memory only. A standard checkpoint saves it; the counter goes on; apply
+// of the checkpoint on the running machine turns it off and starts it
+// from the checkpoint's state: the counter goes on from its value at the
+// checkpoint, the guest did not boot again, the checkpoint keeps its
+// state file (the machine's copy is gone once it runs). Apply of a crash
+// checkpoint leaves the machine off; a checkpoint of a machine that is
+// off is crash, saying so; deleting the standard checkpoint deletes its
+// state file.
+func TestServeCheckpointStandard(t *testing.T) {
+	dir := shortTempDir(t)
+	data := filepath.Join(dir, "d")
+	d := startDaemon(t, data)
+	_, console := runGuest(t, d, dir, "g", `echo VHDKIT-BOOTED
+i=0
+while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
+`, false, nil)
+	waitConsole(t, console, "counted to 3", func(c string) bool { return len(counts(c)) > 3 })
+	c0 := d.createCheckpoint(t, "g", "--name", "c0", "--type", "crash")
+	if c0.Type != api.CheckpointCrash || c0.StunMS != 0 {
+		t.Fatalf("crash checkpoint: %+v", c0)
+	}
+	before := counts(console())
+	cp := d.createCheckpoint(t, "g", "--name", "s1", "--type", "standard")
+	after := counts(console())
+	if cp.Type != api.CheckpointStandard || cp.StateFile == "" {
+		t.Fatalf("standard checkpoint: %+v", cp)
+	}
+	// The counter at the checkpoint lies between what was printed before
+	// the command and what was printed when it returned.
+	lo, hi := before[len(before)-1], after[len(after)-1]
+	waitConsole(t, console, "counted on", func(c string) bool { return counts(c)[len(counts(c))-1] > hi+8 })
+	mark := len(counts(console()))
+	out := d.cli(t, "checkpoint", "apply", "g", "s1")
+	if !strings.Contains(out, "now runs from checkpoint s1") || !strings.Contains(out, "is running") {
+		t.Fatalf("checkpoint apply: %s", out)
+	}
+	w := d.vm(t, "g")
+	if w.Power != api.PowerRunning || w.Runtime == nil {
+		t.Fatalf("after applying a standard checkpoint: power %q, runtime %+v", w.Power, w.Runtime)
+	}
+	t.Cleanup(func() { syscall.Kill(w.Runtime.Pid, syscall.SIGKILL) })
+	// The old run counted on until it was turned off; the new one goes
+	// on from the checkpoint: where the count drops.
+	resumedAt := func(got []int) int {
+		for i := max(mark, 1); i < len(got); i++ {
+			if got[i] < got[i-1] {
+				return i
+			}
+		}
+		return -1
+	}
+	waitConsole(t, console, "counted after the apply", func(c string) bool {
+		got := counts(c)
+		i := resumedAt(got)
+		return i > 0 && len(got) > i+2
+	})
+	got := counts(console())
+	i := resumedAt(got)
+	if resumed := got[i]; resumed < lo+1 || resumed > hi+1 || got[i+1] != resumed+1 {
+		t.Fatalf("after the apply the counter went on from %d; at the checkpoint it was %d to %d (counts since the apply: %v)", resumed, lo, hi, got[mark:])
+	}
+	if n := strings.Count(console(), "VHDKIT-BOOTED"); n != 1 {
+		t.Fatalf("the guest booted %d times, want once", n)
+	}
+	if _, err := os.Stat(cp.StateFile); err != nil {
+		t.Fatalf("the checkpoint lost its state file to the apply: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(data, "run", "g", "saved.state")); !os.IsNotExist(err) {
+		t.Fatalf("the copy of the state is still there once the machine runs: %v", err)
+	}
+
+	// A crash checkpoint applied to the running machine leaves it off.
+	out = d.cli(t, "checkpoint", "apply", "g", "c0")
+	if v := d.vm(t, "g"); v.Power != api.PowerOff || v.CurrentName != "c0" {
+		t.Fatalf("after applying a crash checkpoint: power %q, current %q; apply said %s", v.Power, v.CurrentName, out)
+	}
+	off := d.createCheckpoint(t, "g", "--name", "off", "--type", "standard")
+	if off.Type != api.CheckpointCrash || !strings.Contains(off.Note, "is off") || off.StateFile != "" {
+		t.Fatalf("a standard checkpoint of a machine that is off: %+v", off)
+	}
+	d.cli(t, "checkpoint", "delete", "g", "s1", "--wait")
+	if _, err := os.Stat(cp.StateFile); !os.IsNotExist(err) {
+		t.Fatalf("the deleted checkpoint's state file is still there: %v", err)
+	}
+}
+
+// TestServeCheckpointFallbacks: a guest without the agent. A production
+// checkpoint with --production-only fails once the agent's wait is over,
+// and nothing changed (no checkpoint, the disk on its file). A standard
+// checkpoint whose memory state cannot be written (the file size limit
+// of QEMU, inherited by the cat writing the stream, stands in for a full
+// disk) fails cleanly: no state file, no .part, no checkpoint, the disk
+// on its file, the machine runs on. Then a production checkpoint falls
+// back to standard and says why.
+func TestServeCheckpointFallbacks(t *testing.T) {
+	dir := shortTempDir(t)
+	data := filepath.Join(dir, "d")
+	d := startDaemon(t, data)
+	v, console := runGuest(t, d, dir, "g", `i=0
+while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
+`, false, nil)
+	waitConsole(t, console, "counted to 3", func(c string) bool { return len(counts(c)) > 3 })
+	leaf := filepath.Join(data, "vms", "g", "disk0.vhdx")
+	unchanged := func(what string) {
+		t.Helper()
+		w := d.vm(t, "g")
+		if w.Checkpoints != 0 || w.Disks[0].Path != leaf || w.Power != api.PowerRunning {
+			t.Fatalf("after %s: %d checkpoints, disk on %s, power %q", what, w.Checkpoints, w.Disks[0].Path, w.Power)
+		}
+		files, _ := filepath.Glob(filepath.Join(data, "vms", "g", "*"))
+		if len(files) != 1 {
+			t.Fatalf("after %s the machine's folder holds %v", what, files)
+		}
+		n := len(counts(console()))
+		waitConsole(t, console, "counted on after "+what, func(c string) bool { return len(counts(c)) > n+2 })
+	}
+	d.fails(t, []string{"guest agent", "nothing was changed"}, "checkpoint", "create", "g", "--name", "p", "--production-only")
+	unchanged("a production-only checkpoint without an agent")
+
+	// The soft limit only: it is what the cat inherits, and it can be
+	// raised again.
+	var was unix.Rlimit
+	if err := unix.Prlimit(v.Runtime.Pid, unix.RLIMIT_FSIZE, nil, &was); err != nil {
+		t.Fatal(err)
+	}
+	limit := unix.Rlimit{Cur: 256 << 10, Max: was.Max}
+	if err := unix.Prlimit(v.Runtime.Pid, unix.RLIMIT_FSIZE, &limit, nil); err != nil {
+		t.Skipf("cannot limit QEMU's file size: %v", err)
+	}
+	d.fails(t, []string{"no checkpoint", "runs on", "migration failed"}, "checkpoint", "create", "g", "--name", "s", "--type", "standard")
+	unchanged("a standard checkpoint whose state could not be written")
+
+	if err := unix.Prlimit(v.Runtime.Pid, unix.RLIMIT_FSIZE, &was, nil); err != nil {
+		t.Fatal(err)
+	}
+	cp := d.createCheckpoint(t, "g", "--name", "p")
+	if cp.Type != api.CheckpointStandard || !strings.Contains(cp.Note, "guest agent") || !strings.Contains(cp.Note, "standard checkpoint was taken") || cp.StateFile == "" {
+		t.Fatalf("production without an agent: %+v", cp)
+	}
+	n := len(counts(console()))
+	waitConsole(t, console, "counted on after the fallback", func(c string) bool { return len(counts(c)) > n+2 })
+	d.cli(t, "vm", "stop", "g", "--turn-off")
+}

@@ -107,9 +107,10 @@ type Progress struct {
 // the target's blocks; written out in pieces of at most maxWrite; zero
 // detection works on granules.
 const (
-	pieceSize   = 4 << 20
-	readBuffers = 6        // read pieces in flight between reader and writer
-	zeroGranule = 64 << 10 // all-zero granules of the source are zeros
+	pieceSize     = 4 << 20
+	movePieceSize = 64 << 20
+	readBuffers   = 6        // read pieces in flight between reader and writer
+	zeroGranule   = 64 << 10 // all-zero granules of the source are zeros
 	// maxWrite caps one WriteAt: on Linux (ext4), copying a 4 MiB write
 	// into the page cache costs several times the kernel time of four
 	// 1 MiB writes, measured; reads show no such effect.
@@ -279,7 +280,11 @@ func (c *copier) pieces(ctx context.Context, e disk.Extent, fn func(piece) error
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		next := min(end, (off/pieceSize+1)*pieceSize)
+		size := int64(pieceSize)
+		if e.Type == disk.Data && c.canMove() {
+			size = movePieceSize // nothing is read: larger pieces, fewer calls
+		}
+		next := min(end, (off/size+1)*size)
 		if c.opts.MaxPiece > 0 {
 			next = min(next, off+c.opts.MaxPiece)
 		}
@@ -408,8 +413,24 @@ func (c *copier) after(n, end int64) error {
 }
 
 // move carries [off, off+n) of data file to file where the source tells
-// where it lives, through memory elsewhere.
+// where it lives, through memory elsewhere. Runs the source reports one
+// after the other (block by block, say) that lie back to back in one file
+// go as one range: one clone instead of several.
 func (c *copier) move(off, n int64) error {
+	var run struct {
+		f            storage.File
+		off, fileOff int64
+		n            int64
+	}
+	flush := func() error {
+		if run.n == 0 {
+			return nil
+		}
+		moved, err := c.fw.WriteFromFile(run.off, run.n, run.f, run.fileOff)
+		c.stats.Moved = c.stats.Moved.Add(moved)
+		run.n = 0
+		return err
+	}
 	for end := off + n; off < end; {
 		f, fileOff, m, err := c.loc.Locate(off, end-off)
 		if err != nil {
@@ -418,19 +439,36 @@ func (c *copier) move(off, n int64) error {
 		if m <= 0 || m > end-off {
 			return fmt.Errorf("locating [%d, +%d) in the source: %d bytes reported", off, end-off, m)
 		}
-		if f == nil {
-			err = c.through(off, m)
-		} else {
-			var moved storage.Moved
-			moved, err = c.fw.WriteFromFile(off, m, f, fileOff)
-			c.stats.Moved = c.stats.Moved.Add(moved)
-		}
-		if err != nil {
-			return err
+		switch {
+		case f != nil && run.n > 0 && fileOff == run.fileOff+run.n && sameFile(f, run.f):
+			run.n += m
+		case f != nil:
+			if err := flush(); err != nil {
+				return err
+			}
+			run.f, run.off, run.fileOff, run.n = f, off, fileOff, m
+		default:
+			if err := flush(); err != nil {
+				return err
+			}
+			if err := c.through(off, m); err != nil {
+				return err
+			}
 		}
 		off += m
 	}
-	return nil
+	return flush()
+}
+
+// sameFile reports whether a and b are one File (false for kinds of File
+// that cannot be compared).
+func sameFile(a, b storage.File) (same bool) {
+	defer func() {
+		if recover() != nil {
+			same = false
+		}
+	}()
+	return a == b
 }
 
 // through copies [off, off+n) by reading it; what reads as zeros is

@@ -294,3 +294,29 @@ func sharedBytes(t testing.TB, path string) int64 {
 	}
 	return shared
 }
+
+// TestCopyFixedTargetNotCloned: a fixed VHDX keeps blocks of its own (no
+// write to it may fail for space), so on XFS the copy into it writes the
+// bytes instead of sharing the source's blocks.
+func TestCopyFixedTargetNotCloned(t *testing.T) {
+	mnt := testenv.MountLoop(t, 512<<20, "mkfs.xfs", "-m", "reflink=1")
+	src, model := chain(t, mnt)
+	dst, err := vhdx.Create(filepath.Join(mnt, "fixed.vhdx"), vhdx.CreateOptions{Type: vhdx.Fixed, Size: diskSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	st, err := imagecopy.Copy(context.Background(), dst, src, extents(t, src), imagecopy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Cloned != 0 || st.KernelCopied != 0 {
+		t.Fatalf("%+v: a fixed target shares the source's blocks", st)
+	}
+	if !bytes.Equal(readAll(t, dst), model) {
+		t.Fatal("the target differs from the source")
+	}
+	if shared := sharedBytes(t, filepath.Join(mnt, "fixed.vhdx")); shared != 0 {
+		t.Fatalf("filefrag shows %d shared bytes in a fixed target", shared)
+	}
+}

@@ -136,6 +136,11 @@ func (im *Image) blockFromFile(off, seg, blk, in int64, src storage.File, srcOff
 	sectors := off%g.sectorSize == 0 && seg%g.sectorSize == 0
 	st := batState(e)
 	switch {
+	case st == payloadFullyPresent && im.p.LeaveAllocated && im.parent == nil:
+		// A fixed image's blocks were allocated so that no write fails
+		// for space: blocks shared by a clone would need new space at
+		// the next write, so the bytes are copied.
+		return im.copyThrough(off, seg, src, srcOff)
 	case st == payloadFullyPresent:
 		return im.copyIn(batOffset(e)+in, src, srcOff, seg)
 	case st == payloadPartiallyPresent || st == payloadNotPresent && im.parent != nil && !whole:
@@ -202,16 +207,23 @@ func (im *Image) copyIn(fileOff int64, src storage.File, srcOff, n int64) (stora
 }
 
 // copyThrough reads n bytes of src at srcOff and writes them at off
-// through the write path; the caller holds mu and has called beginWrite.
+// through the write path, a piece at a time; the caller holds mu and has
+// called beginWrite.
 func (im *Image) copyThrough(off, n int64, src storage.File, srcOff int64) (storage.Moved, error) {
-	buf := make([]byte, n)
-	if k, err := src.ReadAt(buf, srcOff); err == io.EOF {
-		clear(buf[k:]) // past the end of the file: zeros
-	} else if err != nil {
-		return storage.Moved{}, fmt.Errorf("vhdx: reading %d bytes at source file offset %#x: %w", n, srcOff, err)
+	buf := make([]byte, min(n, maxWrite))
+	var moved storage.Moved
+	for n > 0 {
+		p := buf[:min(n, int64(len(buf)))]
+		if k, err := src.ReadAt(p, srcOff); err == io.EOF {
+			clear(p[k:]) // past the end of the file: zeros
+		} else if err != nil {
+			return moved, fmt.Errorf("vhdx: reading %d bytes at source file offset %#x: %w", len(p), srcOff, err)
+		}
+		if err := im.write(p, off); err != nil {
+			return moved, err
+		}
+		moved.Copied += int64(len(p))
+		off, n, srcOff = off+int64(len(p)), n-int64(len(p)), srcOff+int64(len(p))
 	}
-	if err := im.write(buf, off); err != nil {
-		return storage.Moved{}, err
-	}
-	return storage.Moved{Copied: n}, nil
+	return moved, nil
 }

@@ -157,6 +157,12 @@ func (c *cli) convert(ctx context.Context, in input, fl imageFlags, progress boo
 		sector, _ := sectorSizes(dst)
 		opts = imagecopy.Options{Fresh: true, Base: parent, Sector: sector}
 	}
+	if plan.format == "raw" && !plan.sparse {
+		// A fixed raw file keeps blocks of its own, so that no write to
+		// it fails for space: a clone would share them. (A fixed VHDX
+		// copies rather than clones by itself.)
+		opts.NoMove = true
+	}
 	if err := c.copyImage(ctx, src, dst, opts, progress); err != nil {
 		return err
 	}

@@ -200,8 +200,10 @@ done
 // checkpoint, the guest did not boot again, the checkpoint keeps its
 // state file (the machine's copy is gone once it runs). Apply of a crash
 // checkpoint leaves the machine off; a checkpoint of a machine that is
-// off is crash, saying so; deleting the standard checkpoint deletes its
-// state file.
+// off is crash, saying so; the standard checkpoint applied to the machine
+// that is off leaves it saved, and vm start runs it on from the
+// checkpoint; deleting the standard checkpoint (live, the machine running
+// on it) deletes its state file.
 func TestServeCheckpointStandard(t *testing.T) {
 	dir := shortTempDir(t)
 	data := filepath.Join(dir, "d")
@@ -274,6 +276,29 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 	if off.Type != api.CheckpointCrash || !strings.Contains(off.Note, "is off") || off.StateFile != "" {
 		t.Fatalf("a standard checkpoint of a machine that is off: %+v", off)
 	}
+
+	// Applied to the machine that is off, the standard checkpoint leaves
+	// it saved (as Hyper-V does); vm start runs it on from the checkpoint
+	// again.
+	out = d.cli(t, "checkpoint", "apply", "g", "s1")
+	if v := d.vm(t, "g"); v.Power != api.PowerSaved || v.CurrentName != "s1" {
+		t.Fatalf("after applying a standard checkpoint to a machine that is off: power %q, current %q; apply said %s", v.Power, v.CurrentName, out)
+	}
+	mark = len(counts(console()))
+	d.cli(t, "vm", "start", "g")
+	w = d.vm(t, "g")
+	t.Cleanup(func() { syscall.Kill(w.Runtime.Pid, syscall.SIGKILL) })
+	waitConsole(t, console, "counted after the start", func(c string) bool { return len(counts(c)) > mark+2 })
+	got = counts(console())
+	if resumed := got[mark]; resumed < lo+1 || resumed > hi+1 || got[mark+1] != resumed+1 {
+		t.Fatalf("after the start the counter went on from %d; at the checkpoint it was %d to %d", resumed, lo, hi)
+	}
+	if n := strings.Count(console(), "VHDKIT-BOOTED"); n != 1 {
+		t.Fatalf("the guest booted %d times, want once", n)
+	}
+
+	// Deleted while the machine runs on it (a live merge), the checkpoint
+	// takes its state file along.
 	d.cli(t, "checkpoint", "delete", "g", "s1", "--wait")
 	if _, err := os.Stat(cp.StateFile); !os.IsNotExist(err) {
 		t.Fatalf("the deleted checkpoint's state file is still there: %v", err)

@@ -213,8 +213,10 @@ func (h *Host) RenameCheckpoint(name, ref, newName string) (*api.Checkpoint, err
 // A running (or paused) machine is turned off first, as Hyper-V does (its
 // --save checkpoint is taken before, of the default type, production).
 // A standard checkpoint then starts the machine from its memory state:
-// it runs on from the instant of the checkpoint; after a production or
-// crash checkpoint the machine stays off, to boot from its disks.
+// it runs on from the instant of the checkpoint (a machine that was off
+// is left saved, as Hyper-V leaves it: vm start runs it on from there,
+// vm stop --turn-off discards the state). After a production or crash
+// checkpoint the machine stays off, to boot from its disks.
 func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.VM, error) {
 	h.mu.Lock()
 	v, err := h.checkpointable(name)
@@ -241,7 +243,8 @@ func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.
 		req.Save = false
 	}
 	h.mu.Unlock()
-	if _, err := h.turnOffForApply(name); err != nil {
+	wasRunning, err := h.turnOffForApply(name)
+	if err != nil {
 		return nil, err
 	}
 	out, c, err := h.applyCheckpoint(name, ref, req)
@@ -249,7 +252,7 @@ func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.
 		return nil, err
 	}
 	if c.Kind.Type == api.CheckpointStandard && c.Kind.State != "" {
-		started, err := h.startFromCheckpoint(context.WithoutCancel(h.ctx), name, c)
+		started, err := h.startFromCheckpoint(context.WithoutCancel(h.ctx), name, c, wasRunning)
 		if err != nil {
 			return nil, err
 		}

@@ -351,8 +351,8 @@ func (h *Host) turnOffForApply(name string) (bool, error) {
 // startFromCheckpoint starts machine name from standard checkpoint c's
 // state after c was applied: a copy of the state becomes the machine's
 // saved state (the checkpoint keeps its own), which StartVM resumes and
-// then deletes.
-func (h *Host) startFromCheckpoint(ctx context.Context, name string, c *checkpointState) (*api.VM, error) {
+// then deletes. Without start the machine is left saved.
+func (h *Host) startFromCheckpoint(ctx context.Context, name string, c *checkpointState, start bool) (*api.VM, error) {
 	h.mu.Lock()
 	v, err := h.lookup(name)
 	if err != nil {
@@ -382,6 +382,12 @@ func (h *Host) startFromCheckpoint(ctx context.Context, name string, c *checkpoi
 	}
 	h.mu.Lock()
 	v.run = &vmRun{power: api.PowerSaved}
+	if !start {
+		defer h.mu.Unlock()
+		h.log.Info("machine saved from a standard checkpoint", "vm", name, "checkpoint", c.Name)
+		out := h.view(v)
+		return &out, nil
+	}
 	h.mu.Unlock()
 	out, err := h.StartVM(ctx, name)
 	if err != nil {

@@ -147,8 +147,9 @@ state is discarded, unless --save checkpoints it first. A running or
 paused machine is turned off first (its --save checkpoint is taken before,
 as a production one). Applying a standard checkpoint then starts the
 machine from its saved memory: it runs on from the instant of the
-checkpoint. After a production or crash checkpoint the machine stays off;
-vm start boots it from the disks. While NBD clients other than the
+checkpoint (a machine that was off is left saved, as Hyper-V leaves it:
+vm start runs it on from there). After a production or crash checkpoint
+the machine stays off; vm start boots it from the disks. While NBD clients other than the
 machine are connected to its disks the apply is refused (their disk would
 change under them, as a guest's file system would); --force disconnects
 them first.

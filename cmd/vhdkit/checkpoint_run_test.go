@@ -214,7 +214,7 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 `, false, nil)
 	waitConsole(t, console, "counted to 3", func(c string) bool { return len(counts(c)) > 3 })
 	c0 := d.createCheckpoint(t, "g", "--name", "c0", "--type", "crash")
-	if c0.Type != api.CheckpointCrash || c0.StunMS != 0 {
+	if c0.Type != api.CheckpointCrash || c0.StunMS <= 0 || c0.Note != "" {
 		t.Fatalf("crash checkpoint: %+v", c0)
 	}
 	before := counts(console())

@@ -118,6 +118,8 @@ Examples:
 						stunText(cp.StunMS), cp.Frozen, plural(cp.Frozen, "system", "systems"), cp.AgentStatus)
 				case api.CheckpointStandard:
 					fmt.Fprintf(c.stdout, "  guest paused %s; memory state %s\n", stunText(cp.StunMS), cp.StateFile)
+				case api.CheckpointCrash:
+					fmt.Fprintf(c.stdout, "  disk I/O held %s\n", stunText(cp.StunMS))
 				}
 				if cp.Note != "" {
 					fmt.Fprintf(c.stdout, "  note: %s\n", cp.Note)
@@ -284,7 +286,10 @@ func printTree(w io.Writer, t *api.Checkpoints) {
 		for _, c := range list {
 			head, next := branch()
 			kind := c.Type
-			if c.StunMS > 0 {
+			switch {
+			case c.StunMS > 0 && c.Type == api.CheckpointCrash:
+				kind += ", I/O held " + stunText(c.StunMS)
+			case c.StunMS > 0:
 				kind += ", stun " + stunText(c.StunMS)
 			}
 			fmt.Fprintf(w, "%s%s  (%s, %s, %s)\n", head, c.Name, c.ID, c.Created.Local().Format(time.DateTime), kind)

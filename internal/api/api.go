@@ -89,7 +89,8 @@ type Checkpoint struct {
 	// or CheckpointCrash (checkpoints from before types are crash).
 	Type string `json:"type"`
 	// StunMS is how long the guest was frozen (production) or paused
-	// (standard) for it, in milliseconds; 0 for crash.
+	// (standard) for it, or its disks' I/O held (crash: its CPUs ran
+	// on), in milliseconds.
 	StunMS float64 `json:"stun_ms,omitempty"`
 	// StateFile is a standard checkpoint's memory and device state.
 	StateFile string `json:"state_file,omitempty"`

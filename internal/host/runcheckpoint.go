@@ -105,13 +105,12 @@ func (h *Host) createCheckpoint(v *vm, req api.CreateCheckpoint) (*checkpointSta
 	power := v.power()
 	switch {
 	case want == api.CheckpointCrash:
-		return h.checkpointAs(v, id, name, checkpointKind{Type: api.CheckpointCrash})
+		return h.crashCheckpoint(v, id, name, "")
 	case power == api.PowerStarting || power == api.PowerStopping:
 		return nil, errorf(statusConflict, "machine %s is %s: take the checkpoint once it is running or off (or a crash checkpoint now: --type crash)", v.st.Name, power)
 	case power != api.PowerRunning && power != api.PowerPaused:
 		// Nothing runs on the disks: the crash checkpoint is as good.
-		return h.checkpointAs(v, id, name, checkpointKind{Type: api.CheckpointCrash,
-			Note: fmt.Sprintf("machine %s is %s: a crash checkpoint of its disks (nothing to freeze or save)", v.st.Name, power)})
+		return h.crashCheckpoint(v, id, name, fmt.Sprintf("machine %s is %s: a crash checkpoint of its disks (nothing to freeze or save)", v.st.Name, power))
 	}
 	p := v.run.proc
 	if want == api.CheckpointStandard {
@@ -135,6 +134,22 @@ func (h *Host) createCheckpoint(v *vm, req api.CreateCheckpoint) (*checkpointSta
 	}
 	h.log.Warn("production checkpoint not possible: taking a standard one", "vm", v.st.Name, "reason", note)
 	return h.standardCheckpoint(v, p, id, name, note+": a standard checkpoint was taken instead")
+}
+
+// crashCheckpoint switches the disks, the guest unaware; its stun is how
+// long the disks' I/O was held (the guest's CPUs ran on). The caller
+// holds mu.
+func (h *Host) crashCheckpoint(v *vm, id, name, note string) (*checkpointState, error) {
+	start := time.Now()
+	c, err := h.checkpointAs(v, id, name, checkpointKind{Type: api.CheckpointCrash, Note: note})
+	if err != nil {
+		return nil, err
+	}
+	c.Kind.StunMS = ms(time.Since(start))
+	if err := h.save(); err != nil {
+		h.log.Error("saving the state", "err", err)
+	}
+	return c, nil
 }
 
 // errAgent marks a production checkpoint that failed for want of a

@@ -95,7 +95,8 @@ then I/O resumes: connected clients notice nothing. For a running machine
 
 A machine that is off (or saved, or failed) gets a crash checkpoint
 whatever the type, with a note saying so: no guest changes its disks.
-The time the guest was frozen or paused (the stun) is printed and kept.
+The time the guest was frozen or paused (the stun; for crash, the time
+the disks' I/O was held) is printed and kept.
 
 Examples:
   vhdkit checkpoint create web --name before-upgrade

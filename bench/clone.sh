@@ -63,7 +63,7 @@ else
 	echo "not root: no loop-mounted XFS and btrfs rows" >&2
 fi
 mkdir "$work/plain"
-dirs+=("$work/plain") names+=("$(stat -f -c %T "$work") (work folder)")
+dirs+=("$work/plain") names+=("$(findmnt -n -o FSTYPE -T "$work") (work folder)")
 
 # secs CMD... runs CMD after a sync and prints its elapsed seconds, sync
 # included.
@@ -84,12 +84,16 @@ for i in "${!dirs[@]}"; do
 	d=${dirs[$i]}
 	echo "${names[$i]}: $d"
 	cp --reflink=never "$work/data.img" "$d/new.img"
-	mt=() at=() nt=() qt=() vct=() qct=() moved=""
+	mt=() rt=() at=() nt=() qt=() vct=() qct=() moved=""
 	for ((run = 1; run <= runs; run++)); do
 		rm -f "$d"/base.* "$d"/top.* "$d"/copy.* "$d"/out.*
 		# vhdkit: an empty dynamic base and a child holding the new data.
 		"$vhdkit" create --size "$bytes" "$d/base.vhdx" >/dev/null
 		"$vhdkit" convert --parent "$d/base.vhdx" "$d/new.img" "$d/top.avhdx" >/dev/null
+		# The merge ends by deleting the child: what that costs alone, on
+		# a copy of it (a file system mounted with discard frees slowly).
+		cp --reflink=never "$d/top.avhdx" "$d/top.rm"
+		rt+=("$(secs rm "$d/top.rm")")
 		mt+=("$(secs "$vhdkit" merge "$d/top.avhdx")")
 		qemu-img compare -q -f raw -F vhdx "$d/new.img" "$d/base.vhdx"
 		at+=("$(secs cp --reflink=auto "$d/new.img" "$d/copy.auto")")
@@ -113,16 +117,16 @@ for i in "${!dirs[@]}"; do
 	"$vhdkit" convert --parent "$d/base.vhdx" "$d/new.img" "$d/top.avhdx" >/dev/null
 	moved=$("$vhdkit" merge "$d/top.avhdx" | grep -o "([^)]*cloned[^)]*)" || true)
 	rm -f "$d"/base.* "$d"/top.* "$d/new.img"
-	m=$(best "${mt[@]}") a=$(best "${at[@]}") n=$(best "${nt[@]}") q=$(best "${qt[@]}")
+	m=$(best "${mt[@]}") r=$(best "${rt[@]}") a=$(best "${at[@]}") n=$(best "${nt[@]}") q=$(best "${qt[@]}")
 	vc=$(best "${vct[@]}") qc=$(best "${qct[@]}")
-	rows+=("$(printf '| %-22s | %6.3f | %6.3f | %6.3f | %6.3f | %5.2f | %5.2f | %5.2f | %6.3f | %6.3f | %5.2f |' \
-		"${names[$i]}" "$m" "$a" "$n" "$q" \
+	rows+=("$(printf '| %-22s | %6.3f | %6.3f | %6.3f | %6.3f | %6.3f | %5.2f | %5.2f | %5.2f | %6.3f | %6.3f | %5.2f |' \
+		"${names[$i]}" "$m" "$r" "$a" "$n" "$q" \
 		"$(echo "$m / $a" | bc -l)" "$(echo "$m / $n" | bc -l)" "$(echo "$q / $m" | bc -l)" \
 		"$vc" "$qc" "$(echo "$qc / $vc" | bc -l)")")
 	[ -n "$moved" ] && rows+=("|   merge moved: $moved |")
 done
 
 printf '\n%s of changed data (merge) and of disk-like data (convert), best of %d runs, seconds incl. sync:\n\n' "$size" "$runs"
-echo '| file system            | merge  | cp auto | cp never | qemu-img commit | merge/cp auto | merge/cp never | commit/merge | convert | qemu-img convert | qemu/vhdkit |'
-echo '|------------------------|--------|--------|--------|--------|-------|-------|-------|--------|--------|-------|'
+echo '| file system            | merge  | (rm child) | cp auto | cp never | qemu-img commit | merge/cp auto | merge/cp never | commit/merge | convert | qemu-img convert | qemu/vhdkit |'
+echo '|------------------------|--------|--------|--------|--------|--------|-------|-------|-------|--------|--------|-------|'
 printf '%s\n' "${rows[@]}"

@@ -15,6 +15,7 @@ import (
 	"github.com/vhdkit/vhdkit/imagecopy"
 	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/raw"
+	"github.com/vhdkit/vhdkit/vhd"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
 
@@ -318,5 +319,62 @@ func TestCopyFixedTargetNotCloned(t *testing.T) {
 	}
 	if shared := sharedBytes(t, filepath.Join(mnt, "fixed.vhdx")); shared != 0 {
 		t.Fatalf("filefrag shows %d shared bytes in a fixed target", shared)
+	}
+}
+
+// TestCopyFromVHDChain moves a differencing VHD chain's data (Locate
+// through the child's sector bitmaps and into its parent) into a VHDX and
+// a raw file, and checks every byte against the chain as read.
+func TestCopyFromVHDChain(t *testing.T) {
+	dir := t.TempDir()
+	base, err := vhd.Create(filepath.Join(dir, "base.vhd"), vhd.CreateOptions{Size: diskSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(8, 8))
+	write := func(im disk.Image, off, n int64) {
+		t.Helper()
+		p := make([]byte, n)
+		for i := range p {
+			p[i] = byte(rng.Uint32() | 1)
+		}
+		if _, err := im.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(base, 0, 6<<20)
+	write(base, 20<<20+512, 100000)
+	if err := base.Close(); err != nil {
+		t.Fatal(err)
+	}
+	child, err := vhd.Create(filepath.Join(dir, "child.vhd"), vhd.CreateOptions{Parent: filepath.Join(dir, "base.vhd")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	write(child, 2<<20, 4<<20)
+	write(child, 3<<20+1024, 3000)
+	write(child, 30<<20, 8192)
+	if err := child.Close(); err != nil {
+		t.Fatal(err)
+	}
+	src, err := vhd.Open(filepath.Join(dir, "child.vhd"), vhd.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	want := readAll(t, src)
+	for _, kind := range []string{"vhdx", "raw"} {
+		dst := target(t, dir, kind)
+		st, err := imagecopy.Copy(context.Background(), dst, src, extents(t, src), imagecopy.Options{Fresh: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkStats(t, st, diskSize)
+		if st.KernelCopied+st.Cloned == 0 {
+			t.Fatalf("%s: %+v: nothing moved file to file", kind, st)
+		}
+		if !bytes.Equal(readAll(t, dst), want) {
+			t.Fatalf("%s: the target differs from the VHD chain", kind)
+		}
 	}
 }

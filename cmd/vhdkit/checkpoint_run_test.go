@@ -307,7 +307,9 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 
 // TestServeCheckpointFallbacks: a guest without the agent. A production
 // checkpoint with --production-only fails once the agent's wait is over,
-// and nothing changed (no checkpoint, the disk on its file). A standard
+// and nothing changed (no checkpoint, the disk on its file); during the
+// wait the host answers, the machine is "checkpointing", and vm stop and
+// another checkpoint are refused. A standard
 // checkpoint whose memory state cannot be written (the file size limit
 // of QEMU, inherited by the cat writing the stream, stands in for a full
 // disk) fails cleanly: no state file, no .part, no checkpoint, the disk
@@ -335,7 +337,29 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 		n := len(counts(console()))
 		waitConsole(t, console, "counted on after "+what, func(c string) bool { return len(counts(c)) > n+2 })
 	}
-	d.fails(t, []string{"guest agent", "nothing was changed"}, "checkpoint", "create", "g", "--name", "p", "--production-only")
+	// While the host waits for the agent it answers for the machine,
+	// which is "checkpointing": what would change its power or disks is
+	// refused meanwhile.
+	type result struct {
+		stderr string
+		err    error
+	}
+	done := make(chan result, 1)
+	go func() {
+		_, stderr, err := d.try("checkpoint", "create", "g", "--name", "p", "--production-only")
+		done <- result{stderr, err}
+	}()
+	for deadline := time.Now().Add(time.Minute); d.vm(t, "g").Power != api.PowerCheckpointing; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the machine was never seen checkpointing")
+		}
+	}
+	d.fails(t, []string{"is checkpointing"}, "vm", "stop", "g", "--turn-off")
+	d.fails(t, []string{"a checkpoint is being taken"}, "checkpoint", "create", "g", "--type", "crash")
+	r := <-done
+	if r.err == nil || !strings.Contains(r.stderr, "guest agent") || !strings.Contains(r.stderr, "nothing was changed") {
+		t.Fatalf("a production-only checkpoint without an agent: %v: %s", r.err, r.stderr)
+	}
 	unchanged("a production-only checkpoint without an agent")
 
 	// The soft limit only: it is what the cat inherits, and it can be

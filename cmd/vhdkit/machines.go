@@ -128,6 +128,9 @@ Examples:
 					})
 				}),
 			vmDeleteCommand(),
+			vmSetCommand(),
+			vmAddDiskCommand(),
+			vmRemoveDiskCommand(),
 			vmStartCommand(),
 			vmStopCommand(),
 			vmPauseResumeCommand(true),
@@ -276,15 +279,27 @@ func vmCreateCommand() *command {
 	var disks sizeList
 	var attach stringList
 	var run settingsFlags
-	return clientVerb("vm create", "NAME (--disk SIZE | --attach FILE)... [--memory SIZE] [--cpus N] [--kernel F [--initrd F] [--append S]] [--accel auto|kvm|tcg]", "create a machine with new dynamic VHDX disks or existing files",
+	return clientVerb("vm create", "NAME (--disk SIZE | --attach FILE)... [--memory SIZE] [--cpus N] [--generation 1|2] [--kernel F [--initrd F] [--append S]] [--cdrom ISO] [--network none|user|bridge=BR] [--accel auto|kvm|tcg]", "create a machine with new dynamic VHDX disks or existing files",
 		`New disks are dynamic VHDX files under DIR/vms/NAME, in the order given;
 --attach serves an existing VHDX file instead (it is kept when the machine
 is deleted).
+
+The other flags say how it runs (vm set changes them while it is off).
+Generation 1 boots BIOS (SeaBIOS on QEMU's i440fx), generation 2 UEFI
+(OVMF on q35, from Debian's ovmf package; its UEFI variables are kept
+per machine). --cdrom puts an ISO image in a read-only DVD drive (IDE on
+generation 1, AHCI on 2). --network user gives a virtio network adapter
+on QEMU's user-mode NAT (the guest reaches out, nothing reaches in);
+bridge=BR a tap on the host's bridge BR through qemu-bridge-helper, which
+/etc/qemu/bridge.conf must allow ("allow BR"); each machine gets its own
+MAC address.
 
 Examples:
   vhdkit vm create web --disk 20G
   vhdkit vm create db --attach /srv/db.vhdx --disk 1G
   vhdkit vm create tiny --disk 1G --memory 256M --cpus 2 --kernel /boot/vmlinuz --initrd /boot/initrd.img --append console=ttyS0
+  vhdkit vm create win --disk 64G --memory 4G --cpus 2 --generation 2 --cdrom /srv/iso/install.iso --network user
+  vhdkit vm create lan --disk 20G --network bridge=br0
 `, true, 1,
 		func(fs *flag.FlagSet) {
 			disks, attach = nil, nil

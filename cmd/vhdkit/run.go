@@ -12,10 +12,11 @@ import (
 // The verbs that run machines under QEMU: vm start, stop, pause, resume,
 // and the settings vm create takes.
 
-// settingsFlags are vm create's flags for how the machine runs.
+// settingsFlags are vm create's and vm set's flags for how the machine
+// runs.
 type settingsFlags struct {
-	memory, kernel, initrd, appendLine, accel string
-	cpus                                      int
+	memory, kernel, initrd, appendLine, accel, cdrom, network string
+	cpus, generation                                          int
 }
 
 func (s *settingsFlags) add(fs *flag.FlagSet) {
@@ -26,12 +27,15 @@ func (s *settingsFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&s.initrd, "initrd", "", "with --kernel: its initramfs `FILE`")
 	fs.StringVar(&s.appendLine, "append", "", "with --kernel: its command `LINE`, e.g. \"console=ttyS0 root=/dev/vda1\"")
 	fs.StringVar(&s.accel, "accel", "", "`auto`, kvm or tcg: auto takes KVM where /dev/kvm is usable and the CPU has vmx/svm (default auto)")
+	fs.IntVar(&s.generation, "generation", 0, "`1` boots BIOS (SeaBIOS, i440fx), 2 boots UEFI (OVMF, q35; needs the ovmf package) (default 1)")
+	fs.StringVar(&s.cdrom, "cdrom", "", "put the ISO image `FILE` in the machine's DVD drive (read-only)")
+	fs.StringVar(&s.network, "network", "", "`none` (no adapter), user (QEMU's NAT: the guest reaches out) or bridge=BR (a tap on the host's bridge BR) (default none)")
 }
 
 // settings renders the flags for the daemon: paths absolute (it may run
 // elsewhere), the memory in MiB.
 func (s *settingsFlags) settings() (*api.Settings, error) {
-	out := &api.Settings{CPUs: s.cpus, Accel: s.accel, Append: s.appendLine}
+	out := &api.Settings{CPUs: s.cpus, Accel: s.accel, Append: s.appendLine, Generation: s.generation, Network: s.network}
 	if s.memory != "" {
 		n, err := parseSize(s.memory)
 		if err != nil {
@@ -45,7 +49,7 @@ func (s *settingsFlags) settings() (*api.Settings, error) {
 	for _, f := range []struct {
 		in  string
 		out *string
-	}{{s.kernel, &out.Kernel}, {s.initrd, &out.Initrd}} {
+	}{{s.kernel, &out.Kernel}, {s.initrd, &out.Initrd}, {s.cdrom, &out.CDROM}} {
 		if f.in == "" {
 			continue
 		}
@@ -188,9 +192,13 @@ Examples:
 func printRun(w interface{ Write([]byte) (int, error) }, v *api.VM) {
 	fmt.Fprintf(w, "power: %s\n", orDash(v.Power))
 	if s := v.Settings; s != nil {
-		fmt.Fprintf(w, "settings: %d MiB, %d %s, accel %s", s.MemoryMiB, s.CPUs, plural(s.CPUs, "CPU", "CPUs"), s.Accel)
+		gen := max(s.Generation, 1)
+		fmt.Fprintf(w, "settings: generation %d, %d MiB, %d %s, accel %s, network %s", gen, s.MemoryMiB, s.CPUs, plural(s.CPUs, "CPU", "CPUs"), s.Accel, orDash(s.Network))
 		if s.Kernel != "" {
 			fmt.Fprintf(w, ", kernel %s", s.Kernel)
+		}
+		if s.CDROM != "" {
+			fmt.Fprintf(w, ", DVD %s", s.CDROM)
 		}
 		fmt.Fprintln(w)
 	}
@@ -205,4 +213,71 @@ func printRun(w interface{ Write([]byte) (int, error) }, v *api.VM) {
 			fmt.Fprintf(w, "QEMU's log: %s\n", r.Log)
 		}
 	}
+}
+
+func vmSetCommand() *command {
+	var run settingsFlags
+	var set *flag.FlagSet
+	return clientVerb("vm set", "NAME [--memory SIZE] [--cpus N] [--generation 1|2] [--kernel F] [--initrd F] [--append S] [--cdrom ISO] [--network none|user|bridge=BR] [--accel auto|kvm|tcg]",
+		"change a machine's settings while it is off (Set-VM)",
+		`Changes the settings given, as vm create takes them, and keeps the others.
+The machine must be off: like Hyper-V's Set-VM for memory and processors,
+a running, paused or saved machine is refused (stop it first; a saved
+machine's state holds the hardware it was saved with). The request is
+checked whole and a refusal changes nothing: memory 16 MiB to 1 TiB, at
+most as many CPUs as the host has, generation 1 or 2, files that exist
+(absolute paths are sent; relative ones are taken from here), an ISO
+outside the daemon's data directory. An empty value clears a setting:
+--kernel "" (with --initrd "" --append "") boots from the disks again,
+--cdrom "" empties the DVD drive, --network "" means none, --accel ""
+auto. Changing the generation changes the firmware: a disk installed
+under one may not boot under the other.
+
+Examples:
+  vhdkit vm set web --memory 2G --cpus 2
+  vhdkit vm set web --cdrom /srv/iso/debian-12-netinst.iso --generation 2
+  vhdkit vm set web --network bridge=br0
+  vhdkit vm set web --kernel "" --initrd "" --append "" --cdrom ""
+`, true, 1,
+		func(fs *flag.FlagSet) {
+			run.add(fs)
+			set = fs
+		},
+		func(ctx context.Context, c *cli, cl *api.Client, f *clientFlags, args []string) error {
+			given, err := run.settings()
+			if err != nil {
+				return err
+			}
+			var req api.SetVM
+			set.Visit(func(fl *flag.Flag) {
+				switch fl.Name {
+				case "memory":
+					req.MemoryMiB = &given.MemoryMiB
+				case "cpus":
+					req.CPUs = &given.CPUs
+				case "generation":
+					req.Generation = &given.Generation
+				case "accel":
+					req.Accel = &given.Accel
+				case "kernel":
+					req.Kernel = &given.Kernel
+				case "initrd":
+					req.Initrd = &given.Initrd
+				case "append":
+					req.Append = &given.Append
+				case "cdrom":
+					req.CDROM = &given.CDROM
+				case "network":
+					req.Network = &given.Network
+				}
+			})
+			if req == (api.SetVM{}) {
+				return usagef("give a setting to change, e.g. --memory 1G (see vhdkit vm set --help)")
+			}
+			v, err := cl.SetVM(ctx, args[0], req)
+			return f.reply(c, v, err, func() error {
+				printVM(c.stdout, v)
+				return nil
+			})
+		})
 }

@@ -17,3 +17,10 @@ const (
 	// machine that is off (whose disks no guest changes).
 	CheckpointCrash = "crash"
 )
+
+// PowerCheckpointing is the power state of a running or paused machine
+// while a production or standard checkpoint waits on its guest agent or
+// saves its memory: its power and disks cannot change meanwhile (stop,
+// save, pause, another checkpoint are refused). It goes back to what it
+// was when the checkpoint ends.
+const PowerCheckpointing = "checkpointing"

@@ -27,6 +27,36 @@ type Settings struct {
 	Kernel string `json:"kernel,omitempty"`
 	Initrd string `json:"initrd,omitempty"`
 	Append string `json:"append,omitempty"`
+	// Generation is the machine's hardware, as Hyper-V's: 1 boots BIOS
+	// (SeaBIOS, QEMU's i440fx), 2 boots UEFI (OVMF, q35); 0, in a state
+	// from before generations, is 1.
+	Generation int `json:"generation,omitempty"`
+	// CDROM is an ISO image the machine reads in its DVD drive
+	// (read-only): an absolute path; "" is no drive.
+	CDROM string `json:"cdrom,omitempty"`
+	// Network is "none" (no adapter; "" too), "user" (QEMU's user-mode
+	// NAT: the guest reaches out, nothing reaches in) or "bridge=BR" (a
+	// tap on the host's bridge BR, made by qemu-bridge-helper).
+	Network string `json:"network,omitempty"`
+	// MAC is the network adapter's address, chosen at create (a random
+	// locally administered one) so that machines on one bridge differ.
+	MAC string `json:"mac,omitempty"`
+}
+
+// SetVM is the body of PATCH /v1/vms/{vm}: the settings to change; nil
+// fields stay. A string set to "" clears it (Kernel, Initrd, Append,
+// CDROM: none; Network: none; Accel: auto). The machine must be off:
+// like Hyper-V's Set-VM, none of them changes on a running machine.
+type SetVM struct {
+	MemoryMiB  *int    `json:"memory_mib,omitempty"`
+	CPUs       *int    `json:"cpus,omitempty"`
+	Generation *int    `json:"generation,omitempty"`
+	Accel      *string `json:"accel,omitempty"`
+	Kernel     *string `json:"kernel,omitempty"`
+	Initrd     *string `json:"initrd,omitempty"`
+	Append     *string `json:"append,omitempty"`
+	CDROM      *string `json:"cdrom,omitempty"`
+	Network    *string `json:"network,omitempty"`
 }
 
 // Runtime is a running (or failed) machine's QEMU.
@@ -86,4 +116,10 @@ func (c *Client) RestartVM(ctx context.Context, name string) (*VM, error) {
 func (c *Client) SaveVM(ctx context.Context, name string) (*VM, error) {
 	var v VM
 	return &v, c.do(ctx, "POST", "/v1/vms/"+esc(name)+"/save", nil, &v)
+}
+
+// SetVM changes a machine's settings (Set-VM); it must be off.
+func (c *Client) SetVM(ctx context.Context, name string, req SetVM) (*VM, error) {
+	var v VM
+	return &v, c.do(ctx, "PATCH", "/v1/vms/"+esc(name), req, &v)
 }

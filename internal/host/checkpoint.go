@@ -53,6 +53,9 @@ func (h *Host) checkpointable(name string) (*vm, error) {
 	if v.optimizing {
 		return nil, errorf(statusConflict, "machine %s: its disks are being optimized; wait for it to finish", name)
 	}
+	if v.power() == api.PowerCheckpointing {
+		return nil, errorf(statusConflict, "machine %s: a checkpoint is being taken; wait for it to finish", name)
+	}
 	return v, nil
 }
 

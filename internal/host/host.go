@@ -461,7 +461,7 @@ func (h *Host) CreateVM(req api.CreateVM) (*api.VM, error) {
 			return nil, errorf(statusBadRequest, "disk size %d: use a whole number of MiB between 1 MiB and 64 TiB", s)
 		}
 	}
-	settings, err := settingsOf(req.Settings)
+	settings, err := h.settingsOf(req.Settings)
 	if err != nil {
 		return nil, err
 	}

@@ -23,10 +23,8 @@ import (
 // a unix socket path must stay short, and the machine's folder holds only
 // its disks, which deleting the machine removes.
 
-// Defaults of a machine's settings.
+// Times of a machine's run.
 const (
-	defaultMemoryMiB = 512
-	defaultCPUs      = 1
 	// reconnectDelay is how long QEMU holds a disk's I/O while the NBD
 	// server is gone before failing it: a daemon restart must take less.
 	reconnectDelay = 60 * time.Second
@@ -55,51 +53,9 @@ type vmRun struct {
 	proc   *vmm.Process // nil while off or failed
 	reason string       // why it failed
 	log    string       // the failed run's QEMU log, kept
-}
-
-// settingsOf validates req and fills in the defaults.
-func settingsOf(req *api.Settings) (*api.Settings, error) {
-	s := api.Settings{MemoryMiB: defaultMemoryMiB, CPUs: defaultCPUs, Accel: vmm.AccelAuto}
-	if req != nil {
-		if req.MemoryMiB != 0 {
-			s.MemoryMiB = req.MemoryMiB
-		}
-		if req.CPUs != 0 {
-			s.CPUs = req.CPUs
-		}
-		if req.Accel != "" {
-			s.Accel = req.Accel
-		}
-		s.Kernel, s.Initrd, s.Append = req.Kernel, req.Initrd, req.Append
-	}
-	if s.MemoryMiB < 16 || s.MemoryMiB > 1<<20 {
-		return nil, errorf(statusBadRequest, "memory %d MiB: use 16 MiB to 1 TiB", s.MemoryMiB)
-	}
-	if s.CPUs < 1 || s.CPUs > 255 {
-		return nil, errorf(statusBadRequest, "%d CPUs: use 1 to 255", s.CPUs)
-	}
-	switch s.Accel {
-	case vmm.AccelAuto, vmm.AccelKVM, vmm.AccelTCG:
-	default:
-		return nil, errorf(statusBadRequest, "accelerator %q: use auto, kvm or tcg", s.Accel)
-	}
-	if s.Kernel == "" && (s.Initrd != "" || s.Append != "") {
-		return nil, errorf(statusBadRequest, "an initrd or kernel command line needs a kernel (--kernel FILE)")
-	}
-	for _, f := range []*string{&s.Kernel, &s.Initrd} {
-		if *f == "" {
-			continue
-		}
-		if !filepath.IsAbs(*f) {
-			return nil, errorf(statusBadRequest, "%s: give an absolute path (the daemon may run elsewhere)", *f)
-		}
-		if fi, err := os.Stat(*f); err != nil {
-			return nil, errorf(statusBadRequest, "%v", err)
-		} else if !fi.Mode().IsRegular() {
-			return nil, errorf(statusBadRequest, "%s is not a regular file", *f)
-		}
-	}
-	return &s, nil
+	// unplugging is set while a disk is being unplugged (disks.go): the
+	// guest has it to release, and the disks do not change meanwhile.
+	unplugging bool
 }
 
 // power is a machine's power state; the caller holds mu.
@@ -158,6 +114,8 @@ func (h *Host) runRoutes(handle func(pattern string, f func(r *http.Request) (an
 	handle("POST /v1/vms/{vm}/resume", func(r *http.Request) (any, error) { return h.ResumeVM(r.Context(), r.PathValue("vm")) })
 	handle("POST /v1/vms/{vm}/save", func(r *http.Request) (any, error) { return h.SaveVM(r.Context(), r.PathValue("vm")) })
 	handle("POST /v1/vms/{vm}/restart", func(r *http.Request) (any, error) { return h.RestartVM(r.Context(), r.PathValue("vm")) })
+	h.settingsRoutes(handle)
+	h.diskRoutes(handle)
 }
 
 // StartVM starts a machine that is off (or failed) under QEMU.
@@ -184,18 +142,22 @@ func (h *Host) StartVM(ctx context.Context, name string) (*api.VM, error) {
 		h.mu.Unlock()
 		return nil, errorf(statusConflict, "the daemon serves NBD on TCP or an abstract socket: machines run only with --nbd-socket PATH (the default)")
 	}
-	s, err := settingsOf(v.st.Settings)
+	s, err := h.settingsOf(v.st.Settings)
 	if err != nil {
 		h.mu.Unlock()
 		return nil, err
 	}
+	// Defaults a state from before them lacked (the generation, a MAC)
+	// are kept from this run on.
+	v.st.Settings = s
 	accel, err := vmm.ChooseAccel(s.Accel)
 	if err != nil {
 		h.mu.Unlock()
 		return nil, errorf(statusConflict, "machine %s: %v", name, err)
 	}
 	cfg := vmm.Config{Name: name, RunDir: h.runDir(name), Accel: accel, MemoryMiB: s.MemoryMiB, CPUs: s.CPUs,
-		Kernel: s.Kernel, Initrd: s.Initrd, Append: s.Append, ReconnectDelay: reconnectDelay}
+		Kernel: s.Kernel, Initrd: s.Initrd, Append: s.Append, ReconnectDelay: reconnectDelay,
+		Generation: s.Generation, CDROM: s.CDROM, Network: s.Network, MAC: s.MAC}
 	if saved {
 		cfg.Incoming = h.savedFile(name)
 	}

@@ -37,9 +37,14 @@ import (
 //
 // The guest is stunned (frozen or paused) from the freeze or pause to the
 // thaw or resume; that time is measured and kept with the checkpoint.
-// The whole of it happens under mu, as the crash checkpoint does: nothing
-// else may change the machine's disks or power meanwhile, and each step's
-// wait is bounded.
+// The disks switch under mu, as for a crash checkpoint. The waits on the
+// guest agent and on QEMU's migration stream (seconds; bounded, but an
+// agent that never answers takes its timeouts) happen without mu, so
+// that one machine's checkpoint does not hold the host: the machine's
+// power is "checkpointing" meanwhile, which refuses whatever would
+// change its power or disks (stop, save, pause, another checkpoint, a
+// merge, an optimize), and a QEMU that ends meanwhile fails the
+// checkpoint before the disks switch.
 
 // checkpointKind is how a checkpoint was taken, as persisted.
 type checkpointKind struct {
@@ -113,8 +118,15 @@ func (h *Host) createCheckpoint(v *vm, req api.CreateCheckpoint) (*checkpointSta
 		return h.crashCheckpoint(v, id, name, fmt.Sprintf("machine %s is %s: a crash checkpoint of its disks (nothing to freeze or save)", v.st.Name, power))
 	}
 	p := v.run.proc
+	was := v.run.power
+	v.run.power = api.PowerCheckpointing
+	defer func() {
+		if v.run != nil && v.run.proc == p && v.run.power == api.PowerCheckpointing {
+			v.run.power = was
+		}
+	}()
 	if want == api.CheckpointStandard {
-		return h.standardCheckpoint(v, p, id, name, "")
+		return h.standardCheckpoint(v, p, was == api.PowerPaused, id, name, "")
 	}
 	var note string
 	switch {
@@ -133,7 +145,7 @@ func (h *Host) createCheckpoint(v *vm, req api.CreateCheckpoint) (*checkpointSta
 		return nil, errorf(statusConflict, "no production checkpoint of %s: %s; nothing was changed (without --production-only a standard checkpoint is taken instead)", v.st.Name, note)
 	}
 	h.log.Warn("production checkpoint not possible: taking a standard one", "vm", v.st.Name, "reason", note)
-	return h.standardCheckpoint(v, p, id, name, note+": a standard checkpoint was taken instead")
+	return h.standardCheckpoint(v, p, was == api.PowerPaused, id, name, note+": a standard checkpoint was taken instead")
 }
 
 // crashCheckpoint switches the disks, the guest unaware; its stun is how
@@ -172,6 +184,7 @@ func (h *Host) productionCheckpoint(v *vm, p *vmm.Process, id, name string) (*ch
 	agent := p.GuestAgent()
 	agent.SyncTimeout = agentSyncTimeout
 	ctx := context.WithoutCancel(h.ctx)
+	h.mu.Unlock()
 	start := time.Now()
 	frozen, err := agent.Freeze(ctx, freezeTimeout)
 	if err != nil {
@@ -179,15 +192,19 @@ func (h *Host) productionCheckpoint(v *vm, p *vmm.Process, id, name string) (*ch
 			// The freeze was asked for: it may have happened.
 			h.thaw(v, agent)
 		}
+		h.mu.Lock()
 		return nil, fmt.Errorf("%w did not freeze the file systems: %v", errAgent, err)
 	}
 	status, err := agent.FreezeStatus(ctx)
 	if err != nil {
 		status = "unknown: " + err.Error()
 	}
-	c, err := h.checkpointAs(v, id, name, checkpointKind{Type: api.CheckpointProduction, Frozen: frozen, AgentStatus: status})
+	h.mu.Lock()
+	c, err := h.switchDisks(v, p, id, name, checkpointKind{Type: api.CheckpointProduction, Frozen: frozen, AgentStatus: status})
+	h.mu.Unlock()
 	terr := h.thaw(v, agent)
 	stun := time.Since(start)
+	h.mu.Lock()
 	if err != nil {
 		return nil, err
 	}
@@ -220,10 +237,10 @@ func (h *Host) thaw(v *vm, agent *vmm.Agent) error {
 	return err
 }
 
-// standardCheckpoint pauses the machine, saves its memory and device
-// state beside the checkpoint's disks, switches the disks and resumes;
-// the caller holds mu. note says why it is standard when another type
-// was asked for.
+// standardCheckpoint pauses the machine (unless wasPaused), saves its
+// memory and device state beside the checkpoint's disks, switches the
+// disks and resumes; the caller holds mu. note says why it is standard
+// when another type was asked for.
 //
 //  1. Pause (QMP stop; a paused machine stays so): the guest's I/O is
 //     drained and its state is of one instant.
@@ -233,12 +250,12 @@ func (h *Host) thaw(v *vm, agent *vmm.Agent) error {
 //     same instant. The checkpoint is saved with its state file.
 //  4. Resume (QMP cont), whatever happened in 2 and 3. A failure in 2 or
 //     3 removes the state file: no half checkpoint, the machine runs on.
-func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, id, name, note string) (*checkpointState, error) {
+func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, wasPaused bool, id, name, note string) (*checkpointState, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), checkpointSaveTimeout)
 	defer cancel()
-	wasPaused := v.power() == api.PowerPaused
 	file := h.checkpointStatePath(v.st.Name, id)
 	part := file + ".part"
+	h.mu.Unlock()
 	start := time.Now()
 	var err error
 	if !wasPaused {
@@ -259,7 +276,9 @@ func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, id, name, note string) 
 	}
 	var c *checkpointState
 	if err == nil {
-		c, err = h.checkpointAs(v, id, name, checkpointKind{Type: api.CheckpointStandard, State: file, Note: note})
+		h.mu.Lock()
+		c, err = h.switchDisks(v, p, id, name, checkpointKind{Type: api.CheckpointStandard, State: file, Note: note})
+		h.mu.Unlock()
 	}
 	if err != nil {
 		os.Remove(part)
@@ -270,6 +289,7 @@ func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, id, name, note string) 
 		rerr = p.Resume(ctx)
 	}
 	stun := time.Since(start)
+	h.mu.Lock()
 	if err != nil {
 		if rerr != nil {
 			return nil, errorf(http.StatusInternalServerError, "no checkpoint of %s: %v; and the machine did not resume: %v", v.st.Name, err, rerr)
@@ -290,6 +310,15 @@ func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, id, name, note string) 
 	}
 	h.log.Info("standard checkpoint", "vm", v.st.Name, "checkpoint", name, "state", file, "bytes", size, "stun", stun)
 	return c, nil
+}
+
+// switchDisks switches v's disks for a checkpoint if p, the QEMU the
+// checkpoint began with, still runs the machine; the caller holds mu.
+func (h *Host) switchDisks(v *vm, p *vmm.Process, id, name string, kind checkpointKind) (*checkpointState, error) {
+	if v.run == nil || v.run.proc != p {
+		return nil, errorf(statusConflict, "machine %s's QEMU ended during the checkpoint", v.st.Name)
+	}
+	return h.checkpointAs(v, id, name, kind)
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -18,6 +18,7 @@ import (
 	"testing"
 
 	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/guest"
 	"github.com/vhdkit/vhdkit/internal/testenv"
 )
 
@@ -357,4 +358,95 @@ func TestServeVMHotplug(t *testing.T) {
 	}
 	d.stop(t)
 	checkClean(t, second)
+}
+
+// devicesScript loads the modules of the DVD drive (IDE) and the virtio
+// network adapter, then reports what the guest found: /dev/sr0's MD5,
+// eth0's MAC address, and whether it booted through UEFI.
+const devicesScript = `for m in $MODULES; do insmod /lib/modules/extra/$m.ko || echo "insmod $m failed"; done
+i=0
+while [ ! -b /dev/sr0 ] && [ $i -lt 600 ] && [ -n "$WANT_SR0" ]; do usleep 100000; i=$((i+1)); done
+[ -b /dev/sr0 ] && echo "VHDKIT-SR0 $(md5sum /dev/sr0 | cut -d' ' -f1)"
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 600 ]; do usleep 100000; i=$((i+1)); done
+echo "VHDKIT-ETH0 $(cat /sys/class/net/eth0/address 2>/dev/null)"
+if [ -d /sys/firmware/efi ]; then echo VHDKIT-EFI yes; else echo VHDKIT-EFI no; fi
+echo VHDKIT-DONE
+while true; do sleep 1; done
+`
+
+// TestServeVMDevices: a generation 1 machine with an ISO in its DVD drive
+// and user networking: the guest reads the ISO's bytes from /dev/sr0
+// (ata_piix, sr_mod) and has eth0 with the machine's MAC address
+// (virtio_net); it booted through the BIOS. The same guest on a
+// generation 2 machine boots through OVMF (the kernel's EFI stub:
+// /sys/firmware/efi exists) and has its network adapter on q35 too.
+func TestServeVMDevices(t *testing.T) {
+	env := guest.Require(t)
+	dir := shortTempDir(t)
+	d := startDaemon(t, filepath.Join(dir, "d"))
+	payload := make([]byte, 300<<10)
+	fillPattern(payload, 0, 0x2c)
+	iso := makeISO(t, dir, map[string][]byte{"payload.bin": payload})
+	isoBytes, err := os.ReadFile(iso)
+	if err != nil {
+		t.Fatal(err)
+	}
+	boot := func(name, modules string, wantSR0 bool, args ...string) (api.VM, func() string) {
+		t.Helper()
+		files := map[string]guest.File{}
+		for _, m := range strings.Fields(modules) {
+			f, err := env.ModuleFile(m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			files["/lib/modules/extra/"+m+".ko"] = f
+		}
+		want := ""
+		if wantSR0 {
+			want = "1"
+		}
+		bdir := filepath.Join(dir, name)
+		if err := os.MkdirAll(bdir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		b, err := env.WriteBoot(bdir, guest.Options{Disks: []guest.Disk{{}}, Files: files,
+			Script: "MODULES='" + modules + "'\nWANT_SR0=" + want + "\n" + devicesScript})
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.cli(t, append([]string{"vm", "create", name, "--disk", "16M", "--memory", "256M", "--accel", "tcg",
+			"--kernel", b.Kernel, "--initrd", b.Initrd, "--append", b.Append}, args...)...)
+		d.cli(t, "vm", "start", name)
+		v := d.vm(t, name)
+		pid, consoleLog := v.Runtime.Pid, v.Runtime.Console
+		t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+		console := func() string { b, _ := os.ReadFile(consoleLog); return strings.ReplaceAll(string(b), "\r", "") }
+		waitConsole(t, console, "reported its devices", func(c string) bool { return strings.Contains(c, "VHDKIT-DONE") })
+		return v, console
+	}
+
+	net := "failover net_failover virtio_net"
+	v, console := boot("bios", "scsi_common scsi_mod libata ata_piix cdrom sr_mod "+net, true, "--cdrom", iso, "--network", "user")
+	c := console()
+	if !strings.Contains(c, "VHDKIT-SR0 "+md5Hex(isoBytes)) {
+		t.Fatalf("the guest did not read the ISO (md5 %s) from its DVD drive; console:\n%s", md5Hex(isoBytes), c)
+	}
+	if !strings.Contains(c, "VHDKIT-ETH0 "+v.Settings.MAC+"\n") {
+		t.Fatalf("the guest has no eth0 with the machine's MAC %s; console:\n%s", v.Settings.MAC, c)
+	}
+	if !strings.Contains(c, "VHDKIT-EFI no") {
+		t.Fatalf("a generation 1 machine booted through UEFI; console:\n%s", c)
+	}
+	d.cli(t, "vm", "stop", "bios", "--turn-off")
+
+	v, console = boot("uefi", net, false, "--generation", "2", "--network", "user")
+	c = console()
+	if !strings.Contains(c, "VHDKIT-EFI yes") {
+		t.Fatalf("a generation 2 machine did not boot through UEFI; console:\n%s", c)
+	}
+	if !strings.Contains(c, "VHDKIT-ETH0 "+v.Settings.MAC+"\n") {
+		t.Fatalf("the generation 2 guest has no eth0 with the machine's MAC %s; console:\n%s", v.Settings.MAC, c)
+	}
+	d.cli(t, "vm", "stop", "uefi", "--turn-off")
 }

@@ -450,3 +450,59 @@ func TestServeVMDevices(t *testing.T) {
 	}
 	d.cli(t, "vm", "stop", "uefi", "--turn-off")
 }
+
+// TestServeVMHotplugSaved: on a generation 2 machine (q35: a disk is
+// hot-plugged into a PCIe root port) the guest sees a disk added while it
+// runs and reads what is written to it through NBD; the machine is saved
+// with it and started again from the saved state (the disk is then on
+// QEMU's command line, at the place it was plugged, as the migration
+// stream needs): the guest goes on without a reboot and reads new data
+// from it; then it is unplugged and the guest sees it go.
+func TestServeVMHotplugSaved(t *testing.T) {
+	dir := shortTempDir(t)
+	d := startDaemon(t, filepath.Join(dir, "d"))
+	env := guest.Require(t)
+	b, err := env.WriteBoot(dir, guest.Options{Disks: []guest.Disk{{}}, Script: hotplugScript})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.cli(t, "vm", "create", "g", "--disk", "16M", "--memory", "256M", "--accel", "tcg", "--generation", "2",
+		"--kernel", b.Kernel, "--initrd", b.Initrd, "--append", b.Append)
+	d.cli(t, "vm", "start", "g")
+	v := d.vm(t, "g")
+	t.Cleanup(func() { syscall.Kill(v.Runtime.Pid, syscall.SIGKILL) })
+	consoleLog := v.Runtime.Console
+	console := func() string { b, _ := os.ReadFile(consoleLog); return strings.ReplaceAll(string(b), "\r", "") }
+	waitConsole(t, console, "listed its disk", func(c string) bool { return lastDisks(c) == "vda." })
+
+	d.cli(t, "vm", "add-disk", "g", "--create", "16M")
+	waitConsole(t, console, "saw the new disk", func(c string) bool { return lastDisks(c) == "vda vdb." })
+	one := make([]byte, 1<<20)
+	fillPattern(one, 0, 0x11)
+	d.writeMiB(t, "g/1", 0, 1, 0x11)
+	waitConsole(t, console, "read the first pattern", func(c string) bool { return strings.Contains(c, "VHDKIT-VDB "+md5Hex(one)) })
+
+	if out := d.cli(t, "vm", "save", "g"); !strings.Contains(out, "is saved") {
+		t.Fatalf("vm save: %s", out)
+	}
+	d.cli(t, "vm", "start", "g")
+	w := d.vm(t, "g")
+	t.Cleanup(func() { syscall.Kill(w.Runtime.Pid, syscall.SIGKILL) })
+	if w.Power != api.PowerRunning {
+		t.Fatalf("after start from the saved state: %q", w.Power)
+	}
+	two := make([]byte, 1<<20)
+	fillPattern(two, 0, 0x22)
+	d.writeMiB(t, "g/1", 0, 1, 0x22)
+	waitConsole(t, console, "read the second pattern after the restore", func(c string) bool { return strings.Contains(c, "VHDKIT-VDB "+md5Hex(two)) })
+	if n := strings.Count(console(), "VHDKIT-READY"); n != 1 {
+		t.Fatalf("the guest booted %d times, want once; console:\n%s", n, console())
+	}
+
+	d.cli(t, "vm", "remove-disk", "g", "1", "--delete")
+	waitConsole(t, console, "saw the disk go", func(c string) bool { return lastDisks(c) == "vda." })
+	if c := console(); strings.Contains(c, "Call Trace") || strings.Contains(c, "BUG") {
+		t.Fatalf("the guest complained:\n%s", c)
+	}
+	d.cli(t, "vm", "stop", "g", "--turn-off")
+}

@@ -104,7 +104,8 @@ func e2fsckClean(t *testing.T, file string) {
 // here through the agent's socket) and the guest writes on. The
 // checkpoint's state, read through vhdkit, is a clean ext4 file system
 // (e2fsck -fn) whose journal needs no recovery (a crash checkpoint's
-// does), twice. A standard checkpoint's state file is listed with
+// does), twice. A guest left frozen and paused by a daemon killed in a
+// checkpoint is resumed and thawed by the next daemon. A standard checkpoint's state file is listed with
 // it and exported with it.
 func TestServeCheckpointProduction(t *testing.T) {
 	testenv.Tool(t, "mkfs.ext4")
@@ -170,6 +171,33 @@ done
 	if !strings.Contains(out, "production, stun ") {
 		t.Fatalf("checkpoint list:\n%s", out)
 	}
+
+	// A daemon killed in a checkpoint leaves its guest frozen (and, in a
+	// standard one, paused): the next daemon re-adopts the machine,
+	// resumes it and thaws it.
+	// (The freeze syncs the guest's file systems and the pause drains its
+	// I/O: both need the daemon, which dies after them.)
+	pid := d.vm(t, "g").Runtime.Pid
+	if n, err := agent.Freeze(context.Background(), time.Minute); err != nil || n < 1 {
+		t.Fatalf("freezing through the agent: %d, %v", n, err)
+	}
+	if err := (&vmm.Process{Pid: pid, QMP: filepath.Join(data, "run", "g", "qmp.sock")}).Pause(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	d.kill()
+	d = startDaemon(t, data)
+	if v := d.vm(t, "g"); v.Power != api.PowerRunning || v.Runtime == nil || v.Runtime.Pid != pid {
+		t.Fatalf("re-adopted after a kill in a checkpoint: power %q, runtime %+v", v.Power, v.Runtime)
+	}
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		if s, err := agent.FreezeStatus(context.Background()); err == nil && s == "thawed" {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("the guest was not thawed: %q, %v", s, err)
+		}
+	}
+	n := wrote(console())
+	waitConsole(t, console, "wrote on after the restart", func(c string) bool { return wrote(c) > n+5 })
 
 	// A standard checkpoint of the same machine: its state file is the
 	// checkpoint's, exported with it.

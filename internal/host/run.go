@@ -314,7 +314,8 @@ func (h *Host) adopt(v *vm) {
 	}
 	v.run = &vmRun{power: power, proc: &p}
 	h.watch(v, &p, nil)
-	h.log.Info("machine re-adopted", "vm", v.st.Name, "pid", p.Pid, "power", power)
+	h.recoverCheckpoint(v) // runcheckpoint.go
+	h.log.Info("machine re-adopted", "vm", v.st.Name, "pid", p.Pid, "power", v.run.power)
 }
 
 // running returns a machine whose QEMU runs (running or paused); the

@@ -312,6 +312,48 @@ func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, wasPaused bool, id, nam
 	return c, nil
 }
 
+// recoverCheckpoint undoes what a checkpoint the previous daemon died in
+// may have left in a machine it re-adopts (at Open, before anything else
+// runs): a guest whose CPUs were stopped for a standard checkpoint (QEMU
+// "paused", or "postmigrate" once the stream was complete, while the
+// state says it runs) runs again; a guest whose file systems were frozen
+// is thawed. The agent is asked in the background: a guest without one
+// takes agentSyncTimeout to say so.
+func (h *Host) recoverCheckpoint(v *vm) {
+	if v.run == nil || v.run.proc == nil || v.st.Run == nil {
+		return
+	}
+	p, userPaused := v.run.proc, v.st.Run.Paused
+	ctx, cancel := context.WithTimeout(h.ctx, 10*time.Second)
+	defer cancel()
+	switch st, err := p.Status(ctx); {
+	case err != nil:
+	case (st == "paused" || st == "postmigrate") && !userPaused:
+		if err := p.Resume(ctx); err != nil {
+			h.log.Error("resuming a machine a checkpoint had paused", "vm", v.st.Name, "err", err)
+			break
+		}
+		v.run.power = api.PowerRunning
+		h.log.Warn("resumed a machine an interrupted checkpoint had paused", "vm", v.st.Name, "qemu_status", st)
+	case st == "postmigrate":
+		v.run.power = api.PowerPaused // paused by its user, then checkpointed
+	}
+	agent := p.GuestAgent()
+	if agent == nil {
+		return
+	}
+	agent.SyncTimeout = agentSyncTimeout
+	h.wg.Add(1)
+	go func() {
+		defer h.wg.Done()
+		if s, err := agent.FreezeStatus(h.ctx); err == nil && s == "frozen" {
+			if h.thaw(v, agent) == nil {
+				h.log.Warn("thawed the file systems of a guest an interrupted checkpoint had frozen", "vm", v.st.Name)
+			}
+		}
+	}()
+}
+
 // switchDisks switches v's disks for a checkpoint if p, the QEMU the
 // checkpoint began with, still runs the machine; the caller holds mu.
 func (h *Host) switchDisks(v *vm, p *vmm.Process, id, name string, kind checkpointKind) (*checkpointState, error) {

@@ -90,7 +90,7 @@ func vmCommand() *command {
 	return &command{
 		name:     "vm",
 		synopsis: "COMMAND [flags] [arguments]",
-		summary:  "create, list, show, delete, repair and optimize the daemon's machines",
+		summary:  "create, list, show, set, run, delete, repair and optimize the daemon's machines, add and remove their disks",
 		help: `A machine is a set of disks the daemon serves over NBD: the first as export
 NAME, the others as NAME/1, NAME/2, ... Each disk is a VHDX chain that
 checkpoints extend and checkpoint deletion merges back.
@@ -102,6 +102,8 @@ other machines serve as usual; vm repair brings it back.
 Examples:
   vhdkit vm create web --disk 20G --disk 4G
   vhdkit vm show web --json
+  vhdkit vm set web --memory 2G --generation 2 --cdrom /srv/iso/install.iso
+  vhdkit vm add-disk web --create 10G
   vhdkit vm repair web --disk 0 --path /srv/moved/disk0.vhdx
 `,
 		sub: []*command{

@@ -485,6 +485,10 @@ func TestServeVMHotplugSaved(t *testing.T) {
 	if out := d.cli(t, "vm", "save", "g"); !strings.Contains(out, "is saved") {
 		t.Fatalf("vm save: %s", out)
 	}
+	// The saved state holds the hardware and disks it was saved with.
+	d.fails(t, []string{"is saved", "before adding a disk"}, "vm", "add-disk", "g", "--create", "8M")
+	d.fails(t, []string{"is saved", "before removing a disk"}, "vm", "remove-disk", "g", "1")
+	d.fails(t, []string{"is saved", "before changing its settings"}, "vm", "set", "g", "--memory", "128M")
 	d.cli(t, "vm", "start", "g")
 	w := d.vm(t, "g")
 	t.Cleanup(func() { syscall.Kill(w.Runtime.Pid, syscall.SIGKILL) })

@@ -65,11 +65,11 @@ func (h *Host) refuseDiskChange(v *vm, what string) error {
 	case v.run != nil && v.run.unplugging:
 		return errorf(statusConflict, "machine %s: a disk is being unplugged; wait for it before %s", name, what)
 	}
-	switch p := v.power(); p {
-	case api.PowerOff, api.PowerFailed, api.PowerRunning, api.PowerPaused:
-		return nil
-	case api.PowerSaved:
+	switch p := v.power(); {
+	case p == api.PowerSaved || h.hasSaved(name):
 		return errorf(statusConflict, "machine %s is saved, and its saved state holds the disks it ran with: start it (vhdkit vm start %s), or discard the saved state (vhdkit vm stop %s --turn-off), before %s", name, name, name, what)
+	case p == api.PowerOff || p == api.PowerFailed || p == api.PowerRunning || p == api.PowerPaused:
+		return nil
 	default:
 		return errorf(statusConflict, "machine %s is %s: wait for it before %s", name, p, what)
 	}

@@ -182,8 +182,8 @@ func (h *Host) SetVM(ctx context.Context, name string, req api.SetVM) (*api.VM, 
 	if err != nil {
 		return nil, err
 	}
-	if p := v.power(); p != api.PowerOff && p != api.PowerFailed {
-		if p == api.PowerSaved {
+	if p := v.power(); p != api.PowerOff && p != api.PowerFailed || h.hasSaved(name) {
+		if p == api.PowerSaved || h.hasSaved(name) {
 			return nil, errorf(statusConflict, "machine %s is saved, and its saved state holds the hardware it ran on: start it and stop it (vhdkit vm start %s), or discard the saved state (vhdkit vm stop %s --turn-off), before changing its settings", name, name, name)
 		}
 		return nil, errorf(statusConflict, "machine %s is %s: settings change only while it is off, as with Hyper-V's Set-VM; stop it first (vhdkit vm stop %s)", name, p, name)

@@ -76,9 +76,9 @@ unless --delete, which deletes a file the daemon made (an attached file is
 yours: it is never deleted). The disks after it move down one: disk I+1
 becomes disk I, export NAME/I.
 
-While the machine runs (or is paused) the disk is unplugged: the guest is
-asked to release it and the command waits until it has (up to two
-minutes); only the last disk is unplugged while it runs (the others would
+While the machine runs the disk is unplugged: the guest is asked to
+release it and the command waits until it has (up to two minutes; a
+paused machine is refused, its guest cannot answer); only the last disk is unplugged while it runs (the others would
 be renumbered under it), and never disk 0, which it booted from. A
 machine's only disk is not removed, nor a disk of a machine with
 checkpoints (delete them first) or a saved one. While it is off, NBD

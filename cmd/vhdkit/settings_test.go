@@ -285,6 +285,9 @@ func TestServeVMHotplug(t *testing.T) {
 	d.fails(t, []string{"disk 0", "booted from"}, "vm", "remove-disk", "g", "0")
 	d.fails(t, []string{"only its last disk (2)"}, "vm", "remove-disk", "g", "1")
 	d.fails(t, []string{"no disk 3"}, "vm", "remove-disk", "g", "3")
+	d.cli(t, "vm", "pause", "g")
+	d.fails(t, []string{"is paused", "vm resume g"}, "vm", "remove-disk", "g", "2")
+	d.cli(t, "vm", "resume", "g")
 	third := v.Disks[2].Path
 	if out := d.cli(t, "vm", "remove-disk", "g", "2", "--delete"); !strings.Contains(out, "deleted") {
 		t.Fatalf("vm remove-disk --delete: %s", out)

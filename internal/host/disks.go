@@ -278,6 +278,9 @@ func (h *Host) RemoveDisk(ctx context.Context, name string, i int, req api.Remov
 	}
 	if v.runs() {
 		switch {
+		case v.power() == api.PowerPaused:
+			// The guest releases the disk itself: paused, it cannot.
+			return nil, errorf(statusConflict, "machine %s is paused, and its guest must release the disk to be unplugged: resume it first (vhdkit vm resume %s)", name, name)
 		case i == 0:
 			return nil, errorf(statusConflict, "disk 0 is the disk machine %s booted from: it is not removed while the machine runs; stop it first (vhdkit vm stop %s)", name, name)
 		case i != n-1:

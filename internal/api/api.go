@@ -8,6 +8,9 @@
 //	POST   /v1/vms                                create (CreateVM)
 //	POST   /v1/vms/import                         import a Hyper-V VM folder (ImportVM)
 //	GET    /v1/vms/{vm}                           one machine
+//	PATCH  /v1/vms/{vm}                           change its settings while off (SetVM)
+//	POST   /v1/vms/{vm}/disks                     add a disk, hot-plugged if it runs (AddDisk)
+//	DELETE /v1/vms/{vm}/disks/{i}                 remove disk i (?delete=1): RemovedDisk
 //	DELETE /v1/vms/{vm}                           delete it (?force=1, ?delete_disks=1): DeletedVM
 //	POST   /v1/vms/{vm}/repair                    re-open a failed machine (RepairVM)
 //	POST   /v1/vms/{vm}/optimize                  compact its disks' files (OptimizeVM)

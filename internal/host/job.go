@@ -770,7 +770,8 @@ func (h *Host) mergeFile(ctx context.Context, s *mergeStep, opts merge.Options) 
 	if err != nil {
 		return err
 	}
-	h.log.Info("checkpoint file merged", "top", s.Top, "target", res.Target, "copied", res.Copied, "relinked", res.Relinked)
+	h.log.Info("checkpoint file merged", "top", s.Top, "target", res.Target, "copied", res.Copied,
+		"cloned", res.Moved.Cloned, "kernel_copied", res.Moved.KernelCopied, "relinked", res.Relinked)
 	return nil
 }
 

@@ -231,7 +231,8 @@ done
 // off is crash, saying so; the standard checkpoint applied to the machine
 // that is off leaves it saved, and vm start runs it on from the
 // checkpoint; deleting the standard checkpoint (live, the machine running
-// on it) deletes its state file.
+// on it) deletes its state file. A paused machine gets a standard
+// checkpoint for a production one, stays paused and resumes.
 func TestServeCheckpointStandard(t *testing.T) {
 	dir := shortTempDir(t)
 	data := filepath.Join(dir, "d")
@@ -330,6 +331,24 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 	d.cli(t, "checkpoint", "delete", "g", "s1", "--wait")
 	if _, err := os.Stat(cp.StateFile); !os.IsNotExist(err) {
 		t.Fatalf("the deleted checkpoint's state file is still there: %v", err)
+	}
+
+	// A paused machine: its agent cannot answer, so a production
+	// checkpoint is standard at once, saying why; it stays paused
+	// (QEMU is "postmigrate" after the stream) and resumes on request.
+	d.cli(t, "vm", "pause", "g")
+	pp := d.createCheckpoint(t, "g", "--name", "pp")
+	if pp.Type != api.CheckpointStandard || !strings.Contains(pp.Note, "is paused") || pp.StateFile == "" {
+		t.Fatalf("a production checkpoint of a paused machine: %+v", pp)
+	}
+	if p := d.vm(t, "g").Power; p != api.PowerPaused {
+		t.Fatalf("after a checkpoint of a paused machine: %q", p)
+	}
+	n := len(counts(console()))
+	d.cli(t, "vm", "resume", "g")
+	waitConsole(t, console, "counted on after the resume", func(c string) bool { return len(counts(c)) > n+2 })
+	if got := counts(console()); got[n] != got[n-1]+1 {
+		t.Fatalf("after the resume the counter went from %d to %d", got[n-1], got[n])
 	}
 }
 

@@ -169,7 +169,9 @@ func (h *Host) crashCheckpoint(v *vm, id, name, note string) (*checkpointState, 
 var errAgent = errors.New("the guest agent")
 
 // productionCheckpoint freezes the guest's file systems, switches the
-// disks and thaws; the caller holds mu.
+// disks and thaws. The caller holds mu and has made the machine
+// "checkpointing"; mu is let go while the agent works, held again on
+// return.
 //
 //  1. Freeze (guest-fsfreeze-freeze): the agent must sync within
 //     agentSyncTimeout and freeze within freezeTimeout. A failure here is
@@ -239,8 +241,9 @@ func (h *Host) thaw(v *vm, agent *vmm.Agent) error {
 
 // standardCheckpoint pauses the machine (unless wasPaused), saves its
 // memory and device state beside the checkpoint's disks, switches the
-// disks and resumes; the caller holds mu. note says why it is standard
-// when another type was asked for.
+// disks and resumes. The caller holds mu and has made the machine
+// "checkpointing"; mu is let go while QEMU works, held again on return.
+// note says why it is standard when another type was asked for.
 //
 //  1. Pause (QMP stop; a paused machine stays so): the guest's I/O is
 //     drained and its state is of one instant.

@@ -27,6 +27,11 @@ const diskSize = 48 << 20
 // 512-byte runs, declared zeros, data that is zeros; and returns the
 // child open read-only with the bytes it reads.
 func chain(t *testing.T, dir string) (*vhdx.Image, []byte) {
+	return chainSectors(t, dir, 512)
+}
+
+// chainSectors is chain with logical sectors of sector bytes.
+func chainSectors(t *testing.T, dir string, sector uint32) (*vhdx.Image, []byte) {
 	t.Helper()
 	model := make([]byte, diskSize)
 	rng := rand.New(rand.NewPCG(7, 7))
@@ -35,7 +40,7 @@ func chain(t *testing.T, dir string) (*vhdx.Image, []byte) {
 			p[i] = byte(rng.Uint32() | 1)
 		}
 	}
-	base, err := vhdx.Create(filepath.Join(dir, "base.vhdx"), vhdx.CreateOptions{Size: diskSize, BlockSize: 8 << 20})
+	base, err := vhdx.Create(filepath.Join(dir, "base.vhdx"), vhdx.CreateOptions{Size: diskSize, BlockSize: 8 << 20, LogicalSectorSize: sector})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -376,5 +381,46 @@ func TestCopyFromVHDChain(t *testing.T) {
 		if !bytes.Equal(readAll(t, dst), want) {
 			t.Fatalf("%s: the target differs from the VHD chain", kind)
 		}
+	}
+}
+
+// TestCopy4KSectors copies a chain of 4096-byte sectors into a
+// differencing target of the same sectors (whole sectors of partially
+// present blocks are moved; the 512-byte runs inside a sector are read)
+// and into a fresh VHDX.
+func TestCopy4KSectors(t *testing.T) {
+	dir := t.TempDir()
+	src, model := chainSectors(t, dir, 4096)
+	dst, err := vhdx.Create(filepath.Join(dir, "dst.vhdx"), vhdx.CreateOptions{Size: diskSize, LogicalSectorSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	st, err := imagecopy.Copy(context.Background(), dst, src, extents(t, src), imagecopy.Options{Fresh: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkStats(t, st, diskSize)
+	if !bytes.Equal(readAll(t, dst), model) {
+		t.Fatal("the 4K-sector target differs from the source")
+	}
+	// Into a differencing image of base.vhdx: written over the parent.
+	diff, err := vhdx.Create(filepath.Join(dir, "diff.avhdx"), vhdx.CreateOptions{Parent: filepath.Join(dir, "base.vhdx")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err = imagecopy.Copy(context.Background(), diff, src, extents(t, src), imagecopy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkStats(t, st, diskSize)
+	if !bytes.Equal(readAll(t, diff), model) {
+		t.Fatal("the 4K-sector differencing target differs from the source")
+	}
+	if err := diff.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if probs, err := vhdx.Check(filepath.Join(dir, "diff.avhdx"), false); err != nil || len(probs) > 0 {
+		t.Fatalf("check: %v %v", probs, err)
 	}
 }

@@ -24,16 +24,17 @@ import (
 // apply on a running machine.
 
 // runGuest creates machine name on d with a 64 MiB disk and the busybox
-// guest running script (with the guest agent if agent), lets prepare
-// write the disk through NBD before the first boot, starts it and returns
-// it with a reader of its console log.
-func runGuest(t *testing.T, d *daemon, dir, name, script string, agent bool, prepare func(uri string)) (api.VM, func() string) {
+// guest of o (its script, the agent, ...), lets prepare write the disk
+// through NBD before the first boot, starts it and returns it with a
+// reader of its console log.
+func runGuest(t *testing.T, d *daemon, dir, name string, o guest.Options, prepare func(uri string)) (api.VM, func() string) {
 	t.Helper()
 	env := guest.Require(t)
-	if agent {
+	if o.Agent {
 		guest.RequireAgent(t)
 	}
-	boot, err := env.WriteBoot(dir, guest.Options{Disks: []guest.Disk{{}}, Script: script, Agent: agent})
+	o.Disks = []guest.Disk{{}}
+	boot, err := env.WriteBoot(dir, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,7 +123,7 @@ func TestServeCheckpointProduction(t *testing.T) {
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", fs).CombinedOutput(); err != nil {
 		t.Fatalf("mkfs.ext4: %v: %s", err, out)
 	}
-	_, console := runGuest(t, d, dir, "g", `mkdir -p /mnt
+	_, console := runGuest(t, d, dir, "g", guest.Options{Agent: true, Ext4: true, Script: `mkdir -p /mnt
 mount -t ext4 /dev/vda /mnt || echo GUEST-MOUNT-FAILED
 echo VHDKIT-MOUNTED
 i=0
@@ -135,7 +136,7 @@ while true; do
   echo "WROTE $i"
   i=$(( i + 1 ))
 done
-`, true, func(uri string) {
+`}, func(uri string) {
 		if out, err := exec.Command("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, uri).CombinedOutput(); err != nil {
 			t.Fatalf("writing the file system through NBD: %v: %s", err, out)
 		}
@@ -237,10 +238,10 @@ func TestServeCheckpointStandard(t *testing.T) {
 	dir := shortTempDir(t)
 	data := filepath.Join(dir, "d")
 	d := startDaemon(t, data)
-	_, console := runGuest(t, d, dir, "g", `echo VHDKIT-BOOTED
+	_, console := runGuest(t, d, dir, "g", guest.Options{Script: `echo VHDKIT-BOOTED
 i=0
 while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
-`, false, nil)
+`}, nil)
 	waitConsole(t, console, "counted to 3", func(c string) bool { return len(counts(c)) > 3 })
 	c0 := d.createCheckpoint(t, "g", "--name", "c0", "--type", "crash")
 	if c0.Type != api.CheckpointCrash || c0.StunMS <= 0 || c0.Note != "" {
@@ -366,9 +367,9 @@ func TestServeCheckpointFallbacks(t *testing.T) {
 	dir := shortTempDir(t)
 	data := filepath.Join(dir, "d")
 	d := startDaemon(t, data)
-	v, console := runGuest(t, d, dir, "g", `i=0
+	v, console := runGuest(t, d, dir, "g", guest.Options{Script: `i=0
 while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
-`, false, nil)
+`}, nil)
 	waitConsole(t, console, "counted to 3", func(c string) bool { return len(counts(c)) > 3 })
 	leaf := filepath.Join(data, "vms", "g", "disk0.vhdx")
 	unchanged := func(what string) {

@@ -61,3 +61,33 @@ func (e *Env) findModule(name string) (Module, error) {
 	}
 	return Module{}, fmt.Errorf("guest: kernel %s has no module %s", version, name)
 }
+
+// ext4Modules are the modules the ext4 file system needs, each after
+// those it depends on (modinfo's depends, and crc32c for its checksums).
+var ext4Modules = []string{"crc16", "mbcache", "jbd2", "crc32c_generic", "ext4"}
+
+// modulesUnlessBuiltin finds the modules of names the kernel does not
+// build in, in order.
+func (e *Env) modulesUnlessBuiltin(names []string) ([]Module, error) {
+	version := strings.TrimPrefix(filepath.Base(e.Kernel.Vmlinuz), "vmlinuz-")
+	root := filepath.Dir(filepath.Dir(e.Kernel.Vmlinuz))
+	var builtin []byte
+	for _, d := range []string{filepath.Join(root, "lib", "modules", version), filepath.Join(root, "usr", "lib", "modules", version)} {
+		if b, err := os.ReadFile(filepath.Join(d, "modules.builtin")); err == nil {
+			builtin = b
+			break
+		}
+	}
+	var out []Module
+	for _, n := range names {
+		if bytes.Contains(builtin, []byte("/"+n+".ko\n")) {
+			continue
+		}
+		m, err := e.findModule(n)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}

@@ -204,6 +204,10 @@ type Options struct {
 	// machine needs the port: vmm's machines have it; Start does not
 	// make one.
 	Agent bool
+	// Ext4 loads what the ext4 file system needs, where the kernel has
+	// it as modules (Debian's cloud kernel builds it in), for a script
+	// that mounts one.
+	Ext4 bool
 }
 
 // Guest is a running QEMU.

@@ -117,6 +117,13 @@ func (e *Env) buildInitramfs(w io.Writer, o Options) error {
 		return err
 	}
 	modules := slices.Clone(e.Kernel.Modules)
+	if o.Ext4 {
+		extra, err := e.modulesUnlessBuiltin(ext4Modules)
+		if err != nil {
+			return err
+		}
+		modules = append(modules, extra...)
+	}
 	var agentStep string
 	if o.Agent {
 		if e.Agent == "" {

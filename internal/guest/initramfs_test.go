@@ -161,3 +161,51 @@ func TestFindKernel(t *testing.T) {
 		t.Errorf("vmlinuz: %s", k.Vmlinuz)
 	}
 }
+
+// TestExt4Modules: with Options.Ext4 the initramfs carries and /init
+// loads the ext4 modules the kernel does not build in, in dependency
+// order; the built-in ones are left out.
+func TestExt4Modules(t *testing.T) {
+	dir := t.TempDir()
+	mod := filepath.Join(dir, "lib", "modules", "6.1.0-9-cloud-amd64")
+	for _, p := range []string{
+		"boot/vmlinuz-6.1.0-9-cloud-amd64",
+		"lib/modules/6.1.0-9-cloud-amd64/kernel/lib/crc16.ko",
+		"lib/modules/6.1.0-9-cloud-amd64/kernel/fs/jbd2/jbd2.ko",
+		"lib/modules/6.1.0-9-cloud-amd64/kernel/fs/ext4/ext4.ko",
+		"busybox",
+	} {
+		p = filepath.Join(dir, p)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(filepath.Base(p)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	builtin := "kernel/fs/mbcache.ko\nkernel/crypto/crc32c_generic.ko\n"
+	if err := os.WriteFile(filepath.Join(mod, "modules.builtin"), []byte(builtin), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e := &Env{Busybox: filepath.Join(dir, "busybox"), Kernel: &Kernel{Vmlinuz: filepath.Join(dir, "boot", "vmlinuz-6.1.0-9-cloud-amd64")}}
+	var b bytes.Buffer
+	if err := e.buildInitramfs(&b, Options{Ext4: true}); err != nil {
+		t.Fatal(err)
+	}
+	m := readNewc(t, b.Bytes())
+	for _, n := range []string{"crc16", "jbd2", "ext4"} {
+		if string(m["lib/modules/"+n+".ko"].data) != n+".ko" {
+			t.Errorf("%s.ko: %q", n, m["lib/modules/"+n+".ko"].data)
+		}
+	}
+	if _, ok := m["lib/modules/mbcache.ko"]; ok {
+		t.Error("a built-in module was added")
+	}
+	if init := string(m["init"].data); !strings.Contains(init, "for m in crc16 jbd2 ext4; do") {
+		t.Errorf("init:\n%s", init)
+	}
+	os.Remove(filepath.Join(dir, "lib/modules/6.1.0-9-cloud-amd64/kernel/fs/jbd2/jbd2.ko"))
+	if err := e.buildInitramfs(&b, Options{Ext4: true}); err == nil || !strings.Contains(err.Error(), "no module jbd2") {
+		t.Errorf("a missing module: %v", err)
+	}
+}

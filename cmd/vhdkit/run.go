@@ -223,7 +223,10 @@ func vmSetCommand() *command {
 		`Changes the settings given, as vm create takes them, and keeps the others.
 The machine must be off: like Hyper-V's Set-VM for memory and processors,
 a running, paused or saved machine is refused (stop it first; a saved
-machine's state holds the hardware it was saved with). The request is
+machine's state holds the hardware it was saved with). The one exception
+is the DVD drive's disc, as with Set-VMDvdDrive: --cdrom ISO alone puts a
+disc in a running machine's drive in place of the one there (the guest is
+told of the media change), --cdrom "" takes it out. The request is
 checked whole and a refusal changes nothing: memory 16 MiB to 1 TiB, at
 most as many CPUs as the host has, generation 1 or 2, files that exist
 (absolute paths are sent; relative ones are taken from here), an ISO
@@ -237,6 +240,7 @@ Examples:
   vhdkit vm set web --memory 2G --cpus 2
   vhdkit vm set web --cdrom /srv/iso/debian-12-netinst.iso --generation 2
   vhdkit vm set web --network bridge=br0
+  vhdkit vm set web --cdrom /srv/iso/drivers.iso     (also while it runs)
   vhdkit vm set web --kernel "" --initrd "" --append "" --cdrom ""
 `, true, 1,
 		func(fs *flag.FlagSet) {

@@ -375,7 +375,13 @@ while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 600 ]; do usleep 100000; i=$((i+1
 echo "VHDKIT-ETH0 $(cat /sys/class/net/eth0/address 2>/dev/null)"
 if [ -d /sys/firmware/efi ]; then echo VHDKIT-EFI yes; else echo VHDKIT-EFI no; fi
 echo VHDKIT-DONE
-while true; do sleep 1; done
+last=
+while true; do
+  now=$(md5sum /dev/sr0 2>/dev/null | cut -d' ' -f1)
+  [ -n "$now" ] || now=none
+  if [ "$now" != "$last" ]; then echo "VHDKIT-DISC $now"; last=$now; fi
+  usleep 500000
+done
 `
 
 // TestServeVMDevices: a generation 1 machine with an ISO in its DVD drive
@@ -441,6 +447,27 @@ func TestServeVMDevices(t *testing.T) {
 	if !strings.Contains(c, "VHDKIT-EFI no") {
 		t.Fatalf("a generation 1 machine booted through UEFI; console:\n%s", c)
 	}
+	// The disc changes while the machine runs (Set-VMDvdDrive), alone.
+	other := make([]byte, 100<<10)
+	fillPattern(other, 0, 0x3d)
+	iso2 := makeISO(t, filepath.Join(dir, "second"), map[string][]byte{"other.bin": other})
+	iso2Bytes, err := os.ReadFile(iso2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.fails(t, []string{"is running", "--cdrom by itself"}, "vm", "set", "bios", "--cdrom", iso2, "--memory", "128M")
+	d.cli(t, "vm", "set", "bios", "--cdrom", iso2)
+	waitConsole(t, console, "read the second disc", func(c string) bool { return strings.Contains(c, "VHDKIT-DISC "+md5Hex(iso2Bytes)) })
+	if s := d.settingsOf(t, "bios"); s.CDROM != iso2 || s.MemoryMiB != 256 {
+		t.Fatalf("settings after the disc change: %+v", s)
+	}
+	d.cli(t, "vm", "set", "bios", "--cdrom", "")
+	waitConsole(t, console, "found the drive empty", func(c string) bool { return strings.HasSuffix(c, "VHDKIT-DISC none\n") })
+	d.fails(t, []string{"ISO", "no such file"}, "vm", "set", "bios", "--cdrom", filepath.Join(dir, "missing.iso"))
+	d.cli(t, "vm", "set", "bios", "--cdrom", iso)
+	waitConsole(t, console, "read the first disc again", func(c string) bool {
+		return strings.HasSuffix(c, "VHDKIT-DISC "+md5Hex(isoBytes)+"\n")
+	})
 	d.cli(t, "vm", "stop", "bios", "--turn-off")
 
 	v, console = boot("uefi", net, false, "--generation", "2", "--network", "user")

@@ -182,11 +182,14 @@ func (h *Host) SetVM(ctx context.Context, name string, req api.SetVM) (*api.VM, 
 	if err != nil {
 		return nil, err
 	}
+	if req.CDROM != nil && req == (api.SetVM{CDROM: req.CDROM}) && v.runs() && !h.hasSaved(name) {
+		return h.changeDisc(ctx, v, *req.CDROM)
+	}
 	if p := v.power(); p != api.PowerOff && p != api.PowerFailed || h.hasSaved(name) {
 		if p == api.PowerSaved || h.hasSaved(name) {
 			return nil, errorf(statusConflict, "machine %s is saved, and its saved state holds the hardware it ran on: start it and stop it (vhdkit vm start %s), or discard the saved state (vhdkit vm stop %s --turn-off), before changing its settings", name, name, name)
 		}
-		return nil, errorf(statusConflict, "machine %s is %s: settings change only while it is off, as with Hyper-V's Set-VM; stop it first (vhdkit vm stop %s)", name, p, name)
+		return nil, errorf(statusConflict, "machine %s is %s: settings change only while it is off, as with Hyper-V's Set-VM (the DVD drive's disc alone changes while it runs: --cdrom by itself); stop it first (vhdkit vm stop %s)", name, p, name)
 	}
 	cur, err := settingsOf(v.st.Settings)
 	if err != nil {
@@ -243,6 +246,43 @@ func (h *Host) SetVM(ctx context.Context, name string, req api.SetVM) (*api.VM, 
 		return nil, err
 	}
 	h.log.Info("machine settings changed", "vm", name, "memory_mib", s.MemoryMiB, "cpus", s.CPUs, "generation", s.Generation, "network", s.Network, "cdrom", s.CDROM)
+	out := h.view(v)
+	return &out, nil
+}
+
+// changeDisc changes the disc in a running machine's DVD drive (the one
+// setting that changes while it runs, as Hyper-V's Set-VMDvdDrive does):
+// the ISO is checked as at create, QEMU changes the disc, then the
+// setting is saved. The caller holds mu (one short QMP exchange).
+func (h *Host) changeDisc(ctx context.Context, v *vm, iso string) (*api.VM, error) {
+	name := v.st.Name
+	s, err := settingsOf(v.st.Settings)
+	if err != nil {
+		s = &api.Settings{}
+		*s = *v.st.Settings
+	}
+	s.CDROM = iso
+	if iso != "" {
+		if err := checkReadable("ISO", iso); err != nil {
+			return nil, err
+		}
+		if err := h.confineSettings(s); err != nil {
+			return nil, err
+		}
+	}
+	if err := v.run.proc.ChangeDisc(context.WithoutCancel(ctx), iso); err != nil {
+		if strings.Contains(err.Error(), "not found") {
+			return nil, errorf(statusConflict, "machine %s: its QEMU has no DVD drive (it was started before machines had one): stop it, set --cdrom, start it (%v)", name, err)
+		}
+		return nil, errorf(http.StatusInternalServerError, "machine %s: changing the disc: %v", name, err)
+	}
+	old := v.st.Settings
+	v.st.Settings = s
+	if err := h.save(); err != nil {
+		v.st.Settings = old
+		return nil, err
+	}
+	h.log.Info("machine's disc changed", "vm", name, "cdrom", iso)
 	out := h.view(v)
 	return &out, nil
 }

@@ -23,7 +23,8 @@ import (
 // Disk I is always node diskI and device vdI at the same place, whether
 // present at start or hot-plugged later: a machine saved after a hot-plug
 // resumes with the same devices at the same addresses, as QEMU's
-// migration stream requires.
+// migration stream requires. The DVD drive is there with or without an
+// ISO, so that a disc can change while the machine runs.
 
 // Machine generations.
 const (
@@ -168,14 +169,19 @@ func (c *Config) machineArgs() []string {
 		nic += ",mac=" + c.MAC
 	}
 	args = append(args, "-nic", nic)
+	// The DVD drive is always there, empty without an ISO, so that a disc
+	// can go in and out while the machine runs (ChangeDisc), as with
+	// Hyper-V's Set-VMDvdDrive.
+	bus := "ide.1"
+	if c.Generation == Gen2 {
+		bus = "ide.0"
+	}
 	if c.CDROM != "" {
-		bus := "ide.1"
-		if c.Generation == Gen2 {
-			bus = "ide.0"
-		}
 		args = append(args,
 			"-blockdev", "driver=raw,node-name=cd0,read-only=on,file.driver=file,file.read-only=on,file.filename="+escape(c.CDROM),
 			"-device", "ide-cd,drive=cd0,id=cd0,bus="+bus)
+	} else {
+		args = append(args, "-device", "ide-cd,id=cd0,bus="+bus)
 	}
 	return args
 }
@@ -242,6 +248,20 @@ func (c *Config) checkDevices() error {
 		return fmt.Errorf("machine %s: %w", c.Name, err)
 	}
 	return CheckMAC(c.MAC)
+}
+
+// ChangeDisc puts the ISO image iso into the running machine's DVD drive
+// in place of what was there (QMP blockdev-change-medium: the tray opens,
+// the disc changes, the tray closes, and the guest is told of the media
+// change), or with iso "" takes the disc out (QMP eject, forced: a guest
+// that locked the tray does not keep it).
+func (p *Process) ChangeDisc(ctx context.Context, iso string) error {
+	if iso == "" {
+		_, err := p.Execute(ctx, "eject", map[string]any{"id": "cd0", "force": true})
+		return err
+	}
+	_, err := p.Execute(ctx, "blockdev-change-medium", map[string]any{"id": "cd0", "filename": iso, "format": "raw", "read-only-mode": "read-only"})
+	return err
 }
 
 // hotplugTimeout bounds the wait for the guest to release a disk being

@@ -131,7 +131,7 @@ func TestDeviceArgs(t *testing.T) {
 		cfg  Config
 		want []string
 	}{
-		{Config{}, []string{"-machine pc", "-nic none"}},
+		{Config{}, []string{"-machine pc", "-nic none", "-device ide-cd,id=cd0,bus=ide.1"}},
 		{Config{Network: NetworkUser, MAC: "52:54:00:aa:bb:cc"}, []string{"-nic user,model=virtio-net-pci,mac=52:54:00:aa:bb:cc"}},
 		{Config{Network: "bridge=br0"}, []string{"-nic bridge,br=br0,model=virtio-net-pci"}},
 		{Config{CDROM: "/srv/a,b.iso"}, []string{"file.filename=/srv/a,,b.iso", "ide-cd,drive=cd0,id=cd0,bus=ide.1"}},

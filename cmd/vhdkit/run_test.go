@@ -295,7 +295,7 @@ echo VHDKIT-ACPI-PRESSED
 
 // bootGuest creates and starts machine name on d with the busybox guest
 // running script; it returns the machine and a reader of its console log.
-func bootGuest(t *testing.T, d *daemon, dir, name, script string) (api.VM, func() string) {
+func bootGuest(t testing.TB, d *daemon, dir, name, script string) (api.VM, func() string) {
 	t.Helper()
 	env := guest.Require(t)
 	boot, err := env.WriteBoot(dir, guest.Options{Disks: []guest.Disk{{}}, Script: script})
@@ -312,7 +312,7 @@ func bootGuest(t *testing.T, d *daemon, dir, name, script string) (api.VM, func(
 }
 
 // waitConsole waits until ok(console()) holds.
-func waitConsole(t *testing.T, console func() string, what string, ok func(string) bool) {
+func waitConsole(t testing.TB, console func() string, what string, ok func(string) bool) {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Minute); !ok(console()); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(deadline) {

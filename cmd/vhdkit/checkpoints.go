@@ -456,6 +456,9 @@ func printJob(w io.Writer, j *api.Job) {
 	if j.Bandwidth > 0 {
 		fmt.Fprintf(w, "  bandwidth: %s/s\n", humanBytes(j.Bandwidth))
 	}
+	if j.Cloned+j.KernelCopied+j.Copied > 0 {
+		fmt.Fprintf(w, "  data: %s cloned, %s copied in the kernel, %s copied\n", humanBytes(j.Cloned), humanBytes(j.KernelCopied), humanBytes(j.Copied))
+	}
 }
 
 // stunText renders a stun time in milliseconds.

@@ -148,9 +148,15 @@ type Job struct {
 	ETA float64 `json:"eta_seconds,omitempty"`
 	// StallMS is the longest time guest I/O was held while a disk
 	// switched from the merged file to its parent, in milliseconds.
-	StallMS float64   `json:"stall_ms,omitempty"`
-	Created time.Time `json:"created"`
-	Updated time.Time `json:"updated"`
+	StallMS float64 `json:"stall_ms,omitempty"`
+	// Cloned, KernelCopied and Copied say how the merges' data went:
+	// block clones (XFS, btrfs), copies in the kernel (copy_file_range),
+	// copies through memory.
+	Cloned       int64     `json:"cloned,omitempty"`
+	KernelCopied int64     `json:"kernel_copied,omitempty"`
+	Copied       int64     `json:"copied,omitempty"`
+	Created      time.Time `json:"created"`
+	Updated      time.Time `json:"updated"`
 }
 
 // Finished reports whether the job has reached a final state.

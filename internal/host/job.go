@@ -107,6 +107,14 @@ func (j *job) progress(pos, n int64) {
 	j.meter.add(time.Now(), n)
 }
 
+// moved adds how a merge's data went to the job's counts; the caller
+// holds mu.
+func (j *job) moved(m storage.Moved) {
+	j.st.Cloned += m.Cloned
+	j.st.KernelCopied += m.KernelCopied
+	j.st.Copied += m.Copied
+}
+
 // rateMeter measures a copy's rate over its last few seconds, so the
 // time left follows a bandwidth change or a slower disk.
 type rateMeter struct {
@@ -649,6 +657,9 @@ func (h *Host) runLive(j *job, v *vm, d *merge.Disk) error {
 		return fmt.Errorf("switching to %s: %w", s.Target, err)
 	}
 	mv := m.Moved()
+	h.mu.Lock()
+	j.moved(mv)
+	h.mu.Unlock()
 	h.log.Info("disk switched to merged file", "vm", v.st.Name, "disk", s.Disk, "file", s.Target, "stall", stall,
 		"cloned", mv.Cloned, "kernel_copied", mv.KernelCopied, "copied", mv.Copied)
 	if err := os.Remove(s.Top); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -729,7 +740,7 @@ func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
 			h.saveLocked()
 			h.mu.Unlock()
 		}
-		err := h.mergeFile(ctx, s, opts)
+		err := h.mergeFile(ctx, j, s, opts)
 		cancel()
 		if err == nil && opts.Open == nil && slices.Contains(d.Chain(), s.Top) {
 			// The disk reads through a file the merge re-pointed.
@@ -762,7 +773,7 @@ func offlineStep(c, k *checkpointState, i int, base int64) *mergeStep {
 
 // mergeFile runs one offline merge step; a step whose merged file is gone
 // and left no journal finished before a restart.
-func (h *Host) mergeFile(ctx context.Context, s *mergeStep, opts merge.Options) error {
+func (h *Host) mergeFile(ctx context.Context, j *job, s *mergeStep, opts merge.Options) error {
 	if _, err := os.Stat(s.Top); errors.Is(err, os.ErrNotExist) && !merge.Pending(s.Top) {
 		return nil
 	}
@@ -770,6 +781,9 @@ func (h *Host) mergeFile(ctx context.Context, s *mergeStep, opts merge.Options) 
 	if err != nil {
 		return err
 	}
+	h.mu.Lock()
+	j.moved(res.Moved)
+	h.mu.Unlock()
 	h.log.Info("checkpoint file merged", "top", s.Top, "target", res.Target, "copied", res.Copied,
 		"cloned", res.Moved.Cloned, "kernel_copied", res.Moved.KernelCopied, "relinked", res.Relinked)
 	return nil

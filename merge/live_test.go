@@ -10,6 +10,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
 
@@ -17,7 +18,12 @@ import (
 // returns the Disk running on the child, with the expected content.
 func liveChain(t *testing.T, size int64) (*Disk, []byte, string) {
 	t.Helper()
-	dir := t.TempDir()
+	return liveChainIn(t, t.TempDir(), size)
+}
+
+// liveChainIn is liveChain in dir.
+func liveChainIn(t *testing.T, dir string, size int64) (*Disk, []byte, string) {
+	t.Helper()
 	base := filepath.Join(dir, "base.vhdx")
 	im, err := vhdx.Create(base, vhdx.CreateOptions{Size: uint64(size), BlockSize: 1 << 20})
 	if err != nil {
@@ -447,6 +453,71 @@ func TestLiveMergeRun(t *testing.T) {
 	wg.Wait()
 	if d.Leaf() != base {
 		t.Fatalf("leaf %s, want %s", d.Leaf(), base)
+	}
+	got := make([]byte, size)
+	if _, err := d.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("after the merge the disk differs at %d", i)
+	}
+}
+
+// TestLiveMergeClonesOnXFS: on XFS with reflink the live merge's copier
+// clones the leaf's blocks into the target while a writer goes on: the
+// target's extents are shared with the leaf's (FIEMAP) before the leaf is
+// removed, and the switched disk reads the newest data.
+func TestLiveMergeClonesOnXFS(t *testing.T) {
+	mnt := testenv.MountLoop(t, 512<<20, "mkfs.xfs", "-m", "reflink=1")
+	const size = 32 << 20
+	d, want, base := liveChainIn(t, mnt, size)
+	defer d.Close()
+	rng := rand.New(rand.NewPCG(21, 22))
+	fillRand(rng, want[4<<20:20<<20])
+	if _, err := d.WriteAt(want[4<<20:20<<20], 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	m, err := d.StartMerge(vhdx.NewGUID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { // a writer on the second half, behind and ahead of the copier
+		defer close(done)
+		buf := make([]byte, 8192)
+		for i := int64(0); ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			off := 16<<20 + (i*12345*512)%(16<<20-8192)
+			fillRand(rng, buf)
+			if _, err := d.WriteAt(buf, off); err != nil {
+				t.Error(err)
+				return
+			}
+			copy(want[off:], buf)
+		}
+	}()
+	if _, err := m.Run(context.Background(), Options{}); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	<-done
+	if mv := m.Moved(); mv.Cloned < 8<<20 {
+		t.Fatalf("moved %+v: want the leaf's whole blocks cloned", mv)
+	}
+	top := d.Leaf()
+	if err := m.Complete(nil); err != nil {
+		t.Fatal(err)
+	}
+	if shared := sharedBytes(t, base); shared < 8<<20 {
+		t.Fatalf("filefrag shows %d bytes of the target shared with the leaf", shared)
+	}
+	if err := os.Remove(top); err != nil {
+		t.Fatal(err)
 	}
 	got := make([]byte, size)
 	if _, err := d.ReadAt(got, 0); err != nil {

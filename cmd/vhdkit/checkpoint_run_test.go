@@ -253,6 +253,12 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 	if cp.Type != api.CheckpointStandard || cp.StateFile == "" {
 		t.Fatalf("standard checkpoint: %+v", cp)
 	}
+	// The guest's memory is its owner's only.
+	if fi, err := os.Stat(cp.StateFile); err != nil {
+		t.Fatal(err)
+	} else if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("the state file's mode is %v, want 0600", fi.Mode())
+	}
 	// The counter at the checkpoint lies between what was printed before
 	// the command and what was printed when it returned.
 	lo, hi := before[len(before)-1], after[len(after)-1]

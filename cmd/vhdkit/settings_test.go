@@ -199,7 +199,7 @@ func TestServeVMSettings(t *testing.T) {
 	// A bridge that is not there: QEMU's reason, the machine failed, the
 	// host fine.
 	d.cli(t, "vm", "set", "g", "--network", "bridge=vhdkitnone0")
-	errOut := d.fails(t, []string{"did not start", "bridge"}, "vm", "start", "g")
+	errOut := d.fails(t, []string{"did not start", "bridge helper failed", `"allow vhdkitnone0" in /etc/qemu/bridge.conf`}, "vm", "start", "g")
 	if v := d.vm(t, "g"); v.Power != api.PowerFailed || v.Runtime == nil || !strings.Contains(v.Runtime.Reason, "bridge") {
 		t.Fatalf("after a start on a missing bridge: power %q, runtime %+v (stderr %s)", v.Power, v.Runtime, errOut)
 	}

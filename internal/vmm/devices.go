@@ -129,6 +129,16 @@ func ParseNetwork(s string) (bridge string, err error) {
 	return "", fmt.Errorf("network %q: use none, user or bridge=BR", s)
 }
 
+// startHint adds to the error of a QEMU that exited at start what its
+// log does not say: qemu-bridge-helper's needs.
+func (c *Config) startHint() string {
+	br, _ := ParseNetwork(c.Network)
+	if br == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (network bridge=%s: the bridge must exist, and qemu-bridge-helper must allow it: a line \"allow %s\" in /etc/qemu/bridge.conf)", br, br)
+}
+
 // macRE is a unicast MAC address, as QEMU takes it.
 var macRE = regexp.MustCompile(`^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$`)
 

@@ -239,7 +239,7 @@ func Start(ctx context.Context, c Config) (p *Process, exited <-chan error, err 
 		}
 		select {
 		case werr := <-done:
-			return nil, nil, fmt.Errorf("QEMU exited at start (%v): %s", werr, p.LogTail())
+			return nil, nil, fmt.Errorf("QEMU exited at start (%v): %s%s", werr, p.LogTail(), c.startHint())
 		case <-ctx.Done():
 			cmd.Process.Kill()
 			return nil, nil, ctx.Err()
@@ -432,6 +432,16 @@ func (p *Process) SaveState(ctx context.Context, file string) error {
 	// No bandwidth cap (the default is 32 MiB/s): the guest is paused, the
 	// sooner the stream is written the better.
 	if _, err := p.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}); err != nil {
+		return err
+	}
+	// The guest's memory is its owner's only: the file is made 0600
+	// before the shell's redirection (which would use its umask) opens it.
+	f, err := os.OpenFile(file, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	f.Close()
+	if err := os.Chmod(file, 0o600); err != nil {
 		return err
 	}
 	if _, err := p.Execute(ctx, "migrate", map[string]any{"uri": "exec:cat > " + shellQuote(file)}); err != nil {

@@ -289,8 +289,9 @@ is deleted).
 The other flags say how it runs (vm set changes them while it is off).
 Generation 1 boots BIOS (SeaBIOS on QEMU's i440fx), generation 2 UEFI
 (OVMF on q35, from Debian's ovmf package; its UEFI variables are kept
-per machine). --cdrom puts an ISO image in a read-only DVD drive (IDE on
-generation 1, AHCI on 2). --network user gives a virtio network adapter
+per machine). Every machine has a DVD drive (IDE on generation 1, AHCI on
+2); --cdrom puts an ISO image in it, read-only (vm set --cdrom changes the
+disc, also while the machine runs). --network user gives a virtio network adapter
 on QEMU's user-mode NAT (the guest reaches out, nothing reaches in);
 bridge=BR a tap on the host's bridge BR through qemu-bridge-helper, which
 /etc/qemu/bridge.conf must allow ("allow BR"); each machine gets its own

@@ -73,7 +73,9 @@ func vmRemoveDiskCommand() *command {
 	return clientVerb("vm remove-disk", "NAME INDEX [--delete]", "remove a disk from a machine, unplugged if it runs (Remove-VMHardDiskDrive)",
 		`INDEX is the disk's index (vm show lists them). The file stays where it is
 unless --delete, which deletes a file the daemon made (an attached file is
-yours: it is never deleted). The disks after it move down one: disk I+1
+yours: it is never deleted). A file the daemon made stays in the machine's
+folder: vm add-disk --path brings it back, vm delete --delete-disks
+removes it with the others. The disks after it move down one: disk I+1
 becomes disk I, export NAME/I.
 
 While the machine runs the disk is unplugged: the guest is asked to

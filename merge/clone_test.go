@@ -22,7 +22,15 @@ import (
 // them shared); qemu-img checks the base and compares it with the
 // expected bytes, and 7-Zip extracts the same.
 func TestMergeClonesOnXFS(t *testing.T) {
-	mnt := testenv.MountLoop(t, 512<<20, "mkfs.xfs", "-m", "reflink=1")
+	testMergeClones(t, testenv.MountLoop(t, 512<<20, "mkfs.xfs", "-m", "reflink=1"))
+}
+
+// TestMergeClonesOnBtrfs is TestMergeClonesOnXFS on btrfs.
+func TestMergeClonesOnBtrfs(t *testing.T) {
+	testMergeClones(t, testenv.MountLoop(t, 512<<20, "mkfs.btrfs"))
+}
+
+func testMergeClones(t *testing.T, mnt string) {
 	const size = 64 << 20
 	model := make([]byte, size)
 	base := filepath.Join(mnt, "base.vhdx")

@@ -27,9 +27,11 @@ import (
 //     every client write is applied to L and then mirrored into T, under a
 //     lock on its range — unless it lies, whole, in a range of L the
 //     copier has yet to reach: the copier will read it from L then.
-//  2. A copier walks the ranges L held when the merge started and copies
+//  2. A copier (Run: the copy engine, imagecopy, one 1 MiB piece at a
+//     time) walks the ranges L held when the merge started and copies
 //     each from L into T under the same range lock, so a client write and
-//     the copy of its range never interleave. Writes mirrored while the
+//     the copy of its range never interleave: from where L's file holds
+//     it then, cloned where the file system can. Writes mirrored while the
 //     copy runs keep T current behind the copier, so one pass converges
 //     whatever the write rate.
 //  3. Completion: T is flushed, then under a pause flushed again (only the

@@ -106,7 +106,9 @@ func e2fsckClean(t *testing.T, file string) {
 // checkpoint's state, read through vhdkit, is a clean ext4 file system
 // (e2fsck -fn) whose journal needs no recovery (a crash checkpoint's
 // does), twice. A guest left frozen and paused by a daemon killed in a
-// checkpoint is resumed and thawed by the next daemon. A standard checkpoint's state file is listed with
+// checkpoint is resumed and thawed by the next daemon. apply --save on
+// the running machine keeps its state as a production checkpoint (clean
+// too) and leaves the machine off, as a production checkpoint applied. A standard checkpoint's state file is listed with
 // it and exported with it.
 func TestServeCheckpointProduction(t *testing.T) {
 	testenv.Tool(t, "mkfs.ext4")
@@ -219,7 +221,29 @@ done
 	// (Its file system needs the journal replayed: the rest of the
 	// guest's state is in the memory state.)
 	checkClean(t, filepath.Join(exp, "g-disk0.vhdx"))
-	d.cli(t, "vm", "stop", "g", "--turn-off")
+
+	// apply --save on the running machine: the current state is kept as a
+	// production checkpoint (taken before the machine is turned off, its
+	// file system frozen), then the production checkpoint p1 leaves the
+	// machine off.
+	out = d.cli(t, "checkpoint", "apply", "g", "p1", "--save", "--save-name", "before-apply")
+	if v := d.vm(t, "g"); v.Power != api.PowerOff || v.CurrentName != "p1" {
+		t.Fatalf("after apply --save of a production checkpoint: power %q, current %q; apply said %s", v.Power, v.CurrentName, out)
+	}
+	var tree api.Checkpoints
+	if err := json.Unmarshal([]byte(d.cli(t, "checkpoint", "list", "g", "--json")), &tree); err != nil {
+		t.Fatal(err)
+	}
+	var saved *api.Checkpoint
+	for i := range tree.Checkpoints {
+		if tree.Checkpoints[i].Name == "before-apply" {
+			saved = &tree.Checkpoints[i]
+		}
+	}
+	if saved == nil || saved.Type != api.CheckpointProduction || saved.AgentStatus != "frozen" {
+		t.Fatalf("the --save checkpoint: %+v", saved)
+	}
+	e2fsckClean(t, saved.Files[0])
 }
 
 // TestServeCheckpointStandard: the guest keeps a counter in its shell's

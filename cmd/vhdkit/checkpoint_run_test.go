@@ -51,7 +51,7 @@ func runGuest(t *testing.T, d *daemon, dir, name string, o guest.Options, prepar
 }
 
 // createCheckpoint runs checkpoint create with args and --json.
-func (d *daemon) createCheckpoint(t *testing.T, args ...string) api.Checkpoint {
+func (d *daemon) createCheckpoint(t testing.TB, args ...string) api.Checkpoint {
 	t.Helper()
 	var cp api.Checkpoint
 	out := d.cli(t, append([]string{"checkpoint", "create"}, append(args, "--json")...)...)
@@ -463,4 +463,70 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 	n := len(counts(console()))
 	waitConsole(t, console, "counted on after the fallback", func(c string) bool { return len(counts(c)) > n+2 })
 	d.cli(t, "vm", "stop", "g", "--turn-off")
+}
+
+// BenchmarkCheckpointStun measures how long each kind of checkpoint
+// stuns a 512 MiB TCG guest (frozen, paused, or its disk I/O held) that
+// writes files on ext4 throughout, as the stun-ms metric; ns/op is the
+// whole command. Run it on an idle machine:
+//
+//	go test ./cmd/vhdkit -run '^$' -bench CheckpointStun -benchtime 5x
+func BenchmarkCheckpointStun(b *testing.B) {
+	env := guest.Require(b)
+	guest.RequireAgent(b)
+	testenv.Tool(b, "mkfs.ext4")
+	testenv.Tool(b, "qemu-img")
+	dir := shortTempDir(b)
+	d := startDaemon(b, filepath.Join(dir, "d"))
+	fs := filepath.Join(dir, "fs.img")
+	for _, c := range [][]string{{"truncate", "-s", "256M", fs}, {"mkfs.ext4", "-q", "-F", fs}} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			b.Fatalf("%s: %v: %s", c[0], err, out)
+		}
+	}
+	boot, err := env.WriteBoot(dir, guest.Options{Disks: []guest.Disk{{}}, Agent: true, Ext4: true, Script: `mkdir -p /mnt
+mount -t ext4 /dev/vda /mnt || echo GUEST-MOUNT-FAILED
+i=0
+while true; do
+  dd if=/dev/urandom of=/mnt/f$(( i % 20 )) bs=64k count=4 status=none || echo GUEST-IO-ERROR
+  echo "WROTE $i"
+  i=$(( i + 1 ))
+done
+`})
+	if err != nil {
+		b.Fatal(err)
+	}
+	d.cli(b, "vm", "create", "g", "--disk", "256M", "--memory", "512M", "--accel", "tcg",
+		"--kernel", boot.Kernel, "--initrd", boot.Initrd, "--append", boot.Append)
+	if out, err := exec.Command("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", fs, d.uri("g")).CombinedOutput(); err != nil {
+		b.Fatalf("writing the file system through NBD: %v: %s", err, out)
+	}
+	d.cli(b, "vm", "start", "g")
+	v := d.vm(b, "g")
+	b.Cleanup(func() { syscall.Kill(v.Runtime.Pid, syscall.SIGKILL) })
+	for deadline := time.Now().Add(10 * time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		c, _ := os.ReadFile(v.Runtime.Console)
+		if strings.Contains(string(c), "GUEST-") {
+			b.Fatalf("the guest failed:\n%s", c)
+		}
+		if strings.Count(string(c), "WROTE ") > 20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("the guest never wrote:\n%s", c)
+		}
+	}
+	for _, kind := range []string{api.CheckpointProduction, api.CheckpointStandard, api.CheckpointCrash} {
+		b.Run(kind, func(b *testing.B) {
+			var stun float64
+			for b.Loop() {
+				cp := d.createCheckpoint(b, "g", "--type", kind, "--production-only="+fmt.Sprint(kind == api.CheckpointProduction))
+				if cp.Type != kind {
+					b.Fatalf("asked for %s, got %+v", kind, cp)
+				}
+				stun += cp.StunMS
+			}
+			b.ReportMetric(stun/float64(b.N), "stun-ms")
+		})
+	}
 }

@@ -32,26 +32,14 @@ import (
 // clean as ext4 and as VHDX, and the machine boots again from it, its
 // writer going on from the count that reached the disk.
 func TestServeDebian(t *testing.T) {
-	deb := guest.RequireDebian(t)
-	guest.Require(t) // QEMU
 	e2fsck := testenv.Tool(t, "e2fsck")
 	dumpe2fs := testenv.Tool(t, "dumpe2fs")
 	debugfs := testenv.Tool(t, "debugfs")
 	dir := shortTempDir(t)
 	d := startDaemon(t, filepath.Join(dir, "d"))
-
-	disk := filepath.Join(dir, "debian.vhdx")
-	d.cli(t, "convert", "-O", "vhdx", deb.RootFS, disk)
-	d.cli(t, "vm", "create", "deb", "--attach", disk, "--memory", "512M", "--accel", "tcg",
-		"--kernel", deb.Vmlinuz, "--initrd", deb.Initrd, "--append", deb.Append())
-	d.cli(t, "vm", "start", "deb")
-	v := d.vm(t, "deb")
+	disk, v, console := bootDebian(t, d, dir)
 	pid := v.Runtime.Pid
 	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
-	console := func() string {
-		b, _ := os.ReadFile(v.Runtime.Console)
-		return strings.ReplaceAll(string(b), "\r", "")
-	}
 	waitCount := func(min int) {
 		t.Helper()
 		waitConsole(t, console, fmt.Sprintf("counted to %d", min), func(c string) bool { return lastCount(c) >= min })
@@ -157,6 +145,26 @@ func TestServeDebian(t *testing.T) {
 		t.Fatalf("the second boot's writer did not go on from %s:\n%s", count, tail(again, 3000))
 	}
 	d.cli(t, "vm", "stop", "deb", "--turn-off")
+}
+
+// bootDebian converts the Debian guest's root file system into
+// DIR/debian.vhdx, creates machine "deb" on d with it (512 MiB, TCG) and
+// starts it; it returns the disk, the machine and a reader of its console
+// log. It skips (fails in CI) without the guest or QEMU.
+func bootDebian(t testing.TB, d *daemon, dir string) (disk string, v api.VM, console func() string) {
+	t.Helper()
+	deb := guest.RequireDebian(t)
+	guest.Require(t) // QEMU
+	disk = filepath.Join(dir, "debian.vhdx")
+	d.cli(t, "convert", "-O", "vhdx", deb.RootFS, disk)
+	d.cli(t, "vm", "create", "deb", "--attach", disk, "--memory", "512M", "--accel", "tcg",
+		"--kernel", deb.Vmlinuz, "--initrd", deb.Initrd, "--append", deb.Append())
+	d.cli(t, "vm", "start", "deb")
+	v = d.vm(t, "deb")
+	return disk, v, func() string {
+		b, _ := os.ReadFile(v.Runtime.Console)
+		return strings.ReplaceAll(string(b), "\r", "")
+	}
 }
 
 // writerCount is what the Debian guest's writer prints every 20 files.

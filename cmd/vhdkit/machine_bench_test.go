@@ -39,20 +39,12 @@ func benchRounds(def int) int {
 // merges' switch stall (the I/O hold when a disk moves back to its
 // parent) median and max.
 func BenchmarkMachineStun(b *testing.B) {
-	deb := guest.RequireDebian(b)
-	guest.Require(b)
 	dir := shortTempDir(b)
 	d := startDaemon(b, filepath.Join(dir, "d"))
 	defer d.stop(b)
-	disk := filepath.Join(dir, "debian.vhdx")
-	d.cli(b, "convert", "-O", "vhdx", deb.RootFS, disk)
-	d.cli(b, "vm", "create", "deb", "--attach", disk, "--memory", "512M", "--accel", "tcg",
-		"--kernel", deb.Vmlinuz, "--initrd", deb.Initrd, "--append", deb.Append())
-	d.cli(b, "vm", "start", "deb")
-	v := d.vm(b, "deb")
+	_, v, console := bootDebian(b, d, dir)
 	defer syscall.Kill(v.Runtime.Pid, syscall.SIGKILL)
-	console := func() string { c, _ := os.ReadFile(v.Runtime.Console); return string(c) }
-	waitConsole(b, console, "started its writer", func(c string) bool { return lastCount(strings.ReplaceAll(c, "\r", "")) >= 20 })
+	waitConsole(b, console, "started its writer", func(c string) bool { return lastCount(c) >= 20 })
 
 	rounds := benchRounds(5)
 	b.ResetTimer()

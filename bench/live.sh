@@ -298,7 +298,7 @@ for ((run = 1; run <= runs; run++)); do
 		[ "$(stat -c %s "$work/check.img")" = "$disk" ] || die "$vm's export is not 4 GiB"
 		rm -f "$work/check.img"
 	fi
-	"$vhdkit" vm delete "$vm" >/dev/null
+	"$vhdkit" vm delete --delete-disks "$vm" >/dev/null
 	ct+=("$(secs cp "$work/b.img" "$work/copy.img")")
 	rm -f "$work/copy.img"
 done

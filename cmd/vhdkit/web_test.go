@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -124,7 +125,11 @@ func browse(t *testing.T, ctx context.Context, what string, actions ...chromedp.
 	tctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
 	defer cancel()
 	if err := chromedp.Do(tctx, actions...); err != nil {
-		t.Fatalf("browser, %s: %v", what, err)
+		// What the page showed then: its error box and dialog.
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		shown, _ := chromedp.Run(sctx, chromedp.Evaluate[string](`document.querySelector('#error') ? '[error] ' + document.querySelector('#error').textContent + ' [dialog open=' + document.querySelector('#ask').open + '] ' + document.querySelector('#ask-text').textContent : document.body.innerText.slice(0, 500)`))
+		t.Fatalf("browser, %s: %v; the page shows: %s", what, err, shown)
 	}
 }
 
@@ -286,8 +291,19 @@ func answer(text string) chromedp.Action[chromedp.Void] {
 	return chromedp.Steps(
 		chromedp.WaitVisible(chromedp.CSS("#ask-ok")),
 		chromedp.SetValue(chromedp.CSS("#ask-input"), text),
+		// The click closes the dialog at once; no wait for it to go,
+		// since the action may open the next question at once.
 		chromedp.Click(chromedp.CSS("#ask-ok")),
-		chromedp.WaitNotVisible(chromedp.CSS("#ask")),
+	)
+}
+
+// confirm presses OK in the page's question dialog.
+func confirm() chromedp.Action[chromedp.Void] {
+	return chromedp.Steps(
+		chromedp.WaitVisible(chromedp.CSS("#ask-ok")),
+		// The click closes the dialog at once; no wait for it to go,
+		// since the action may open the next question at once.
+		chromedp.Click(chromedp.CSS("#ask-ok")),
 	)
 }
 
@@ -357,7 +373,7 @@ func TestWebConsole(t *testing.T) {
 		chromedp.WaitVisible(chromedp.CSS("#token")),
 		chromedp.SendKeys(chromedp.CSS("#token"), "not-the-token-at-all"),
 		chromedp.Submit(chromedp.CSS("#token")),
-		chromedp.WaitVisible(chromedp.CSS("#token")),
+		chromedp.WaitVisible(chromedp.CSS("#wrong")),
 	)
 	if loc := get(t, ctx, "after a wrong token", chromedp.Location()); !strings.Contains(loc, "/login") {
 		t.Fatalf("a wrong token led to %s", loc)
@@ -478,7 +494,10 @@ fetch(%q, {method: "POST", mode: "no-cors", credentials: "include", body: '{"nam
 		until(`document.querySelectorAll('.job[data-state="done"]').length === 2 && !document.querySelector('li[data-cp-id]')`),
 		chromedp.WaitVisible(chromedp.CSS(`li[data-now]`)),
 	)
-	browse(t, ctx, "the page after the merge", until(`document.querySelector('#disks .running-on').textContent === 'disk0.vhdx'`))
+	browse(t, ctx, "the page after the merge",
+		until(`document.querySelector('#disks .running-on').textContent === 'disk0.vhdx'`),
+		chromedp.WaitNotVisible(chromedp.CSS(`.job[data-state="done"] .controls`)),
+	)
 	if pct := get(t, ctx, "the bars", chromedp.Evaluate[[]string](`[...document.querySelectorAll('.job .bar')].map(b => b.getAttribute('aria-valuenow'))`)); !slices.Equal(pct, []string{"100", "100"}) {
 		t.Errorf("the finished jobs' bars show %v%%", pct)
 	}
@@ -498,6 +517,7 @@ fetch(%q, {method: "POST", mode: "no-cors", credentials: "include", body: '{"nam
 	// Every write verifies through NBD: the writer's, and those before it
 	// that it did not overwrite.
 	written := w.finish(t)
+	w.c.Close()
 	got := make([]byte, writerChunk)
 	for off := int64(0); off < 96<<20; off += writerChunk {
 		if _, ok := written[off/writerChunk]; ok {
@@ -533,6 +553,45 @@ fetch(%q, {method: "POST", mode: "no-cors", credentials: "include", body: '{"nam
 	if extents := get(t, ctx, "the strip", chromedp.AttributeValue(chromedp.CSS("#strip"), "data-extents")).Value; extents != fmt.Sprint(len(cliMap)) {
 		t.Errorf("the strip drew %s extents, vhdkit map has %d", extents, len(cliMap))
 	}
+
+	// Export and apply from the page. The export goes to the daemon's
+	// exports folder and reads as the disk did; the apply, with an NBD
+	// client connected, asks first, then disconnects it.
+	before := make([]byte, 1<<20)
+	if _, err := c.ReadAt(before, 0); err != nil {
+		t.Fatal(err)
+	}
+	exported := filepath.Join(d.data, "exports", "web-end", "web-disk0.vhdx")
+	browse(t, ctx, "checkpoint end, exported",
+		chromedp.Click(chromedp.CSS("#cp-create")),
+		answer("end"),
+		chromedp.WaitVisible(chromedp.CSS(`li[data-cp-name="end"]`)),
+		chromedp.Click(chromedp.CSS(cpButton("end", "export"))),
+		answer("web-end"),
+		until(`document.querySelector('#notice').textContent.includes(`+fmt.Sprintf("%q", exported)+`)`),
+	)
+	if out := d.cli(t, "check", exported); !strings.Contains(out, "no problems found") {
+		t.Fatalf("vhdkit check %s:\n%s", exported, out)
+	}
+	writeFlushed(t, c, 0, 1<<20, 9)
+	browse(t, ctx, "apply end", chromedp.Click(chromedp.CSS(cpButton("end", "apply"))), confirm())
+	browse(t, ctx, "the question about the client", until(`document.querySelector('#ask').open && document.querySelector('#ask-text').textContent.includes('NBD client')`))
+	browse(t, ctx, "disconnect it", confirm())
+	browse(t, ctx, "the tree after the apply", until(`document.querySelector('li[data-cp-name="end"] > ul > li[data-now]') !== null`))
+	wantTree(t, ctx, d, "web")
+	if _, err := c.ReadAt(make([]byte, 4096), 0); err == nil {
+		t.Error("the NBD client reads on after the apply that disconnected it")
+	}
+	c2 := dialNBD(t, d.nbd, "web")
+	got = make([]byte, 1<<20)
+	if _, err := c2.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, before) {
+		t.Error("after applying checkpoint end, the first MiB is not what it was at end")
+	}
+	c2.Close()
+	screenshot(t, ctx, shots, "applied")
 	d.stop(t)
 }
 

@@ -62,8 +62,8 @@ type DiskFile struct {
 	FileSize           int64  `json:"file_size"`
 	// Allocated is the space the file takes on its file system.
 	Allocated int64 `json:"allocated"`
-	// Error says why the file's headers could not be read; the sizes
-	// still come from the file system.
+	// Error says why the file system could not say how much space the
+	// file takes.
 	Error string `json:"error,omitempty"`
 }
 

@@ -312,8 +312,8 @@ func (h *Host) DiskDetails(name string, index int, withMap bool) (*api.DiskDetai
 	// The files are read and the map taken without mu: a large map
 	// takes a while, and the disk is safe for concurrent use.
 	h.mu.Unlock()
-	for _, path := range d.Chain() {
-		out.Files = append(out.Files, describeFile(path))
+	for _, inf := range d.Files() {
+		out.Files = append(out.Files, describeFile(inf))
 	}
 	if !withMap {
 		return out, nil
@@ -350,25 +350,18 @@ func appendExtent(list []api.Extent, e disk.Extent) []api.Extent {
 	return append(list, api.Extent{Offset: e.Offset, Length: e.Length, Type: e.Type.String(), Depth: e.Depth})
 }
 
-// describeFile reads one chain file's headers, without its parent and
-// without a lock that would stand in the running disk's way (the file
-// may be the one being written: only its fixed parameters are read).
-func describeFile(path string) api.DiskFile {
-	f := api.DiskFile{Path: path, Format: "vhdx"}
-	if fi, err := os.Stat(path); err == nil {
-		f.FileSize = fi.Size()
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-			f.Allocated = st.Blocks * 512
-		}
-	}
-	im, err := vhdx.Open(path, vhdx.OpenOptions{ReadOnly: true, ForceShare: true, NoParent: true})
+// describeFile describes one chain file: what its open image says, and
+// the space it takes on its file system.
+func describeFile(inf vhdx.Info) api.DiskFile {
+	f := api.DiskFile{Path: inf.Path, Format: "vhdx", Type: inf.Type.String(), BlockSize: inf.BlockSize,
+		LogicalSectorSize: inf.LogicalSectorSize, PhysicalSectorSize: inf.PhysicalSectorSize, FileSize: inf.FileSize}
+	fi, err := os.Stat(inf.Path)
 	if err != nil {
 		f.Error = err.Error()
 		return f
 	}
-	defer im.Close()
-	inf := im.Info()
-	f.Type, f.BlockSize = inf.Type.String(), inf.BlockSize
-	f.LogicalSectorSize, f.PhysicalSectorSize = inf.LogicalSectorSize, inf.PhysicalSectorSize
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		f.Allocated = st.Blocks * 512
+	}
 	return f
 }

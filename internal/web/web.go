@@ -227,7 +227,7 @@ func (c *Console) login(w http.ResponseWriter, r *http.Request) {
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, 4096)
 	if !equal(strings.TrimSpace(r.PostFormValue("token")), c.token) {
-		http.Redirect(w, r, "/login?wrong=1", http.StatusSeeOther)
+		http.Redirect(w, r, "/login#wrong", http.StatusSeeOther)
 		return
 	}
 	http.SetCookie(w, &http.Cookie{Name: tokenCookie, Value: c.token, Path: "/", HttpOnly: true,

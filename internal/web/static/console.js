@@ -56,20 +56,29 @@ function showError(err) {
   const box = $("#error");
   box.textContent = err ? String(err.message || err) : "";
   box.hidden = !err;
+  if (err) $("#notice").hidden = true;
+}
+
+function showNotice(text) {
+  $("#notice").textContent = text;
+  $("#notice").hidden = false;
 }
 
 // act runs an action from a button, showing its error.
 async function act(f) {
   showError(null);
+  $("#notice").hidden = true;
   try { await f(); } catch (err) { showError(err); }
   refresh();
 }
 
 // ask shows the dialog: with def !== undefined it asks for a text and
-// resolves to it, else it asks to confirm; null when cancelled.
-function ask(text, def) {
+// resolves to it, else it asks to confirm; null when cancelled. With
+// withType it also asks for a checkpoint type ($("#ask-type").value).
+function ask(text, def, withType) {
   const dlg = $("#ask"), input = $("#ask-input");
   $("#ask-text").textContent = text;
+  $("#ask-type-label").hidden = !withType;
   input.hidden = def === undefined;
   input.value = def || "";
   dlg.returnValue = "";
@@ -180,7 +189,8 @@ async function renderTree(vm) {
       if (c.id === tree.current) sub.push(now());
       return el("li", { "data-cp-id": c.id, "data-cp-name": c.name },
         el("span", { class: "node" + (c.current ? " current" : "") },
-          el("span", { class: "name", title: new Date(c.created).toLocaleString() }, c.name),
+          el("span", { class: "name", title: new Date(c.created).toLocaleString() + (c.note ? "\n" + c.note : "") }, c.name),
+          c.type ? el("span", { class: "cptype" }, c.type + (c.stun_ms ? `, ${c.stun_ms.toFixed(0)} ms` : "")) : null,
           el("span", { class: "actions buttons" },
             el("button", { class: "apply", onclick: () => applyCp(vm.name, c) }, "Apply"),
             el("button", { class: "rename", onclick: () => renameCp(vm.name, c) }, "Rename"),
@@ -197,14 +207,30 @@ async function renderTree(vm) {
 }
 
 async function createCp() {
-  const name = await ask("Name of the new checkpoint of " + state.selected + " (empty: the time):", "");
+  const name = await ask("Name of the new checkpoint of " + state.selected + " (empty: the time):", "", true);
   if (name === null) return;
-  await act(() => call("POST", `/v1/vms/${esc(state.selected)}/checkpoints`, name ? { name } : {}));
+  const req = { type: $("#ask-type").value };
+  if (name) req.name = name;
+  await act(async () => {
+    const cp = await call("POST", `/v1/vms/${esc(state.selected)}/checkpoints`, req);
+    if (cp.note) showNotice(`Checkpoint ${cp.name}: ${cp.note}`);
+  });
 }
 
 async function applyCp(vm, c) {
   if (!await ask(`Apply checkpoint "${c.name}"? The current state of ${vm} is discarded.`)) return;
-  await act(() => call("POST", `/v1/vms/${esc(vm)}/checkpoints/${esc(c.id)}/apply`, {}));
+  const path = `/v1/vms/${esc(vm)}/checkpoints/${esc(c.id)}/apply`;
+  await act(async () => {
+    try {
+      await call("POST", path, {});
+    } catch (err) {
+      // Clients connected to the disks would see them change: ask
+      // before disconnecting them.
+      if (!/NBD client/.test(err.message)) throw err;
+      if (!await ask(err.message.replace(/; disconnect them.*$/, "") + ". Disconnect them and apply?")) return;
+      await call("POST", path, { force: true });
+    }
+  });
 }
 
 async function renameCp(vm, c) {
@@ -218,7 +244,7 @@ async function exportCp(vm, c) {
   if (!dir) return;
   await act(async () => {
     const out = await call("POST", `/v1/vms/${esc(vm)}/checkpoints/${esc(c.id)}/export`, { dir });
-    showError({ message: "Exported: " + out.files.join(", ") });
+    showNotice("Exported: " + out.files.join(", "));
   });
 }
 

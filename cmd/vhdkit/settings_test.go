@@ -276,6 +276,20 @@ func TestServeVMHotplug(t *testing.T) {
 	d.writeMiB(t, "g/1", 0, 1, 0x6b)
 	waitConsole(t, console, "read the pattern written through NBD", func(c string) bool { return strings.Contains(c, "VHDKIT-VDB "+md5Hex(pattern)) })
 
+	// The hot-plugged disk is in the state: a daemon killed and restarted
+	// serves it again under its name, QEMU reconnects, and the guest
+	// reads on. (The pattern goes back after a detour.)
+	d.kill()
+	d = startDaemon(t, data)
+	detour := make([]byte, 1<<20)
+	fillPattern(detour, 0, 0x7c)
+	d.writeMiB(t, "g/1", 0, 1, 0x7c)
+	waitConsole(t, console, "read through the restarted daemon", func(c string) bool { return strings.Contains(c, "VHDKIT-VDB "+md5Hex(detour)) })
+	d.writeMiB(t, "g/1", 0, 1, 0x6b)
+	waitConsole(t, console, "read the pattern back", func(c string) bool {
+		return strings.Count(c, "VHDKIT-VDB "+md5Hex(pattern)) == 2
+	})
+
 	d.cli(t, "vm", "add-disk", "g", "--create", "8M")
 	waitConsole(t, console, "saw the third disk", func(c string) bool { return lastDisks(c) == "vda vdb vdc." })
 	v := d.vm(t, "g")
@@ -334,6 +348,21 @@ func TestServeVMHotplug(t *testing.T) {
 	}
 	c.Close()
 	wantPattern(t, got, 0, 0x6b, "disk 0 after the renumbering")
+	// Off, a disk whose export (or a later one's) has an NBD client is
+	// kept: the client would find another disk under its name.
+	d.cli(t, "vm", "add-disk", "g", "--create", "4M")
+	held := dialNBD(t, d.nbd, "g/1")
+	d.fails(t, []string{"NBD client", `"g/1"`, "disconnect"}, "vm", "remove-disk", "g", "0")
+	held.Close()
+	d.cli(t, "vm", "remove-disk", "g", "1", "--delete")
+	// At most 8 disks.
+	for i := 1; i < 8; i++ {
+		d.cli(t, "vm", "add-disk", "g", "--create", "1M")
+	}
+	d.fails(t, []string{"8 disks", "as many as"}, "vm", "add-disk", "g", "--create", "1M")
+	for i := 7; i > 0; i-- {
+		d.cli(t, "vm", "remove-disk", "g", fmt.Sprint(i), "--delete")
+	}
 	// A disk of another machine, or inside the data directory, is not
 	// attached.
 	d.cli(t, "vm", "create", "other", "--disk", "8M")

@@ -331,10 +331,23 @@ func (p *Process) RemoveDisk(ctx context.Context, i int) error {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	if _, err := p.Execute(ctx, "blockdev-del", map[string]any{"node-name": node}); err != nil && !strings.Contains(err.Error(), "Failed to find node") {
-		return fmt.Errorf("disk %d unplugged from the guest, but its node stays: %w", i, err)
+	// The device leaves QEMU's tree before it lets go of its node (that
+	// waits for the last reference to the device): a node still "in use"
+	// is asked again.
+	for {
+		_, err := p.Execute(ctx, "blockdev-del", map[string]any{"node-name": node})
+		if err == nil || strings.Contains(err.Error(), "Failed to find node") {
+			return nil
+		}
+		if !strings.Contains(err.Error(), "in use") || time.Now().After(deadline) {
+			return fmt.Errorf("disk %d unplugged from the guest, but its node stays: %w", i, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
-	return nil
 }
 
 // hasDevice reports whether QEMU still has the device of id.

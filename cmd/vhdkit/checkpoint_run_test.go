@@ -257,7 +257,10 @@ done
 // that is off leaves it saved, and vm start runs it on from the
 // checkpoint; deleting the standard checkpoint (live, the machine running
 // on it) deletes its state file. A paused machine gets a standard
-// checkpoint for a production one, stays paused and resumes.
+// checkpoint for a production one and stays paused; a second standard
+// one copies the first's state (QEMU writes none before the machine
+// runs), which applied runs it on from the pause; after a crash
+// checkpoint between, it is refused with the way out.
 func TestServeCheckpointStandard(t *testing.T) {
 	dir := shortTempDir(t)
 	data := filepath.Join(dir, "d")
@@ -375,11 +378,40 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 	if p := d.vm(t, "g").Power; p != api.PowerPaused {
 		t.Fatalf("after a checkpoint of a paused machine: %q", p)
 	}
+	// QEMU writes no second stream before the machine runs: the first,
+	// still its state, is copied; after a crash checkpoint (the machine
+	// no longer runs on pp) the request is refused, nothing changed.
+	pp2 := d.createCheckpoint(t, "g", "--name", "pp2", "--type", "standard")
+	first, _ := os.ReadFile(pp.StateFile)
+	if second, err := os.ReadFile(pp2.StateFile); err != nil || len(first) < 1<<20 || string(first) != string(second) {
+		t.Fatalf("the second state of a machine paused throughout: %v, %d and %d bytes", err, len(first), len(second))
+	}
+	d.createCheckpoint(t, "g", "--name", "pc", "--type", "crash")
+	d.fails(t, []string{"resume it first", "stays paused"}, "checkpoint", "create", "g", "--name", "pp3", "--type", "standard")
+	if v := d.vm(t, "g"); v.Power != api.PowerPaused || v.CurrentName != "pc" {
+		t.Fatalf("after a refused checkpoint: power %q, current %q", v.Power, v.CurrentName)
+	}
 	n := len(counts(console()))
 	d.cli(t, "vm", "resume", "g")
-	waitConsole(t, console, "counted on after the resume", func(c string) bool { return len(counts(c)) > n+2 })
-	if got := counts(console()); got[n] != got[n-1]+1 {
+	waitConsole(t, console, "counted on after the resume", func(c string) bool { return len(counts(c)) > n+3 })
+	got = counts(console())
+	if got[n] != got[n-1]+1 {
 		t.Fatalf("after the resume the counter went from %d to %d", got[n-1], got[n])
+	}
+	// The copied state is the machine's: applied, it runs on from the
+	// pause.
+	mark = len(got)
+	d.cli(t, "checkpoint", "apply", "g", "pp2")
+	w = d.vm(t, "g")
+	t.Cleanup(func() { syscall.Kill(w.Runtime.Pid, syscall.SIGKILL) })
+	waitConsole(t, console, "counted after applying pp2", func(c string) bool {
+		got := counts(c)
+		i := resumedAt(got)
+		return i > 0 && len(got) > i+2
+	})
+	got = counts(console())
+	if i := resumedAt(got); got[i] != got[n-1]+1 {
+		t.Fatalf("after applying pp2 the counter went on from %d; paused at %d", got[i], got[n-1])
 	}
 }
 

@@ -52,7 +52,11 @@ type checkpointKind struct {
 	StunMS float64 `json:"stun_ms,omitempty"`
 	// State is a standard checkpoint's memory and device state: a file
 	// that belongs to the checkpoint (deleted and exported with it).
-	State       string `json:"state,omitempty"`
+	State string `json:"state,omitempty"`
+	// Pid is the QEMU that wrote State: while that QEMU stays paused
+	// after it, its next standard checkpoint copies State (see
+	// standardCheckpoint).
+	Pid         int    `json:"pid,omitempty"`
 	Frozen      int    `json:"frozen,omitempty"`       // file systems the agent froze
 	AgentStatus string `json:"agent_status,omitempty"` // the agent's freeze status during the switch
 	Note        string `json:"note,omitempty"`         // why it is not the type asked for
@@ -253,11 +257,23 @@ func (h *Host) thaw(v *vm, agent *vmm.Agent) error {
 //     same instant. The checkpoint is saved with its state file.
 //  4. Resume (QMP cont), whatever happened in 2 and 3. A failure in 2 or
 //     3 removes the state file: no half checkpoint, the machine runs on.
+//
+// QEMU refuses a second migration stream from a machine that has not run
+// since its last one ("postmigrate": a paused machine's standard
+// checkpoint). Its CPUs and devices have not run since, so that stream,
+// kept by the checkpoint the machine runs on when this QEMU wrote it, is
+// its state still: step 2 copies it. (Otherwise it is refused: resume.)
 func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, wasPaused bool, id, name, note string) (*checkpointState, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), checkpointSaveTimeout)
 	defer cancel()
 	file := h.checkpointStatePath(v.st.Name, id)
 	part := file + ".part"
+	// The stream a postmigrate QEMU last wrote: its checkpoint is the one
+	// the machine runs on (a later one would be; a deleted one is not).
+	last := v.st.checkpoint(v.st.Current)
+	if last != nil && (last.Kind.State == "" || last.Kind.Pid != p.Pid) {
+		last = nil
+	}
 	h.mu.Unlock()
 	start := time.Now()
 	var err error
@@ -266,7 +282,20 @@ func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, wasPaused bool, id, nam
 	}
 	if err == nil {
 		os.Remove(part)
-		err = p.SaveState(ctx, part)
+		var st string
+		if wasPaused {
+			st, err = p.Status(ctx)
+		}
+		switch {
+		case err != nil:
+		case st == "postmigrate" && last != nil:
+			h.log.Info("a paused machine's state, unchanged since a checkpoint's stream, copied", "vm", v.st.Name, "from", last.Kind.State)
+			err = copyFile(last.Kind.State, part)
+		case st == "postmigrate":
+			err = fmt.Errorf("machine %s has not run since its memory state was last written, and QEMU writes no other until it runs: resume it first (vhdkit vm resume %s)", v.st.Name, v.st.Name)
+		default:
+			err = p.SaveState(ctx, part)
+		}
 	}
 	if err == nil {
 		err = syncFile(part)
@@ -280,7 +309,7 @@ func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, wasPaused bool, id, nam
 	var c *checkpointState
 	if err == nil {
 		h.mu.Lock()
-		c, err = h.switchDisks(v, p, id, name, checkpointKind{Type: api.CheckpointStandard, State: file, Note: note})
+		c, err = h.switchDisks(v, p, id, name, checkpointKind{Type: api.CheckpointStandard, State: file, Pid: p.Pid, Note: note})
 		h.mu.Unlock()
 	}
 	if err != nil {
@@ -297,7 +326,11 @@ func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, wasPaused bool, id, nam
 		if rerr != nil {
 			return nil, errorf(http.StatusInternalServerError, "no checkpoint of %s: %v; and the machine did not resume: %v", v.st.Name, err, rerr)
 		}
-		return nil, errorf(http.StatusInternalServerError, "no checkpoint of %s (the machine runs on): %v", v.st.Name, err)
+		how := "the machine runs on"
+		if wasPaused {
+			how = "the machine stays paused"
+		}
+		return nil, errorf(http.StatusInternalServerError, "no checkpoint of %s (%s): %v", v.st.Name, how, err)
 	}
 	c.Kind.StunMS = ms(stun)
 	if rerr != nil {

@@ -23,6 +23,18 @@ type memImage struct {
 
 	flushes atomic.Int64
 	writes  atomic.Int64
+	// outside counts requests that reached the image beyond its end: the
+	// server must refuse those itself.
+	outside atomic.Int64
+}
+
+// checkRange is disk.CheckRange, counting the requests it refuses.
+func (m *memImage) checkRange(off, n int64) error {
+	err := disk.CheckRange(off, n, m.size)
+	if err != nil {
+		m.outside.Add(1)
+	}
+	return err
 }
 
 func newMemImage(size int64, sector int, parent *memImage) *memImage {
@@ -61,7 +73,7 @@ func pieces(off, n int64, f func(idx, lo, hi int64) error) error {
 }
 
 func (m *memImage) ReadAt(p []byte, off int64) (int, error) {
-	if err := disk.CheckRange(off, int64(len(p)), m.size); err != nil {
+	if err := m.checkRange(off, int64(len(p))); err != nil {
 		return 0, err
 	}
 	m.mu.RLock()
@@ -99,7 +111,7 @@ func (m *memImage) chunkLocked(idx int64) []byte {
 }
 
 func (m *memImage) WriteAt(p []byte, off int64) (int, error) {
-	if err := disk.CheckRange(off, int64(len(p)), m.size); err != nil {
+	if err := m.checkRange(off, int64(len(p))); err != nil {
 		return 0, err
 	}
 	m.writes.Add(1)
@@ -116,7 +128,7 @@ func (m *memImage) WriteAt(p []byte, off int64) (int, error) {
 
 // Trim drops whole chunks (revealing the parent) and zeroes partial ones.
 func (m *memImage) Trim(off, n int64) error {
-	if err := disk.CheckRange(off, n, m.size); err != nil {
+	if err := m.checkRange(off, n); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -133,7 +145,7 @@ func (m *memImage) Trim(off, n int64) error {
 }
 
 func (m *memImage) WriteZeroes(off, n int64, mayUnmap bool) error {
-	if err := disk.CheckRange(off, n, m.size); err != nil {
+	if err := m.checkRange(off, n); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -154,7 +166,7 @@ func (m *memImage) WriteZeroes(off, n int64, mayUnmap bool) error {
 }
 
 func (m *memImage) Extents(off, n int64) ([]disk.Extent, error) {
-	if err := disk.CheckRange(off, n, m.size); err != nil {
+	if err := m.checkRange(off, n); err != nil {
 		return nil, err
 	}
 	m.mu.RLock()

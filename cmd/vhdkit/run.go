@@ -219,7 +219,7 @@ func vmSetCommand() *command {
 	var run settingsFlags
 	var set *flag.FlagSet
 	return clientVerb("vm set", "NAME [--memory SIZE] [--cpus N] [--generation 1|2] [--kernel F] [--initrd F] [--append S] [--cdrom ISO] [--network none|user|bridge=BR] [--accel auto|kvm|tcg]",
-		"change a machine's settings while it is off (Set-VM)",
+		"change a machine's settings while it is off, its DVD's disc at any time (Set-VM)",
 		`Changes the settings given, as vm create takes them, and keeps the others.
 The machine must be off: like Hyper-V's Set-VM for memory and processors,
 a running, paused or saved machine is refused (stop it first; a saved

@@ -17,12 +17,14 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/chromedp/chromedp"
 
 	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/guest"
 	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/nbd"
 )
@@ -646,4 +648,153 @@ func TestWebConsoleTokenFile(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET /v1/vms with the file's token: %s", resp.Status)
 	}
+}
+
+// TestWebConsoleGuest follows the seed's story in the browser with a
+// machine QEMU runs: its settings and disks changed from the page while
+// it is off (memory, a disk added and removed), started from the page,
+// paused and resumed, a checkpoint taken and deleted (a live merge under
+// the running guest, which writes and reads back its disk all along
+// without an I/O error), the disk back on its .vhdx, turned off from the
+// page; the guest's first write is in the file.
+func TestWebConsoleGuest(t *testing.T) {
+	env := guest.Require(t)
+	ctx := newBrowser(t)
+	shots := artifactDir(t)
+	dir := shortTempDir(t)
+	pattern := make([]byte, 4<<20)
+	fillPattern(pattern, 8<<20, 0x5a)
+	slot := make([]byte, 1<<20)
+	fillPattern(slot, 0, 0x33)
+	boot, err := env.WriteBoot(dir, guest.Options{
+		Disks: []guest.Disk{{}},
+		Files: map[string]guest.File{"/pattern": {Data: pattern}, "/slot": {Data: slot}},
+		Script: `dd if=/pattern of=/dev/vda bs=1M seek=8 oflag=direct conv=fsync,notrunc status=none || echo GUEST-IO-ERROR
+echo VHDKIT-RUN-WROTE
+i=0
+while true; do
+  s=$(( 16 + i % 16 ))
+  dd if=/slot of=/dev/vda bs=1M seek=$s oflag=direct conv=fsync,notrunc status=none || echo GUEST-IO-ERROR
+  dd if=/dev/vda of=/tmp/back bs=1M skip=$s count=1 iflag=direct status=none || echo GUEST-IO-ERROR
+  cmp /slot /tmp/back || echo GUEST-IO-ERROR
+  echo "ITER $i"
+  i=$(( i + 1 ))
+  usleep 100000
+done
+`,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := startConsole(t, filepath.Join(dir, "d"))
+	d.cli(t, "vm", "create", "g", "--disk", "64M", "--memory", "256M", "--cpus", "1", "--accel", "tcg",
+		"--kernel", boot.Kernel, "--initrd", boot.Initrd, "--append", boot.Append)
+
+	browse(t, ctx, "log in",
+		chromedp.Navigate(d.url),
+		chromedp.SendKeys(chromedp.CSS("#token"), d.token),
+		chromedp.Submit(chromedp.CSS("#token")),
+		chromedp.WaitVisible(chromedp.CSS(`#machines tr[data-vm="g"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#conn.live`)),
+	)
+	// Off: settings and disks change.
+	browse(t, ctx, "memory, a disk added",
+		chromedp.Click(chromedp.CSS("#set-memory")),
+		answer("192"),
+		until(`document.querySelector('#vm-settings').textContent.includes('192.0 MiB memory')`),
+		chromedp.Click(chromedp.CSS("#disk-add")),
+		answer("16M"),
+		chromedp.WaitVisible(chromedp.CSS(`#disks tr[data-disk="1"]`)),
+	)
+	if v := d.vm(t, "g"); v.Settings.MemoryMiB != 192 || len(v.Disks) != 2 || v.Disks[1].Size != 16<<20 {
+		t.Fatalf("after the page's changes: settings %+v, disks %+v", v.Settings, v.Disks)
+	}
+	browse(t, ctx, "the disk removed",
+		chromedp.Click(chromedp.CSS(`#disks tr[data-disk="1"] button.remove`)),
+		confirm(),
+		chromedp.WaitNotPresent(chromedp.CSS(`#disks tr[data-disk="1"]`)),
+	)
+	if v := d.vm(t, "g"); len(v.Disks) != 1 {
+		t.Fatalf("after removing disk 1: %+v", v.Disks)
+	}
+
+	// Started from the page.
+	browse(t, ctx, "start", chromedp.Click(chromedp.CSS(`#power-buttons button[data-power="start"]`)),
+		until(`document.querySelector('#machines tr[data-vm="g"]').textContent.includes('running')`))
+	v := d.vm(t, "g")
+	if v.Power != api.PowerRunning || v.Runtime == nil || v.Runtime.Pid == 0 {
+		t.Fatalf("after start from the page: %q %+v", v.Power, v.Runtime)
+	}
+	pid := v.Runtime.Pid
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	consoleLog := v.Runtime.Console
+	iters := func() int {
+		b, _ := os.ReadFile(consoleLog)
+		c := string(b)
+		if strings.Contains(c, "GUEST-IO-ERROR") {
+			t.Fatalf("the guest saw an I/O error; console:\n%s", c)
+		}
+		return strings.Count(c, "ITER ")
+	}
+	waitIters := func(n int, what string) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Minute); iters() < n; time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				b, _ := os.ReadFile(consoleLog)
+				t.Fatalf("%s: the guest did not reach %d iterations; console:\n%s\ndaemon:\n%s", what, n, b, d.stderr)
+			}
+		}
+	}
+	waitIters(3, "after start")
+	browse(t, ctx, "pause, resume",
+		chromedp.Click(chromedp.CSS(`#power-buttons button[data-power="pause"]`)),
+		until(`document.querySelector('#machines tr[data-vm="g"]').textContent.includes('paused')`),
+		chromedp.Click(chromedp.CSS(`#power-buttons button[data-power="resume"]`)),
+		until(`document.querySelector('#machines tr[data-vm="g"]').textContent.includes('running')`),
+	)
+
+	// A checkpoint while it runs: the disk moves to an .avhdx.
+	browse(t, ctx, "checkpoint",
+		chromedp.Click(chromedp.CSS("#cp-create")),
+		chromedp.WaitVisible(chromedp.CSS("#ask-type")),
+		chromedp.SetValue(chromedp.CSS("#ask-type"), "crash"),
+		answer("first"),
+		chromedp.WaitVisible(chromedp.CSS(`li[data-cp-name="first"]`)),
+		until(`document.querySelector('#disks .running-on').textContent.endsWith('.avhdx')`),
+	)
+	n := iters()
+	waitIters(n+5, "on the checkpoint's .avhdx")
+	screenshot(t, ctx, shots, "guest-running-checkpoint")
+
+	// Deleted from the page: a live merge under the running guest.
+	browse(t, ctx, "delete the checkpoint",
+		chromedp.Click(chromedp.CSS(cpButton("first", "delete"))),
+		answer("0"),
+		chromedp.WaitVisible(chromedp.CSS(`.job[data-state="done"]`)),
+		until(`document.querySelector('#disks .running-on').textContent === 'disk0.vhdx'`),
+		chromedp.WaitNotPresent(chromedp.CSS(`li[data-cp-id]`)),
+	)
+	n = iters()
+	waitIters(n+5, "back on the .vhdx")
+	if v := d.vm(t, "g"); v.Power != api.PowerRunning || len(v.Disks[0].Chain) != 1 || filepath.Base(v.Disks[0].Path) != "disk0.vhdx" {
+		t.Fatalf("after the merge: power %q, disk %+v", v.Power, v.Disks[0])
+	}
+	wantTree(t, ctx, d, "g")
+	screenshot(t, ctx, shots, "guest-merged")
+
+	browse(t, ctx, "turn off",
+		chromedp.Click(chromedp.CSS(`#power-buttons button[data-power="stop"][data-turn-off]`)),
+		until(`document.querySelector('#machines tr[data-vm="g"]').textContent.includes('off')`),
+	)
+	if v := d.vm(t, "g"); v.Power != api.PowerOff {
+		t.Fatalf("after turn off: %q", v.Power)
+	}
+	c := dialNBD(t, d.nbd, "g")
+	got := make([]byte, len(pattern))
+	if _, err := c.ReadAt(got, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	wantPattern(t, got, 8<<20, 0x5a, "the guest's first write")
+	c.Close()
+	d.stop(t)
 }

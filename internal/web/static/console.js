@@ -31,6 +31,13 @@ function bytes(n) {
   return (i === 0 ? n : n.toFixed(n < 10 ? 2 : 1)) + " " + units[i];
 }
 
+// parseSize reads "20G", "512 MiB", "1.5T" or a number of bytes.
+function parseSize(text) {
+  const m = /^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*$/i.exec(text);
+  if (!m) return NaN;
+  return Math.round(Number(m[1]) * 1024 ** " KMGT".indexOf(m[2].toUpperCase() || " "));
+}
+
 function base(path) { return path ? path.split("/").pop() : ""; }
 
 // The CSRF token goes with every change (GET /session hands it out).
@@ -151,6 +158,12 @@ async function renderMachine(vm) {
     b.disabled = vm.state !== "serving" || !powerAllowed[b.dataset.power].includes(vm.power);
     if (b.dataset.power === "stop" && !b.dataset.turnOff && vm.power === "saved") b.disabled = true;
   }
+  $("#set-memory").disabled = $("#set-cpus").disabled = vm.power !== "off";
+  $("#disk-add").disabled = vm.state !== "serving";
+  const s = vm.settings || {};
+  $("#vm-settings").textContent = [`generation ${s.generation || 1}`, bytes((s.memory_mib || 0) * 1048576) + " memory",
+    `${s.cpus} CPU${s.cpus === 1 ? "" : "s"}`, `accel ${s.accel}`, s.kernel ? "kernel " + base(s.kernel) : "boots from disk 0",
+    s.cdrom ? "DVD " + base(s.cdrom) : null, `network ${s.network || "none"}`].filter(Boolean).join(" · ");
   const files = await Promise.all(vm.disks.map((d) => vm.state === "serving"
     ? call("GET", `/v1/vms/${esc(vm.name)}/disks/${d.index}`).catch(() => null) : null));
   if (changed("disks", [vm.disks, files])) $("#disks tbody").replaceChildren(...vm.disks.map((d, i) => el("tr", { "data-disk": d.index },
@@ -160,10 +173,35 @@ async function renderMachine(vm) {
     el("td", { class: "mono running-on" }, base(d.path)),
     el("td", { class: "mono" }, (files[i] ? files[i].files : (d.chain || []).map((p) => ({ path: p })))
       .map((f) => el("div", {}, base(f.path) + (f.allocated !== undefined ? ": " + bytes(f.allocated) : "")))),
-    el("td", {}, el("button", { class: "details", disabled: !d.export, onclick: () => { state.disk = d.index; renderDisk(); } }, "Details")),
+    el("td", {}, el("div", { class: "buttons" },
+      el("button", { class: "details", disabled: !d.export, onclick: () => { state.disk = d.index; renderDisk(); } }, "Details"),
+      el("button", { class: "remove", onclick: () => removeDisk(vm.name, d) }, "Remove"))),
   )));
   await renderTree(vm);
   if (state.disk !== null) renderDisk();
+}
+
+async function setting(field, text, unit) {
+  const vm = state.vms.find((v) => v.name === state.selected);
+  const cur = vm && vm.settings ? vm.settings[field] : "";
+  const v = await ask(`${text} of ${state.selected} (${unit}; the machine must be off):`, String(cur));
+  if (!v) return;
+  await act(() => call("PATCH", `/v1/vms/${esc(state.selected)}`, { [field]: Number(v) }));
+}
+
+async function addDisk() {
+  const size = await ask(`Size of a new disk for ${state.selected} (a dynamic VHDX: 20G, 512M, …):`, "");
+  if (!size) return;
+  if (!(parseSize(size) > 0)) { showError(`"${size}" is not a size`); return; }
+  await act(() => call("POST", `/v1/vms/${esc(state.selected)}/disks`, { size: parseSize(size) }));
+}
+
+async function removeDisk(vm, d) {
+  if (!await ask(`Remove disk ${d.index} (${base(d.path)}) from ${vm}? Its file stays.`)) return;
+  await act(async () => {
+    const out = await call("DELETE", `/v1/vms/${esc(vm)}/disks/${d.index}`);
+    showNotice(`Disk ${d.index} removed; its file ${out.path} stays.`);
+  });
 }
 
 function power(verb, turnOff) {
@@ -414,6 +452,9 @@ async function main() {
   ({ csrf } = await call("GET", "/session"));
   for (const b of document.querySelectorAll("#power-buttons button")) b.addEventListener("click", () => power(b.dataset.power, b.dataset.turnOff));
   $("#cp-create").addEventListener("click", createCp);
+  $("#disk-add").addEventListener("click", addDisk);
+  $("#set-memory").addEventListener("click", () => setting("memory_mib", "Memory", "MiB"));
+  $("#set-cpus").addEventListener("click", () => setting("cpus", "Virtual processors", "count"));
   const first = await call("GET", "/v1/vms").catch(() => []);
   if (first.length) state.selected = first[0].name;
   await refresh();

@@ -112,6 +112,10 @@ func ReadToken(file string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("console token file: %w", err)
 	}
+	// A token others can read is no secret.
+	if fi, err := os.Stat(file); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		return "", fmt.Errorf("console token file %s is mode %#o: others may read it; chmod 600 %s", file, fi.Mode().Perm(), file)
+	}
 	tok := strings.TrimSpace(string(b))
 	if len(tok) < 16 {
 		return "", fmt.Errorf("console token file %s: the token is %d characters, want at least 16", file, len(tok))

@@ -594,6 +594,25 @@ fetch(%q, {method: "POST", mode: "no-cors", credentials: "include", body: '{"nam
 	}
 	c2.Close()
 	screenshot(t, ctx, shots, "applied")
+
+	// Delete subtree: s1 and s2 under it go, the running state merging
+	// back into end's child.
+	browse(t, ctx, "two checkpoints",
+		chromedp.Click(chromedp.CSS("#cp-create")),
+		answer("s1"),
+		chromedp.WaitVisible(chromedp.CSS(`li[data-cp-name="s1"]`)),
+		chromedp.Click(chromedp.CSS("#cp-create")),
+		answer("s2"),
+		chromedp.WaitVisible(chromedp.CSS(`li[data-cp-name="s1"] li[data-cp-name="s2"]`)),
+	)
+	wantTree(t, ctx, d, "web")
+	browse(t, ctx, "delete subtree s1",
+		chromedp.Click(chromedp.CSS(cpButton("s1", "delete-subtree"))),
+		answer("0"),
+		chromedp.WaitNotPresent(chromedp.CSS(`li[data-cp-name="s1"]`)),
+		until(`document.querySelectorAll('.job[data-state="done"]').length === 3`),
+	)
+	wantTree(t, ctx, d, "web")
 	d.stop(t)
 }
 

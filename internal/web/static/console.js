@@ -119,6 +119,10 @@ async function refresh() {
   try {
     state.vms = await call("GET", "/v1/vms");
   } catch (err) { showError(err); return; }
+  if (!state.vms.some((v) => v.name === state.selected)) {
+    state.selected = state.vms.length ? state.vms[0].name : null;
+    state.disk = null;
+  }
   renderMachines();
   const vm = state.vms.find((v) => v.name === state.selected);
   if (vm) await renderMachine(vm);
@@ -455,8 +459,6 @@ async function main() {
   $("#disk-add").addEventListener("click", addDisk);
   $("#set-memory").addEventListener("click", () => setting("memory_mib", "Memory", "MiB"));
   $("#set-cpus").addEventListener("click", () => setting("cpus", "Virtual processors", "count"));
-  const first = await call("GET", "/v1/vms").catch(() => []);
-  if (first.length) state.selected = first[0].name;
   await refresh();
   connect();
 }

@@ -63,7 +63,7 @@ Examples:
 			sock := fs.String("nbd-socket", "", "serve NBD on the unix socket `PATH` (default DIR/nbd.sock)")
 			tcp := fs.String("nbd", "", "serve NBD on TCP `HOST:PORT` instead")
 			verbose := fs.Bool("verbose", false, "log debug messages too")
-			var con console
+			var con webConsole
 			fs.StringVar(&con.addr, "http", "", "serve the web console and the API on TCP `HOST:PORT` (port 0: any free port)")
 			fs.StringVar(&con.tokenFile, "http-token-file", "", "the console's token is in `FILE` (made with a new token if missing)")
 			return func(ctx context.Context, c *cli, args []string) error {
@@ -107,8 +107,8 @@ Examples:
 	}
 }
 
-// console says where serve runs the web console: on addr, "" for none.
-type console struct {
+// webConsole says where serve runs the web console: on addr, "" for none.
+type webConsole struct {
 	addr      string
 	tokenFile string
 	ready     func(url, token string) // called once it listens
@@ -116,7 +116,7 @@ type console struct {
 
 // serve runs a host on dir until ctx ends; ready is called once it
 // listens.
-func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, con console, log *slog.Logger, ready func(*host.Host, string)) (err error) {
+func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, con webConsole, log *slog.Logger, ready func(*host.Host, string)) (err error) {
 	if dir, err = filepath.Abs(dir); err != nil {
 		return err
 	}
@@ -208,7 +208,7 @@ func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, con console, log 
 
 // serveConsole serves the web console, with the API behind its token
 // check, on con.addr; it returns the console's URL and token.
-func serveConsole(con console, dir string, apiHandler http.Handler, h *host.Host, errc chan<- error) (ws *http.Server, url, token string, err error) {
+func serveConsole(con webConsole, dir string, apiHandler http.Handler, h *host.Host, errc chan<- error) (ws *http.Server, url, token string, err error) {
 	token = web.NewToken()
 	if con.tokenFile != "" {
 		if token, err = web.ReadToken(con.tokenFile); err != nil {

@@ -104,6 +104,9 @@ func loadState(dir string) (*state, error) {
 	if err := json.Unmarshal(b, &st); err != nil {
 		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, stateName), err)
 	}
+	if err := st.check(); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, stateName), err)
+	}
 	if st.JobSeq == 0 {
 		// A state from before jobs had their own counter: they shared
 		// Seq, so no job ID is above it.
@@ -114,6 +117,45 @@ func loadState(dir string) (*state, error) {
 		}
 	}
 	return &st, nil
+}
+
+// check refuses a state whose names would lead out of the data
+// directory: a machine's name is a folder below DIR/vms (which Open
+// sweeps of orphan files) and a checkpoint's ID part of file names. The
+// daemon writes only valid states; this is for a damaged or planted one.
+func (st *state) check() error {
+	names := map[string]bool{}
+	for i, m := range st.Machines {
+		if m == nil {
+			return fmt.Errorf("machine %d is null", i)
+		}
+		if !nameRE.MatchString(m.Name) {
+			return fmt.Errorf("machine %d: %q is not a machine name", i, m.Name)
+		}
+		if names[m.Name] {
+			return fmt.Errorf("two machines named %q", m.Name)
+		}
+		names[m.Name] = true
+		for _, d := range m.Disks {
+			if d == nil {
+				return fmt.Errorf("machine %s: a disk is null", m.Name)
+			}
+		}
+		for _, c := range m.Checkpoints {
+			if c == nil {
+				return fmt.Errorf("machine %s: a checkpoint is null", m.Name)
+			}
+			if n, err := strconv.ParseUint(c.ID, 10, 63); err != nil || n == 0 {
+				return fmt.Errorf("machine %s: checkpoint ID %q is not a positive number", m.Name, c.ID)
+			}
+		}
+	}
+	for i, j := range st.Jobs {
+		if j == nil {
+			return fmt.Errorf("job %d is null", i)
+		}
+	}
+	return nil
 }
 
 func (st *state) save(dir string) error {

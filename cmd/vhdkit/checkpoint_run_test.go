@@ -291,6 +291,16 @@ while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
 	lo, hi := before[len(before)-1], after[len(after)-1]
 	waitConsole(t, console, "counted on", func(c string) bool { return counts(c)[len(counts(c))-1] > hi+8 })
 	mark := len(counts(console()))
+	// Another NBD client than QEMU would see the disk revert under it:
+	// apply refuses before it turns the machine off, not after.
+	other := dialNBD(t, d.nbd, "g")
+	if _, stderr, err := d.try("checkpoint", "apply", "g", "s1"); err == nil || !strings.Contains(stderr, "besides its QEMU") {
+		t.Fatalf("apply with another NBD client connected: err %v, %s", err, stderr)
+	}
+	if p := d.vm(t, "g").Power; p != api.PowerRunning {
+		t.Fatalf("a refused apply left the machine %s", p)
+	}
+	other.Close()
 	out := d.cli(t, "checkpoint", "apply", "g", "s1")
 	if !strings.Contains(out, "now runs from checkpoint s1") || !strings.Contains(out, "is running") {
 		t.Fatalf("checkpoint apply: %s", out)

@@ -238,6 +238,15 @@ func (h *Host) ApplyCheckpoint(name, ref string, req api.ApplyCheckpoint) (*api.
 			return nil, err
 		}
 	}
+	// NBD clients besides QEMU would see the disks revert under them:
+	// refuse before turning the machine off rather than after.
+	if p := v.power(); !req.Force && (p == api.PowerRunning || p == api.PowerPaused) {
+		if n, per := h.clients(v); n > len(v.disks) {
+			h.mu.Unlock()
+			return nil, errorf(statusConflict, "machine %s has %d NBD %s connected besides its QEMU (%s): applying checkpoint %q would change the disks under them; disconnect them, or use --force to disconnect them first",
+				name, n-len(v.disks), plural(n-len(v.disks), "client", "clients"), per, c.Name)
+		}
+	}
 	if p := v.power(); req.Save && (p == api.PowerRunning || p == api.PowerPaused) {
 		if _, err := h.createCheckpoint(v, api.CreateCheckpoint{Name: req.SaveName}); err != nil {
 			h.mu.Unlock()

@@ -572,3 +572,39 @@ done
 		})
 	}
 }
+
+// TestServeVMSaveAfterCheckpoint: a machine paused, then given a
+// standard checkpoint, stays paused with QEMU in "postmigrate", which
+// writes no second stream until the guest runs; vm save then takes the
+// checkpoint's stream, its state still (QEMU refused it before: "paused
+// due to a previous migration"), and vm start runs the guest on from the
+// pause.
+func TestServeVMSaveAfterCheckpoint(t *testing.T) {
+	dir := shortTempDir(t)
+	d := startDaemon(t, filepath.Join(dir, "d"))
+	_, console := bootGuest(t, d, dir, "g", `i=0
+while true; do echo "COUNT $i"; i=$(( i + 1 )); usleep 200000; done
+`)
+	waitConsole(t, console, "counted", func(c string) bool { return len(counts(c)) > 5 })
+	d.cli(t, "vm", "pause", "g")
+	paused := counts(console())
+	last := paused[len(paused)-1]
+	if cp := d.createCheckpoint(t, "g", "--name", "s", "--type", "standard"); cp.Type != api.CheckpointStandard {
+		t.Fatalf("standard checkpoint of a paused machine: %+v", cp)
+	}
+	if out := d.cli(t, "vm", "save", "g"); !strings.Contains(out, "saved") {
+		t.Fatalf("vm save: %s", out)
+	}
+	n := len(counts(console()))
+	if n != len(paused) {
+		t.Fatalf("the paused guest counted on: %d lines, then %d", len(paused), n)
+	}
+	d.cli(t, "vm", "start", "g")
+	w := d.vm(t, "g")
+	t.Cleanup(func() { syscall.Kill(w.Runtime.Pid, syscall.SIGKILL) })
+	waitConsole(t, console, "counted after the start", func(c string) bool { return len(counts(c)) > n+2 })
+	if got := counts(console()); got[n] != last+1 {
+		t.Fatalf("after vm start the counter went on from %d; paused at %d", got[n], last)
+	}
+	d.cli(t, "vm", "stop", "g", "--turn-off")
+}

@@ -525,6 +525,7 @@ func (h *Host) SaveVM(ctx context.Context, name string) (*api.VM, error) {
 		return nil, err
 	}
 	wasPaused := v.power() == api.PowerPaused
+	last := v.lastStream(p)
 	v.run.power = api.PowerStopping
 	h.mu.Unlock()
 
@@ -534,8 +535,7 @@ func (h *Host) SaveVM(ctx context.Context, name string) (*api.VM, error) {
 	part, file := h.savedPart(name), h.savedFile(name)
 	err = p.Pause(ctx)
 	if err == nil {
-		os.Remove(part)
-		err = p.SaveState(ctx, part)
+		err = h.writeState(ctx, v, p, wasPaused, last, part)
 	}
 	if err == nil {
 		err = syncFile(part)

@@ -263,17 +263,46 @@ func (h *Host) thaw(v *vm, agent *vmm.Agent) error {
 // checkpoint). Its CPUs and devices have not run since, so that stream,
 // kept by the checkpoint the machine runs on when this QEMU wrote it, is
 // its state still: step 2 copies it. (Otherwise it is refused: resume.)
+// lastStream is the checkpoint whose memory stream QEMU p last wrote, if
+// the machine runs on it (a later checkpoint would be current; a deleted
+// one is gone): while p stays paused after writing a stream
+// ("postmigrate") QEMU writes no other, and that one is still its state.
+// The caller holds mu.
+func (v *vm) lastStream(p *vmm.Process) *checkpointState {
+	last := v.st.checkpoint(v.st.Current)
+	if last == nil || last.Kind.State == "" || last.Kind.Pid != p.Pid {
+		return nil
+	}
+	return last
+}
+
+// writeState writes the paused machine's memory and device state into
+// part: QEMU's migration stream or, for a machine paused since it wrote
+// one (postmigrate), a copy of last's, its state still.
+func (h *Host) writeState(ctx context.Context, v *vm, p *vmm.Process, wasPaused bool, last *checkpointState, part string) error {
+	os.Remove(part)
+	if wasPaused {
+		st, err := p.Status(ctx)
+		if err != nil {
+			return err
+		}
+		if st == "postmigrate" {
+			if last == nil {
+				return fmt.Errorf("machine %s has not run since its memory state was last written, and QEMU writes no other until it runs: resume it first (vhdkit vm resume %s)", v.st.Name, v.st.Name)
+			}
+			h.log.Info("a paused machine's state, unchanged since a checkpoint's stream, copied", "vm", v.st.Name, "from", last.Kind.State)
+			return copyFile(last.Kind.State, part)
+		}
+	}
+	return p.SaveState(ctx, part)
+}
+
 func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, wasPaused bool, id, name, note string) (*checkpointState, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), checkpointSaveTimeout)
 	defer cancel()
 	file := h.checkpointStatePath(v.st.Name, id)
 	part := file + ".part"
-	// The stream a postmigrate QEMU last wrote: its checkpoint is the one
-	// the machine runs on (a later one would be; a deleted one is not).
-	last := v.st.checkpoint(v.st.Current)
-	if last != nil && (last.Kind.State == "" || last.Kind.Pid != p.Pid) {
-		last = nil
-	}
+	last := v.lastStream(p)
 	h.mu.Unlock()
 	start := time.Now()
 	var err error
@@ -281,21 +310,7 @@ func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, wasPaused bool, id, nam
 		err = p.Pause(ctx)
 	}
 	if err == nil {
-		os.Remove(part)
-		var st string
-		if wasPaused {
-			st, err = p.Status(ctx)
-		}
-		switch {
-		case err != nil:
-		case st == "postmigrate" && last != nil:
-			h.log.Info("a paused machine's state, unchanged since a checkpoint's stream, copied", "vm", v.st.Name, "from", last.Kind.State)
-			err = copyFile(last.Kind.State, part)
-		case st == "postmigrate":
-			err = fmt.Errorf("machine %s has not run since its memory state was last written, and QEMU writes no other until it runs: resume it first (vhdkit vm resume %s)", v.st.Name, v.st.Name)
-		default:
-			err = p.SaveState(ctx, part)
-		}
+		err = h.writeState(ctx, v, p, wasPaused, last, part)
 	}
 	if err == nil {
 		err = syncFile(part)

@@ -613,6 +613,27 @@ fetch(%q, {method: "POST", mode: "no-cors", credentials: "include", body: '{"nam
 		until(`document.querySelectorAll('.job[data-state="done"]').length === 3`),
 	)
 	wantTree(t, ctx, d, "web")
+
+	// A machine made and deleted from the page, with its files.
+	browse(t, ctx, "a new machine",
+		chromedp.Click(chromedp.CSS("#vm-create")),
+		answer("extra"),
+		answer("16M"),
+		chromedp.WaitVisible(chromedp.CSS(`#machines tr[data-vm="extra"]`)),
+		until(`document.querySelector('#vm-name').textContent === 'extra' && document.querySelector('#disks tr[data-disk="0"]') !== null`),
+	)
+	if v := d.vm(t, "extra"); len(v.Disks) != 1 || v.Disks[0].Size != 16<<20 {
+		t.Fatalf("the machine made from the page: %+v", v.Disks)
+	}
+	browse(t, ctx, "delete it",
+		chromedp.Click(chromedp.CSS("#vm-delete")),
+		confirm(),
+		chromedp.WaitNotPresent(chromedp.CSS(`#machines tr[data-vm="extra"]`)),
+		until(`document.querySelector('#notice').textContent.includes('Machine extra deleted')`),
+	)
+	if _, err := os.Stat(filepath.Join(d.data, "vms", "extra")); !os.IsNotExist(err) {
+		t.Errorf("the deleted machine's folder: %v", err)
+	}
 	d.stop(t)
 }
 

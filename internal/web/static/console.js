@@ -158,12 +158,13 @@ async function renderMachine(vm) {
   const job = [...state.jobs.values()].find((j) => j.vm === vm.name && !finished(j));
   badge.textContent = vm.state + ", " + vm.power + (job ? ", merging (" + percent(job) + "%)" : "");
   badge.className = "badge " + vm.power;
-  for (const b of document.querySelectorAll("#power-buttons button")) {
+  for (const b of document.querySelectorAll("#power-buttons button[data-power]")) {
     b.disabled = vm.state !== "serving" || !powerAllowed[b.dataset.power].includes(vm.power);
     if (b.dataset.power === "stop" && !b.dataset.turnOff && vm.power === "saved") b.disabled = true;
   }
   $("#set-memory").disabled = $("#set-cpus").disabled = vm.power !== "off";
   $("#disk-add").disabled = vm.state !== "serving";
+  $("#vm-delete").disabled = !["off", "failed"].includes(vm.power);
   const s = vm.settings || {};
   $("#vm-settings").textContent = [`generation ${s.generation || 1}`, bytes((s.memory_mib || 0) * 1048576) + " memory",
     `${s.cpus} CPU${s.cpus === 1 ? "" : "s"}`, `accel ${s.accel}`, s.kernel ? "kernel " + base(s.kernel) : "boots from disk 0",
@@ -183,6 +184,39 @@ async function renderMachine(vm) {
   )));
   await renderTree(vm);
   if (state.disk !== null) renderDisk();
+}
+
+// createVM makes a machine with one new disk (paths, such as a kernel or
+// a file to attach, are not asked in the browser: vhdkit vm create).
+async function createVM() {
+  const name = await ask("Name of the new machine:", "");
+  if (!name) return;
+  const size = await ask(`Size of ${name}'s disk (a dynamic VHDX: 20G, 512M, …):`, "20G");
+  if (!size) return;
+  if (!(parseSize(size) > 0)) { showError(`"${size}" is not a size`); return; }
+  await act(async () => {
+    await call("POST", "/v1/vms", { name, disks: [parseSize(size)] });
+    state.selected = name;
+  });
+}
+
+// deleteVM deletes the selected machine and the files the daemon made
+// for it (attached files stay); with NBD clients connected it asks again.
+async function deleteVM() {
+  const vm = state.selected;
+  if (!await ask(`Delete machine ${vm} and the disk files vhdkit made for it (its checkpoints too; attached files stay)?`)) return;
+  const path = `/v1/vms/${esc(vm)}?delete_disks=1`;
+  await act(async () => {
+    let out;
+    try {
+      out = await call("DELETE", path);
+    } catch (err) {
+      if (!/NBD client/.test(err.message)) throw err;
+      if (!await ask(err.message.replace(/; disconnect them.*$/, "") + ". Disconnect them and delete?")) return;
+      out = await call("DELETE", path + "&force=1");
+    }
+    showNotice(`Machine ${vm} deleted: removed ${out.removed.length} files` + (out.kept.length ? `, kept ${out.kept.join(", ")}` : ""));
+  });
 }
 
 async function setting(field, text, unit) {
@@ -454,9 +488,11 @@ function connect() {
 
 async function main() {
   ({ csrf } = await call("GET", "/session"));
-  for (const b of document.querySelectorAll("#power-buttons button")) b.addEventListener("click", () => power(b.dataset.power, b.dataset.turnOff));
+  for (const b of document.querySelectorAll("#power-buttons button[data-power]")) b.addEventListener("click", () => power(b.dataset.power, b.dataset.turnOff));
   $("#cp-create").addEventListener("click", createCp);
   $("#disk-add").addEventListener("click", addDisk);
+  $("#vm-create").addEventListener("click", createVM);
+  $("#vm-delete").addEventListener("click", deleteVM);
   $("#set-memory").addEventListener("click", () => setting("memory_mib", "Memory", "MiB"));
   $("#set-cpus").addEventListener("click", () => setting("cpus", "Virtual processors", "count"));
   await refresh();

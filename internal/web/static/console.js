@@ -142,7 +142,7 @@ function renderMachines() {
     el("td", {}, v.current_name || el("span", { class: "muted" }, "none")),
     el("td", {}, v.disks.map((d) => el("div", { class: "mono" }, bytes(d.size) + " on " + base(d.path)))),
   )));
-  if (!state.vms.length) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No machines: vhdkit vm create NAME --disk SIZE")));
+  if (!state.vms.length) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No machines yet: New machine…, or vhdkit vm create NAME --disk SIZE")));
 }
 
 // Which power verbs a state allows (the daemon checks again).
@@ -183,7 +183,9 @@ async function renderMachine(vm) {
       el("button", { class: "remove", onclick: () => removeDisk(vm.name, d) }, "Remove"))),
   )));
   await renderTree(vm);
+  if (state.disk !== null && !vm.disks.some((d) => d.index === state.disk && d.export)) state.disk = null;
   if (state.disk !== null) renderDisk();
+  else $("#disk-pane").hidden = true;
 }
 
 // createVM makes a machine with one new disk (paths, such as a kernel or

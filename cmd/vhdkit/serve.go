@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -22,7 +24,7 @@ import (
 func serveCommand() *command {
 	return &command{
 		name:     "serve",
-		synopsis: "[--data DIR] [--nbd-socket PATH | --nbd HOST:PORT] [--http HOST:PORT [--http-token-file FILE]]",
+		synopsis: "[--data DIR] [--nbd-socket PATH | --nbd HOST:PORT] [--http HOST:PORT [--http-token-file FILE] [TLS flags]]",
 		summary:  "run the host daemon: machines, checkpoints, live merge, NBD exports",
 		help: `Runs the vhdkit host until SIGINT or SIGTERM. Its state (machines, disks,
 checkpoint trees, jobs) lives in DIR: --data, else $VHDKIT_DATA, else
@@ -48,9 +50,11 @@ TCP address: open http://HOST:PORT/ and log in with the token serve
 prints, or the one in --http-token-file FILE (made, mode 0600, with a new
 token when FILE does not exist). Scripts may send "Authorization: Bearer
 TOKEN". An address other than loopback needs --http-token-file: the
-console is the host's control plane, and its HTTP is not encrypted (put a
-TLS proxy in front of it). Checkpoint exports through the console go to
-DIR/exports.
+console is the host's control plane. --http-tls-cert and --http-tls-key
+serve it over HTTPS (otherwise it is plain HTTP: keep it on loopback or
+put a TLS proxy in front of it); --http-client-ca FILE also requires a
+client certificate signed by a CA in FILE, before the token. Checkpoint
+exports through the console go to DIR/exports.
 
 Examples:
   vhdkit serve --data /var/lib/vhdkit
@@ -66,6 +70,9 @@ Examples:
 			var con webConsole
 			fs.StringVar(&con.addr, "http", "", "serve the web console and the API on TCP `HOST:PORT` (port 0: any free port)")
 			fs.StringVar(&con.tokenFile, "http-token-file", "", "the console's token is in `FILE` (made with a new token if missing)")
+			fs.StringVar(&con.tlsCert, "http-tls-cert", "", "serve the console over HTTPS with the PEM certificate (chain) in `FILE`")
+			fs.StringVar(&con.tlsKey, "http-tls-key", "", "the PEM private key of --http-tls-cert in `FILE`")
+			fs.StringVar(&con.clientCA, "http-client-ca", "", "require client certificates signed by a PEM CA certificate in `FILE`")
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 0 {
 					return usagef("serve takes no arguments")
@@ -73,8 +80,14 @@ Examples:
 				if *sock != "" && *tcp != "" {
 					return usagef("--nbd-socket and --nbd exclude each other")
 				}
-				if con.tokenFile != "" && con.addr == "" {
-					return usagef("--http-token-file goes with --http")
+				if (con.tokenFile != "" || con.tlsCert != "" || con.tlsKey != "" || con.clientCA != "") && con.addr == "" {
+					return usagef("--http-token-file and the --http-tls flags go with --http")
+				}
+				if (con.tlsCert == "") != (con.tlsKey == "") {
+					return usagef("--http-tls-cert and --http-tls-key go together")
+				}
+				if con.clientCA != "" && con.tlsCert == "" {
+					return usagef("--http-client-ca needs --http-tls-cert and --http-tls-key")
 				}
 				if con.addr != "" && !web.Loopback(con.addr) && con.tokenFile == "" {
 					return usagef("--http %s is not a loopback address: anyone who reaches it gets the host's control plane; give --http-token-file FILE (and put TLS in front of it), or bind 127.0.0.1", con.addr)
@@ -111,7 +124,10 @@ Examples:
 type webConsole struct {
 	addr      string
 	tokenFile string
-	ready     func(url, token string) // called once it listens
+	// HTTPS: the server's certificate and key, and the CA client
+	// certificates must be signed by ("" for none).
+	tlsCert, tlsKey, clientCA string
+	ready                     func(url, token string) // called once it listens
 }
 
 // serve runs a host on dir until ctx ends; ready is called once it
@@ -225,6 +241,36 @@ func serveConsole(con webConsole, dir string, apiHandler http.Handler, h *host.H
 	}
 	ws = &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
 	ws.RegisterOnShutdown(h.StopStreams)
-	go func() { errc <- ws.Serve(l) }()
-	return ws, "http://" + l.Addr().String() + "/", token, nil
+	if con.tlsCert == "" {
+		go func() { errc <- ws.Serve(l) }()
+		return ws, "http://" + l.Addr().String() + "/", token, nil
+	}
+	if ws.TLSConfig, err = consoleTLS(con); err != nil {
+		l.Close()
+		return nil, "", "", err
+	}
+	go func() { errc <- ws.ServeTLS(l, "", "") }()
+	return ws, "https://" + l.Addr().String() + "/", token, nil
+}
+
+// consoleTLS is the console's TLS configuration: its certificate, and
+// with a client CA, client certificates required and verified.
+func consoleTLS(con webConsole) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(con.tlsCert, con.tlsKey)
+	if err != nil {
+		return nil, fmt.Errorf("console certificate: %w", err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if con.clientCA != "" {
+		pem, err := os.ReadFile(con.clientCA)
+		if err != nil {
+			return nil, fmt.Errorf("console client CA: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("console client CA %s: no PEM certificate in it", con.clientCA)
+		}
+		cfg.ClientCAs, cfg.ClientAuth = pool, tls.RequireAndVerifyClientCert
+	}
+	return cfg, nil
 }

@@ -4,10 +4,19 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	crand "crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"math/big"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -837,4 +846,152 @@ done
 	wantPattern(t, got, 8<<20, 0x5a, "the guest's first write")
 	c.Close()
 	d.stop(t)
+}
+
+// testPKI is a CA, a server certificate for 127.0.0.1 and a client
+// certificate it signed, and a client certificate it did not sign.
+type testPKI struct {
+	caFile, certFile, keyFile string
+	client, rogue             tls.Certificate
+	roots                     *x509.CertPool
+}
+
+func newTestPKI(t *testing.T, dir string) *testPKI {
+	t.Helper()
+	key := func() *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	sign := func(tmpl, parent *x509.Certificate, pub *ecdsa.PublicKey, signer *ecdsa.PrivateKey) *x509.Certificate {
+		tmpl.NotBefore, tmpl.NotAfter = time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour)
+		der, err := x509.CreateCertificate(crand.Reader, tmpl, parent, pub, signer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	pemOf := func(typ string, der []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}) }
+	write := func(name string, b []byte) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	caKey := key()
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"}, IsCA: true,
+		BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature}
+	ca := sign(caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	p := &testPKI{roots: x509.NewCertPool()}
+	p.roots.AddCert(ca)
+	p.caFile = write("ca.pem", pemOf("CERTIFICATE", ca.Raw))
+
+	srvKey := key()
+	srv := sign(&x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}, ca, &srvKey.PublicKey, caKey)
+	p.certFile = write("server.pem", pemOf("CERTIFICATE", srv.Raw))
+	kder, err := x509.MarshalPKCS8PrivateKey(srvKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.keyFile = write("server-key.pem", pemOf("PRIVATE KEY", kder))
+
+	clientCert := func(parent *x509.Certificate, signer *ecdsa.PrivateKey, serial int64) tls.Certificate {
+		k := key()
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: "operator"},
+			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+		if parent == nil {
+			parent, signer = tmpl, k
+		}
+		c := sign(tmpl, parent, &k.PublicKey, signer)
+		return tls.Certificate{Certificate: [][]byte{c.Raw}, PrivateKey: k}
+	}
+	p.client = clientCert(ca, caKey, 3)
+	p.rogue = clientCert(nil, nil, 4)
+	return p
+}
+
+// TestWebConsoleTLS: with --http-tls-cert/--http-tls-key the console is
+// HTTPS (the login cookie is Secure); with --http-client-ca a client
+// without a certificate, or with one the CA did not sign, is refused in
+// the handshake, and one with a good certificate still needs the token.
+func TestWebConsoleTLS(t *testing.T) {
+	dir := shortTempDir(t)
+	pki := newTestPKI(t, dir)
+	bin := vhdkitBinary(t)
+	if out, err := exec.Command(bin, "serve", "--data", filepath.Join(dir, "d"), "--http", "127.0.0.1:0", "--http-client-ca", pki.caFile).CombinedOutput(); err == nil || !strings.Contains(string(out), "--http-client-ca needs --http-tls-cert") {
+		t.Fatalf("client CA without a certificate: %v\n%s", err, out)
+	}
+	cmd := exec.Command(bin, "serve", "--data", filepath.Join(dir, "d"), "--http", "127.0.0.1:0",
+		"--http-tls-cert", pki.certFile, "--http-tls-key", pki.keyFile, "--http-client-ca", pki.caFile)
+	stdout, _ := cmd.StdoutPipe()
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	r := bufio.NewReader(stdout)
+	r.ReadString('\n')
+	line, _ := r.ReadString('\n')
+	f := strings.Fields(line)
+	if len(f) != 5 || f[1] != "console" || !strings.HasPrefix(f[2], "https://127.0.0.1:") {
+		t.Fatalf("serve printed %q; stderr:\n%s", line, &stderr)
+	}
+	consoleURL, token := f[2], f[4]
+	client := func(certs ...tls.Certificate) *http.Client {
+		return &http.Client{
+			Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pki.roots, Certificates: certs}},
+			// The login's redirect is not followed: its cookie is read.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		}
+	}
+	get := func(hc *http.Client, withToken bool) (int, error) {
+		req, _ := http.NewRequest("GET", consoleURL+"v1/vms", nil)
+		if withToken {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		resp.Body.Close()
+		return resp.StatusCode, nil
+	}
+	if st, err := get(client(pki.client), true); err != nil || st != http.StatusOK {
+		t.Fatalf("a good client certificate and the token: %d %v", st, err)
+	}
+	if st, err := get(client(pki.client), false); err != nil || st != http.StatusUnauthorized {
+		t.Errorf("a good client certificate without the token: %d %v", st, err)
+	}
+	if st, err := get(client(), true); err == nil {
+		t.Errorf("no client certificate: served %d", st)
+	}
+	if st, err := get(client(pki.rogue), true); err == nil {
+		t.Errorf("a client certificate the CA did not sign: served %d", st)
+	}
+	if resp, err := http.Get(strings.Replace(consoleURL, "https:", "http:", 1) + "v1/vms"); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			t.Errorf("plain HTTP on the HTTPS port: %s", resp.Status)
+		}
+	}
+	req, _ := http.NewRequest("POST", consoleURL+"login", strings.NewReader(url.Values{"token": {token}}.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	resp, err := client(pki.client).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if ck := resp.Cookies(); resp.StatusCode != http.StatusSeeOther || len(ck) != 1 || !ck[0].Secure || !ck[0].HttpOnly {
+		t.Fatalf("login over HTTPS: %s %+v", resp.Status, ck)
+	}
 }

@@ -114,10 +114,11 @@ func newBrowser(t *testing.T) context.Context {
 		chromedp.ExecPath(chromium),
 		chromedp.WindowSize(1280, 1000),
 		chromedp.Flag("disable-dev-shm-usage", true),
+		// Chromium refuses root without it, and CI containers often lack
+		// the user namespaces its sandbox needs; the browser only visits
+		// the test's own pages.
+		chromedp.NoSandbox,
 	)
-	if os.Geteuid() == 0 {
-		opts = append(opts, chromedp.NoSandbox) // Chromium refuses root otherwise
-	}
 	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
 	t.Cleanup(cancelAlloc)
 	ctx, cancel := chromedp.NewContext(actx, chromedp.WithLogf(t.Logf))

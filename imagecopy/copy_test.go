@@ -5,10 +5,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
-	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
@@ -271,34 +268,10 @@ func TestCopyClonesOnXFS(t *testing.T) {
 	if !bytes.Equal(readAll(t, dst), model) {
 		t.Fatal("the target differs from the source")
 	}
-	if shared := sharedBytes(t, filepath.Join(mnt, "dst.vhdx")); shared < 8<<20 {
+	if shared := testenv.SharedBytes(t, filepath.Join(mnt, "dst.vhdx")); shared < 8<<20 {
 		t.Fatalf("filefrag shows %d shared bytes in the target, want the cloned %d", shared, st.Cloned)
 	}
 	t.Logf("%+v", st)
-}
-
-// sharedBytes sums the extents of the file at path that filefrag -v
-// (FIEMAP) flags shared with another file.
-func sharedBytes(t testing.TB, path string) int64 {
-	t.Helper()
-	filefrag := testenv.Tool(t, "filefrag")
-	out, err := exec.Command(filefrag, "-v", "-b4096", path).CombinedOutput()
-	if err != nil {
-		t.Fatalf("filefrag -v %s: %v\n%s", path, err, out)
-	}
-	var shared int64
-	for _, line := range strings.Split(string(out), "\n") {
-		f := strings.Split(line, ":")
-		if len(f) < 5 || !strings.Contains(f[len(f)-1], "shared") {
-			continue
-		}
-		n, err := strconv.ParseInt(strings.TrimSpace(f[3]), 10, 64)
-		if err != nil {
-			t.Fatalf("filefrag line %q: %v", line, err)
-		}
-		shared += n * 4096
-	}
-	return shared
 }
 
 // TestCopyFixedTargetNotCloned: a fixed VHDX keeps blocks of its own (no
@@ -322,7 +295,7 @@ func TestCopyFixedTargetNotCloned(t *testing.T) {
 	if !bytes.Equal(readAll(t, dst), model) {
 		t.Fatal("the target differs from the source")
 	}
-	if shared := sharedBytes(t, filepath.Join(mnt, "fixed.vhdx")); shared != 0 {
+	if shared := testenv.SharedBytes(t, filepath.Join(mnt, "fixed.vhdx")); shared != 0 {
 		t.Fatalf("filefrag shows %d shared bytes in a fixed target", shared)
 	}
 }

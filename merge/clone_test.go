@@ -5,10 +5,7 @@ import (
 	"context"
 	"math/rand"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/internal/testenv"
@@ -69,7 +66,7 @@ func testMergeClones(t *testing.T, mnt string) {
 	if res.Copied != res.Moved.Total() {
 		t.Fatalf("result: %d bytes copied, %+v moved", res.Copied, res.Moved)
 	}
-	if shared := sharedBytes(t, base); shared < 16<<20 {
+	if shared := testenv.SharedBytes(t, base); shared < 16<<20 {
 		t.Fatalf("filefrag shows %d bytes of the base shared, want the %d cloned", shared, res.Moved.Cloned)
 	}
 	if got := content(t, base); !bytes.Equal(got, model) {
@@ -87,29 +84,4 @@ func testMergeClones(t *testing.T, mnt string) {
 		t.Error("7zz x of the merged base differs")
 	}
 	t.Logf("moved %+v, zeroed %d", res.Moved, res.Zeroed)
-}
-
-// sharedBytes sums the extents of the file at path that filefrag -v
-// (FIEMAP) flags shared with another file.
-func sharedBytes(t testing.TB, path string) int64 {
-	t.Helper()
-	filefrag := testenv.Tool(t, "filefrag")
-	out, err := exec.Command(filefrag, "-v", "-b4096", path).CombinedOutput()
-	if err != nil {
-		t.Fatalf("filefrag -v %s: %v\n%s", path, err, out)
-	}
-	var shared int64
-	for _, line := range strings.Split(string(out), "\n") {
-		// "   0:        0..     255:      24832..     25087:    256:             shared"
-		f := strings.Split(line, ":")
-		if len(f) < 5 || !strings.Contains(f[len(f)-1], "shared") {
-			continue
-		}
-		n, err := strconv.ParseInt(strings.TrimSpace(f[3]), 10, 64)
-		if err != nil {
-			t.Fatalf("filefrag line %q: %v", line, err)
-		}
-		shared += n * 4096
-	}
-	return shared
 }

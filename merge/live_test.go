@@ -513,7 +513,7 @@ func TestLiveMergeClonesOnXFS(t *testing.T) {
 	if err := m.Complete(nil); err != nil {
 		t.Fatal(err)
 	}
-	if shared := sharedBytes(t, base); shared < 8<<20 {
+	if shared := testenv.SharedBytes(t, base); shared < 8<<20 {
 		t.Fatalf("filefrag shows %d bytes of the target shared with the leaf", shared)
 	}
 	if err := os.Remove(top); err != nil {

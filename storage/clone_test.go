@@ -5,10 +5,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/internal/testenv"
@@ -112,34 +109,9 @@ func TestCopyRangeClonesOnXFS(t *testing.T) {
 	if moved.Copied != 8192-100 {
 		t.Fatalf("copied %d bytes through memory, want the %d past src's end (%+v)", moved.Copied, 8192-100, moved)
 	}
-	if shared := sharedBytes(t, filepath.Join(mnt, "dst")); shared < wantCloned {
+	if shared := testenv.SharedBytes(t, filepath.Join(mnt, "dst")); shared < wantCloned {
 		t.Fatalf("filefrag shows %d shared bytes in the target, want at least %d", shared, wantCloned)
 	}
-}
-
-// sharedBytes sums the extents of the file at path that filefrag -v
-// (FIEMAP) flags shared with another file.
-func sharedBytes(t testing.TB, path string) int64 {
-	t.Helper()
-	filefrag := testenv.Tool(t, "filefrag")
-	out, err := exec.Command(filefrag, "-v", "-b4096", path).CombinedOutput()
-	if err != nil {
-		t.Fatalf("filefrag -v %s: %v\n%s", path, err, out)
-	}
-	var shared int64
-	for _, line := range strings.Split(string(out), "\n") {
-		// "   0:        0..     255:      24832..     25087:    256:             shared"
-		f := strings.Split(line, ":")
-		if len(f) < 5 || !strings.Contains(f[len(f)-1], "shared") {
-			continue
-		}
-		n, err := strconv.ParseInt(strings.TrimSpace(f[3]), 10, 64)
-		if err != nil {
-			t.Fatalf("filefrag line %q: %v", line, err)
-		}
-		shared += n * 4096
-	}
-	return shared
 }
 
 func TestCopyRangeMemFile(t *testing.T) {

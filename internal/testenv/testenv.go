@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -79,4 +80,29 @@ func Allocated(t testing.TB, path string) (allocated, size int64) {
 		t.Fatal(err)
 	}
 	return st.Blocks * 512, st.Size
+}
+
+// SharedBytes sums the extents of the file at path that filefrag -v
+// (FIEMAP) flags shared with another file: what a clone left in common.
+func SharedBytes(t testing.TB, path string) int64 {
+	t.Helper()
+	filefrag := Tool(t, "filefrag")
+	out, err := exec.Command(filefrag, "-v", "-b4096", path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("filefrag -v %s: %v\n%s", path, err, out)
+	}
+	var shared int64
+	for _, line := range strings.Split(string(out), "\n") {
+		// "   0:        0..     255:      24832..     25087:    256:             shared"
+		f := strings.Split(line, ":")
+		if len(f) < 5 || !strings.Contains(f[len(f)-1], "shared") {
+			continue
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(f[3]), 10, 64)
+		if err != nil {
+			t.Fatalf("filefrag line %q: %v", line, err)
+		}
+		shared += n * 4096
+	}
+	return shared
 }

@@ -23,5 +23,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 go test ./cmd/vhdkit -run '^$' -bench 'BenchmarkMachine' -benchtime 1x -timeout 30m -v |
-	awk '/^Benchmark[^ ]* +[0-9]+ / { print $1; for (i = 3; i < NF; i += 2) printf "    %-28s %s\n", $(i + 1), $i; next }
+	awk '/^Benchmark[^[:space:]]*[[:space:]]+[0-9]+[[:space:]]/ { print $1; for (i = 3; i < NF; i += 2) printf "    %-28s %s\n", $(i + 1), $i; next }
 		/machine_bench_test|^(ok|FAIL|---)/ { print }'

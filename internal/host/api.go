@@ -120,7 +120,7 @@ func (h *Host) Handler() http.Handler {
 		return h.DiskDetails(r.PathValue("vm"), i, flagSet(r.URL.Query().Get("map")))
 	})
 	handle("GET /v1/events", func(r *http.Request) (any, error) {
-		after, err := eventCursor(r)
+		after, err := h.eventCursor(r)
 		if err != nil {
 			return nil, err
 		}

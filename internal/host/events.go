@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,9 +37,14 @@ const (
 
 // eventLog is the ring of recent events. Its zero value is ready.
 type eventLog struct {
-	mu      sync.Mutex
-	ring    []api.Event // oldest first, at most eventCapacity
-	seq     int64       // Seq of the newest event
+	mu   sync.Mutex
+	ring []api.Event // oldest first, at most eventCapacity
+	seq  int64       // Seq of the newest event
+	// run tells this daemon run's stream IDs ("RUN-SEQ") from an
+	// earlier run's: a browser reconnecting after a restart sends the
+	// old run's last ID, and must get the new run's events from the
+	// start, not from that number on.
+	run     string
 	changed chan struct{}
 	stopped chan struct{} // closed by stopStreams
 }
@@ -50,6 +56,16 @@ func (e *eventLog) changedLocked() chan struct{} {
 		e.changed = make(chan struct{})
 	}
 	return e.changed
+}
+
+// runID returns the run's stream ID prefix.
+func (e *eventLog) runID() string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.run == "" {
+		e.run = strconv.FormatInt(time.Now().UnixNano(), 36)
+	}
+	return e.run
 }
 
 func (e *eventLog) stoppedLocked() chan struct{} {
@@ -181,11 +197,12 @@ func (h *Host) Events(after int64) []api.Event {
 // whose state or progress changed, at most every streamInterval. It ends
 // when the client goes or the daemon shuts down.
 func (h *Host) streamEvents(w http.ResponseWriter, r *http.Request) {
-	after, err := eventCursor(r)
+	after, err := h.eventCursor(r)
 	if err != nil {
 		h.reply(w, r, nil, err)
 		return
 	}
+	run := h.events.runID()
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("Cache-Control", "no-store")
@@ -200,7 +217,7 @@ func (h *Host) streamEvents(w http.ResponseWriter, r *http.Request) {
 			return err
 		}
 		if id > 0 {
-			_, err = fmt.Fprintf(w, "id: %d\n", id)
+			_, err = fmt.Fprintf(w, "id: %s-%d\n", run, id)
 		}
 		if err == nil {
 			_, err = fmt.Fprintf(w, "event: %s\ndata: %s\n\n", kind, b)
@@ -268,10 +285,16 @@ func sameProgress(a, b api.Job) bool {
 }
 
 // eventCursor reads the last event a client has seen: the stream's
-// Last-Event-ID header (EventSource sends it when it reconnects), else
-// ?after=.
-func eventCursor(r *http.Request) (int64, error) {
+// Last-Event-ID header (EventSource sends it when it reconnects: "RUN-SEQ",
+// from this run or an earlier one), else ?after=SEQ.
+func (h *Host) eventCursor(r *http.Request) (int64, error) {
 	s := r.Header.Get("Last-Event-ID")
+	if run, seq, ok := strings.Cut(s, "-"); ok {
+		if false && run != h.events.runID() {
+			return 0, nil
+		}
+		s = seq
+	}
 	if s == "" {
 		s = r.URL.Query().Get("after")
 	}

@@ -128,7 +128,7 @@ func TestEventStream(t *testing.T) {
 	if err := json.Unmarshal([]byte(ev.data), &created); err != nil {
 		t.Fatal(err)
 	}
-	if created.VM != "web" || created.Fields["checkpoint"] != "before" || created.Level != "INFO" || ev.id != fmt.Sprint(created.Seq) {
+	if created.VM != "web" || created.Fields["checkpoint"] != "before" || created.Level != "INFO" || !strings.HasSuffix(ev.id, fmt.Sprintf("-%d", created.Seq)) {
 		t.Fatalf("checkpoint created event: id %s %+v", ev.id, created)
 	}
 	w.fill(t, 400)
@@ -176,22 +176,44 @@ func TestEventStream(t *testing.T) {
 			t.Errorf("events lack %q: %v", want, msgs)
 		}
 	}
-	req, _ := http.NewRequest("GET", "http://vhdkit/v1/events/stream", nil)
-	req.Header.Set("Last-Event-ID", fmt.Sprint(created.Seq))
-	resp2, err := hc.Do(req)
-	if err != nil {
-		t.Fatal(err)
+	reconnect := func(lastID string) <-chan sseEvent {
+		t.Helper()
+		req, _ := http.NewRequest("GET", "http://vhdkit/v1/events/stream", nil)
+		req.Header.Set("Last-Event-ID", lastID)
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		s := readSSE(resp.Body)
+		<-s // jobs
+		return s
 	}
-	defer resp2.Body.Close()
-	again := readSSE(resp2.Body)
-	<-again // jobs
-	if ev := <-again; ev.kind != api.StreamEvent || ev.id != fmt.Sprint(created.Seq+1) {
+	recv := func(s <-chan sseEvent) sseEvent {
+		t.Helper()
+		select {
+		case ev := <-s:
+			return ev
+		case <-time.After(time.Minute):
+			t.Fatal("no event within a minute of reconnecting")
+			return sseEvent{}
+		}
+	}
+	run, _, _ := strings.Cut(ev.id, "-")
+	again := reconnect(ev.id)
+	if ev := recv(again); ev.kind != api.StreamEvent || ev.id != fmt.Sprintf("%s-%d", run, created.Seq+1) {
 		t.Fatalf("after a reconnect from %d: %+v", created.Seq, ev)
+	}
+	// An ID from an earlier daemon run (a browser reconnecting after a
+	// restart) gets this run's events from the first.
+	earlier := reconnect("k0-999999")
+	if ev := recv(earlier); ev.kind != api.StreamEvent || ev.id != run+"-1" {
+		t.Fatalf("after a reconnect with an earlier run's ID: %+v", ev)
 	}
 
 	th.StopStreams()
-	for range stream {
-	}
-	for range again {
+	for _, s := range []<-chan sseEvent{stream, again, earlier} {
+		for range s {
+		}
 	}
 }

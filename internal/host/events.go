@@ -290,7 +290,7 @@ func sameProgress(a, b api.Job) bool {
 func (h *Host) eventCursor(r *http.Request) (int64, error) {
 	s := r.Header.Get("Last-Event-ID")
 	if run, seq, ok := strings.Cut(s, "-"); ok {
-		if false && run != h.events.runID() {
+		if run != h.events.runID() {
 			return 0, nil
 		}
 		s = seq

@@ -13,7 +13,9 @@ import (
 // as they happen, as server-sent events.
 type Event struct {
 	// Seq numbers events from 1 in the order they happened, per daemon
-	// run; ?after=SEQ (or the stream's Last-Event-ID) skips the ones seen.
+	// run; ?after=SEQ skips the ones seen. The stream's event IDs are
+	// RUN-SEQ, so that a reconnect (Last-Event-ID) after a daemon restart
+	// starts from the new run's first event.
 	Seq     int64     `json:"seq"`
 	Time    time.Time `json:"time"`
 	Level   string    `json:"level"` // INFO, WARN or ERROR

@@ -736,6 +736,9 @@ const bigPiece = 1 << 30
 
 // Trim discards [off, off+length).
 func (c *Client) Trim(off, length int64) error {
+	if err := disk.CheckRange(off, length, c.size); err != nil {
+		return err
+	}
 	return c.pieces(off, length, bigPiece, func(o, n int64) (*call, error) {
 		return c.startCall(CmdTrim, 0, o, n, nil, nil)
 	})
@@ -744,6 +747,9 @@ func (c *Client) Trim(off, length int64) error {
 // Zero makes [off, off+length) read as zeros, with command flags
 // (CmdFlagNoHole, CmdFlagFastZero, CmdFlagFUA).
 func (c *Client) Zero(off, length int64, flags uint16) error {
+	if err := disk.CheckRange(off, length, c.size); err != nil {
+		return err
+	}
 	return c.pieces(off, length, bigPiece, func(o, n int64) (*call, error) {
 		return c.startCall(CmdWriteZeroes, flags, o, n, nil, nil)
 	})
@@ -760,6 +766,9 @@ func (c *Client) WriteZeroes(off, length int64, mayUnmap bool) error {
 
 // Cache tells the server [off, off+length) will be read soon.
 func (c *Client) Cache(off, length int64) error {
+	if err := disk.CheckRange(off, length, c.size); err != nil {
+		return err
+	}
 	return c.pieces(off, length, bigPiece, func(o, n int64) (*call, error) {
 		return c.startCall(CmdCache, 0, o, n, nil, nil)
 	})

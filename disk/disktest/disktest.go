@@ -54,6 +54,9 @@ type Harness struct {
 	// trim may expose the parent. Otherwise trimmed ranges must read as
 	// zeros. Either way the value must then stay put.
 	TrimUnspecified bool
+	// HoleDepthUnknown takes a hole's Depth of 0: an image that cannot
+	// know its chain's length (an NBD client) reports holes so.
+	HoleDepthUnknown bool
 }
 
 // Run runs the suite over h as subtests of t.

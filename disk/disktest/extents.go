@@ -32,7 +32,7 @@ func (fx *fixture) extents(ext disk.Extenter, off, n int64, what string) []disk.
 			fail(i, "length outside (0, %d]", end-pos)
 		case e.Type > disk.Hole:
 			fail(i, "unknown type")
-		case e.Depth < 0 || e.Type == disk.Hole && e.Depth < 1:
+		case e.Depth < 0 || e.Type == disk.Hole && e.Depth < 1 && !fx.h.HoleDepthUnknown:
 			fail(i, "bad depth (a hole's depth is the number of layers)")
 		case i > 0 && list[i-1].Type == e.Type && list[i-1].Depth == e.Depth:
 			fail(i, "not merged with the previous extent of the same type and depth")

@@ -36,8 +36,8 @@ func escapes(c *corpus) error {
 		name, note string
 		image      string
 		fs         func(outside string) files // the case's own files, given the decoy folder's absolute path
-		outside    files                     // the decoy folder's files
-		links      map[string]string         // symbolic links in the case's folder: name -> target
+		outside    files                      // the decoy folder's files
+		links      map[string]string          // symbolic links in the case's folder: name -> target
 	}
 	winAbs := func(p string) string { return strings.ReplaceAll(p, "/", `\`) }
 	vloc := func(kv ...string) []byte {

@@ -19,8 +19,8 @@ const (
 
 	// footer fields
 	ftFeatures, ftVersion, ftDataOffset, ftCreatorApp = 8, 12, 16, 28
-	ftOriginalSize, ftCurrentSize, ftGeometry          = 40, 48, 56
-	ftDiskType, ftChecksum, ftUniqueID, ftSavedState   = 60, 64, 68, 84
+	ftOriginalSize, ftCurrentSize, ftGeometry         = 40, 48, 56
+	ftDiskType, ftChecksum, ftUniqueID, ftSavedState  = 60, 64, 68, 84
 
 	// dynamic header fields
 	dhTableOffset, dhVersion, dhMaxEntries, dhBlockSize = 16, 24, 28, 32
@@ -40,8 +40,12 @@ func vhdSum(s []byte, at int) uint32 {
 	return ^sum
 }
 
-func sealFooter(f []byte) { binary.BigEndian.PutUint32(f[ftChecksum:], vhdSum(f[:vhdFooterSize], ftChecksum)) }
-func sealHeader(h []byte) { binary.BigEndian.PutUint32(h[dhChecksum:], vhdSum(h[:vhdHeaderSize], dhChecksum)) }
+func sealFooter(f []byte) {
+	binary.BigEndian.PutUint32(f[ftChecksum:], vhdSum(f[:vhdFooterSize], ftChecksum))
+}
+func sealHeader(h []byte) {
+	binary.BigEndian.PutUint32(h[dhChecksum:], vhdSum(h[:vhdHeaderSize], dhChecksum))
+}
 
 // vhdLayout is where a valid seed keeps its structures.
 type vhdLayout struct {
@@ -242,7 +246,10 @@ func vhdSingleFile(c *corpus) error {
 		}
 	}
 	fft := fl.footers
-	for _, m := range []struct{ name, note string; edit func([]byte) }{
+	for _, m := range []struct {
+		name, note string
+		edit       func([]byte)
+	}{
 		{"fixed-size-max", "a fixed image of 1 MiB whose footer says 2040 GiB", fft(u64(ftCurrentSize, vhd.MaxSize))},
 		{"fixed-size-more", "a fixed image of 1 MiB whose footer says 2 MiB", fft(u64(ftCurrentSize, 2<<20))},
 		{"fixed-type-dynamic", "a fixed image whose footer says dynamic, header at 0", fft(func(f []byte) { be.PutUint32(f[ftDiskType:], uint32(vhd.Dynamic)); be.PutUint64(f[ftDataOffset:], 512) })},

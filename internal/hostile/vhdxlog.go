@@ -46,7 +46,10 @@ func vhdxLog(c *corpus) error {
 		}
 	}
 	slotEnd := l.logOff + l.logLen - at
-	ms := []struct{ name, note string; edit func([]byte) }{
+	ms := []struct {
+		name, note string
+		edit       func([]byte)
+	}{
 		{"entry-length-slot", "entry length to the end of the log, CRC over it", entry(slotEnd, func(e []byte) { le.PutUint32(e[leLength:], uint32(slotEnd)) })},
 		{"entry-length-max", "entry length 2^32 - 4 KiB (CRC left as it was)", func(b []byte) { le.PutUint32(b[at+leLength:], 0xFFFFF000) }},
 		{"entry-length-0", "entry length 0", entry(0, func(e []byte) { le.PutUint32(e[leLength:], 0) })},

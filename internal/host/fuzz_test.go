@@ -76,6 +76,7 @@ func FuzzState(f *testing.F) {
 	f.Add(real)
 	f.Add(bytes.ReplaceAll(real, []byte(`"name": "web"`), []byte(`"name": "../../outside"`)))
 	f.Add(bytes.ReplaceAll(real, []byte(`"name": "web"`), []byte(`"name": ""`)))
+	f.Add(bytes.ReplaceAll(real, []byte(`"kind": {`), []byte(`"kind": {"type": "standard", "state": "../outside/decoy.avhdx",`)))
 	f.Add([]byte(`{"machines":[{"name":"..","disks":[]},{"name":"a","disks":[{"leaf":"","size":-1}]}],"seq":-5}`))
 	f.Add([]byte(`{"machines":null,"jobs":[{"id":"1","vm":"nope","targets":["9"],"step":{"kind":"live","top":"/","target":"/"}}]}`))
 	f.Fuzz(func(t *testing.T, state []byte) {
@@ -192,3 +193,34 @@ func httpBody(b []byte) *bodyReader { return &bodyReader{bytes.NewReader(b)} }
 type bodyReader struct{ *bytes.Reader }
 
 func (bodyReader) Close() error { return nil }
+
+// TestStateRefusesEscapes: a state.json naming a machine folder outside
+// DIR/vms, or a checkpoint's memory state file (deleted with the
+// checkpoint) other than the one the host names, is refused at Open with
+// the reason.
+func TestStateRefusesEscapes(t *testing.T) {
+	real := realState(t)
+	for _, c := range []struct{ name, from, to, want string }{
+		{"machine name", `"name": "web"`, `"name": "../../x"`, `"../../x" is not a machine name`},
+		{"state file", `"kind": {`, `"kind": {"type": "standard", "state": "/etc/passwd",`, `state file "/etc/passwd" is not`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			data := t.TempDir()
+			planted := bytes.Replace(real, []byte(c.from), []byte(c.to), 1)
+			if bytes.Equal(planted, real) {
+				t.Fatalf("the real state has no %s", c.from)
+			}
+			if err := os.WriteFile(filepath.Join(data, stateName), planted, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			h, err := Open(data, Options{})
+			if err == nil {
+				h.Close()
+				t.Fatal("Open took the state")
+			}
+			if !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("Open: %v, want %q", err, c.want)
+			}
+		})
+	}
+}

@@ -104,7 +104,7 @@ func loadState(dir string) (*state, error) {
 	if err := json.Unmarshal(b, &st); err != nil {
 		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, stateName), err)
 	}
-	if err := st.check(); err != nil {
+	if err := st.check(dir); err != nil {
 		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, stateName), err)
 	}
 	if st.JobSeq == 0 {
@@ -120,10 +120,12 @@ func loadState(dir string) (*state, error) {
 }
 
 // check refuses a state whose names would lead out of the data
-// directory: a machine's name is a folder below DIR/vms (which Open
-// sweeps of orphan files) and a checkpoint's ID part of file names. The
-// daemon writes only valid states; this is for a damaged or planted one.
-func (st *state) check() error {
+// directory dir: a machine's name is a folder below DIR/vms (which Open
+// sweeps of orphan files), a checkpoint's ID part of file names, and a
+// standard checkpoint's state file, which is deleted with it, must be
+// the one checkpointStatePath names. The daemon writes only valid
+// states; this is for a damaged or planted one.
+func (st *state) check(dir string) error {
 	names := map[string]bool{}
 	for i, m := range st.Machines {
 		if m == nil {
@@ -147,6 +149,9 @@ func (st *state) check() error {
 			}
 			if n, err := strconv.ParseUint(c.ID, 10, 63); err != nil || n == 0 {
 				return fmt.Errorf("machine %s: checkpoint ID %q is not a positive number", m.Name, c.ID)
+			}
+			if want := filepath.Join(dir, "vms", m.Name, "cp"+c.ID+stateExt); c.Kind.State != "" && c.Kind.State != want {
+				return fmt.Errorf("machine %s: checkpoint %s's state file %q is not %s", m.Name, c.ID, c.Kind.State, want)
 			}
 		}
 	}

@@ -47,10 +47,14 @@
 // the caller may close it.
 //
 // What one client can cost is bounded: the payload bytes and block status
-// replies a connection holds count against its memory limit, a
-// BLOCK_STATUS asks the image about no more than its reply can carry
-// (with REQ_ONE, about its first extent), and requests read from a
-// connection that has died are dropped, not executed.
+// replies a connection holds count against its memory limit
+// (Server.ConnMemory, 64 MiB), a BLOCK_STATUS asks the image about no
+// more than its reply can carry (with REQ_ONE, about its first extent),
+// the handshake has a deadline (HandshakeTimeout, 30 s), and requests read
+// from a connection that has died are dropped, not executed. What all
+// clients together can cost is bounded too: at most MaxConns (1024)
+// connections are served at once, further ones closed before the
+// greeting; an idle connection holds about 70 KiB.
 //
 // Requests a hostile or buggy client gets wrong are answered with the
 // protocol's errors: EINVAL (unknown command or flag, misaligned, read or

@@ -19,6 +19,10 @@ import (
 // ErrServerClosed is returned by Serve and ServeConn after Shutdown or Close.
 var ErrServerClosed = errors.New("nbd: server closed")
 
+// ErrTooManyConnections is ServeConn's error for a connection beyond
+// Server.MaxConns, closed before the greeting.
+var ErrTooManyConnections = errors.New("nbd: too many connections")
+
 // Export is one named disk offered by a Server.
 type Export struct {
 	// Name is what clients ask for. The empty name is the default export
@@ -157,6 +161,12 @@ type Server struct {
 	// are made from) held by one connection; 0 means 64 MiB. Values
 	// below MaxPayload are raised to it.
 	ConnMemory int
+	// MaxConns bounds the connections served at once; 0 means 1024.
+	// One more is closed before the greeting (clients see the
+	// connection end) and logged. With ConnMemory it bounds what all
+	// clients together can make the server hold: MaxConns × ConnMemory
+	// of payload, plus about 200 KiB of buffers and goroutines each.
+	MaxConns int
 
 	mu        sync.Mutex
 	exports   map[string]*export
@@ -310,6 +320,13 @@ func (s *Server) workers() int {
 	return 16
 }
 
+func (s *Server) maxConns() int {
+	if s.MaxConns > 0 {
+		return s.MaxConns
+	}
+	return 1024
+}
+
 func (s *Server) connMemory() int64 {
 	n := int64(s.ConnMemory)
 	if n == 0 {
@@ -366,9 +383,12 @@ func (s *Server) ServeConn(c net.Conn) error {
 		return errors.New("nbd: TLSRequired without TLSConfig")
 	}
 	cn := newConn(s, c)
-	if !s.trackConn(cn, true) {
+	if err := s.trackConn(cn, true); err != nil {
+		if errors.Is(err, ErrTooManyConnections) {
+			s.logger().Warn("nbd: connection refused", "remote", remoteName(c), "connections", s.maxConns())
+		}
 		c.Close()
-		return ErrServerClosed
+		return err
 	}
 	defer s.trackConn(cn, false)
 	err := cn.serve()
@@ -414,18 +434,21 @@ func (s *Server) trackListener(l net.Listener, add bool) bool {
 	return true
 }
 
-func (s *Server) trackConn(c *conn, add bool) bool {
+func (s *Server) trackConn(c *conn, add bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if add {
 		if s.closing.Load() {
-			return false
+			return ErrServerClosed
+		}
+		if len(s.conns) >= s.maxConns() {
+			return ErrTooManyConnections
 		}
 		if s.conns == nil {
 			s.conns = make(map[*conn]struct{})
 		}
 		s.conns[c] = struct{}{}
-		return true
+		return nil
 	}
 	delete(s.conns, c)
 	close(c.done)
@@ -433,7 +456,7 @@ func (s *Server) trackConn(c *conn, add bool) bool {
 		close(s.idle)
 		s.idle = nil
 	}
-	return true
+	return nil
 }
 
 // beginClose stops accepting and returns the live connections.

@@ -27,6 +27,27 @@ func Check(path string, repair bool) ([]Problem, error) {
 	return check(path, repair, OpenOptions{ReadOnly: true})
 }
 
+// CheckOptions control CheckWith.
+type CheckOptions struct {
+	// Repair rewrites a damaged footer or geometry, as Check's repair.
+	Repair bool
+	// ForceShare checks a file that may be in use, without repair (see
+	// CheckForceShare).
+	ForceShare bool
+	// ParentDirs, when not empty, confines the parents followed to these
+	// folders, as OpenOptions.ParentDirs: a parent elsewhere is not opened
+	// and is reported. The locators are written by whoever made the file.
+	ParentDirs []string
+}
+
+// CheckWith is Check with options.
+func CheckWith(path string, opts CheckOptions) ([]Problem, error) {
+	if opts.ForceShare && opts.Repair {
+		return nil, fmt.Errorf("vhd: %s: ForceShare checks without repair", path)
+	}
+	return check(path, opts.Repair, OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs})
+}
+
 // CheckForceShare is Check without repair of a file that may be in use:
 // it opens the file and its chain without refusing their other users (see
 // storage.OpenForceShare), so a file being written may show problems that

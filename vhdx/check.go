@@ -130,7 +130,8 @@ var ruleSpec = map[Rule]string{
 
 // Check validates the image at path against every rule of MS-VHDX that can
 // be checked in a file (see Rule), follows a differencing image to its
-// parent, and returns what it found; no Problem means valid. A pending log
+// parent (wherever its locators lead: CheckWith confines them), and
+// returns what it found; no Problem means valid. A pending log
 // is checked, then everything after it is checked as the log's replay
 // leaves it (a RulePendingLog problem says a replay is due). With repair, a
 // pending log is replayed into the file first. The error is for failures
@@ -141,20 +142,51 @@ var ruleSpec = map[Rule]string{
 // validated only up to 64 MiB, and each rule reports at most a few dozen
 // findings, then how many more there were.
 func Check(path string, repair bool) ([]Problem, error) {
-	if repair {
+	return CheckWith(path, CheckOptions{Repair: repair})
+}
+
+// CheckOptions control CheckWith.
+type CheckOptions struct {
+	// Repair replays a pending log into the file first.
+	Repair bool
+	// ForceShare checks a file that may be in use, without repair: the
+	// file and its chain are opened without refusing their other users
+	// (see storage.OpenForceShare), so a file being written may show
+	// problems that are only writes in flight.
+	ForceShare bool
+	// ParentDirs, when not empty, confines the parents followed to these
+	// folders, as OpenOptions.ParentDirs: a parent elsewhere is not opened
+	// and is reported. The locators are written by whoever made the file.
+	ParentDirs []string
+}
+
+// CheckWith is Check with options.
+func CheckWith(path string, opts CheckOptions) ([]Problem, error) {
+	if opts.ForceShare {
+		if opts.Repair {
+			return nil, fmt.Errorf("vhdx: %s: ForceShare checks without repair", path)
+		}
+		f, err := storage.OpenForceShare(path)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		return checkFile(f, path, OpenOptions{ReadOnly: true, ForceShare: true, ParentDirs: opts.ParentDirs})
+	}
+	if opts.Repair {
 		f, err := storage.OpenFile(path, os.O_RDONLY, 0)
 		if err != nil {
 			return nil, err
 		}
 		pending := false
-		if im, err := openFile(keepOpen{f}, path, OpenOptions{ReadOnly: true}, nil); err == nil {
+		if im, err := openFile(keepOpen{f}, path, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs}, nil); err == nil {
 			pending = im.replay != nil
 			im.Close()
 		}
 		f.Close()
 		if pending {
 			// A read-write open replays the log; Close marks the file clean.
-			rw, err := Open(path, OpenOptions{})
+			rw, err := Open(path, OpenOptions{ParentDirs: opts.ParentDirs})
 			if err != nil {
 				return []Problem{problemOf(err)}, nil
 			}
@@ -168,7 +200,7 @@ func Check(path string, repair bool) ([]Problem, error) {
 		return nil, err
 	}
 	defer f.Close()
-	return CheckFile(f, path)
+	return checkFile(f, path, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs})
 }
 
 // CheckForceShare is Check without repair of a file that may be in use:
@@ -176,12 +208,7 @@ func Check(path string, repair bool) ([]Problem, error) {
 // storage.OpenForceShare), so a file being written may show problems that
 // are only writes in flight.
 func CheckForceShare(path string) ([]Problem, error) {
-	f, err := storage.OpenForceShare(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	return checkFile(f, path, OpenOptions{ReadOnly: true, ForceShare: true})
+	return CheckWith(path, CheckOptions{ForceShare: true})
 }
 
 // CheckFile is Check without repair for an image stored in f, named path

@@ -92,11 +92,8 @@ func (c *cli) check(path string, in input, repair, asJSON bool) error {
 	var problems []problem
 	switch format {
 	case "vhdx":
-		check := func() ([]vhdx.Problem, error) { return vhdx.Check(path, repair) }
-		if in.forceShare {
-			check = func() ([]vhdx.Problem, error) { return vhdx.CheckForceShare(path) }
-		}
-		list, err := check()
+		// Parents are followed where the other verbs follow them.
+		list, err := vhdx.CheckWith(path, vhdx.CheckOptions{Repair: repair, ForceShare: in.forceShare, ParentDirs: parentDirs(path, in.parentDirs)})
 		if err != nil {
 			return in.inUse(err)
 		}
@@ -104,11 +101,7 @@ func (c *cli) check(path string, in input, repair, asJSON bool) error {
 			problems = append(problems, problem{p.Offset, p.Structure, string(p.Rule), p.Spec, p.What, p.Warning})
 		}
 	case "vhd":
-		check := func() ([]vhd.Problem, error) { return vhd.Check(path, repair) }
-		if in.forceShare {
-			check = func() ([]vhd.Problem, error) { return vhd.CheckForceShare(path) }
-		}
-		list, err := check()
+		list, err := vhd.CheckWith(path, vhd.CheckOptions{Repair: repair, ForceShare: in.forceShare, ParentDirs: parentDirs(path, in.parentDirs)})
 		if err != nil {
 			return in.inUse(err)
 		}

@@ -54,6 +54,10 @@ without modifying any file and refuses writes with EPERM.
 With --tls-cert and --tls-key, clients may upgrade to TLS (STARTTLS);
 --tls-required refuses clients that do not.
 
+What clients can make the server hold is bounded: 64 MiB of request and
+reply payload per connection, 30 s for a handshake, and --max-connections
+clients at once (1024; one more is closed before the greeting and logged).
+
 Examples:
   vhdkit nbd --socket /run/disk.sock disk.vhdx
   qemu-system-x86_64 ... -blockdev driver=nbd,server.type=unix,server.path=/run/disk.sock,node-name=d0 -device virtio-blk-pci,drive=d0
@@ -70,6 +74,7 @@ Examples:
 			fs.StringVar(&o.tlsCert, "tls-cert", "", "offer TLS with the PEM certificate (chain) in `FILE`")
 			fs.StringVar(&o.tlsKey, "tls-key", "", "the PEM private key of --tls-cert in `FILE`")
 			fs.BoolVar(&o.tlsRequired, "tls-required", false, "refuse clients that do not start TLS")
+			fs.IntVar(&o.maxConns, "max-connections", 1024, "serve at most `N` clients at once; one more is closed before the greeting")
 			addInputFlags(fs, &o.in, false)
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 1 {
@@ -88,6 +93,7 @@ type nbdOptions struct {
 	export          string
 	tlsCert, tlsKey string
 	tlsRequired     bool
+	maxConns        int
 	in              input // --format
 }
 
@@ -112,8 +118,12 @@ func (c *cli) serveNBD(ctx context.Context, o nbdOptions, path string) (err erro
 		}
 	}
 
+	if o.maxConns < 1 {
+		return usagef("--max-connections %d: want at least 1", o.maxConns)
+	}
 	srv := &nbd.Server{
-		Logger: slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Logger:   slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		MaxConns: o.maxConns,
 	}
 	if o.tlsCert != "" {
 		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)

@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-	"testing"
 )
 
 // The QEMU guest agent (qemu-ga) comes from Debian's qemu-guest-agent
@@ -57,7 +56,7 @@ func FindAgent() (string, error) {
 
 // RequireAgent returns the path of qemu-ga, or skips the test when it is
 // missing outside CI; with CI set, a missing agent fails the test.
-func RequireAgent(t testing.TB) string {
+func RequireAgent(t T) string {
 	t.Helper()
 	p, err := FindAgent()
 	if err != nil {

@@ -5,7 +5,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"testing"
 )
 
 // DebianDirEnv names the environment variable holding the Debian guest's
@@ -58,7 +57,7 @@ func FindDebian() (*Debian, error) {
 
 // RequireDebian returns the Debian guest, or skips the test when it is
 // missing outside CI; with CI set, a missing guest fails the test.
-func RequireDebian(t testing.TB) *Debian {
+func RequireDebian(t T) *Debian {
 	t.Helper()
 	d, err := FindDebian()
 	if err != nil {

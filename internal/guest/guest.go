@@ -25,7 +25,6 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 )
 
@@ -168,9 +167,21 @@ func checkStatic(p string) error {
 	return nil
 }
 
+// T is what the package's test helpers need of a test; testing.TB has
+// it. The package does not import testing itself: vhdkit demo boots its
+// guest with it.
+type T interface {
+	Helper()
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+	Skip(args ...any)
+	TempDir() string
+	Cleanup(func())
+}
+
 // Require returns the Env, or skips the test when something is missing
 // outside CI; with CI set, a missing piece fails the test.
-func Require(t testing.TB) *Env {
+func Require(t T) *Env {
 	t.Helper()
 	e, err := Find()
 	if err != nil {
@@ -221,7 +232,7 @@ type Guest struct {
 // Start builds the initramfs in a temporary directory of t and starts
 // QEMU. The process is killed, by its pid, when the test ends if it is
 // still running.
-func (e *Env) Start(t testing.TB, o Options) *Guest {
+func (e *Env) Start(t T, o Options) *Guest {
 	t.Helper()
 	dir := t.TempDir()
 	var initrd bytes.Buffer

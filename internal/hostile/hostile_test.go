@@ -159,7 +159,8 @@ func TestChecksumsSealed(t *testing.T) {
 }
 
 // TestChains: the loops, deep chains and escapes are what they say: the
-// loops and the 1000-deep chains are refused for that, and each escaping
+// loops and the 1000-deep chains are refused for that, the 250-deep ones
+// open, and each escaping
 // child opens through its decoy when the decoy's folder is allowed, and
 // not otherwise.
 func TestChains(t *testing.T) {
@@ -176,10 +177,18 @@ func TestChains(t *testing.T) {
 		dir := filepath.Dir(filepath.Join(root, c.Image))
 		switch c.Class {
 		case "chain-loop", "chain-deep":
-			_, err := open(c, dir)
+			im, err := open(c, dir)
 			want := "loop"
 			if c.Class == "chain-deep" {
 				want = "deeper than"
+			}
+			if strings.HasSuffix(c.Name, "-250") { // within the limit of 256
+				if err != nil {
+					t.Errorf("%s: %v", c.ID(), err)
+				} else {
+					im.Close()
+				}
+				continue
 			}
 			if err == nil || !strings.Contains(err.Error(), want) {
 				t.Errorf("%s: %v, want an error saying %q", c.ID(), err, want)

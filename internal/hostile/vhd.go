@@ -9,6 +9,7 @@ import (
 	"unicode/utf16"
 
 	"github.com/vhdkit/vhdkit/vhd"
+	"github.com/vhdkit/vhdkit/vhdx"
 )
 
 // The VHD structures the generator edits (big-endian; vhd/format.go draws
@@ -245,6 +246,40 @@ func vhdSingleFile(c *corpus) error {
 			return err
 		}
 	}
+	// 2040 GiB with the BAT it needs (1 Mi entries, 4 MiB) in a sparse
+	// file, the blocks moved behind it: read for its size alone.
+	{
+		entries := int64(vhd.MaxSize) / l.blockSize
+		batEnd := l.bat + (4*entries+511)&^511
+		head := patched(dyn[:l.bat], l.dynHeader(u32(dhMaxEntries, uint32(entries))),
+			func(b []byte) { be.PutUint64(b[ftCurrentSize:], vhd.MaxSize); sealFooter(b) }) // the copy at 0
+		pieces := map[int64][]byte{0: head}
+		batRaw := make([]byte, batEnd-l.bat)
+		for i := range batRaw {
+			batRaw[i] = 0xFF
+		}
+		next := batEnd
+		for i := range l.entries {
+			if e := be.Uint32(dyn[l.bat+4*i:]); e != 0xFFFFFFFF {
+				span := l.bitmap + l.blockSize
+				pieces[next] = dyn[int64(e)*512 : int64(e)*512+span]
+				be.PutUint32(batRaw[4*i:], uint32(next/512))
+				next += span
+			}
+		}
+		pieces[l.bat] = batRaw
+		foot := patched(dyn[l.footer:], func(f []byte) { be.PutUint64(f[ftCurrentSize:], vhd.MaxSize); sealFooter(f) })
+		pieces[next] = foot
+		rel, err := c.dir("vhd-header", "size-max-bat-fits")
+		if err != nil {
+			return err
+		}
+		if err := writePieces(c.abs(filepath.Join(rel, "disk.vhd")), next+vhdFooterSize, pieces); err != nil {
+			return err
+		}
+		c.cases = append(c.cases, Case{Class: "vhd-header", Name: "size-max-bat-fits",
+			Note: "2040 GiB with its 4 MiB BAT", Image: filepath.Join(rel, "disk.vhd")})
+	}
 	fft := fl.footers
 	for _, m := range []struct {
 		name, note string
@@ -330,6 +365,10 @@ func vhdChains(c *corpus) error {
 		return err
 	}
 	pl, cl := parseVHD(parent), parseVHD(child)
+	vhdxBytes, err := vhdxSeed(vhdx.CreateOptions{Size: 8 << 20, BlockSize: 1 << 20}, dynamicWrites)
+	if err != nil {
+		return err
+	}
 	rel := func(name string) []vhdLocator { return []vhdLocator{{"W2ru", utf16le(`.\` + name)}} }
 	clean := withParent(child, pl.uniqueID, "p.vhd", rel("p.vhd"))
 	ms := []struct {
@@ -346,7 +385,7 @@ func vhdChains(c *corpus) error {
 			{"Wi2r", []byte(`.\p.vhd`)}, {"Wi2k", []byte(`.\p.vhd`)}, {"MacX", []byte("file://p.vhd")}, {"W2ru", utf16le(`.\p.vhd`)}}), nil},
 		{"macx-bad-url", "a MacX locator that is no URL", withParent(child, pl.uniqueID, "p.vhd", []vhdLocator{{"MacX", []byte("%zz://\x00\x01")}}), nil},
 		{"latin1", "a Wi2r locator in Latin-1", withParent(child, pl.uniqueID, "p.vhd", []vhdLocator{{"Wi2r", []byte(".\\p\xe9.vhd")}}), nil},
-		{"long", "a W2ru path of 32000 characters", withParent(child, pl.uniqueID, "p.vhd", []vhdLocator{{"W2ru", utf16le(stringsRepeat(`a\`, 16000) + "p.vhd")}}), nil},
+		{"long", "a W2ru path of 32000 characters", withParent(child, pl.uniqueID, "p.vhd", []vhdLocator{{"W2ru", utf16le(strings.Repeat(`a\`, 16000) + "p.vhd")}}), nil},
 		{"id-other", "the parent's unique id is another", withParent(child, [16]byte{1, 2, 3}, "p.vhd", rel("p.vhd")), nil},
 		{"name-only", "no locator, only the parent name", withParent(child, pl.uniqueID, "p.vhd", nil), nil},
 		{"nothing", "no locator, no parent name", withParent(child, pl.uniqueID, "", nil), nil},
@@ -354,6 +393,7 @@ func vhdChains(c *corpus) error {
 		{"fifo", "a FIFO where the parent should be", withParent(child, pl.uniqueID, "fifo.vhd", rel("fifo.vhd")), files{"fifo.vhd": nil}},
 		{"directory", "a folder where the parent should be", withParent(child, pl.uniqueID, "dir.vhd", rel("dir.vhd")), files{"dir.vhd/": nil}},
 		{"dev-zero", "/dev/zero as the parent", withParent(child, pl.uniqueID, "/dev/zero", []vhdLocator{{"W2ku", utf16le("/dev/zero")}}), nil},
+		{"vhdx-parent", "a VHDX where the parent should be", withParent(child, pl.uniqueID, "x.vhd", rel("x.vhd")), files{"x.vhd": vhdxBytes}},
 	}
 	for _, m := range ms {
 		fs := files{"p.vhd": parent, "c.vhd": m.child}
@@ -386,25 +426,29 @@ func vhdChains(c *corpus) error {
 		files{"p.vhd": parent, "a.vhd": a, "b.vhd": b}, nil); err != nil {
 		return err
 	}
-	// 1000 deep.
-	const depth = 1000
-	return c.multi("chain-deep", "vhd-1000", "a chain of 1000 differencing VHDs", fmt.Sprintf("d%04d.vhd", depth-1),
-		files{"p.vhd": parent}, func(dir string) error {
-			id, name := pl.uniqueID, "p.vhd"
-			for i := range depth {
-				var g [16]byte
-				copy(g[:], "deep")
-				binary.BigEndian.PutUint32(g[12:], uint32(i))
-				next := fmt.Sprintf("d%04d.vhd", i)
-				if err := writeSparse(filepath.Join(dir, next), withUniqueID(withParent(child, id, name, rel(name)), g)); err != nil {
-					return err
+	// 1000 deep, refused; 250 deep, read through every layer.
+	for _, depth := range []int{1000, 250} {
+		err := c.multi("chain-deep", fmt.Sprintf("vhd-%d", depth), fmt.Sprintf("a chain of %d differencing VHDs", depth), fmt.Sprintf("d%04d.vhd", depth-1),
+			files{"p.vhd": parent}, func(dir string) error {
+				id, name := pl.uniqueID, "p.vhd"
+				for i := range depth {
+					var g [16]byte
+					copy(g[:], "deep")
+					binary.BigEndian.PutUint32(g[12:], uint32(i))
+					next := fmt.Sprintf("d%04d.vhd", i)
+					if err := writeSparse(filepath.Join(dir, next), withUniqueID(withParent(child, id, name, rel(name)), g)); err != nil {
+						return err
+					}
+					id, name = g, next
 				}
-				id, name = g, next
-			}
-			return nil
-		})
+				return nil
+			})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
-func stringsRepeat(s string, n int) string { return strings.Repeat(s, n) }
 
 // vhdCreate8M is how the VHD seeds are made: dynamic, 8 MiB, 2 MiB blocks.
 var vhdCreate8M = vhd.CreateOptions{Size: 8 << 20}

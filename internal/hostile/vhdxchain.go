@@ -133,6 +133,10 @@ func vhdxLocators(c *corpus) error {
 	}
 	link := guidString(pr.pl.dataWriteGUID)
 	own := guidString(pr.cl.dataWriteGUID)
+	vhdBytes, err := vhdSeed("", "seed.vhd", vhdCreate8M, vhdWrites)
+	if err != nil {
+		return err
+	}
 	loc := func(kv ...string) []byte {
 		var l vhdxLocator
 		for i := 0; i+1 < len(kv); i += 2 {
@@ -169,6 +173,7 @@ func vhdxLocators(c *corpus) error {
 		{"fifo", "a FIFO where the parent should be", loc("parent_linkage", link, "relative_path", `.\fifo.vhdx`), files{"fifo.vhdx": nil}},
 		{"directory", "a folder where the parent should be", loc("parent_linkage", link, "relative_path", `.\dir.vhdx`), files{"dir.vhdx/": nil}},
 		{"dev-zero", "/dev/zero as the parent", loc("parent_linkage", link, "absolute_win32_path", `/dev/zero`), nil},
+		{"vhd-parent", "a VHD where the parent should be", loc("parent_linkage", link, "relative_path", `.\v.vhdx`), files{"v.vhdx": vhdBytes}},
 		{"raw-parent", "a raw file with the parent's name", loc("parent_linkage", link, "relative_path", `.\raw.img`), files{"raw.img": make([]byte, 8<<20)}},
 	}
 	for _, m := range ms {
@@ -180,6 +185,27 @@ func vhdxLocators(c *corpus) error {
 			return err
 		}
 	}
+	// The child's sector bitmap block past the end of the file, on a
+	// payload block, on the metadata.
+	le := binary.LittleEndian
+	chunk := int64(1<<23) * 512 / pr.cl.blockSize
+	bitmapEntry := pr.cl.batOff + 8*chunk
+	payload := le.Uint64(pr.child[pr.cl.batOff+8*2:]) // block 2, written
+	for _, m := range []struct {
+		name, note string
+		entry      uint64
+	}{
+		{"bitmap-beyond-eof", "the sector bitmap block at 1 TiB", 1<<40 | 6},
+		{"bitmap-on-block", "the sector bitmap block on a payload block", payload&^7 | 6},
+		{"bitmap-on-metadata", "the sector bitmap block on the metadata region", uint64(pr.cl.metaOff) | 6},
+		{"bitmap-absent", "no sector bitmap block under partially present blocks", 0},
+	} {
+		b := patched(pr.child, func(b []byte) { le.PutUint64(b[bitmapEntry:], m.entry) })
+		if err := c.multi("vhdx-bat", "child-"+m.name, m.note, "c.avhdx", files{"p.vhdx": pr.parent, "c.avhdx": b}, nil); err != nil {
+			return err
+		}
+	}
+
 	// Truncations of a child: through its metadata and its sector bitmap.
 	var bitmaps []int64
 	for i := int64(0); i < pr.cl.batLen/8 && i < 4097; i++ {
@@ -227,24 +253,26 @@ func vhdxChains(c *corpus) error {
 		return err
 	}
 
-	// 1000 deep: d0000's parent is p.vhdx, d0999 is the top.
-	const depth = 1000
-	err = c.multi("chain-deep", "vhdx-1000", "a chain of 1000 differencing images", fmt.Sprintf("d%04d.avhdx", depth-1),
-		files{"p.vhdx": pr.parent}, func(dir string) error {
-			parent, path := pr.pl.dataWriteGUID, `.\p.vhdx`
-			for i := range depth {
-				g := guidN("deep", i)
-				b := withDataWriteGUID(pr.withLocator(link(parent, path)), g)
-				name := fmt.Sprintf("d%04d.avhdx", i)
-				if err := writeSparse(filepath.Join(dir, name), b); err != nil {
-					return err
+	// 1000 deep, refused; and 250 deep, within vhdkit's limit of 256
+	// images, read through every layer. d0000's parent is p.vhdx.
+	for _, depth := range []int{1000, 250} {
+		err = c.multi("chain-deep", fmt.Sprintf("vhdx-%d", depth), fmt.Sprintf("a chain of %d differencing images", depth), fmt.Sprintf("d%04d.avhdx", depth-1),
+			files{"p.vhdx": pr.parent}, func(dir string) error {
+				parent, path := pr.pl.dataWriteGUID, `.\p.vhdx`
+				for i := range depth {
+					g := guidN("deep", i)
+					b := withDataWriteGUID(pr.withLocator(link(parent, path)), g)
+					name := fmt.Sprintf("d%04d.avhdx", i)
+					if err := writeSparse(filepath.Join(dir, name), b); err != nil {
+						return err
+					}
+					parent, path = g, `.\`+name
 				}
-				parent, path = g, `.\`+name
-			}
-			return nil
-		})
-	if err != nil {
-		return err
+				return nil
+			})
+		if err != nil {
+			return err
+		}
 	}
 
 	// Sector sizes that change along the chain: the parent says 4096, the

@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"path/filepath"
 	"testing"
+
+	"github.com/vhdkit/vhdkit/storage"
 )
 
 // TestCrashAndFaults runs one script of writes, trims and flushes again
@@ -30,17 +32,24 @@ func TestCrashAndFaults(t *testing.T) {
 				ppath, parent = makeParent(t, rand.New(rand.NewPCG(5, 5)), dir, c.size, c.blockSize)
 				opts = CreateOptions{Parent: ppath, BlockSize: c.blockSize}
 			}
+			// The failures start after the creation, whose operations a
+			// first run counts (creating is deterministic).
+			counter := &storage.FaultFile{File: storage.NewMemFile(nil), FailAt: -1}
+			if _, err := CreateFile(counter, path, opts); err != nil {
+				t.Fatal(err)
+			}
+			created := counter.Ops()
 			for i := 0; ; i++ {
-				f := newMemFile()
+				mem := storage.NewMemFile(nil)
+				f := &storage.FaultFile{File: mem, FailAt: created + int64(i)}
 				img, err := CreateFile(f, path, opts)
 				if err != nil {
 					t.Fatal(err)
 				}
-				f.failAt = f.ops + i
 				st := newCrashState(c.size, parent)
 				done := runCrashScript(img, st, c.size, int64(c.blockSize))
 				if done {
-					if f.failed {
+					if f.Injected() {
 						t.Fatal("script completed although an operation failed")
 					}
 					if i == 0 {
@@ -51,8 +60,7 @@ func TestCrashAndFaults(t *testing.T) {
 				}
 				r := rand.New(rand.NewPCG(6, uint64(i)))
 				for k := 0; k < 3; k++ {
-					clone := f.crashClone(r)
-					st.verify(t, clone, path, i, k)
+					st.verify(t, mem.CrashClone(r).Bytes(), path, i, k)
 				}
 			}
 		})
@@ -88,9 +96,10 @@ func (s *crashState) flushedOK() {
 	clear(s.since)
 }
 
-func (s *crashState) verify(t *testing.T, f *memFile, path string, fault, k int) {
+// verify checks cut, what the disk held after a power cut.
+func (s *crashState) verify(t *testing.T, cut []byte, path string, fault, k int) {
 	t.Helper()
-	img, err := OpenFile(f, path, OpenOptions{ReadOnly: true})
+	img, err := OpenFile(storage.NewMemFile(cut), path, OpenOptions{ReadOnly: true})
 	if err != nil {
 		t.Fatalf("fault %d, cut %d: open: %v", fault, k, err)
 	}
@@ -117,7 +126,7 @@ func (s *crashState) verify(t *testing.T, f *memFile, path string, fault, k int)
 	// The cut must be valid to the strictest reader, not only readable by
 	// ours: the strict Check finds no error (warnings are states a
 	// writable open repairs).
-	probs, err := CheckFile(f.reopen(), path)
+	probs, err := CheckFile(storage.NewMemFile(cut), path)
 	if err != nil {
 		t.Fatalf("fault %d, cut %d: Check: %v", fault, k, err)
 	}
@@ -127,7 +136,8 @@ func (s *crashState) verify(t *testing.T, f *memFile, path string, fault, k int)
 		}
 	}
 	// A writable open of the cut recovers it for further use.
-	img, err = OpenFile(f.reopen(), path, OpenOptions{})
+	recovered := storage.NewMemFile(cut)
+	img, err = OpenFile(recovered, path, OpenOptions{})
 	if err != nil {
 		t.Fatalf("fault %d, cut %d: writable open: %v", fault, k, err)
 	}
@@ -136,7 +146,7 @@ func (s *crashState) verify(t *testing.T, f *memFile, path string, fault, k int)
 	if err := img.Close(); err != nil {
 		t.Fatalf("fault %d, cut %d: close after recovery: %v", fault, k, err)
 	}
-	img, err = OpenFile(f.reopen(), path, OpenOptions{ReadOnly: true})
+	img, err = OpenFile(storage.NewMemFile(recovered.Bytes()), path, OpenOptions{ReadOnly: true})
 	if err != nil {
 		t.Fatalf("fault %d, cut %d: reopen after recovery: %v", fault, k, err)
 	}
@@ -179,7 +189,7 @@ func runCrashScript(img *Image, st *crashState, size, bs int64) bool {
 			}
 		}
 		if err != nil {
-			if !errors.Is(err, errInjected) {
+			if !errors.Is(err, storage.ErrInjected) {
 				panic(err)
 			}
 			return false

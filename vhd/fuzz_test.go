@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/vhdkit/vhdkit/disk"
+	"github.com/vhdkit/vhdkit/storage"
 )
 
 // fuzzSamples lists the real VHD samples for seeding; absent samples give
@@ -64,7 +65,7 @@ func sampleStructs(f *testing.F, fn func(name string, b []byte)) {
 // ourImage builds a small image with a few blocks in memory; parent, when
 // set, makes it a differencing child of that file.
 func ourImage(f *testing.F, typ Type, path, parent string) []byte {
-	m := newMemFile()
+	m := storage.NewMemFile(nil)
 	img, err := CreateFile(m, path, CreateOptions{Type: typ, Size: 64 << 10, BlockSize: 4096, Parent: parent})
 	if err != nil {
 		f.Fatal(err)
@@ -77,7 +78,7 @@ func ourImage(f *testing.F, typ Type, path, parent string) []byte {
 	if err := img.Close(); err != nil {
 		f.Fatal(err)
 	}
-	return m.cur
+	return m.Bytes()
 }
 
 func FuzzFooter(f *testing.F) {
@@ -94,8 +95,7 @@ func FuzzFooter(f *testing.F) {
 	f.Add(raw[:])
 	f.Add(append([]byte{0}, raw[:footerSize-1]...)) // a 511-byte footer
 	f.Fuzz(func(t *testing.T, b []byte) {
-		m := newMemFile()
-		m.cur = b
+		m := storage.NewMemFile(b)
 		ft, raw, at, _, err := readFooter(m, int64(len(b)), false)
 		if err != nil {
 			var fe *FormatError
@@ -232,7 +232,7 @@ func FuzzBAT(f *testing.F) {
 // changedImage is ourImage after change (SetParent, Resize): its header
 // and BAT sit at the end of the file.
 func changedImage(f *testing.F, typ Type, path, parent string, change func(*Image) error) []byte {
-	m := newMemFile()
+	m := storage.NewMemFile(nil)
 	img, err := CreateFile(m, path, CreateOptions{Type: typ, Size: 64 << 10, BlockSize: 4096, Parent: parent})
 	if err != nil {
 		f.Fatal(err)
@@ -246,7 +246,7 @@ func changedImage(f *testing.F, typ Type, path, parent string, change func(*Imag
 	if err := img.Close(); err != nil {
 		f.Fatal(err)
 	}
-	return m.cur
+	return m.Bytes()
 }
 
 // FuzzOpen opens whole files: anything goes but a panic, an error that is
@@ -269,19 +269,18 @@ func FuzzOpen(f *testing.F) {
 	f.Add(changedImage(f, Dynamic, child, "", func(img *Image) error { return img.Resize(100 << 10) }))
 	f.Add(changedImage(f, Fixed, child, "", func(img *Image) error { return img.Resize(40 << 10) }))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		m := newMemFile()
-		m.cur = bytes.Clone(b)
+		m := storage.NewMemFile(b)
 		link, linkErr := readParentLink(m, child)
 		if linkErr != nil && !errors.Is(linkErr, disk.ErrFormat) && !errors.Is(linkErr, disk.ErrChecksum) && !errors.Is(linkErr, disk.ErrUnsupported) {
 			t.Fatalf("ReadParentLink: error %v", linkErr)
 		}
 		// The strict Check never fails on content, and finds an error in
 		// every file Open refuses.
-		probs, err := CheckFile(m.reopen(), child)
+		probs, err := CheckFile(storage.NewMemFile(b), child)
 		if err != nil {
 			t.Fatalf("Check: %v", err)
 		}
-		if img, err := OpenFile(m.reopen(), child, OpenOptions{ReadOnly: true}); err != nil {
+		if img, err := OpenFile(storage.NewMemFile(b), child, OpenOptions{ReadOnly: true}); err != nil {
 			if !slices.ContainsFunc(probs, func(p Problem) bool { return !p.Warning }) {
 				t.Fatalf("Open refuses the file (%v), Check finds no error: %v", err, probs)
 			}
@@ -289,7 +288,7 @@ func FuzzOpen(f *testing.F) {
 			img.Close()
 		}
 		for _, ignore := range []bool{false, true} {
-			img, err := OpenFile(m.reopen(), child, OpenOptions{ReadOnly: true, IgnoreChecksum: ignore})
+			img, err := OpenFile(storage.NewMemFile(b), child, OpenOptions{ReadOnly: true, IgnoreChecksum: ignore})
 			if err != nil {
 				if !errors.Is(err, disk.ErrFormat) && !errors.Is(err, disk.ErrChecksum) &&
 					!errors.Is(err, disk.ErrUnsupported) && !errors.Is(err, disk.ErrParentNotFound) && !errors.Is(err, disk.ErrParentMismatch) {

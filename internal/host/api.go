@@ -143,11 +143,26 @@ func nonNil(v []api.VM) []api.VM {
 	return v
 }
 
-// decode reads a JSON body; an empty body leaves v as it is.
+// maxBody bounds a request body: the largest the API takes is a few
+// hundred bytes.
+const maxBody = 1 << 20
+
+// decode reads a JSON body, one object and nothing after it; an empty
+// body leaves v as it is.
 func decode(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	body := &io.LimitedReader{R: r.Body, N: maxBody + 1}
+	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
+	err := dec.Decode(v)
+	if err == nil {
+		if _, after := dec.Token(); !errors.Is(after, io.EOF) {
+			err = errors.New("data after the JSON object")
+		}
+	}
+	switch {
+	case body.N <= 0:
+		return errorf(http.StatusRequestEntityTooLarge, "request body over %d bytes", maxBody)
+	case err != nil && !errors.Is(err, io.EOF):
 		return errorf(statusBadRequest, "request body: %v", err)
 	}
 	return nil

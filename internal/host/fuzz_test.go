@@ -224,3 +224,30 @@ func TestStateRefusesEscapes(t *testing.T) {
 		})
 	}
 }
+
+// TestAPIBodies: a body with data after its JSON object, or over the
+// limit, is refused with a 4xx and changes nothing.
+func TestAPIBodies(t *testing.T) {
+	h, err := Open(t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	for _, c := range []struct {
+		body string
+		want int
+	}{
+		{`{"name":"a","disks":[1048576]} {"name":"b"}`, http.StatusBadRequest},
+		{`{"name":"a","disks":[1048576]}]`, http.StatusBadRequest},
+		{`{"name":"a","disks":[1048576]` + strings.Repeat(" ", 1<<20) + `}`, http.StatusRequestEntityTooLarge},
+	} {
+		rec := httptest.NewRecorder()
+		h.Handler().ServeHTTP(rec, httptest.NewRequest("POST", "/v1/vms", strings.NewReader(c.body)))
+		if rec.Code != c.want {
+			t.Errorf("body %.40q...: status %d, want %d: %s", c.body, rec.Code, c.want, rec.Body)
+		}
+	}
+	if vms := h.VMs(); len(vms) != 0 {
+		t.Fatalf("a refused body made machines: %v", vms)
+	}
+}

@@ -1262,7 +1262,11 @@ func (c *checker) checkBAT(h header, regs regions, unknown []extent, p params) e
 			}
 			start := mb * mib
 			if mb >= maxSpaceUnits || start+length > fileEnd {
-				c.add(RuleBATBeyondEOF, entryName(i), eoff, false, "%s block [%#x, +%#x) ends past the end of the file (%d bytes)", stateName(st), start, length, c.size)
+				what := stateName(st) + " block"
+				if isBitmap {
+					what = "SB_BLOCK_PRESENT sector bitmap block"
+				}
+				c.add(RuleBATBeyondEOF, entryName(i), eoff, false, "%s [%#x, +%#x) ends past the end of the file (%d bytes)", what, start, length, c.size)
 				if mb >= maxSpaceUnits {
 					continue
 				}

@@ -44,3 +44,53 @@ func TestCheckParentDirs(t *testing.T) {
 		}
 	}
 }
+
+// TestCheckBitmapBeyondEOF: a sector bitmap entry whose block lies past
+// the end of the file is named as one (SB_BLOCK_PRESENT, the sector
+// bitmap): check called it a FULLY_PRESENT block, the payload state with
+// the same value (the hostile corpus's vhdx-bat/child-bitmap-beyond-eof).
+func TestCheckBitmapBeyondEOF(t *testing.T) {
+	dir := t.TempDir()
+	p, err := Create(filepath.Join(dir, "p.vhdx"), CreateOptions{Size: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	child, err := p.CreateChild(filepath.Join(dir, "c.avhdx"), CreateOptions{BlockSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := child.WriteAt(make([]byte, 512), 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	g, batOff := child.geo, int64(child.regs.BAT.Offset)
+	if err := child.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, "c.avhdx"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry := batEntry(bitmapPresent, 1<<40)
+	var b [8]byte
+	for i := range b {
+		b[i] = byte(entry >> (8 * i))
+	}
+	_, err = f.WriteAt(b[:], batOff+8*g.bitmapIndex(0))
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	probs, err := Check(filepath.Join(dir, "c.avhdx"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range probs {
+		if p.Rule == RuleBATBeyondEOF {
+			if !strings.Contains(p.What, "SB_BLOCK_PRESENT sector bitmap block") {
+				t.Errorf("%s: want the sector bitmap block named", p.What)
+			}
+			return
+		}
+	}
+	t.Errorf("problems %v: want the sector bitmap block past the end of the file", probs)
+}

@@ -3,7 +3,6 @@ package merge
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	randv2 "math/rand/v2"
 	"os"
@@ -19,27 +18,24 @@ import (
 )
 
 // memDisk holds a chain's files in MemFiles, so a merge can be stopped at
-// its i-th I/O and the files crash-cloned. Empty files of the same names
-// stand on the real file system for the path lookups (stat, glob).
+// its i-th I/O (counted across all its files and removals: one
+// storage.FaultFile schedule they share) and the files crash-cloned.
+// Empty files of the same names stand on the real file system for the
+// path lookups (stat, glob).
 type memDisk struct {
 	mu     sync.Mutex
 	files  map[string]*storage.MemFile
-	ops    atomic.Int64
-	failAt int64 // the disk stops at this operation; -1 never
-	once   bool  // only operation failAt fails; the disk goes on working
-	hit    atomic.Bool
+	faults *storage.FaultFile // the schedule every handle shares
 	// cloned counts the bytes moved by clone (MemFile stands in for one),
 	// to show that a sweep goes through the cloning path.
 	cloned atomic.Int64
 }
 
-var errStopped = errors.New("disk stopped")
-
 // newMemDisk holds a copy of files, each with an empty placeholder of its
-// name on the real file system; it stops (or with once, fails once) at
-// operation failAt.
+// name on the real file system; it stops at operation failAt (-1: never),
+// or with once fails that one operation and works on.
 func newMemDisk(files map[string][]byte, failAt int64, once bool) *memDisk {
-	d := &memDisk{files: map[string]*storage.MemFile{}, failAt: failAt, once: once}
+	d := &memDisk{files: map[string]*storage.MemFile{}, faults: &storage.FaultFile{FailAt: failAt, Dead: !once}}
 	for p, b := range files {
 		d.files[p] = storage.NewMemFile(b)
 		os.WriteFile(p, nil, 0o644)
@@ -61,6 +57,13 @@ func readFiles(t *testing.T, paths []string) map[string][]byte {
 	return out
 }
 
+// hit reports whether the schedule has failed an operation.
+func (d *memDisk) hit() bool { return d.faults.Injected() }
+
+// workOn makes the disk work on without faults (for the handles opened
+// from now on).
+func (d *memDisk) workOn() { d.faults = &storage.FaultFile{FailAt: -1} }
+
 func (d *memDisk) open(path string, flag int) (storage.File, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -68,11 +71,11 @@ func (d *memDisk) open(path string, flag int) (storage.File, error) {
 	if !ok {
 		return nil, fmt.Errorf("open %s: %w", path, os.ErrNotExist)
 	}
-	return &stoppable{File: f, d: d}, nil
+	return &memHandle{FaultFile: storage.FaultFile{File: f, Shared: d.faults}, d: d}, nil
 }
 
 func (d *memDisk) remove(path string) error {
-	if err := d.step(); err != nil {
+	if err := d.faults.Fault(storage.OpRemove); err != nil {
 		return err
 	}
 	d.mu.Lock()
@@ -81,72 +84,33 @@ func (d *memDisk) remove(path string) error {
 	return os.Remove(path)
 }
 
-// step counts one operation and fails it and all after it once the disk
-// has stopped.
-func (d *memDisk) step() error {
-	if n := d.ops.Add(1) - 1; d.failAt >= 0 && (n == d.failAt || (!d.once && n > d.failAt)) {
-		d.hit.Store(true)
-		return errStopped
-	}
-	return nil
-}
-
 // crash replaces every file by a crash clone of it.
 func (d *memDisk) crash(rng *randv2.Rand) *memDisk {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	c := &memDisk{files: map[string]*storage.MemFile{}, failAt: -1}
+	c := &memDisk{files: map[string]*storage.MemFile{}, faults: &storage.FaultFile{FailAt: -1}}
 	for p, f := range d.files {
 		c.files[p] = f.CrashClone(rng)
 	}
 	return c
 }
 
-type stoppable struct {
-	storage.File
+// memHandle is an open file of a memDisk: its I/O goes through the
+// disk's fault schedule.
+type memHandle struct {
+	storage.FaultFile
 	d *memDisk
-}
-
-func (f *stoppable) ReadAt(p []byte, off int64) (int, error) {
-	if err := f.d.step(); err != nil {
-		return 0, err
-	}
-	return f.File.ReadAt(p, off)
-}
-
-func (f *stoppable) WriteAt(p []byte, off int64) (int, error) {
-	if err := f.d.step(); err != nil {
-		return 0, err
-	}
-	return f.File.WriteAt(p, off)
-}
-
-func (f *stoppable) Sync() error {
-	if err := f.d.step(); err != nil {
-		return err
-	}
-	return f.File.Sync()
-}
-
-func (f *stoppable) Truncate(n int64) error {
-	if err := f.d.step(); err != nil {
-		return err
-	}
-	return f.File.Truncate(n)
 }
 
 // CopyRangeFrom is one operation, like a write: a clone into the file
 // (MemFile copies, and keeps or loses the range per sector at a crash).
-func (f *stoppable) CopyRangeFrom(src storage.File, srcOff, dstOff, n int64) (storage.Moved, error) {
-	if err := f.d.step(); err != nil {
-		return storage.Moved{}, err
-	}
-	m, err := storage.CopyRange(f.File, dstOff, src, srcOff, n)
+func (f *memHandle) CopyRangeFrom(src storage.File, srcOff, dstOff, n int64) (storage.Moved, error) {
+	m, err := f.FaultFile.CopyRangeFrom(src, srcOff, dstOff, n)
 	f.d.cloned.Add(m.Cloned)
 	return m, err
 }
 
-func (f *stoppable) Close() error { return nil } // the MemFile outlives its handles
+func (f *memHandle) Close() error { return nil } // the MemFile outlives its handles
 
 func (d *memDisk) options(into string) Options {
 	return Options{Into: into, OpenFile: d.open, Remove: d.remove}
@@ -227,7 +191,7 @@ func TestMergeCrash(t *testing.T) {
 			for i := int64(0); ; i++ {
 				d := newMemDisk(orig, i, false)
 				_, err := Merge(context.Background(), top, d.options(target))
-				if !d.hit.Load() {
+				if !d.hit() {
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -294,7 +258,7 @@ func testMergeIOError(t *testing.T, build func(testing.TB, string, int) ([]strin
 		os.Remove(journalPath(top))
 		d := newMemDisk(orig, i, true)
 		_, err := Merge(context.Background(), top, d.options(target))
-		if !d.hit.Load() {
+		if !d.hit() {
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -308,7 +272,7 @@ func testMergeIOError(t *testing.T, build func(testing.TB, string, int) ([]strin
 			}
 			continue
 		}
-		d.failAt = -1
+		d.workOn()
 		d.checkVHDX(t, i, "after the failed I/O")
 		if got := d.leafContent(t, top, target); !bytes.Equal(got, want) {
 			t.Fatalf("point %d: the leaf reads different data after %v", i, err)

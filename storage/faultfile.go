@@ -21,8 +21,11 @@ const (
 	OpWrite
 	OpSync
 	OpTruncate
+	// OpRemove is a file's removal, which a file system seam counts
+	// with FaultFile.Fault (no File method removes).
+	OpRemove
 
-	OpAll = OpRead | OpWrite | OpSync | OpTruncate
+	OpAll = OpRead | OpWrite | OpSync | OpTruncate | OpRemove
 )
 
 func (k OpKind) String() string {
@@ -30,7 +33,7 @@ func (k OpKind) String() string {
 	for _, n := range []struct {
 		k    OpKind
 		name string
-	}{{OpRead, "read"}, {OpWrite, "write"}, {OpSync, "sync"}, {OpTruncate, "truncate"}} {
+	}{{OpRead, "read"}, {OpWrite, "write"}, {OpSync, "sync"}, {OpTruncate, "truncate"}, {OpRemove, "remove"}} {
 		if k&n.k != 0 {
 			names = append(names, n.name)
 		}
@@ -76,21 +79,41 @@ type FaultFile struct {
 	// NoSpace makes the injected errors also wrap syscall.ENOSPC, as from
 	// a full file system (typically with Kinds OpWrite|OpTruncate).
 	NoSpace bool
+	// Shared, when set, numbers this file's operations together with
+	// those of every FaultFile sharing it and decides their faults by its
+	// fields (FailAt, Kinds, Dead, TornWrite, NoSpace; this file's own
+	// are unused, and so is Shared's File): the files of one operation (a
+	// merge's chain and its journal) fail its i-th I/O wherever it falls.
+	Shared *FaultFile
 
 	ops      atomic.Int64
 	injected atomic.Bool
 }
 
 // Ops returns how many counted operations were attempted, failed ones
-// included.
-func (f *FaultFile) Ops() int64 { return f.ops.Load() }
+// included (across the files sharing its schedule).
+func (f *FaultFile) Ops() int64 { return f.schedule().ops.Load() }
 
-// Injected reports whether an operation has failed by injection.
-func (f *FaultFile) Injected() bool { return f.injected.Load() }
+// Injected reports whether an operation has failed by injection (in any
+// file sharing its schedule).
+func (f *FaultFile) Injected() bool { return f.schedule().injected.Load() }
+
+// Fault counts one operation of kind k that is not a method of File (a
+// removal by a file system seam) and returns the error to inject, if any.
+func (f *FaultFile) Fault(k OpKind) error { return f.fault(k) }
+
+// schedule is the FaultFile whose fields and counter decide f's faults.
+func (f *FaultFile) schedule() *FaultFile {
+	if f.Shared != nil {
+		return f.Shared
+	}
+	return f
+}
 
 // fault counts an operation of kind k and returns the error to inject, if
 // any.
 func (f *FaultFile) fault(k OpKind) error {
+	f = f.schedule()
 	kinds := f.Kinds
 	if kinds == 0 {
 		kinds = OpAll
@@ -129,7 +152,7 @@ func (f *FaultFile) WriteAt(p []byte, off int64) (int, error) {
 	if err == nil {
 		return f.File.WriteAt(p, off)
 	}
-	if !f.TornWrite || off < 0 {
+	if !f.schedule().TornWrite || off < 0 {
 		return 0, err
 	}
 	end := off + int64(len(p)/2)

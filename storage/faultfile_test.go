@@ -185,3 +185,30 @@ func TestFaultFileConcurrent(t *testing.T) {
 		t.Fatalf("Ops %d, failed %d, want 100 and 50", ff.Ops(), failed)
 	}
 }
+
+// TestFaultFileShared: files sharing a schedule number their operations
+// together, so the sweep's i-th operation fails in whichever file it
+// falls; a removal counted with Fault takes its turn; Dead stops them all.
+func TestFaultFileShared(t *testing.T) {
+	for failAt := int64(0); failAt < 5; failAt++ {
+		sched := &FaultFile{FailAt: failAt, Dead: true}
+		a := &FaultFile{File: NewMemFile(make([]byte, 1024)), Shared: sched}
+		b := &FaultFile{File: NewMemFile(make([]byte, 1024)), Shared: sched}
+		ops := []func() error{
+			func() error { _, err := a.WriteAt([]byte{1}, 0); return err },
+			func() error { _, err := b.WriteAt([]byte{2}, 0); return err },
+			func() error { return a.Sync() },
+			func() error { return b.Fault(OpRemove) },
+			func() error { _, err := b.ReadAt(make([]byte, 1), 0); return err },
+		}
+		for i, op := range ops {
+			err := op()
+			if (int64(i) >= failAt) != errors.Is(err, ErrInjected) {
+				t.Fatalf("FailAt %d: operation %d: %v", failAt, i, err)
+			}
+		}
+		if !a.Injected() || !b.Injected() || a.Ops() != int64(len(ops)) {
+			t.Fatalf("FailAt %d: injected %v %v, %d ops counted", failAt, a.Injected(), b.Injected(), a.Ops())
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"runtime"
 	"strings"
 
 	"github.com/vhdkit/vhdkit/merge"
@@ -112,6 +113,10 @@ func (c *cli) check(path string, in input, repair, asJSON bool) error {
 	// The chain opens (raw: a format without metadata is consistent when
 	// it opens); its links are reported as warnings.
 	if format != "vhdx" && format != "vhd" || !hasFailure(problems) {
+		// The check's own open is garbage now; collected first, its
+		// memory (a BAT can be hundreds of MiB) serves this open, which
+		// would otherwise hold a second copy beside it.
+		runtime.GC()
 		im, err := in.open(c, path, true)
 		switch {
 		case err == nil:

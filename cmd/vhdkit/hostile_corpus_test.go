@@ -29,10 +29,10 @@ import (
 
 // Limits every verb must keep on every hostile image. A verb may need
 // memory for the BAT a file holds (a 64 TiB VHDX of 1 MiB blocks has a
-// 512 MiB BAT, which vhdkit keeps in memory; check holds two for a
-// moment): for an image file larger than hostileRSS, the bound grows by
-// twice the file's length; and by 1.5 MiB per file of a long chain (see
-// runHostileCase).
+// 512 MiB BAT, which vhdkit keeps in memory; one copy at a time: check
+// held two before it collected its first open's): for an image file
+// larger than hostileRSS, the bound grows by the file's length; and by
+// 1.5 MiB per file of a long chain (see runHostileCase).
 const (
 	hostileTimeout = 20 * time.Second
 	hostileRSS     = 256 << 20
@@ -177,7 +177,7 @@ func runHostileCase(t *testing.T, bin, nbdinfo, root, scratch string, c hostile.
 	}
 	limit := int64(hostileRSS)
 	if fi.Size() > hostileRSS {
-		limit += 2 * fi.Size()
+		limit += fi.Size()
 	}
 	// A differencing VHDX keeps each sector bitmap block it reads (1 MiB
 	// per chunk of 2^23 sectors) for as long as it is open, in every layer

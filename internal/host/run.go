@@ -532,22 +532,11 @@ func (h *Host) SaveVM(ctx context.Context, name string) (*api.VM, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), saveTimeout)
 	defer cancel()
 	start := time.Now()
-	part, file := h.savedPart(name), h.savedFile(name)
 	err = p.Pause(ctx)
 	if err == nil {
-		err = h.writeState(ctx, v, p, wasPaused, last, part)
-	}
-	if err == nil {
-		err = syncFile(part)
-	}
-	if err == nil {
-		err = os.Rename(part, file)
-	}
-	if err == nil {
-		err = syncFile(filepath.Dir(file))
+		err = h.writeState(ctx, v, p, wasPaused, last, h.savedFile(name))
 	}
 	if err != nil {
-		os.Remove(part)
 		if !wasPaused {
 			if rerr := p.Resume(ctx); rerr != nil {
 				h.log.Error("resuming after a failed save", "vm", name, "err", rerr)
@@ -570,7 +559,7 @@ func (h *Host) SaveVM(ctx context.Context, name string) (*api.VM, error) {
 	if qerr != nil {
 		// The state is saved but QEMU runs on: the machine must not run
 		// twice, and its disks would go on changing under the state.
-		os.Remove(file)
+		os.Remove(h.savedFile(name))
 		v.run.power = api.PowerPaused
 		return nil, errorf(http.StatusInternalServerError, "machine %s: saved, but QEMU did not end (%v); the saved state is discarded, the machine is paused", name, qerr)
 	}
@@ -580,10 +569,10 @@ func (h *Host) SaveVM(ctx context.Context, name string) (*api.VM, error) {
 		return nil, err
 	}
 	size := int64(0)
-	if fi, err := os.Stat(file); err == nil {
+	if fi, err := os.Stat(h.savedFile(name)); err == nil {
 		size = fi.Size()
 	}
-	h.log.Info("machine saved", "vm", name, "file", file, "bytes", size, "took", time.Since(start))
+	h.log.Info("machine saved", "vm", name, "file", h.savedFile(name), "bytes", size, "took", time.Since(start))
 	out := h.view(v)
 	return &out, nil
 }

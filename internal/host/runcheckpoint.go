@@ -277,9 +277,29 @@ func (v *vm) lastStream(p *vmm.Process) *checkpointState {
 }
 
 // writeState writes the paused machine's memory and device state into
-// part: QEMU's migration stream or, for a machine paused since it wrote
-// one (postmigrate), a copy of last's, its state still.
-func (h *Host) writeState(ctx context.Context, v *vm, p *vmm.Process, wasPaused bool, last *checkpointState, part string) error {
+// file, durably (file.part, synced, renamed, the folder synced): QEMU's
+// migration stream or, for a machine paused since it wrote one
+// (postmigrate), a copy of last's, its state still.
+func (h *Host) writeState(ctx context.Context, v *vm, p *vmm.Process, wasPaused bool, last *checkpointState, file string) error {
+	part := file + ".part"
+	err := h.streamState(ctx, v, p, wasPaused, last, part)
+	if err == nil {
+		err = syncFile(part)
+	}
+	if err == nil {
+		err = os.Rename(part, file)
+	}
+	if err == nil {
+		err = syncFile(filepath.Dir(file))
+	}
+	if err != nil {
+		os.Remove(part)
+	}
+	return err
+}
+
+// streamState writes the state into part (see writeState).
+func (h *Host) streamState(ctx context.Context, v *vm, p *vmm.Process, wasPaused bool, last *checkpointState, part string) error {
 	os.Remove(part)
 	if wasPaused {
 		st, err := p.Status(ctx)
@@ -301,7 +321,6 @@ func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, wasPaused bool, id, nam
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), checkpointSaveTimeout)
 	defer cancel()
 	file := h.checkpointStatePath(v.st.Name, id)
-	part := file + ".part"
 	last := v.lastStream(p)
 	h.mu.Unlock()
 	start := time.Now()
@@ -310,16 +329,7 @@ func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, wasPaused bool, id, nam
 		err = p.Pause(ctx)
 	}
 	if err == nil {
-		err = h.writeState(ctx, v, p, wasPaused, last, part)
-	}
-	if err == nil {
-		err = syncFile(part)
-	}
-	if err == nil {
-		err = os.Rename(part, file)
-	}
-	if err == nil {
-		err = syncFile(filepath.Dir(file))
+		err = h.writeState(ctx, v, p, wasPaused, last, file)
 	}
 	var c *checkpointState
 	if err == nil {
@@ -328,8 +338,7 @@ func (h *Host) standardCheckpoint(v *vm, p *vmm.Process, wasPaused bool, id, nam
 		h.mu.Unlock()
 	}
 	if err != nil {
-		os.Remove(part)
-		os.Remove(file)
+		os.Remove(file) // writeState removed the .part
 	}
 	var rerr error
 	if !wasPaused {

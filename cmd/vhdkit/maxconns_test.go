@@ -43,8 +43,12 @@ func TestNBDMaxConnections(t *testing.T) {
 	if greeted() {
 		t.Fatal("a second client was greeted with --max-connections 1")
 	}
-	if !strings.Contains(s.stderr.String(), "connection refused") {
-		t.Fatalf("the refusal was not logged: %s", s.stderr)
+	// The server logs before it closes the socket, but its stderr reaches
+	// the buffer through exec's copying goroutine, which may lag.
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(s.stderr.String(), "connection refused"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the refusal was not logged: %s", s.stderr)
+		}
 	}
 	first.Close()
 	for deadline := time.Now().Add(10 * time.Second); !greeted(); time.Sleep(20 * time.Millisecond) {

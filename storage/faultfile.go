@@ -13,7 +13,7 @@ import (
 var ErrInjected = errors.New("storage: injected fault")
 
 // OpKind is a set of File operation kinds, for FaultFile.Kinds.
-type OpKind uint8
+type OpKind uint16
 
 // The operation kinds FaultFile counts; OpAll is all of them.
 const (
@@ -21,11 +21,15 @@ const (
 	OpWrite
 	OpSync
 	OpTruncate
-	// OpRemove is a file's removal, which a file system seam counts
-	// with FaultFile.Fault (no File method removes).
+	// The name operations of a file system seam (MemFS), counted with
+	// FaultFile.Fault: no File method makes them.
 	OpRemove
+	OpOpen   // opening an existing file
+	OpCreate // creating a file
+	OpRename
+	OpSyncDir
 
-	OpAll = OpRead | OpWrite | OpSync | OpTruncate | OpRemove
+	OpAll = OpRead | OpWrite | OpSync | OpTruncate | OpRemove | OpOpen | OpCreate | OpRename | OpSyncDir
 )
 
 func (k OpKind) String() string {
@@ -33,7 +37,8 @@ func (k OpKind) String() string {
 	for _, n := range []struct {
 		k    OpKind
 		name string
-	}{{OpRead, "read"}, {OpWrite, "write"}, {OpSync, "sync"}, {OpTruncate, "truncate"}, {OpRemove, "remove"}} {
+	}{{OpRead, "read"}, {OpWrite, "write"}, {OpSync, "sync"}, {OpTruncate, "truncate"}, {OpRemove, "remove"},
+		{OpOpen, "open"}, {OpCreate, "create"}, {OpRename, "rename"}, {OpSyncDir, "syncdir"}} {
 		if k&n.k != 0 {
 			names = append(names, n.name)
 		}

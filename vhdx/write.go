@@ -4,13 +4,16 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 
 	"github.com/vhdkit/vhdkit/disk"
 	"github.com/vhdkit/vhdkit/storage"
 )
 
-// zeros is a shared source of zero bytes for filling blocks.
-var zeros = make([]byte, mib)
+// zeros returns a shared source of zero bytes for filling blocks,
+// allocated on first use rather than at every start of a program that
+// links the package (most vhdkit commands never fill a block).
+var zeros = sync.OnceValue(func() []byte { return make([]byte, mib) })
 
 // WriteAt writes p at virtual offset off. Writes to blocks already in the
 // file go straight to them, concurrently with other I/O; writes that
@@ -221,6 +224,7 @@ func (im *Image) fillBlock(idx int64, p []byte, in int64) error {
 }
 
 func (im *Image) writeZeros(off, n int64) error {
+	zeros := zeros()
 	for n > 0 {
 		k := min(n, int64(len(zeros)))
 		if err := im.writeFile(zeros[:k], off); err != nil {
@@ -440,6 +444,7 @@ func (im *Image) discardPartial(off, n, blk, blockOff int64) error {
 
 // writeZeroRange writes zeros through the ordinary write path, in pieces.
 func (im *Image) writeZeroRange(off, n int64) error {
+	zeros := zeros()
 	for n > 0 {
 		k := min(n, int64(len(zeros)))
 		if err := im.write(zeros[:k], off); err != nil {

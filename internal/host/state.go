@@ -6,12 +6,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/lazyregexp"
 	"github.com/vhdkit/vhdkit/storage"
 )
 
@@ -186,7 +186,7 @@ func (m *machineState) checkpoint(id string) *checkpointState {
 // Checkpoint IDs are numbers inside the state and "cp-N" in the API,
 // where a checkpoint is addressed by ID or by name: names of that form
 // are refused, so a reference is one or the other, never both.
-var cpIDRE = regexp.MustCompile(`^(?i:cp)-([0-9]+)$`)
+var cpIDRE = lazyregexp.New(`^(?i:cp)-([0-9]+)$`)
 
 // cpID renders a checkpoint ID for the API.
 func cpID(id string) string {

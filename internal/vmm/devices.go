@@ -7,9 +7,10 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"time"
+
+	"github.com/vhdkit/vhdkit/internal/lazyregexp"
 )
 
 // A machine's hardware, as Hyper-V's two generations have it:
@@ -111,7 +112,7 @@ const (
 
 // bridgeRE is a Linux interface name (at most 15 bytes) without the
 // characters QEMU's option syntax or the helper would take otherwise.
-var bridgeRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$`)
+var bridgeRE = lazyregexp.New(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$`)
 
 // ParseNetwork checks a network setting ("" is none) and returns the
 // bridge's name for "bridge=BR".
@@ -140,7 +141,7 @@ func (c *Config) startHint() string {
 }
 
 // macRE is a unicast MAC address, as QEMU takes it.
-var macRE = regexp.MustCompile(`^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$`)
+var macRE = lazyregexp.New(`^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$`)
 
 // CheckMAC checks a network adapter's address ("" lets QEMU choose).
 func CheckMAC(mac string) error {

@@ -8,9 +8,12 @@
 #   qemu-img commit of an equivalent qcow2 chain
 #   vhdkit convert raw -> dynamic VHDX against qemu-img convert
 #
-# on loop-mounted XFS (mkfs.xfs -m reflink=1) and btrfs, made in a
+# on loop-mounted XFS (mkfs.xfs -m reflink=1), btrfs and ext4 (which
+# cannot clone; default mount options, so no discard), made in a
 # temporary folder and unmounted after (as root; skipped otherwise), and
-# on the file system of ${TMPDIR:-/tmp}. Each step starts after a sync and
+# on the file system of ${TMPDIR:-/tmp} as it is mounted (this machine's
+# work disk has discard, where deleting the merged child costs most of a
+# merge). Each step starts after a sync and
 # ends with its output synced (qemu-img with -t writeback); every output is
 # compared with the data (qemu-img compare). Best of BENCH_RUNS (default
 # 2). Prints seconds and ratios: merge/cp is vhdkit's time over cp's (at
@@ -40,30 +43,36 @@ vhdkit=$work/vhdkit
 "$work/gendata" -size "$size" -seed 7 "$work/data.img"
 bytes=$(stat -c %s "$work/data.img")
 
-# The folders to run in: loop-mounted XFS and btrfs, and the work folder.
+# The folders to run in: loop-mounted XFS, btrfs and ext4, and the work
+# folder.
 dirs=() names=()
 if [ "$(id -u)" = 0 ]; then
-	for fs in xfs btrfs; do
+	for fs in xfs btrfs ext4; do
 		mkfs=$(command -v mkfs.$fs || true)
 		if [ -z "$mkfs" ]; then
-			echo "mkfs.$fs is missing (apt-get install ${fs}progs): no $fs row" >&2
+			echo "mkfs.$fs is missing: no $fs row" >&2
 			continue
 		fi
 		img=$work/$fs.fs
 		truncate -s $((bytes * 10 + (1 << 30))) "$img"
-		args=(-q -f)
-		[ $fs = xfs ] && args+=(-m reflink=1)
+		case $fs in
+		xfs) args=(-q -f -m reflink=1) name="xfs (loop, reflink)" ;;
+		btrfs) args=(-q -f) name="btrfs (loop, reflink)" ;;
+		ext4) args=(-q -F -E lazy_itable_init=0,lazy_journal_init=0) name="ext4 (loop)" ;; # no background init during the runs
+		esac
 		"$mkfs" "${args[@]}" "$img" >/dev/null
 		mkdir "$work/$fs"
 		mount -o loop "$img" "$work/$fs"
 		mounts+=("$work/$fs")
-		dirs+=("$work/$fs") names+=("$fs (loop, reflink)")
+		dirs+=("$work/$fs") names+=("$name")
 	done
 else
-	echo "not root: no loop-mounted XFS and btrfs rows" >&2
+	echo "not root: no loop-mounted XFS, btrfs and ext4 rows" >&2
 fi
 mkdir "$work/plain"
-dirs+=("$work/plain") names+=("$(findmnt -n -o FSTYPE -T "$work") (work folder)")
+opts=$(findmnt -n -o OPTIONS -T "$work")
+case ",$opts," in *,discard,* | *,discard=*) discard=", discard" ;; *) discard="" ;; esac
+dirs+=("$work/plain") names+=("$(findmnt -n -o FSTYPE -T "$work") (work folder$discard)")
 
 # secs CMD... runs CMD after a sync and prints its elapsed seconds, sync
 # included.

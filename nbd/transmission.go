@@ -135,8 +135,10 @@ func putBuf(p *[]byte) {
 	bufPools[k].Put(p)
 }
 
-// zeroBuf is written when an image has no Zeroer. Never modified.
-var zeroBuf = make([]byte, 1<<20)
+// zeroBuf returns the zeros written when an image has no Zeroer,
+// allocated on first use rather than at every start of a program that
+// links the package. Never modified.
+var zeroBuf = sync.OnceValue(func() []byte { return make([]byte, 1<<20) })
 
 // budget is a counting semaphore over payload bytes with a single waiter
 // (the connection's reader).
@@ -386,12 +388,13 @@ func (c *conn) writeZeroes(off, n int64, mayUnmap bool) error {
 	if c.x.zeroer != nil {
 		return c.x.zeroer.WriteZeroes(off, n, mayUnmap)
 	}
+	zeros := zeroBuf()
 	for n > 0 {
 		if c.x.leaving.Load() || c.dead.Load() {
 			return ESHUTDOWN // nobody waits for the rest
 		}
-		k := min(n, int64(len(zeroBuf)))
-		if _, err := c.x.Image.WriteAt(zeroBuf[:k], off); err != nil {
+		k := min(n, int64(len(zeros)))
+		if _, err := c.x.Image.WriteAt(zeros[:k], off); err != nil {
 			return err
 		}
 		off += k
@@ -560,7 +563,7 @@ func (c *conn) blockStatus(j *job) (Errno, string) {
 	}
 	var ctx [len(j.status)]context
 	for i := range c.meta {
-		j.status[i] = append(j.status[i][:0], zeroBuf[:chunkHeaderLen+4]...)
+		j.status[i] = append(j.status[i][:0], make([]byte, chunkHeaderLen+4)...)
 	}
 	// add appends extent e to every context's descriptors, merging it
 	// into the last one of equal status; it reports whether any context

@@ -35,11 +35,11 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"time"
 
 	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/lazyregexp"
 )
 
 //go:embed static
@@ -250,10 +250,10 @@ func (c *Console) file(w http.ResponseWriter, r *http.Request, name string) {
 }
 
 // exportName is what a console export's target may be: one folder name.
-var exportName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+var exportName = lazyregexp.New(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
 // exportRoute matches the checkpoint export route of package api.
-var exportRoute = regexp.MustCompile(`^/v1/vms/[^/]+/checkpoints/[^/]+/export$`)
+var exportRoute = lazyregexp.New(`^/v1/vms/[^/]+/checkpoints/[^/]+/export$`)
 
 // confineExport rewrites the target of a checkpoint export to
 // DIR/exports/NAME: through the console, a client names a folder, and the

@@ -49,6 +49,13 @@ type RangeCopier interface {
 
 // cloneAlign is the alignment a clone asks of offsets and lengths: the
 // block size of the file systems that clone (XFS, btrfs) as made today.
+//
+// Short runs are cloned too, with no minimum length: copying them through
+// memory instead was measured slower (Linux 6.18, loop-mounted XFS and
+// btrfs: a 4-64 KiB clone costs 8-20 us, reading and writing the same
+// 10-60 us once the write-back at the next sync is counted, and a source
+// that was itself cloned is not in the page cache); copy_file_range would
+// clone them anyway.
 const cloneAlign = 4096
 
 // CopyRange copies n bytes of src at srcOff to dst at dstOff: cloned or

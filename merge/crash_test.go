@@ -3,45 +3,23 @@ package merge
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
-	randv2 "math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/storage"
+	"github.com/vhdkit/vhdkit/storage/faulttest"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
 
-// memDisk holds a chain's files in MemFiles, so a merge can be stopped at
-// its i-th I/O (counted across all its files and removals: one
-// storage.FaultFile schedule they share) and the files crash-cloned.
-// Empty files of the same names stand on the real file system for the
-// path lookups (stat, glob).
-type memDisk struct {
-	mu     sync.Mutex
-	files  map[string]*storage.MemFile
-	faults *storage.FaultFile // the schedule every handle shares
-	// cloned counts the bytes moved by clone (MemFile stands in for one),
-	// to show that a sweep goes through the cloning path.
-	cloned atomic.Int64
-}
-
-// newMemDisk holds a copy of files, each with an empty placeholder of its
-// name on the real file system; it stops at operation failAt (-1: never),
-// or with once fails that one operation and works on.
-func newMemDisk(files map[string][]byte, failAt int64, once bool) *memDisk {
-	d := &memDisk{files: map[string]*storage.MemFile{}, faults: &storage.FaultFile{FailAt: failAt, Dead: !once}}
-	for p, b := range files {
-		d.files[p] = storage.NewMemFile(b)
-		os.WriteFile(p, nil, 0o644)
-	}
-	return d
-}
+// The crash and fault sweeps of a merge run on a storage.MemFS holding
+// the chain's files (and the journal the merge writes), one fault
+// schedule across all of them (storage/faulttest). The formats resolve
+// parent locators by stat on the real file system: an empty file of each
+// name stands there while the MemFS holds it.
 
 // readFiles returns the content of each path.
 func readFiles(t *testing.T, paths []string) map[string][]byte {
@@ -57,85 +35,35 @@ func readFiles(t *testing.T, paths []string) map[string][]byte {
 	return out
 }
 
-// hit reports whether the schedule has failed an operation.
-func (d *memDisk) hit() bool { return d.faults.Injected() }
-
-// workOn makes the disk work on without faults (for the handles opened
-// from now on).
-func (d *memDisk) workOn() { d.faults = &storage.FaultFile{FailAt: -1} }
-
-func (d *memDisk) open(path string, flag int) (storage.File, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	f, ok := d.files[path]
-	if !ok {
-		return nil, fmt.Errorf("open %s: %w", path, os.ErrNotExist)
+// placeholders makes the real file system hold an empty file for each of
+// paths fsys holds, and none for the others.
+func placeholders(fsys *storage.MemFS, paths []string) {
+	for _, p := range paths {
+		if _, err := fsys.Stat(p); err == nil {
+			os.WriteFile(p, nil, 0o644)
+		} else {
+			os.Remove(p)
+		}
 	}
-	return &memHandle{FaultFile: storage.FaultFile{File: f, Shared: d.faults}, d: d}, nil
-}
-
-func (d *memDisk) remove(path string) error {
-	if err := d.faults.Fault(storage.OpRemove); err != nil {
-		return err
-	}
-	d.mu.Lock()
-	delete(d.files, path)
-	d.mu.Unlock()
-	return os.Remove(path)
-}
-
-// crash replaces every file by a crash clone of it.
-func (d *memDisk) crash(rng *randv2.Rand) *memDisk {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	c := &memDisk{files: map[string]*storage.MemFile{}, faults: &storage.FaultFile{FailAt: -1}}
-	for p, f := range d.files {
-		c.files[p] = f.CrashClone(rng)
-	}
-	return c
-}
-
-// memHandle is an open file of a memDisk: its I/O goes through the
-// disk's fault schedule.
-type memHandle struct {
-	storage.FaultFile
-	d *memDisk
-}
-
-// CopyRangeFrom is one operation, like a write: a clone into the file
-// (MemFile copies, and keeps or loses the range per sector at a crash).
-func (f *memHandle) CopyRangeFrom(src storage.File, srcOff, dstOff, n int64) (storage.Moved, error) {
-	m, err := f.FaultFile.CopyRangeFrom(src, srcOff, dstOff, n)
-	f.d.cloned.Add(m.Cloned)
-	return m, err
-}
-
-func (f *memHandle) Close() error { return nil } // the MemFile outlives its handles
-
-func (d *memDisk) options(into string) Options {
-	return Options{Into: into, OpenFile: d.open, Remove: d.remove}
 }
 
 // leafContent reads the chain from top, or from the target once top is
 // gone (the merge finished).
-func (d *memDisk) leafContent(t *testing.T, top, target string) []byte {
-	t.Helper()
+func leafContent(fsys *storage.MemFS, top, target string) ([]byte, error) {
 	leaf := top
-	d.mu.Lock()
-	if _, ok := d.files[top]; !ok {
+	if _, err := fsys.Stat(top); err != nil {
 		leaf = target
 	}
-	d.mu.Unlock()
-	im, err := open(leaf, true, Options{OpenFile: d.open})
+	im, err := open(leaf, true, Options{FS: fsys})
 	if err != nil {
-		t.Fatalf("opening %s after the crash: %v", filepath.Base(leaf), err)
+		return nil, fmt.Errorf("opening %s: %w", filepath.Base(leaf), err)
 	}
 	defer im.Close()
 	b := make([]byte, im.Size())
 	if _, err := im.ReadAt(b, 0); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	return b
+	return b, nil
 }
 
 // knownVHDXFindings are vhdx.Check rules the VHDX writer still breaks at
@@ -143,33 +71,87 @@ func (d *memDisk) leafContent(t *testing.T, top, target string) []byte {
 // VHDX file after every crash point must pass the strict check.
 var knownVHDXFindings = []vhdx.Rule{}
 
-// checkVHDX validates every VHDX file of d strictly (vhdx.CheckStructure),
-// as the crash or failed I/O left it: the strictest reader must accept it.
-func (d *memDisk) checkVHDX(t *testing.T, point int64, when string) {
-	t.Helper()
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for p, f := range d.files {
-		var sig [8]byte
-		if n, _ := f.ReadAt(sig[:], 0); n < 8 || string(sig[:]) != "vhdxfile" {
+// checkVHDX validates every VHDX file of fsys strictly
+// (vhdx.CheckStructure), as the crash or failed I/O left it: the
+// strictest reader must accept it.
+func checkVHDX(fsys *storage.MemFS) error {
+	for _, p := range fsys.Names() {
+		b, _ := fsys.Bytes(p)
+		if len(b) < 8 || string(b[:8]) != "vhdxfile" {
 			continue // a VHD, a journal or a file not written yet
 		}
-		probs, err := vhdx.CheckStructure(f)
+		probs, err := vhdx.CheckStructure(storage.NewMemFile(b))
 		if err != nil {
-			t.Fatalf("point %d: strict check of %s %s: %v", point, filepath.Base(p), when, err)
+			return fmt.Errorf("strict check of %s: %w", filepath.Base(p), err)
 		}
 		for _, pr := range probs {
 			if pr.Violation() && !slices.Contains(knownVHDXFindings, pr.Rule) {
-				t.Fatalf("point %d: strict check of %s %s: %v", point, filepath.Base(p), when, probs)
+				return fmt.Errorf("strict check of %s: %v", filepath.Base(p), probs)
 			}
 		}
 	}
+	return nil
 }
 
-// TestMergeCrash stops the disk at every I/O of a merge (top into parent,
-// and three levels into the base) and crash-clones every file, keeping a
-// random part of what was not synced. The leaf must open and read the
-// newest data, and running the merge again must finish it.
+// mergeSweep merges the top of a chain of depth levels above its base
+// into layer into, stopped at every operation in each of modes. After
+// each point the files pass the strict check, the leaf reads the newest
+// data, and running the merge again finishes it with the target holding
+// that data.
+func mergeSweep(t *testing.T, build func(testing.TB, string, int) ([]string, [][]byte), depth, into int, modes []faulttest.Mode) {
+	dir := t.TempDir()
+	paths, contents := build(t, dir, depth)
+	want := contents[depth]
+	top, target := paths[depth], paths[into]
+	merge := func(fsys *storage.MemFS) error {
+		_, err := Merge(context.Background(), top, Options{Into: target, FS: fsys})
+		return err
+	}
+	check := func(fsys *storage.MemFS, when string) error {
+		if err := checkVHDX(fsys); err != nil {
+			return fmt.Errorf("%s: %w", when, err)
+		}
+		got, err := leafContent(fsys, top, target)
+		if err != nil {
+			return fmt.Errorf("%s: %w", when, err)
+		}
+		if !bytes.Equal(got, want) {
+			return fmt.Errorf("%s: the leaf reads different data", when)
+		}
+		return nil
+	}
+	faulttest.Run(t, faulttest.Sweep{
+		Files: readFiles(t, paths),
+		Modes: modes,
+		// One power cut per point besides the state as left: the four
+		// sweeps have over a thousand points (more in long mode).
+		PowerCuts: map[bool]int{false: 1, true: 10}[faulttest.Long()],
+		Start: func(fsys *storage.MemFS) (func() error, error) {
+			placeholders(fsys, paths)
+			return func() error { return merge(fsys) }, nil
+		},
+		Check: func(fsys *storage.MemFS, p faulttest.Point) error {
+			if p.Mode == faulttest.Crash && p.PowerCut == 0 && p.Err == nil {
+				return errors.New("the merge succeeded on a stopped disk")
+			}
+			placeholders(fsys, paths)
+			if err := check(fsys, "as left"); err != nil {
+				return err
+			}
+			if _, err := fsys.Stat(top); err == nil {
+				if err := merge(fsys); err != nil {
+					return fmt.Errorf("re-running the merge: %w", err)
+				}
+			}
+			return check(fsys, "after a re-run")
+		},
+	})
+}
+
+// TestMergeCrash stops the disk at every operation of a merge (top into
+// parent, and three levels into the base; VHDX and VHD) — the I/O of
+// every file, the journal's writes, renames and removals — and checks the
+// files as left and after power cuts.
 func TestMergeCrash(t *testing.T) {
 	for _, c := range []struct {
 		name  string
@@ -182,108 +164,36 @@ func TestMergeCrash(t *testing.T) {
 		{"vhd/into-base", buildVHDChain, 0},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			dir := t.TempDir()
-			paths, contents := c.build(t, dir, 3)
-			want := contents[3]
-			orig := readFiles(t, paths)
-			top, target := paths[3], paths[c.into]
-			points := 0
-			for i := int64(0); ; i++ {
-				d := newMemDisk(orig, i, false)
-				_, err := Merge(context.Background(), top, d.options(target))
-				if !d.hit() {
-					if err != nil {
-						t.Fatal(err)
-					}
-					if strings.HasPrefix(c.name, "vhdx/") && d.cloned.Load() == 0 {
-						t.Fatal("the merge cloned nothing: the sweep missed the cloning path")
-					}
-					break
-				}
-				if err == nil {
-					t.Fatalf("point %d: merge succeeded on a stopped disk", i)
-				}
-				points++
-				// The journal is synced before it is used: each clone
-				// starts with it as the stopped run left it.
-				jb, jerr := os.ReadFile(journalPath(top))
-				for s := 0; s < 2; s++ {
-					if jerr == nil {
-						os.WriteFile(journalPath(top), jb, 0o644)
-					}
-					cd := d.crash(randv2.New(randv2.NewPCG(uint64(i), uint64(s))))
-					for p := range orig {
-						if _, ok := cd.files[p]; ok {
-							os.WriteFile(p, nil, 0o644)
-						} else {
-							os.Remove(p)
-						}
-					}
-					cd.checkVHDX(t, i, "after the crash")
-					if got := cd.leafContent(t, top, target); !bytes.Equal(got, want) {
-						t.Fatalf("point %d: the leaf reads different data after the crash", i)
-					}
-					if _, ok := cd.files[top]; ok {
-						if _, err := Merge(context.Background(), top, cd.options(target)); err != nil {
-							t.Fatalf("point %d: re-running the merge: %v", i, err)
-						}
-					}
-					cd.checkVHDX(t, i, "after a re-run")
-					if got := cd.leafContent(t, top, target); !bytes.Equal(got, want) {
-						t.Fatalf("point %d: the target does not hold the merge after a re-run", i)
-					}
-				}
-			}
-			t.Logf("%d crash points", points)
+			mergeSweep(t, c.build, 3, c.into, []faulttest.Mode{faulttest.Crash})
 		})
 	}
 }
 
-// TestMergeIOError fails one I/O of a merge, for every I/O, with the disk
-// working on: the merge reports the error, the leaf still reads the newest
-// data, and running the merge again finishes it.
+// TestMergeIOError fails one operation of a merge, for every operation,
+// with the disk working on, and separately fills the disk from every
+// write on: the merge reports the error (or, where the operation was not
+// needed, succeeds), the leaf still reads the newest data, and running
+// the merge again finishes it.
 func TestMergeIOError(t *testing.T) {
-	t.Run("vhdx", func(t *testing.T) { testMergeIOError(t, buildChain) })
-	t.Run("vhd", func(t *testing.T) { testMergeIOError(t, buildVHDChain) })
+	for _, c := range []struct {
+		name  string
+		build func(testing.TB, string, int) ([]string, [][]byte)
+	}{{"vhdx", buildChain}, {"vhd", buildVHDChain}} {
+		t.Run(c.name, func(t *testing.T) {
+			mergeSweep(t, c.build, 2, 0, []faulttest.Mode{faulttest.IOError, faulttest.NoSpace})
+		})
+	}
 }
 
-func testMergeIOError(t *testing.T, build func(testing.TB, string, int) ([]string, [][]byte)) {
-	dir := t.TempDir()
-	paths, contents := build(t, dir, 2)
-	want := contents[2]
-	orig := readFiles(t, paths)
-	top, target := paths[2], paths[0]
-	points := 0
-	for i := int64(0); ; i++ {
-		os.Remove(journalPath(top))
-		d := newMemDisk(orig, i, true)
-		_, err := Merge(context.Background(), top, d.options(target))
-		if !d.hit() {
-			if err != nil {
-				t.Fatal(err)
-			}
-			break
-		}
-		points++
-		if err == nil {
-			// The failed operation was retried or not needed: done.
-			if got := d.leafContent(t, top, target); !bytes.Equal(got, want) {
-				t.Fatalf("point %d: a merge that succeeded left wrong data", i)
-			}
-			continue
-		}
-		d.workOn()
-		d.checkVHDX(t, i, "after the failed I/O")
-		if got := d.leafContent(t, top, target); !bytes.Equal(got, want) {
-			t.Fatalf("point %d: the leaf reads different data after %v", i, err)
-		}
-		if _, err := Merge(context.Background(), top, d.options(target)); err != nil {
-			t.Fatalf("point %d: re-running the merge: %v", i, err)
-		}
-		d.checkVHDX(t, i, "after a re-run")
-		if got := d.leafContent(t, top, target); !bytes.Equal(got, want) {
-			t.Fatalf("point %d: the target does not hold the merge after a re-run", i)
-		}
+// TestMergeSweepClones checks that the sweeps go through the cloning path
+// of a VHDX merge (a MemFS stands in for a file system that clones).
+func TestMergeSweepClones(t *testing.T) {
+	paths, _ := buildChain(t, t.TempDir(), 3)
+	fsys := storage.NewMemFS(readFiles(t, paths))
+	if _, err := Merge(context.Background(), paths[3], Options{Into: paths[0], FS: fsys}); err != nil {
+		t.Fatal(err)
 	}
-	t.Logf("%d error points", points)
+	if fsys.Cloned() == 0 {
+		t.Fatal("the merge cloned nothing: the sweeps miss the cloning path")
+	}
 }

@@ -104,14 +104,14 @@ func candidates(files []string, opts Options, skip func(string) bool) []string {
 	return list
 }
 
-// peekOpen opens a file to read its parent link: through the caller's
-// seam if set, else without refusing other users (a child some program
-// writes is still a dependent).
-func peekOpen(opts Options) func(string, int) (storage.File, error) {
-	if opts.OpenFile != nil {
-		return opts.OpenFile
+// peekFS is where a file is opened to read its parent link: the caller's
+// seam if set, else the operating system's without refusing other users
+// (a child some program writes is still a dependent).
+func peekFS(opts Options) storage.FS {
+	if opts.FS != nil && opts.FS != storage.OS {
+		return opts.FS
 	}
-	return func(path string, _ int) (storage.File, error) { return storage.OpenForceShare(path) }
+	return storage.OSForceShare
 }
 
 // An OutsideParent is a link of a chain that resolved outside the child's
@@ -137,13 +137,13 @@ func OutsideParents(chain []string) []OutsideParent {
 		rel := ""
 		switch kindOf(child) {
 		case kindVHDX:
-			l, err := vhdx.ReadParentLink(child, vhdx.OpenOptions{OpenFile: peekOpen(opts)})
+			l, err := vhdx.ReadParentLink(child, vhdx.OpenOptions{FS: peekFS(opts)})
 			if err != nil || l == nil {
 				continue
 			}
 			rel = l.Relative
 		case kindVHD:
-			l, err := vhd.ReadParentLink(child, vhd.OpenOptions{OpenFile: peekOpen(opts)})
+			l, err := vhd.ReadParentLink(child, vhd.OpenOptions{FS: peekFS(opts)})
 			if err != nil || l == nil {
 				continue
 			}

@@ -57,24 +57,24 @@ func kindOf(path string) kind {
 func open(path string, ro bool, opts Options) (disk.Image, error) {
 	switch kindOf(path) {
 	case kindVHDX:
-		im, err := vhdx.Open(path, vhdx.OpenOptions{ReadOnly: ro, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile})
+		im, err := vhdx.Open(path, vhdx.OpenOptions{ReadOnly: ro, ParentDirs: opts.ParentDirs, FS: opts.FS})
 		if err != nil {
 			return nil, err
 		}
 		return im, nil
 	case kindVHD:
-		im, err := vhd.Open(path, vhd.OpenOptions{ReadOnly: ro, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile})
+		im, err := vhd.Open(path, vhd.OpenOptions{ReadOnly: ro, ParentDirs: opts.ParentDirs, FS: opts.FS})
 		if err != nil {
 			return nil, err
 		}
 		return im, nil
 	case kindRaw:
-		if opts.OpenFile != nil {
+		if opts.FS != nil {
 			flag := os.O_RDWR
 			if ro {
 				flag = os.O_RDONLY
 			}
-			f, err := opts.OpenFile(path, flag)
+			f, err := opts.FS.OpenFile(path, flag, 0)
 			if err != nil {
 				return nil, err
 			}
@@ -107,13 +107,13 @@ func parentOf(path string, opts Options) string {
 	var candidates []string
 	switch kindOf(path) {
 	case kindVHDX:
-		link, err := vhdx.ReadParentLink(path, vhdx.OpenOptions{OpenFile: peekOpen(opts)})
+		link, err := vhdx.ReadParentLink(path, vhdx.OpenOptions{FS: peekFS(opts)})
 		if err != nil || link == nil {
 			return ""
 		}
 		candidates = link.Candidates
 	case kindVHD:
-		link, err := vhd.ReadParentLink(path, vhd.OpenOptions{OpenFile: peekOpen(opts)})
+		link, err := vhd.ReadParentLink(path, vhd.OpenOptions{FS: peekFS(opts)})
 		if err != nil || link == nil {
 			return ""
 		}
@@ -133,7 +133,7 @@ func identity(target string, opts Options) (vhdx.GUID, error) {
 	if kindOf(target) != kindVHDX {
 		return vhdx.GUID{}, nil
 	}
-	t, err := vhdx.Open(target, vhdx.OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile})
+	t, err := vhdx.Open(target, vhdx.OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, FS: opts.FS})
 	if err != nil {
 		return vhdx.GUID{}, err
 	}
@@ -147,7 +147,7 @@ func linkage2(child string, opts Options) (vhdx.GUID, error) {
 	if kindOf(child) != kindVHDX {
 		return vhdx.GUID{}, nil
 	}
-	link, err := vhdx.ReadParentLink(child, vhdx.OpenOptions{ReadOnly: true, OpenFile: opts.OpenFile})
+	link, err := vhdx.ReadParentLink(child, vhdx.OpenOptions{ReadOnly: true, FS: opts.FS})
 	if err != nil {
 		return vhdx.GUID{}, err
 	}
@@ -173,7 +173,7 @@ func repoint(child, target string, g vhdx.GUID, opts Options) error {
 	case kindVHDX:
 		return relinkVHDX(child, opts, func(im *vhdx.Image) error { return im.SetParent(target, g) })
 	case kindVHD:
-		im, err := vhd.Open(child, vhd.OpenOptions{NoParent: true, OpenFile: opts.OpenFile})
+		im, err := vhd.Open(child, vhd.OpenOptions{NoParent: true, FS: opts.FS})
 		if err != nil {
 			return err
 		}
@@ -189,7 +189,7 @@ func repoint(child, target string, g vhdx.GUID, opts Options) error {
 // relinkVHDX opens a child without its parent, changes its links and
 // closes it.
 func relinkVHDX(child string, opts Options, change func(*vhdx.Image) error) error {
-	im, err := vhdx.Open(child, vhdx.OpenOptions{OpenFile: opts.OpenFile, NoParent: true})
+	im, err := vhdx.Open(child, vhdx.OpenOptions{FS: opts.FS, NoParent: true})
 	if err != nil {
 		return err
 	}

@@ -34,8 +34,8 @@ func Pending(top string) bool {
 	return err == nil
 }
 
-func loadJournal(top string) (*journal, error) {
-	b, err := os.ReadFile(journalPath(top))
+func loadJournal(top string, fsys storage.FS) (*journal, error) {
+	b, err := storage.ReadFileFrom(fsys, journalPath(top))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
@@ -50,12 +50,12 @@ func loadJournal(top string) (*journal, error) {
 }
 
 // save writes the journal durably.
-func (j *journal) save() error {
+func (j *journal) save(fsys storage.FS) error {
 	b, err := json.MarshalIndent(j, "", "  ")
 	if err != nil {
 		return err
 	}
-	if err := storage.WriteFile(journalPath(j.Top), b, 0o600); err != nil {
+	if err := storage.WriteFileTo(fsys, journalPath(j.Top), b, 0o600); err != nil {
 		return fmt.Errorf("merge: journal: %w", err)
 	}
 	return nil
@@ -64,29 +64,26 @@ func (j *journal) save() error {
 // finish re-links, deletes and drops the journal; every step may already
 // have been done by an interrupted run.
 func (j *journal) finish(opts Options) error {
+	fsys := storage.OrOS(opts.FS)
 	g, err := vhdx.ParseGUID(j.GUID)
 	if err != nil {
 		return fmt.Errorf("merge: journal: %w", err)
 	}
 	for _, c := range j.Relink {
-		if _, err := os.Stat(c); errors.Is(err, os.ErrNotExist) {
+		if _, err := fsys.Stat(c); errors.Is(err, os.ErrNotExist) {
 			continue
 		}
 		if err := setParent(c, j.Target, g, opts); err != nil {
 			return err
 		}
 	}
-	remove := opts.Remove
-	if remove == nil {
-		remove = os.Remove
-	}
 	for _, p := range j.Remove {
-		if err := remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := fsys.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("merge: removing %s: %w", p, err)
 		}
 	}
-	if err := os.Remove(journalPath(j.Top)); err != nil {
+	if err := fsys.Remove(journalPath(j.Top)); err != nil {
 		return fmt.Errorf("merge: journal: %w", err)
 	}
-	return storage.SyncDir(filepath.Dir(j.Top))
+	return fsys.SyncDir(filepath.Dir(j.Top))
 }

@@ -77,10 +77,10 @@ type Options struct {
 	// layers' locators to these folders (see vhdx.OpenOptions.ParentDirs):
 	// a locator pointing elsewhere is not followed.
 	ParentDirs []string
-	// OpenFile, when set, opens every image file (the test seam for
-	// injected faults); Remove, when set, deletes the merged files.
-	OpenFile func(path string, flag int) (storage.File, error)
-	Remove   func(path string) error
+	// FS, when set, is the file system every file of the merge is opened,
+	// written and removed in (nil: the operating system's): the seam
+	// fault and crash sweeps use (storage.MemFS).
+	FS storage.FS
 }
 
 // An OpenChild is a disk running on a child of TOP.
@@ -109,7 +109,7 @@ var ErrOtherChildren = errors.New("other images depend on the merge target")
 
 // Merge merges TOP down into its parent, or into opts.Into.
 func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
-	if j, err := loadJournal(top); err != nil {
+	if j, err := loadJournal(top, storage.OrOS(opts.FS)); err != nil {
 		return nil, err
 	} else if j != nil {
 		// An earlier run copied everything; finish its clean-up.
@@ -155,7 +155,7 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 		j.Relink = append(j.Relink, top)
 	}
 	j.Remove = append(append([]string(nil), layers[1:k]...), top)
-	if err := j.save(); err != nil {
+	if err := j.save(storage.OrOS(opts.FS)); err != nil {
 		return nil, err
 	}
 	if err := j.finish(opts); err != nil {

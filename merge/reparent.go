@@ -21,14 +21,14 @@ import (
 func SetParent(child, parent string, force bool, opts Options) error {
 	switch kindOf(child) {
 	case kindVHDX:
-		link, err := vhdx.ReadParentLink(child, vhdx.OpenOptions{OpenFile: opts.OpenFile})
+		link, err := vhdx.ReadParentLink(child, vhdx.OpenOptions{FS: opts.FS})
 		if err != nil {
 			return err
 		}
 		if link == nil {
 			return fmt.Errorf("%s is not a differencing disk", child)
 		}
-		p, err := vhdx.Open(parent, vhdx.OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile})
+		p, err := vhdx.Open(parent, vhdx.OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, FS: opts.FS})
 		if err != nil {
 			return err
 		}
@@ -40,7 +40,7 @@ func SetParent(child, parent string, force bool, opts Options) error {
 		}
 		return repoint(child, parent, g, opts)
 	case kindVHD:
-		link, err := vhd.ReadParentLink(child, vhd.OpenOptions{OpenFile: opts.OpenFile})
+		link, err := vhd.ReadParentLink(child, vhd.OpenOptions{FS: opts.FS})
 		if err != nil {
 			return err
 		}

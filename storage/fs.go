@@ -42,6 +42,17 @@ func (osFS) Rename(oldname, newname string) error  { return os.Rename(oldname, n
 func (osFS) SyncDir(dir string) error              { return SyncDir(dir) }
 func (osFS) Stat(name string) (fs.FileInfo, error) { return os.Stat(name) }
 
+// OSForceShare is the operating system's file system with every file
+// opened read-only without refusing anyone (see OpenForceShare): for
+// peeking at files other programs may be writing.
+var OSForceShare FS = osForceShareFS{}
+
+type osForceShareFS struct{ osFS }
+
+func (osForceShareFS) OpenFile(name string, _ int, _ os.FileMode) (File, error) {
+	return OpenForceShare(name)
+}
+
 // OrOS is fsys, or OS when fsys is nil (an option left unset).
 func OrOS(fsys FS) FS {
 	if fsys == nil {

@@ -22,9 +22,9 @@ type Image struct {
 	f        storage.File
 	path     string
 	readOnly bool
-	// openFile is the OpenOptions seam the image was opened with, for the
+	// fs is the OpenOptions seam the image was opened with, for the
 	// files it looks at later (a new parent).
-	openFile func(path string, flag int) (storage.File, error)
+	fs       storage.FS
 	closed   bool
 	failed   error // sticky: a Flush failed, the image takes no more writes
 	warnings []string

@@ -63,16 +63,17 @@ type OpenOptions struct {
 	// write that must complete a partial sector from the parent; Extents
 	// reports such ranges as coming from the parent (depth 1).
 	NoParent bool
-	// OpenFile, when set, opens the image's file and its VHD parents'
-	// instead of storage.OpenFile: the seam fault and crash tests use.
-	OpenFile func(path string, flag int) (storage.File, error)
+	// FS, when set and not storage.OS, is the file system the image and
+	// its VHD parents are opened in: the seam fault and crash sweeps use
+	// (storage.MemFS).
+	FS storage.FS
 }
 
-// open opens a file through the OpenFile seam.
+// open opens a file through the FS seam.
 func (o OpenOptions) open(path string, flag int) (storage.File, error) {
 	switch {
-	case o.OpenFile != nil:
-		return o.OpenFile(path, flag)
+	case o.FS != nil && o.FS != storage.OS:
+		return o.FS.OpenFile(path, flag, 0)
 	case o.ForceShare && flag == os.O_RDONLY:
 		return storage.OpenForceShare(path)
 	case o.ForceShare:
@@ -117,7 +118,7 @@ func openPath(path string, opts OpenOptions, chain []os.FileInfo) (*Image, error
 }
 
 func openFile(f storage.File, path string, opts OpenOptions, chain []os.FileInfo) (*Image, error) {
-	im := &Image{f: f, path: path, readOnly: opts.ReadOnly, openFile: opts.OpenFile}
+	im := &Image{f: f, path: path, readOnly: opts.ReadOnly, fs: opts.FS}
 	if err := im.load(opts.IgnoreChecksum); err != nil {
 		return nil, fmt.Errorf("vhd: %s: %w", path, err)
 	}
@@ -333,8 +334,11 @@ func (im *Image) openParent(opts OpenOptions, chain []os.FileInfo) error {
 		// child records: a locator may name any file (a hostile image
 		// could serve a raw file or another format's disk as its own
 		// content), and a stale one may name another disk.
-		pf, isVHD := peekFooterWith(opts, c, opts.IgnoreChecksum)
-		if !isVHD {
+		pf, err := peekFooterWith(opts, c, opts.IgnoreChecksum)
+		if err != nil && !notVHD(err) {
+			return fmt.Errorf("parent %s: %w", c, err)
+		}
+		if err != nil {
 			if mismatch == nil {
 				mismatch = fmt.Errorf("%w: %s is not a VHD (a differencing VHD's parent is a VHD)", disk.ErrParentMismatch, c)
 			}
@@ -346,7 +350,7 @@ func (im *Image) openParent(opts OpenOptions, chain []os.FileInfo) error {
 			}
 			continue
 		}
-		parent, err := openPath(c, OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs, IgnoreChecksum: opts.IgnoreChecksum, OpenFile: opts.OpenFile}, chain)
+		parent, err := openPath(c, OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs, IgnoreChecksum: opts.IgnoreChecksum, FS: opts.FS}, chain)
 		if err != nil {
 			return fmt.Errorf("parent: %w", err)
 		}
@@ -376,21 +380,33 @@ func (im *Image) openParent(opts OpenOptions, chain []os.FileInfo) error {
 // peekFooter reads the footer of the file at path, reporting whether it
 // is a VHD.
 func peekFooter(path string, ignoreChecksum bool) (footer, bool) {
-	return peekFooterWith(OpenOptions{}, path, ignoreChecksum)
+	ft, err := peekFooterWith(OpenOptions{}, path, ignoreChecksum)
+	return ft, err == nil
 }
 
-func peekFooterWith(opts OpenOptions, path string, ignoreChecksum bool) (footer, bool) {
+// peekFooterWith reads the footer of the file at path. The error is a
+// *FormatError (errNotVHD) when the content is not a VHD, and the cause
+// itself when the file could not be opened or read: an I/O error is not a
+// verdict on the file.
+func peekFooterWith(opts OpenOptions, path string, ignoreChecksum bool) (footer, error) {
 	f, err := opts.open(path, os.O_RDONLY)
 	if err != nil {
-		return footer{}, false
+		return footer{}, err
 	}
 	defer f.Close()
 	size, err := f.Size()
 	if err != nil {
-		return footer{}, false
+		return footer{}, err
 	}
 	ft, _, _, _, err := readFooter(f, size, ignoreChecksum)
-	return ft, err == nil
+	return ft, err
+}
+
+// notVHD reports whether err says a file's content is not a VHD (rather
+// than that it could not be read).
+func notVHD(err error) bool {
+	var fe *FormatError
+	return errors.As(err, &fe)
 }
 
 func absPath(p string) string {

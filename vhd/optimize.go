@@ -21,9 +21,9 @@ type OptimizeOptions struct {
 	// known so far: a block scanned (all are), then each batch of blocks
 	// moved. The numbers never decrease.
 	Progress func(done, total int64)
-	// ParentDirs and OpenFile are passed to Open.
+	// ParentDirs and FS are passed to Open.
 	ParentDirs []string
-	OpenFile   func(path string, flag int) (storage.File, error)
+	FS         storage.FS
 }
 
 // OptimizeResult says what Optimize did (the fields vhdx.OptimizeResult
@@ -44,7 +44,7 @@ type OptimizeResult struct {
 // Optimize-VHD: it opens it for writing (so it is refused while another
 // program uses it) and runs Image.Optimize.
 func Optimize(path string, opts OptimizeOptions) (OptimizeResult, error) {
-	im, err := Open(path, OpenOptions{ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile})
+	im, err := Open(path, OpenOptions{ParentDirs: opts.ParentDirs, FS: opts.FS})
 	if err != nil {
 		return OptimizeResult{}, err
 	}

@@ -34,7 +34,7 @@ func (im *Image) SetParent(parentPath string) error {
 		return fmt.Errorf("vhd: %s: %w: a %s image has no parent", im.path, disk.ErrUnsupported, im.ft.DiskType)
 	}
 	abs := absPath(parentPath)
-	id, ts, err := parentLink(OpenOptions{OpenFile: im.openFile}, abs, im.path)
+	id, ts, err := parentLink(OpenOptions{FS: im.fs}, abs, im.path)
 	if err != nil {
 		return fmt.Errorf("vhd: %s: set parent: %w", im.path, err)
 	}
@@ -72,8 +72,11 @@ func parentLink(opts OpenOptions, path, child string) (UUID, uint32, error) {
 	if cfi, err := os.Stat(child); err == nil && os.SameFile(fi, cfi) {
 		return UUID{}, 0, fmt.Errorf("%w: parent %s is the image itself", disk.ErrUnsupported, path)
 	}
-	pf, ok := peekFooterWith(opts, path, false)
-	if !ok {
+	pf, err := peekFooterWith(opts, path, false)
+	if err != nil && !notVHD(err) {
+		return UUID{}, 0, fmt.Errorf("parent %s: %w", path, err)
+	}
+	if err != nil {
 		return UUID{}, 0, fmt.Errorf("parent %s: %w: not a VHD (a differencing VHD's parent is a VHD; convert it first)", path, disk.ErrUnsupported)
 	}
 	return pf.UniqueID, vhdTime(fi.ModTime()), nil

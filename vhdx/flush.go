@@ -71,6 +71,9 @@ func (im *Image) openLog() error {
 	if err != nil {
 		return err
 	}
+	if im.logLost != nil {
+		return im.logLost
+	}
 	g := newGUID()
 	im.logSeq++
 	if _, err := im.f.WriteAt(marshalEntry(nil, im.logSeq, 0, g, size, size), im.logOff); err != nil {
@@ -82,7 +85,11 @@ func (im *Image) openLog() error {
 	h := im.hdr
 	h.LogGUID = g
 	if err := im.writeHeader(h); err != nil {
-		return fmt.Errorf("vhdx: updating header: %w", err)
+		// The header naming g may be on the disk, or reach it later: the
+		// entry in slot 0 must stay, so no later Flush (nor Close) may
+		// open the log again over it. Reopening replays it.
+		im.logLost = fmt.Errorf("vhdx: updating header: %w (the image takes no more flushes: reopen it)", err)
+		return im.logLost
 	}
 	im.logw = logWriter{guid: g, slot: 1}
 	return nil

@@ -75,9 +75,10 @@ type OpenOptions struct {
 	// its links (SetParent, SetParentLinkage2): reading a range the file
 	// does not hold fails with ErrParentNotFound.
 	NoParent bool
-	// OpenFile, when set, opens the image's and its parents' files instead
-	// of storage.OpenFile: the seam fault and crash tests use.
-	OpenFile func(path string, flag int) (storage.File, error)
+	// FS, when set and not storage.OS, is the file system the image and
+	// its parents are opened in: the seam fault and crash sweeps use
+	// (storage.MemFS).
+	FS storage.FS
 }
 
 // Image is an open VHDX file. It is safe for concurrent use.
@@ -95,6 +96,10 @@ type Image struct {
 	meta    []metaEntry
 	geo     geometry
 	logOff  int64
+	// logLost is set when a header update naming a new LogGuid failed:
+	// whether the disk holds it is unknown, so the entry it names must
+	// not be overwritten. Every later Flush fails with it.
+	logLost error
 	logLen  int64
 	replay  *pendingLog // the log replayed at open, nil if none
 
@@ -150,8 +155,8 @@ func openImageFile(path string, opts OpenOptions, parent bool) (storage.File, er
 	if opts.ReadOnly {
 		flag = os.O_RDONLY
 	}
-	if opts.OpenFile != nil {
-		return opts.OpenFile(path, flag)
+	if opts.FS != nil && opts.FS != storage.OS {
+		return opts.FS.OpenFile(path, flag, 0)
 	}
 	if opts.ForceShare && !opts.ReadOnly {
 		return nil, fmt.Errorf("vhdx: %s: ForceShare needs ReadOnly", path)

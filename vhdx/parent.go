@@ -48,7 +48,7 @@ func (im *Image) openParent(opts OpenOptions, seen []os.FileInfo) error {
 	if len(seen) >= maxChainDepth {
 		return &chainDepthError{im.path}
 	}
-	popts := OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile}
+	popts := OpenOptions{ReadOnly: true, ForceShare: opts.ForceShare, ParentDirs: opts.ParentDirs, FS: opts.FS}
 	var tried []string
 	var mismatch error
 	for _, c := range im.parentCandidates(opts.ParentPath) {

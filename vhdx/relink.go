@@ -188,8 +188,8 @@ type ParentLink struct {
 func ReadParentLink(path string, opts OpenOptions) (*ParentLink, error) {
 	var f storage.File
 	var err error
-	if opts.OpenFile != nil {
-		f, err = opts.OpenFile(path, os.O_RDONLY)
+	if opts.FS != nil {
+		f, err = opts.FS.OpenFile(path, os.O_RDONLY, 0)
 	} else {
 		f, err = storage.OpenFile(path, os.O_RDONLY, 0)
 	}
@@ -220,7 +220,7 @@ func ReadParentLink(path string, opts OpenOptions) (*ParentLink, error) {
 // read-only, replaces the old one, which is closed. It is how a running
 // disk whose parent was merged away goes on without being reopened.
 func (im *Image) Reparent(parentPath string, linkage GUID, opts OpenOptions) error {
-	p, err := openChain(parentPath, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile}, nil)
+	p, err := openChain(parentPath, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, FS: opts.FS}, nil)
 	if err != nil {
 		return fmt.Errorf("vhdx: %s: opening the new parent: %w", im.path, err)
 	}
@@ -249,7 +249,7 @@ func (im *Image) ReopenParent(opts OpenOptions) error {
 	if path == "" {
 		return fmt.Errorf("vhdx: %s: no parent to reopen", im.path)
 	}
-	p, err := openChain(path, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, OpenFile: opts.OpenFile}, nil)
+	p, err := openChain(path, OpenOptions{ReadOnly: true, ParentDirs: opts.ParentDirs, FS: opts.FS}, nil)
 	if err != nil {
 		return fmt.Errorf("vhdx: %s: reopening the parent: %w", im.path, err)
 	}

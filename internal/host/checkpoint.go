@@ -542,7 +542,7 @@ func (h *Host) mergeSize(v *vm, c *checkpointState) (data, merged int64, err err
 		}
 	case !now && len(kids) == 1:
 		for _, f := range kids[0].Files {
-			im, err := vhdx.Open(f, vhdx.OpenOptions{ReadOnly: true, OpenFile: h.opts.OpenFile})
+			im, err := vhdx.Open(f, vhdx.OpenOptions{ReadOnly: true, FS: h.opts.FS})
 			if err != nil {
 				return 0, 0, err
 			}

@@ -389,16 +389,17 @@ func TestRestartMidMerge(t *testing.T) {
 	}
 }
 
-// faultyFiles opens image files so that writes to one of them can be
-// made to fail with ENOSPC, as on a full file system.
+// faultyFiles is the operating system's file system where writes to one
+// file can be made to fail with ENOSPC, as on a full file system.
 type faultyFiles struct {
+	storage.FS
 	mu   sync.Mutex
 	path string
 	full atomic.Bool
 }
 
-func (ff *faultyFiles) open(path string, flag int) (storage.File, error) {
-	f, err := storage.OpenFile(path, flag, 0o644)
+func (ff *faultyFiles) OpenFile(path string, flag int, perm os.FileMode) (storage.File, error) {
+	f, err := storage.OpenFile(path, flag, perm)
 	if err != nil || flag&(os.O_RDWR|os.O_WRONLY) == 0 {
 		return f, err
 	}
@@ -429,8 +430,8 @@ func TestFullDisk(t *testing.T) {
 	dir := shortDir(t)
 	var free atomic.Int64
 	free.Store(1 << 40)
-	ff := &faultyFiles{}
-	th := startHost(t, dir, Options{OpenFile: ff.open, FreeSpace: func(string) (int64, error) { return free.Load(), nil }})
+	ff := &faultyFiles{FS: storage.OS}
+	th := startHost(t, dir, Options{FS: ff, FreeSpace: func(string) (int64, error) { return free.Load(), nil }})
 	defer th.stop(t)
 	w := newVM(t, th, "f", 32<<20, 6)
 	cp := checkpoint(t, th, "f", "a")

@@ -41,9 +41,9 @@ type Options struct {
 	// FreeSpace reports the bytes available to files in dir; nil uses
 	// statfs. (Tests replace it to simulate a small filesystem.)
 	FreeSpace func(dir string) (int64, error)
-	// OpenFile opens image files; nil uses the operating system. (Tests
-	// inject faults through it.)
-	OpenFile func(path string, flag int) (storage.File, error)
+	// FS is the file system image files are opened in; nil uses the
+	// operating system's. (Tests inject faults through it.)
+	FS storage.FS
 	// NBDSocket is the unix socket NBD serves on: machines run under QEMU
 	// reach their disks through it (run.go). "" when NBD is on TCP.
 	NBDSocket string
@@ -241,7 +241,7 @@ func (h *Host) save() error {
 // directory: a locator in a file (an attached disk is anyone's file) must
 // not make the host serve, or merge into, some other file of the host.
 func (h *Host) openOptions(leaf string) vhdx.OpenOptions {
-	return vhdx.OpenOptions{OpenFile: h.opts.OpenFile, ParentDirs: h.parentDirs(leaf)}
+	return vhdx.OpenOptions{FS: h.opts.FS, ParentDirs: h.parentDirs(leaf)}
 }
 
 // parentDirs are the folders the parents of leaf's chain may lie in.

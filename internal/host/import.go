@@ -196,7 +196,7 @@ func (h *Host) ImportVM(req api.ImportVM) (*api.VM, error) {
 			for p := f; p != nil; p = p.parent {
 				want = append(want, paths[i][slices.Index(files, p)])
 			}
-			im, err := vhdx.Open(paths[i][k], vhdx.OpenOptions{ReadOnly: true, ParentDirs: parentDirs, OpenFile: h.opts.OpenFile})
+			im, err := vhdx.Open(paths[i][k], vhdx.OpenOptions{ReadOnly: true, ParentDirs: parentDirs, FS: h.opts.FS})
 			if err != nil {
 				return fail(errorf(statusBadRequest, "%s: %v; by identity its chain is %s (each file followed by its parent): vhdkit set-parent can point each file at its parent, or import with --copy",
 					paths[i][k], err, strings.Join(want, " -> ")))

@@ -704,7 +704,7 @@ func (h *Host) mergeOffline(j *job, v *vm, c, k *checkpointState) error {
 				return err
 			}
 		}
-		opts := merge.Options{Into: s.Target, NoScan: true, OpenFile: h.opts.OpenFile, ParentDirs: h.parentDirs(s.Top), From: s.Offset}
+		opts := merge.Options{Into: s.Target, NoScan: true, FS: h.opts.FS, ParentDirs: h.parentDirs(s.Top), From: s.Offset}
 		for _, kk := range v.st.children(k.ID) {
 			opts.Children = append(opts.Children, kk.Files[i])
 		}

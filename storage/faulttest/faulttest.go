@@ -145,14 +145,23 @@ func (s Sweep) schedule(mode Mode, i int64) *storage.FaultFile {
 	return ff
 }
 
-// Run runs s.Run and fails t with its error.
+// Run runs s.Run, fails t with its error, and logs the result in one
+// line starting "faulttest:" (what docs/RELIABILITY.md's figures collect).
 func Run(t testing.TB, s Sweep) Result {
 	t.Helper()
 	res, err := s.Run()
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("faulttest: %s", res)
 	return res
+}
+
+// String is the result in one line: operations, points per mode, states
+// checked.
+func (r Result) String() string {
+	return fmt.Sprintf("%d operations; points: crash %d, io-error %d, no-space %d; %d states checked",
+		r.Ops, r.Points[Crash], r.Points[IOError], r.Points[NoSpace], r.Checks)
 }
 
 // Run sweeps every point of every mode and stops at the first point
@@ -210,7 +219,7 @@ func (s Sweep) Run() (Result, error) {
 				p.PowerCut = k
 				res.Checks++
 				if err := s.Check(st, p); err != nil {
-					return res, fmt.Errorf("%s: %w", p, err)
+					return res, fmt.Errorf("%s (the run returned: %v): %w", p, p.Err, err)
 				}
 			}
 		}

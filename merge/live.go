@@ -299,11 +299,11 @@ func (m *LiveMerge) Complete(commit func() error) error {
 		return err
 	}
 	m.errMu.Lock()
-	failed := m.mirrorErr != nil
+	mirrorErr := m.mirrorErr
 	m.errMu.Unlock()
-	if failed {
+	if mirrorErr != nil {
 		d.Resume()
-		return ErrNotConverged
+		return fmt.Errorf("%w: %w", ErrNotConverged, mirrorErr)
 	}
 	if commit != nil {
 		if err := commit(); err != nil {

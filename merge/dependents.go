@@ -2,6 +2,7 @@ package merge
 
 import (
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 
@@ -94,10 +95,14 @@ func candidates(files []string, opts Options, skip func(string) bool) []string {
 			continue
 		}
 		dirs[dir] = true
+		// One read of the folder (sorted by name), matched as four globs
+		// would be, in the same order.
+		entries, _ := os.ReadDir(dir)
 		for _, pat := range []string{"*.vhdx", "*.avhdx", "*.vhd", "*.avhd"} {
-			m, _ := filepath.Glob(filepath.Join(dir, pat))
-			for _, p := range m {
-				add(p)
+			for _, e := range entries {
+				if ok, _ := filepath.Match(pat, e.Name()); ok {
+					add(filepath.Join(dir, e.Name()))
+				}
 			}
 		}
 	}
@@ -134,6 +139,9 @@ func OutsideParents(chain []string) []OutsideParent {
 	opts := Options{}
 	for i := 0; i+1 < len(chain); i++ {
 		child, parent := chain[i], chain[i+1]
+		if inDir(parent, filepath.Dir(child)) {
+			continue // found by name beside the child: no need to read it
+		}
 		rel := ""
 		switch kindOf(child) {
 		case kindVHDX:
@@ -153,9 +161,6 @@ func OutsideParents(chain []string) []OutsideParent {
 		}
 		if rel != "" && indexOf([]string{parent}, rel) == 0 {
 			continue // where the child's folder says
-		}
-		if inDir(parent, filepath.Dir(child)) {
-			continue // found by name beside the child
 		}
 		out = append(out, OutsideParent{Child: child, Parent: parent})
 	}

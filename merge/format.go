@@ -141,6 +141,22 @@ func identity(target string, opts Options) (vhdx.GUID, error) {
 	return t.Info().DataWriteGUID, nil
 }
 
+// vhdxIDs are the identities of a VHDX file that a merge compares: its
+// DataWriteGuid and, for a child, its parent_linkage2 (zero when absent).
+type vhdxIDs struct{ dataWrite, linkage2 vhdx.GUID }
+
+// chainIDs returns the identities of each VHDX layer of an open chain, by
+// path, as the open read them (a pending log replayed).
+func chainIDs(im disk.Image) map[string]vhdxIDs {
+	ids := map[string]vhdxIDs{}
+	v, _ := im.(*vhdx.Image)
+	for ; v != nil; v = v.Parent() {
+		inf := v.Info()
+		ids[inf.Path] = vhdxIDs{dataWrite: inf.DataWriteGUID, linkage2: inf.ParentLinkage2}
+	}
+	return ids
+}
+
 // linkage2 returns a VHDX child's parent_linkage2 (zero when absent, and
 // for other formats).
 func linkage2(child string, opts Options) (vhdx.GUID, error) {
@@ -158,9 +174,10 @@ func linkage2(child string, opts Options) (vhdx.GUID, error) {
 }
 
 // setLinkage2 records g as a VHDX child's parent_linkage2; children of
-// other formats do not check a VHDX parent's identity.
-func setLinkage2(child string, g vhdx.GUID, opts Options) error {
-	if kindOf(child) != kindVHDX {
+// other formats do not check a VHDX parent's identity. isVHDX says the
+// caller knows child is VHDX (it opened it), so it is not probed again.
+func setLinkage2(child string, isVHDX bool, g vhdx.GUID, opts Options) error {
+	if !isVHDX && kindOf(child) != kindVHDX {
 		return nil
 	}
 	return relinkVHDX(child, opts, func(im *vhdx.Image) error { return im.SetParentLinkage2(g) })

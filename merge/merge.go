@@ -77,6 +77,10 @@ type Options struct {
 	// layers' locators to these folders (see vhdx.OpenOptions.ParentDirs):
 	// a locator pointing elsewhere is not followed.
 	ParentDirs []string
+	// Outside, when set, is told before anything changes of each link
+	// from TOP down to the target that resolved outside its child's
+	// folder (OutsideParents): the merge writes there.
+	Outside func(OutsideParent)
 	// FS, when set, is the file system every file of the merge is opened,
 	// written and removed in (nil: the operating system's): the seam
 	// fault and crash sweeps use (storage.MemFS).
@@ -118,7 +122,7 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 		}
 		return &Result{Target: j.Target, Removed: j.Remove, Relinked: j.Relink}, nil
 	}
-	layers, err := chainPaths(top, opts)
+	layers, ids, err := readChain(top, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -132,6 +136,11 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 		}
 	}
 	target := layers[k]
+	if opts.Outside != nil {
+		for _, o := range OutsideParents(layers[:k+1]) {
+			opts.Outside(o)
+		}
+	}
 	deps := findDependents(layers, k, opts)
 	if others := deps.others(); len(others) > 0 && !opts.Relink {
 		return nil, fmt.Errorf("merge: %w: %s (re-link them to merge anyway)", ErrOtherChildren, strings.Join(others, ", "))
@@ -139,7 +148,7 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 	res := &Result{Target: target}
 
 	// Step 1: choose T's new DataWriteGuid and record it above T.
-	g, err := prepare(target, append([]string{layers[k-1]}, deps.ofTarget...), opts)
+	g, err := prepare(target, append([]string{layers[k-1]}, deps.ofTarget...), ids, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -168,12 +177,20 @@ func Merge(ctx context.Context, top string, opts Options) (*Result, error) {
 
 // chainPaths opens TOP's chain read-only and lists its files, TOP first.
 func chainPaths(top string, opts Options) ([]string, error) {
+	layers, _, err := readChain(top, opts)
+	return layers, err
+}
+
+// readChain is chainPaths that also returns, from the same open, the
+// identities of the chain's VHDX layers, so that step 1 need not open
+// them again (every open reads headers, region table and metadata anew).
+func readChain(top string, opts Options) ([]string, map[string]vhdxIDs, error) {
 	im, err := open(top, true, opts)
 	if err != nil {
-		return nil, fmt.Errorf("merge: %w", err)
+		return nil, nil, fmt.Errorf("merge: %w", err)
 	}
 	defer im.Close()
-	return layers(im, top), nil
+	return layers(im, top), chainIDs(im), nil
 }
 
 // indexOf finds path among layers by file identity.
@@ -194,30 +211,42 @@ func indexOf(layers []string, path string) int {
 // other formats), recording it in each child's parent_linkage2 first
 // (step 1). A target that already has the GUID its child L records (an
 // interrupted merge) keeps it.
-func prepare(target string, children []string, opts Options) (vhdx.GUID, error) {
-	if kindOf(target) != kindVHDX {
+// ids holds what the open chain read of its VHDX layers; files not in
+// it (other children of the target) are opened to be read.
+func prepare(target string, children []string, ids map[string]vhdxIDs, opts Options) (vhdx.GUID, error) {
+	t, known := ids[target]
+	if !known && kindOf(target) != kindVHDX {
 		return vhdx.GUID{}, nil
 	}
-	current, err := identity(target, opts)
-	if err != nil {
-		return vhdx.GUID{}, fmt.Errorf("merge: %w", err)
+	current := t.dataWrite
+	if !known {
+		var err error
+		if current, err = identity(target, opts); err != nil {
+			return vhdx.GUID{}, fmt.Errorf("merge: %w", err)
+		}
 	}
-	g, err := linkage2(children[0], opts)
-	if err != nil {
-		return vhdx.GUID{}, fmt.Errorf("merge: %w", err)
+	l2s := make([]vhdx.GUID, len(children))
+	for i, c := range children {
+		if id, ok := ids[c]; ok {
+			l2s[i] = id.linkage2
+			continue
+		}
+		l2, err := linkage2(c, opts)
+		if err != nil {
+			return vhdx.GUID{}, fmt.Errorf("merge: %w", err)
+		}
+		l2s[i] = l2
 	}
+	g := l2s[0]
 	if g != current || g.IsZero() {
 		g = vhdx.NewGUID() // not resuming: a fresh identity for the target
 	}
-	for _, c := range children {
-		l2, err := linkage2(c, opts)
-		if err != nil {
-			return g, fmt.Errorf("merge: %w", err)
-		}
-		if l2 == g {
+	for i, c := range children {
+		if l2s[i] == g {
 			continue
 		}
-		if err := setLinkage2(c, g, opts); err != nil {
+		_, isVHDX := ids[c]
+		if err := setLinkage2(c, isVHDX, g, opts); err != nil {
 			return g, fmt.Errorf("merge: recording the target's new identity in %s: %w", c, err)
 		}
 	}

@@ -5,8 +5,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
-	"os"
 	"path/filepath"
 
 	"github.com/vhdkit/vhdkit/disk"
@@ -62,42 +60,11 @@ Examples:
 				if _, err := formatOf(args[0]); errors.Is(err, disk.ErrFormatMismatch) {
 					return err
 				}
-				opts := merge.Options{Into: *into, Relink: *relink, Children: children, ParentDirs: parentDirs(args[0], dirs)}
-				c.warnOutside(args[0], opts)
+				opts := merge.Options{Into: *into, Relink: *relink, Children: children, ParentDirs: parentDirs(args[0], dirs),
+					Outside: func(o merge.OutsideParent) { fmt.Fprintf(c.stdout, "warning: %s\n", o) }}
 				return c.merge(ctx, args[0], opts, *progress)
 			}
 		},
-	}
-}
-
-// warnOutside names each link of the chain from TOP down to the merge's
-// target (opts.Into, or TOP's parent) that was resolved through a stored
-// absolute path outside the child's folder: the merge writes there. A
-// chain that does not open is left to the merge to report.
-func (c *cli) warnOutside(top string, opts merge.Options) {
-	in := input{parentDirs: opts.ParentDirs[1:]}
-	im, err := in.open(&cli{stdout: io.Discard, stderr: io.Discard}, top, true)
-	if err != nil {
-		return
-	}
-	chain := chainOf(im, top)
-	im.Close()
-	k := 1
-	if opts.Into != "" {
-		k = -1
-		if fi, err := os.Stat(opts.Into); err == nil {
-			for i, l := range chain {
-				if li, err := os.Stat(l); err == nil && os.SameFile(fi, li) {
-					k = i
-				}
-			}
-		}
-		if k < 0 {
-			return // not an ancestor: the merge says so
-		}
-	}
-	for _, o := range merge.OutsideParents(chain[:min(k+1, len(chain))]) {
-		fmt.Fprintf(c.stdout, "warning: %s\n", o)
 	}
 }
 

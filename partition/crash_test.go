@@ -7,11 +7,11 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
-	"math/rand/v2"
 	"strings"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/storage"
+	"github.com/vhdkit/vhdkit/storage/faulttest"
 	"github.com/vhdkit/vhdkit/vhd"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
@@ -26,103 +26,124 @@ type resizable interface {
 	Resize(int64) error
 }
 
+// imagePath is where the sweeps' image of format lies (in a MemFS).
+func imagePath(format string) string { return "/sweep/d." + format }
+
 func createImage(format string, f storage.File, size int64) (resizable, error) {
 	if format == "vhdx" {
-		return vhdx.CreateFile(f, "d.vhdx", vhdx.CreateOptions{Size: uint64(size), BlockSize: 1 << 20})
+		return vhdx.CreateFile(f, imagePath(format), vhdx.CreateOptions{Size: uint64(size), BlockSize: 1 << 20})
 	}
-	return vhd.CreateFile(f, "d.vhd", vhd.CreateOptions{Size: uint64(size), BlockSize: 1 << 20})
+	return vhd.CreateFile(f, imagePath(format), vhd.CreateOptions{Size: uint64(size), BlockSize: 1 << 20})
 }
 
-func openImage(format string, f storage.File) (resizable, error) {
+// openImage opens the image of format in fsys.
+func openImage(format string, fsys storage.FS, readOnly bool) (resizable, error) {
 	if format == "vhdx" {
-		return vhdx.OpenFile(f, "d.vhdx", vhdx.OpenOptions{ReadOnly: true})
+		return vhdx.Open(imagePath(format), vhdx.OpenOptions{FS: fsys, ReadOnly: readOnly})
 	}
-	return vhd.OpenFile(f, "d.vhd", vhd.OpenOptions{ReadOnly: true})
+	return vhd.Open(imagePath(format), vhd.OpenOptions{FS: fsys, ReadOnly: readOnly})
 }
 
 // shrinkToMinimum is resize --to-minimum: read, move the table's end,
-// resize, close.
+// resize, close (also when a step failed, as the verb does).
 func shrinkToMinimum(im resizable) error {
-	t, err := Read(im, im.Size(), 512)
-	if err != nil {
-		return err
-	}
-	size := t.MinimumSize(1 << 20)
-	if err := t.SetDiskSize(im, size); err != nil {
-		return err
-	}
-	if err := im.Resize(size); err != nil {
-		return err
-	}
-	return im.Close()
+	err := func() error {
+		t, err := Read(im, im.Size(), 512)
+		if err != nil {
+			return err
+		}
+		size := t.MinimumSize(1 << 20)
+		if err := t.SetDiskSize(im, size); err != nil {
+			return err
+		}
+		return im.Resize(size)
+	}()
+	return errors.Join(err, im.Close())
 }
 
-// TestCrashToMinimum stops a shrink to the minimum of a GPT disk (a
-// dynamic VHDX and VHD of 16 MiB, partitions to 3 MiB: 4 MiB) at every
-// operation of its file, and checks three crash clones of each point:
-// the disk has its old or its new size, its GPT reads with both headers
-// valid and in agreement, and the partitions hold what they held.
+// TestCrashToMinimum sweeps a shrink to the minimum of a GPT disk (a
+// dynamic VHDX and VHD of 16 MiB, partitions to 3 MiB: 4 MiB) through
+// every crash, I/O error and full-disk point of its file
+// (storage/faulttest). After each: the file passes the format's strict
+// check; the disk has its old or its new size, its GPT reads with both
+// headers valid and in agreement, and the partitions hold what they held;
+// and running the shrink again (after a writable open, which replays a
+// VHDX log) completes with the disk at the minimum, in the same shape.
 func TestCrashToMinimum(t *testing.T) {
 	const size, minimum = 16 << 20, 4 << 20
 	img := gptDiskSized(size)
 	for _, format := range []string{"vhdx", "vhd"} {
 		t.Run(format, func(t *testing.T) {
-			points, shrunk := 0, 0
-			for i := int64(0); ; i++ {
-				base := storage.NewMemFile(nil)
-				ff := &storage.FaultFile{File: base, FailAt: -1}
-				im, err := createImage(format, ff, size)
-				if err != nil {
+			path := imagePath(format)
+			mem := storage.NewMemFile(nil)
+			im, err := createImage(format, mem, size)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range [][2]int{{0, 3 << 20}, {size - 33*512, size}} {
+				if _, err := im.WriteAt(img[r[0]:r[1]], int64(r[0])); err != nil {
 					t.Fatal(err)
 				}
-				for _, r := range [][2]int{{0, 3 << 20}, {size - 33*512, size}} {
-					if _, err := im.WriteAt(img[r[0]:r[1]], int64(r[0])); err != nil {
-						t.Fatal(err)
-					}
-				}
-				if err := im.Flush(); err != nil {
-					t.Fatal(err)
-				}
-				ff.FailAt, ff.Dead = ff.Ops()+i, true
-				err = shrinkToMinimum(im)
-				if err != nil && !errors.Is(err, storage.ErrInjected) {
-					t.Fatalf("point %d: %v", i, err)
-				}
-				if !ff.Injected() {
+			}
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			shrunk := 0
+			faulttest.Run(t, faulttest.Sweep{
+				Files: map[string][]byte{path: mem.Bytes()},
+				Seed:  11,
+				Start: func(fsys *storage.MemFS) (func() error, error) {
+					im, err := openImage(format, fsys, false)
 					if err != nil {
-						t.Fatal(err)
+						return nil, err
 					}
-					break
-				}
-				points++
-				for c := range 3 {
-					clone := base.CrashClone(rand.New(rand.NewPCG(uint64(i), uint64(c))))
-					got, err := checkAfterCrash(format, clone, img, size, minimum)
+					return func() error { return shrinkToMinimum(im) }, nil
+				},
+				Check: func(fsys *storage.MemFS, p faulttest.Point) error {
+					if p.Mode == faulttest.Crash && p.PowerCut == 0 && p.Err == nil {
+						return errors.New("the shrink succeeded on a disk that died")
+					}
+					got, err := checkAfterCrash(format, fsys, img, size, minimum)
 					if err != nil {
-						t.Fatalf("point %d, clone %d: %v", i, c, err)
+						return fmt.Errorf("as found: %w", err)
 					}
 					if got == minimum {
 						shrunk++
 					}
-				}
+					im, err := openImage(format, fsys, false)
+					if err != nil {
+						return fmt.Errorf("writable open: %w", err)
+					}
+					if err := shrinkToMinimum(im); err != nil {
+						return fmt.Errorf("re-running the shrink: %w", err)
+					}
+					if got, err := checkAfterCrash(format, fsys, img, size, minimum); err != nil || got != minimum {
+						return fmt.Errorf("after re-running the shrink: size %d, %v", got, err)
+					}
+					return nil
+				},
+			})
+			if shrunk == 0 {
+				t.Fatal("no point left the disk shrunk: the sweep did not cover the shrink")
 			}
-			if points < 10 || shrunk == 0 {
-				t.Fatalf("%d crash points, %d clones shrunk: the sweep did not cover the shrink", points, shrunk)
-			}
-			t.Logf("%d crash points, %d of %d clones shrunk", points, shrunk, 3*points)
+			t.Logf("%d states shrunk", shrunk)
 		})
 	}
 }
 
-// checkAfterCrash opens a crash clone and returns its size after checking
-// it: the old or the new size, a GPT whose primary and backup headers
-// are valid and agree, a protective MBR, and the partitions' bytes.
-func checkAfterCrash(format string, clone *storage.MemFile, img []byte, size, minimum int64) (int64, error) {
-	// The file as the crash left it passes the format's strict check.
-	if err := strictCheck(format, clone); err != nil {
+// checkAfterCrash checks the image in fsys and returns its size: it
+// passes the format's strict check and has the old or the new size, a
+// GPT whose primary and backup headers are valid and agree, a protective
+// MBR, and the partitions' bytes.
+func checkAfterCrash(format string, fsys *storage.MemFS, img []byte, size, minimum int64) (int64, error) {
+	b, ok := fsys.Bytes(imagePath(format))
+	if !ok {
+		return 0, errors.New("the image is gone")
+	}
+	if err := strictCheck(format, storage.NewMemFile(b)); err != nil {
 		return 0, err
 	}
-	im, err := openImage(format, clone)
+	im, err := openImage(format, fsys, true)
 	if err != nil {
 		return 0, fmt.Errorf("open: %w", err)
 	}
@@ -148,7 +169,7 @@ func checkAfterCrash(format string, clone *storage.MemFile, img []byte, size, mi
 	// The backup the primary names is a valid header for its place, with
 	// the same entries.
 	g := tab.gpt
-	b := make([]byte, 512)
+	b = make([]byte, 512)
 	if _, err := im.ReadAt(b, int64(g.alternate)*512); err != nil {
 		return 0, err
 	}
@@ -191,7 +212,7 @@ func strictCheck(format string, f storage.File) error {
 			}
 		}
 	case "vhd":
-		ps, err := vhd.CheckFile(f, "crash.vhd")
+		ps, err := vhd.CheckFile(f, imagePath(format))
 		if err != nil {
 			return fmt.Errorf("strict check: %w", err)
 		}

@@ -162,8 +162,8 @@ func hashImage(t testing.TB, img disk.Image) string {
 		for off := e.Offset; off < e.Offset+e.Length; {
 			n := min(int64(len(buf)), e.Offset+e.Length-off)
 			if e.Type == disk.Hole {
-				h.Write(zeros[:min(n, int64(len(zeros)))])
-				n = min(n, int64(len(zeros)))
+				h.Write(zeros()[:min(n, int64(len(zeros())))])
+				n = min(n, int64(len(zeros())))
 			} else if _, err := img.ReadAt(buf[:n], off); err != nil && err != io.EOF {
 				t.Fatalf("read %d+%d: %v", off, n, err)
 			} else {

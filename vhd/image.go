@@ -74,8 +74,10 @@ const (
 
 var errClosed = fmt.Errorf("vhd: %w", os.ErrClosed)
 
-// zeros is a shared source of zero bytes for zero writes.
-var zeros = make([]byte, 1<<20)
+// zeros returns a shared source of zero bytes for zero writes, allocated
+// on first use rather than at every start of a program that links the
+// package. Never modified.
+var zeros = sync.OnceValue(func() []byte { return make([]byte, 1<<20) })
 
 // Size returns the virtual size in bytes.
 func (im *Image) Size() int64 {
@@ -565,6 +567,7 @@ func (im *Image) discard(off, length int64, trim, mayUnmap bool) error {
 }
 
 func (im *Image) writeZeros(off, length int64) error {
+	zeros := zeros()
 	for length > 0 {
 		n := min(length, int64(len(zeros)))
 		if err := im.write(zeros[:n], off); err != nil {
@@ -584,6 +587,7 @@ func (im *Image) zeroStored(bi int64, e uint32, in, n int64) error {
 		return err
 	}
 	data := int64(e)*SectorSize + im.bitmapSize
+	zeros := zeros()
 	for s, end := in/SectorSize, (in+n+SectorSize-1)/SectorSize; s < end; {
 		set, t := bitRun(bm, s, end)
 		if set {

@@ -136,6 +136,7 @@ func (im *Image) resizeFixed(size int64, ft footer) error {
 
 // zeroFile writes zeros over the file's bytes [from, to).
 func (im *Image) zeroFile(from, to int64) error {
+	zeros := zeros()
 	for from < to {
 		n := min(to-from, int64(len(zeros)))
 		if _, err := im.f.WriteAt(zeros[:n], from); err != nil {

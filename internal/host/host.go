@@ -19,7 +19,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -27,6 +26,7 @@ import (
 	"time"
 
 	"github.com/vhdkit/vhdkit/internal/api"
+	"github.com/vhdkit/vhdkit/internal/lazyregexp"
 	"github.com/vhdkit/vhdkit/merge"
 	"github.com/vhdkit/vhdkit/nbd"
 	"github.com/vhdkit/vhdkit/storage"
@@ -330,7 +330,7 @@ func (h *Host) removeOrphans() {
 
 func (h *Host) machineDir(name string) string { return filepath.Join(h.dir, "vms", name) }
 
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+var nameRE = lazyregexp.New(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
 func (h *Host) lookup(name string) (*vm, error) {
 	v := h.vms[name]

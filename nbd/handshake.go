@@ -27,6 +27,21 @@ var (
 	errShutdownInHand = errors.New("nbd: server shutting down")
 )
 
+// handshakeLimitError ends a handshake that sent more options or bytes
+// than a real client does (Server.handshakeLimits). The server closes
+// the connection without reading further: a client that floods options
+// need not read their replies, so one more reply could block until the
+// handshake timeout.
+type handshakeLimitError struct {
+	options, maxOptions int    // options received, the refused one included
+	bytes, maxBytes     uint64 // bytes received or announced
+}
+
+func (e *handshakeLimitError) Error() string {
+	return fmt.Sprintf("nbd: handshake refused after %d options and %d bytes (limits %d options, %d bytes)",
+		e.options, e.bytes, e.maxOptions, e.maxBytes)
+}
+
 // Metadata context kinds; the value doubles as the context ID sent in
 // NBD_REP_META_CONTEXT and block status chunks.
 type metaKind uint32
@@ -157,6 +172,9 @@ func (c *conn) negotiate() error {
 	}
 	c.noZeroes = cf&clientFlagNoZeroes != 0
 
+	maxOptions, maxBytes := c.srv.handshakeLimits()
+	var options int
+	var optBytes uint64
 	for {
 		var h [optHeaderLen]byte
 		if _, err := io.ReadFull(c.br, h[:]); err != nil {
@@ -170,6 +188,13 @@ func (c *conn) negotiate() error {
 		}
 		opt := binary.BigEndian.Uint32(h[8:])
 		n := binary.BigEndian.Uint32(h[12:])
+		// The bounds of one handshake, checked before the option's data
+		// is read: its length is the client's word.
+		options++
+		optBytes += optHeaderLen + uint64(n)
+		if options > maxOptions || optBytes > maxBytes {
+			return &handshakeLimitError{options, maxOptions, optBytes, maxBytes}
+		}
 		if n > maxOptionData {
 			// Skip the data to stay in step with the client; the
 			// handshake deadline bounds how long that may take.

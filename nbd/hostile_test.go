@@ -5,7 +5,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -513,4 +516,70 @@ func TestStuckClient(t *testing.T) {
 	if _, err := c.ReadAt(make([]byte, 4096), 0); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestOptionFlood: a handshake that sends more options, or more bytes of
+// options, than the server's bounds is closed, and the refusal is logged;
+// up to the bounds every option is answered, and other clients are
+// served. Without the bounds a client could haggle for the whole
+// handshake timeout.
+func TestOptionFlood(t *testing.T) {
+	var logged lockedBuffer
+	ts := startServer(t, func(s *Server) {
+		s.Logger = slog.New(slog.NewTextHandler(&logged, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}, Export{Name: "d", Image: newMemImage(1<<20, 512, nil)})
+	maxOptions, maxBytes := ts.handshakeLimits()
+
+	t.Run("options", func(t *testing.T) {
+		r := dialRaw(t, ts.sock)
+		r.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
+		for range maxOptions {
+			r.option(99, nil)
+			r.expectOpt(99, repErrUnsup)
+		}
+		r.option(99, nil)
+		r.expectClosed()
+	})
+	t.Run("bytes", func(t *testing.T) {
+		const size = 1 << 20 // over maxOptionData: skipped, answered TOO_BIG
+		r := dialRaw(t, ts.sock)
+		r.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
+		fits := int(maxBytes / (optHeaderLen + size))
+		for range fits {
+			r.option(99, make([]byte, size))
+			r.expectOpt(99, repErrTooBig)
+		}
+		// The header of the next one announces more than the bound: the
+		// server closes without reading its data.
+		b := binary.BigEndian.AppendUint64(nil, magicOpt)
+		b = binary.BigEndian.AppendUint32(b, 99)
+		r.write(binary.BigEndian.AppendUint32(b, size))
+		r.expectClosed()
+	})
+	for deadline := time.Now().Add(10 * time.Second); strings.Count(logged.String(), "handshake refused") < 2; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("two refusals not logged: %q", logged.String())
+		}
+	}
+	if _, err := ts.dial(t, &ClientOptions{Export: "d"}).ReadAt(make([]byte, 4096), 0); err != nil {
+		t.Fatalf("a client after the floods: %v", err)
+	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for a logger and a test reading it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

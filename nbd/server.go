@@ -313,6 +313,16 @@ func (s *Server) handshakeTimeout() time.Duration {
 	return 30 * time.Second
 }
 
+// handshakeLimits are the most options, and bytes of options, one
+// handshake may send: maxHandshakeOptions and maxHandshakeBytes, and room
+// for a client that asks about every export.
+func (s *Server) handshakeLimits() (options int, bytes uint64) {
+	s.mu.Lock()
+	n := len(s.exports)
+	s.mu.Unlock()
+	return maxHandshakeOptions + n*perExportOptions, maxHandshakeBytes + uint64(n)*perExportBytes
+}
+
 func (s *Server) workers() int {
 	if s.Workers > 0 {
 		return s.Workers
@@ -392,7 +402,11 @@ func (s *Server) ServeConn(c net.Conn) error {
 	}
 	defer s.trackConn(cn, false)
 	err := cn.serve()
-	if err != nil && !s.closing.Load() {
+	var limit *handshakeLimitError
+	switch {
+	case errors.As(err, &limit):
+		s.logger().Warn("nbd: connection refused", "remote", remoteName(c), "err", err)
+	case err != nil && !s.closing.Load():
 		s.logger().Debug("nbd: connection ended", "remote", remoteName(c), "err", err)
 	}
 	return err

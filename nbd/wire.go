@@ -136,6 +136,21 @@ const (
 	// maxOptionData bounds the option payload the server buffers; longer
 	// option data is skipped and answered NBD_REP_ERR_TOO_BIG.
 	maxOptionData = 64 << 10
+	// maxHandshakeOptions and maxHandshakeBytes bound one handshake (the
+	// options and the bytes of option headers and data a client sends,
+	// skipped oversized data included), so that a client cannot keep a
+	// connection haggling for the whole handshake timeout. Real clients
+	// send a handful of options of a few KiB at most: qemu and nbdcopy
+	// three or four (STRUCTURED_REPLY, SET_META_CONTEXT, GO), a name of
+	// at most 4 KiB, a few queries. nbdinfo --list asks about every
+	// export in the same handshake (two options each, measured with
+	// libnbd 1.14), so each export adds perExportOptions and
+	// perExportBytes to the bounds. 4 MiB still lets a client send an
+	// oversized option, learn it was too big and go on.
+	maxHandshakeOptions = 1024
+	maxHandshakeBytes   = 4 << 20
+	perExportOptions    = 4
+	perExportBytes      = perExportOptions * (optHeaderLen + 2*maxString)
 )
 
 // Fixed sizes of wire structures.

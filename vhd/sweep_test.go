@@ -241,11 +241,19 @@ func judged(p faulttest.Point, state string, err error, seen map[string]int) err
 	return nil
 }
 
-// TestCrashAndFaults sweeps a fixed script of writes, trims, zeroing and
+// TestCrashAndFaults sweeps a script of writes, trims, zeroing and
 // flushes, then Close, on an image of each type (a differencing one's
 // parent in the MemFS too): every point leaves an image whose sectors
 // each read as at the last successful Flush or as a state written since.
+// The short form runs one script per type; long mode ten, each from its
+// own seed.
 func TestCrashAndFaults(t *testing.T) {
+	for _, seed := range faulttest.Seeds(1) {
+		t.Run(fmt.Sprintf("script-%d", seed), func(t *testing.T) { crashAndFaults(t, seed) })
+	}
+}
+
+func crashAndFaults(t *testing.T, seed uint64) {
 	for _, c := range []modelCase{
 		{"fixed", Fixed, 64 << 10, 0},
 		{"dynamic-4K", Dynamic, 96<<10 + 512, 4 << 10},
@@ -272,7 +280,7 @@ func TestCrashAndFaults(t *testing.T) {
 			seen := map[string]int{}
 			faulttest.Run(t, faulttest.Sweep{
 				Files: memFiles(t, paths...),
-				Seed:  6,
+				Seed:  6 + seed,
 				Start: func(fsys *storage.MemFS) (func() error, error) {
 					model = newDiskModel(make([]byte, c.size))
 					copy(model.content, parent)
@@ -282,7 +290,7 @@ func TestCrashAndFaults(t *testing.T) {
 						return nil, err
 					}
 					return func() error {
-						err := runScript(img, model, parent, int64(c.blockSize))
+						err := runScript(img, model, parent, int64(c.blockSize), seed)
 						return errors.Join(err, img.Close())
 					}, nil
 				},
@@ -297,10 +305,10 @@ func TestCrashAndFaults(t *testing.T) {
 	}
 }
 
-// runScript runs a fixed sequence of writes, trims, zeroing and flushes
-// on img, recording them in model; it stops at the first error.
-func runScript(img *Image, model *diskModel, parent []byte, bs int64) error {
-	r := rand.New(rand.NewPCG(7, 7))
+// runScript runs the sequence of writes, trims, zeroing and flushes seed
+// chooses on img, recording them in model; it stops at the first error.
+func runScript(img *Image, model *diskModel, parent []byte, bs int64, seed uint64) error {
+	r := rand.New(rand.NewPCG(7, 7+seed))
 	size := img.Size()
 	if bs == 0 {
 		bs = 4096

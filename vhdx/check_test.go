@@ -584,23 +584,3 @@ func TestCheckBounded(t *testing.T) {
 // (issue 11, build item 1): each entry names the rule and the sweep state
 // that shows it. Empty: every crash point must pass the strict check.
 var knownWriterFindings = []Rule{}
-
-// checkCrashState validates, strictly and without its parent, a file as a
-// crash or a failed I/O left it, before any reader replays its log: the
-// strictest reader must accept it, not only ours.
-func checkCrashState(t *testing.T, f storage.File, point int64) {
-	t.Helper()
-	probs, err := CheckStructure(f)
-	if err != nil {
-		t.Fatalf("point %d: strict check of the file the crash left: %v", point, err)
-	}
-	var bad []Problem
-	for _, p := range violations(probs) {
-		if !slices.Contains(knownWriterFindings, p.Rule) {
-			bad = append(bad, p)
-		}
-	}
-	if len(bad) > 0 {
-		t.Fatalf("point %d: strict check of the file the crash left: %v", point, bad)
-	}
-}

@@ -26,6 +26,11 @@ type CreateOptions struct {
 	// quicker to make and smaller until written, but a later write can then
 	// fail for lack of space, which a fixed disk otherwise never does.
 	Sparse bool
+	// FS, when set and not storage.OS, is the file system the image is
+	// made in (the temporary file, its rename into place, the folder's
+	// sync) and its parent and the new image are opened in: the seam the
+	// fault and crash sweeps use (storage.MemFS).
+	FS storage.FS
 }
 
 // layout of a new image: the first 1 MiB of headers, then the log, the
@@ -44,7 +49,7 @@ func Create(path string, opts CreateOptions) (*Image, error) {
 	if err := createFile(path, opts); err != nil {
 		return nil, err
 	}
-	return Open(path, OpenOptions{})
+	return Open(path, OpenOptions{FS: opts.FS})
 }
 
 // CreateChild freezes im (flushed, log closed, read-only from now on) and
@@ -59,16 +64,20 @@ func (im *Image) CreateChild(path string, opts CreateOptions) (*Image, error) {
 	if err := createFile(path, opts); err != nil {
 		return nil, err
 	}
-	return Open(path, OpenOptions{ParentImage: im})
+	return Open(path, OpenOptions{ParentImage: im, FS: opts.FS})
 }
 
-// createFile writes a new image at path atomically.
+// createFile writes a new image at path atomically: into a temporary
+// file, synced, then put in place and the folder synced.
 func createFile(path string, opts CreateOptions) error {
+	if opts.FS != nil && opts.FS != storage.OS {
+		return createIn(opts.FS, path, opts)
+	}
 	if _, err := os.Lstat(path); err == nil {
 		return fmt.Errorf("vhdx: %s: %w", path, os.ErrExist)
 	}
 	// A disk holds a guest's data: only its owner may read it (0600).
-	tmpName := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp-"+newGUID().String())
+	tmpName := tempName(path)
 	tmp, err := os.OpenFile(tmpName, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
@@ -89,6 +98,38 @@ func createFile(path string, opts CreateOptions) error {
 	return storage.SyncDir(filepath.Dir(path))
 }
 
+// createIn is createFile in a file system seam, which has no link: the
+// temporary file is renamed into place, after the same check that path
+// does not exist (a seam serves one test, with no one else creating).
+func createIn(fsys storage.FS, path string, opts CreateOptions) error {
+	if _, err := fsys.Stat(path); err == nil {
+		return fmt.Errorf("vhdx: %s: %w", path, os.ErrExist)
+	}
+	tmpName := tempName(path)
+	f, err := fsys.OpenFile(tmpName, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	err = build(f, path, opts)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = fsys.Rename(tmpName, path)
+	}
+	if err != nil {
+		fsys.Remove(tmpName)
+		return err
+	}
+	return fsys.SyncDir(filepath.Dir(path))
+}
+
+// tempName is where the image for path is built: a hidden name in its
+// folder, unique.
+func tempName(path string) string {
+	return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp-"+newGUID().String())
+}
+
 // CreateFile writes a new image into the empty file f and opens it; path
 // names it (a parent's relative locator is computed from its folder).
 func CreateFile(f storage.File, path string, opts CreateOptions) (*Image, error) {
@@ -103,7 +144,7 @@ func CreateFile(f storage.File, path string, opts CreateOptions) (*Image, error)
 func resolveOptions(opts *CreateOptions) (linkage GUID, err error) {
 	if opts.Parent != "" {
 		opts.Type = Differencing
-		parent, err := Open(opts.Parent, OpenOptions{ReadOnly: true})
+		parent, err := Open(opts.Parent, OpenOptions{ReadOnly: true, FS: opts.FS})
 		if err != nil {
 			return linkage, fmt.Errorf("vhdx: parent: %w", err)
 		}

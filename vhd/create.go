@@ -203,6 +203,14 @@ func create(f storage.File, path string, opts CreateOptions) (*Image, error) {
 		if _, err := f.WriteAt(raw[:], 0); err != nil {
 			return nil, err
 		}
+		// The copy at 0 and what it leads to are durable before the end
+		// footer is written: a crash must not leave an end footer over a
+		// zeroed copy, which Open would read but QEMU refuses (it reads
+		// the copy). Without the end footer the file opens from the copy
+		// (footer.end-damaged), and a writable open writes it.
+		if err := f.Sync(); err != nil {
+			return nil, err
+		}
 		if _, err := f.WriteAt(raw[:], next); err != nil {
 			return nil, err
 		}

@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"strings"
 	"sync"
@@ -526,7 +525,7 @@ func TestStuckClient(t *testing.T) {
 func TestOptionFlood(t *testing.T) {
 	var logged lockedBuffer
 	ts := startServer(t, func(s *Server) {
-		s.Logger = slog.New(slog.NewTextHandler(&logged, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		s.Logger = newTestLogger(&logged)
 	}, Export{Name: "d", Image: newMemImage(1<<20, 512, nil)})
 	maxOptions, maxBytes := ts.handshakeLimits()
 

@@ -145,12 +145,25 @@ var zeroBuf = sync.OnceValue(func() []byte { return make([]byte, 1<<20) })
 type budget struct {
 	mu    sync.Mutex
 	cond  sync.Cond
+	size  int64 // the connection's memory limit; 0 before transmission
 	avail int64
 }
 
+// init sets the budget once the connection enters transmission. It
+// takes the lock because others read the budget to see what the
+// connection holds (held).
 func (b *budget) init(n int64) {
-	b.avail = n
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.size, b.avail = n, n
 	b.cond.L = &b.mu
+}
+
+// held is the payload memory the connection holds: its reservations.
+func (b *budget) held() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.size - b.avail
 }
 
 func (b *budget) acquire(n int64) {

@@ -751,3 +751,95 @@ func TestCrashCreate(t *testing.T) {
 		})
 	}
 }
+
+// TestCrashRecoveryOpen sweeps the repair a writable open makes of what
+// a crash left: an end footer lost (the file opens from the copy at 0,
+// and the open puts the footer back at the end, cutting the tail no
+// structure refers to), and a copy at 0 left stale by a header move (it
+// names the header's old place, still intact; the open rewrites it from
+// the end footer). Every point reads the content, and a writable open
+// then repairs the image.
+func TestCrashRecoveryOpen(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		rule   string // the warning the damage is reported as
+		damage func(t *testing.T, path string)
+	}{
+		{"end-footer-lost", "footer.end-damaged", func(t *testing.T, path string) {
+			b, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			clear(b[len(b)-footerSize:])
+			if err := os.WriteFile(path, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"copy-stale", "footer.copy-stale", func(t *testing.T, path string) {
+			b, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			img, err := Open(path, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := img.Resize(img.Size() + 8192); err != nil { // moves the header
+				t.Fatal(err)
+			}
+			mustClose(t, img)
+			moved, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			copy(moved, b[:footerSize])
+			if err := os.WriteFile(path, moved, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "d.vhd")
+			buildImage(t, path, CreateOptions{Size: 96<<10 + 512, BlockSize: 4096}, nil)
+			c.damage(t, path)
+			img, err := Open(path, OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			content := readAll(t, img)
+			mustClose(t, img)
+			if err := strictCheck(storage.NewMemFS(memFiles(t, path)), path); err != nil {
+				t.Fatalf("the damage is not one a crash may leave: %v", err)
+			}
+			if probs, err := Check(path, false); err != nil || !slices.ContainsFunc(probs, func(p Problem) bool { return p.Rule == c.rule }) {
+				t.Fatalf("the damage is not %s: %v %v", c.rule, probs, err)
+			}
+			after := afterPoint{state: func(_ *Image, got []byte) (string, error) {
+				if !bytes.Equal(got, content) {
+					return "ok", fmt.Errorf("content %s", diffAt(got, content))
+				}
+				return "ok", nil
+			}}
+			seen := map[string]int{}
+			faulttest.Run(t, faulttest.Sweep{
+				Files: memFiles(t, path),
+				Seed:  81,
+				// Few operations: more power cuts per point.
+				PowerCuts: map[bool]int{false: 30, true: 300}[faulttest.Long()],
+				Start: func(fsys *storage.MemFS) (func() error, error) {
+					return func() error {
+						img, err := Open(path, OpenOptions{FS: fsys})
+						if err != nil {
+							return err
+						}
+						return img.Close()
+					}, nil
+				},
+				Check: func(fsys *storage.MemFS, p faulttest.Point) error {
+					state, err := checkPoint(fsys, path, after)
+					return judged(p, state, err, seen)
+				},
+			})
+		})
+	}
+}

@@ -46,15 +46,39 @@
 // connections and returns once nothing can reach its image any more, so
 // the caller may close it.
 //
-// What one client can cost is bounded: the payload bytes and block status
-// replies a connection holds count against its memory limit
-// (Server.ConnMemory, 64 MiB), a BLOCK_STATUS asks the image about no
-// more than its reply can carry (with REQ_ONE, about its first extent),
-// the handshake has a deadline (HandshakeTimeout, 30 s), and requests read
-// from a connection that has died are dropped, not executed. What all
-// clients together can cost is bounded too: at most MaxConns (1024)
-// connections are served at once, further ones closed before the
-// greeting; an idle connection holds about 70 KiB.
+// What clients can cost is bounded, each bound a Server field (and a
+// flag of vhdkit nbd, and of vhdkit serve prefixed nbd-):
+//
+//   - ConnMemory (64 MiB, at least MaxPayload): the payload one
+//     connection holds — write data being executed, read data being
+//     sent, block status replies and the extents they are made from. A
+//     client that sends requests and never reads the replies stalls its
+//     own connection there. A BLOCK_STATUS asks the image about no more
+//     than its reply can carry (with REQ_ONE, about its first extent).
+//   - HandshakeTimeout (30 s): the whole option haggling, however slowly
+//     the client sends it. Within it, at most 1024 options and 4 MiB of
+//     option headers and data (4 more options and 32 KiB more per export,
+//     for nbdinfo --list, which asks about every export); past either the
+//     connection is closed and the refusal logged.
+//   - MaxConns (1024): connections served at once; one more is closed
+//     before the greeting, and logged.
+//   - Besides its payload, a connection holds less than 256 KiB:
+//     measured, about 72 KiB while it negotiates (a 64 KiB read buffer, a
+//     goroutine) and 112 KiB in transmission (a reader and 16 workers,
+//     the default Workers).
+//
+// Requests read from a connection that has died are dropped, not
+// executed. So all clients together make the server hold at most
+//
+//	MaxConns × (ConnMemory + 256 KiB)
+//
+// — 64.25 GiB with the defaults, reached only by 1024 clients each
+// keeping 64 MiB of replies unread: a server open to untrusted clients
+// should lower MaxConns or ConnMemory. 500 idle clients cost about 55 MiB.
+// TestHostileClientBudget measures each kind of hostile client (malformed
+// handshakes, option floods, slow handshakes, idle connections, replies
+// never read, all at once) and logs the figures in lines starting
+// "nbd-budget:".
 //
 // Requests a hostile or buggy client gets wrong are answered with the
 // protocol's errors: EINVAL (unknown command or flag, misaligned, read or

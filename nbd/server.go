@@ -151,7 +151,9 @@ type Server struct {
 	Logger *slog.Logger
 	// HandshakeTimeout bounds the whole option haggling phase of a
 	// connection, so idle or slow clients cannot pin it; 0 means 30 s.
-	// The transmission phase has no timeout: guests may idle for days.
+	// (The number of options and their bytes are bounded too, by
+	// constants.) The transmission phase has no timeout: guests may idle
+	// for days.
 	HandshakeTimeout time.Duration
 	// Workers is the number of requests one connection executes
 	// concurrently; 0 means 16. Further requests wait in the socket.
@@ -165,7 +167,8 @@ type Server struct {
 	// One more is closed before the greeting (clients see the
 	// connection end) and logged. With ConnMemory it bounds what all
 	// clients together can make the server hold: MaxConns × ConnMemory
-	// of payload, plus about 200 KiB of buffers and goroutines each.
+	// of payload, plus less than 256 KiB of buffers and goroutines each
+	// (see the package documentation).
 	MaxConns int
 
 	mu        sync.Mutex

@@ -54,9 +54,12 @@ without modifying any file and refuses writes with EPERM.
 With --tls-cert and --tls-key, clients may upgrade to TLS (STARTTLS);
 --tls-required refuses clients that do not.
 
-What clients can make the server hold is bounded: 64 MiB of request and
-reply payload per connection, 30 s for a handshake, and --max-connections
-clients at once (1024; one more is closed before the greeting and logged).
+What clients can make the server hold is bounded: --connection-memory of
+request and reply payload per connection (64M; at least 32M, the largest
+request), --handshake-timeout for a handshake (30s; also at most 1024
+options and 4 MiB of them), and --max-connections clients at once (1024;
+one more is closed before the greeting and logged). In all, at most
+max-connections x (connection-memory + 256 KiB).
 
 Examples:
   vhdkit nbd --socket /run/disk.sock disk.vhdx
@@ -74,7 +77,7 @@ Examples:
 			fs.StringVar(&o.tlsCert, "tls-cert", "", "offer TLS with the PEM certificate (chain) in `FILE`")
 			fs.StringVar(&o.tlsKey, "tls-key", "", "the PEM private key of --tls-cert in `FILE`")
 			fs.BoolVar(&o.tlsRequired, "tls-required", false, "refuse clients that do not start TLS")
-			fs.IntVar(&o.maxConns, "max-connections", 1024, "serve at most `N` clients at once; one more is closed before the greeting")
+			o.limits.addFlags(fs, "")
 			addInputFlags(fs, &o.in, false)
 			return func(ctx context.Context, c *cli, args []string) error {
 				if len(args) != 1 {
@@ -93,8 +96,46 @@ type nbdOptions struct {
 	export          string
 	tlsCert, tlsKey string
 	tlsRequired     bool
-	maxConns        int
+	limits          nbdLimits
 	in              input // --format
+}
+
+// nbdLimits are the flags that bound what NBD clients can make a server
+// hold (nbd.Server's MaxConns, HandshakeTimeout, ConnMemory), for both
+// "vhdkit nbd" and "vhdkit serve" (there prefixed "nbd-").
+type nbdLimits struct {
+	prefix           string // of the flag names, for messages
+	maxConns         int
+	handshakeTimeout time.Duration
+	connMemory       sizeValue
+}
+
+func (l *nbdLimits) addFlags(fs *flag.FlagSet, prefix string) {
+	l.prefix = prefix
+	fs.IntVar(&l.maxConns, prefix+"max-connections", 1024, "serve at most `N` clients at once; one more is closed before the greeting")
+	fs.DurationVar(&l.handshakeTimeout, prefix+"handshake-timeout", 30*time.Second, "close a client that has not chosen an export within `DURATION`")
+	fs.Var(&l.connMemory, prefix+"connection-memory", "hold at most `SIZE` of request and reply payload per client (default 64M, at least 32M)")
+}
+
+// apply checks the flags and sets them on srv.
+func (l *nbdLimits) apply(srv *nbd.Server) error {
+	if l.maxConns < 1 {
+		return usagef("--%smax-connections %d: want at least 1", l.prefix, l.maxConns)
+	}
+	if l.handshakeTimeout <= 0 {
+		return usagef("--%shandshake-timeout %v: want a positive duration", l.prefix, l.handshakeTimeout)
+	}
+	if l.connMemory.set && l.connMemory.n < nbd.MaxPayload {
+		// A connection must be able to hold the largest request.
+		return usagef("--%sconnection-memory %s: want at least 32M (a request may carry 32 MiB)", l.prefix, formatSize(l.connMemory.n))
+	}
+	if int64(int(l.connMemory.n)) != l.connMemory.n {
+		return usagef("--%sconnection-memory %s: too large", l.prefix, formatSize(l.connMemory.n))
+	}
+	srv.MaxConns = l.maxConns
+	srv.HandshakeTimeout = l.handshakeTimeout
+	srv.ConnMemory = int(l.connMemory.n) // 0, the server's default, when not set
+	return nil
 }
 
 func (c *cli) serveNBD(ctx context.Context, o nbdOptions, path string) (err error) {
@@ -118,12 +159,11 @@ func (c *cli) serveNBD(ctx context.Context, o nbdOptions, path string) (err erro
 		}
 	}
 
-	if o.maxConns < 1 {
-		return usagef("--max-connections %d: want at least 1", o.maxConns)
-	}
 	srv := &nbd.Server{
-		Logger:   slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-		MaxConns: o.maxConns,
+		Logger: slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	}
+	if err := o.limits.apply(srv); err != nil {
+		return err
 	}
 	if o.tlsCert != "" {
 		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)

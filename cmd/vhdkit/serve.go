@@ -24,7 +24,7 @@ import (
 func serveCommand() *command {
 	return &command{
 		name:     "serve",
-		synopsis: "[--data DIR] [--nbd-socket PATH | --nbd HOST:PORT] [--http HOST:PORT [--http-token-file FILE] [TLS flags]]",
+		synopsis: "[--data DIR] [--nbd-socket PATH | --nbd HOST:PORT] [NBD limit flags] [--http HOST:PORT [--http-token-file FILE] [TLS flags]]",
 		summary:  "run the host daemon: machines, checkpoints, live merge, NBD exports",
 		help: `Runs the vhdkit host until SIGINT or SIGTERM. Its state (machines, disks,
 checkpoint trees, jobs) lives in DIR: --data, else $VHDKIT_DATA, else
@@ -43,6 +43,9 @@ for the others, on --nbd-socket (default DIR/nbd.sock) or on --nbd, a TCP
 address (loopback unless you say otherwise). On shutdown, requests in
 flight finish, disks are flushed and closed, and running jobs stop at a
 safe point; they resume when the daemon starts again, also after a crash.
+What NBD clients can make the daemon hold is bounded as in vhdkit nbd:
+--nbd-max-connections (1024), --nbd-handshake-timeout (30s),
+--nbd-connection-memory (64M per client).
 
 --http serves the web console (machines, checkpoint trees, live merges
 with their progress, disk maps, the host's events) and the same API on a
@@ -67,6 +70,8 @@ Examples:
 			sock := fs.String("nbd-socket", "", "serve NBD on the unix socket `PATH` (default DIR/nbd.sock)")
 			tcp := fs.String("nbd", "", "serve NBD on TCP `HOST:PORT` instead")
 			verbose := fs.Bool("verbose", false, "log debug messages too")
+			var limits nbdLimits
+			limits.addFlags(fs, "nbd-")
 			var con webConsole
 			fs.StringVar(&con.addr, "http", "", "serve the web console and the API on TCP `HOST:PORT` (port 0: any free port)")
 			fs.StringVar(&con.tokenFile, "http-token-file", "", "the console's token is in `FILE` (made with a new token if missing)")
@@ -92,6 +97,10 @@ Examples:
 				if con.addr != "" && !web.Loopback(con.addr) && con.tokenFile == "" {
 					return usagef("--http %s is not a loopback address: anyone who reaches it gets the host's control plane; give --http-token-file FILE (and put TLS in front of it), or bind 127.0.0.1", con.addr)
 				}
+				srv := &nbd.Server{}
+				if err := limits.apply(srv); err != nil {
+					return err
+				}
 				level := slog.LevelInfo
 				if *verbose {
 					level = slog.LevelDebug
@@ -114,7 +123,8 @@ Examples:
 						fmt.Fprintf(c.stdout, "vhdkit console %s token %s\n", url, token)
 					}
 				}
-				return serve(ctx, dir, *sock, *tcp, con, log, ready)
+				srv.Logger = log
+				return serve(ctx, dir, srv, *sock, *tcp, con, log, ready)
 			}
 		},
 	}
@@ -130,9 +140,9 @@ type webConsole struct {
 	ready                     func(url, token string) // called once it listens
 }
 
-// serve runs a host on dir until ctx ends; ready is called once it
-// listens.
-func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, con webConsole, log *slog.Logger, ready func(*host.Host, string)) (err error) {
+// serve runs a host on dir, its disks served by srv, until ctx ends;
+// ready is called once it listens.
+func serve(ctx context.Context, dir string, srv *nbd.Server, nbdSocket, nbdTCP string, con webConsole, log *slog.Logger, ready func(*host.Host, string)) (err error) {
 	if dir, err = filepath.Abs(dir); err != nil {
 		return err
 	}
@@ -144,7 +154,6 @@ func serve(ctx context.Context, dir, nbdSocket, nbdTCP string, con webConsole, l
 	if nbdTCP == "" && nbdSocket == "" {
 		nbdSocket = filepath.Join(dir, "nbd.sock")
 	}
-	srv := &nbd.Server{Logger: log}
 	h, err := host.Open(dir, host.Options{Logger: log, NBD: srv, NBDSocket: nbdSocket})
 	if err != nil {
 		return err

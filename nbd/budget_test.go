@@ -322,7 +322,6 @@ func idle(t *testing.T, sock string, n int) ([]*raw, time.Duration) {
 	conns := make([]*raw, n)
 	for i := range conns {
 		conns[i] = dialRaw(t, sock)
-		conns[i].c.SetDeadline(time.Time{})
 		conns[i].connect("d", true)
 	}
 	return conns, time.Since(start)
@@ -338,11 +337,10 @@ func stuck(t *testing.T, ts *testServer, n int) ([]*raw, time.Duration) {
 	conns := make([]*raw, n)
 	for i := range conns {
 		r := dialRaw(t, ts.sock)
-		r.c.SetDeadline(time.Time{})
 		r.connect("d", false) // simple replies: every READ carries its data
 		conns[i] = r
-		// Until the socket is closed: the server stops reading, and
-		// this write blocks.
+		// Until the socket is closed (or dialRaw's deadline passes):
+		// the server stops reading, and this write blocks.
 		go func() {
 			var hdr [requestLen]byte
 			for cookie := uint64(0); ; cookie++ {
@@ -438,8 +436,8 @@ func TestHostileClientBudget(t *testing.T) {
 		if conns > 0 {
 			perConn = (held - int64(stalled)*mem) / int64(conns)
 		}
-		t.Logf("nbd-budget: kind=%s conns=%d stalled=%d held_KiB=%d per_conn_overhead_KiB=%d bound_KiB=%d conn_memory_MiB=%d handshake_timeout_ms=%d %s",
-			kind, conns, stalled, held>>10, perConn>>10, bound>>10, mem>>20, budgetHandshakeTimeout.Milliseconds(), figures)
+		t.Logf("nbd-budget: kind=%s conns=%d stalled=%d held_KiB=%d per_conn_overhead_KiB=%d bounded=%t bound_KiB=%d conn_memory_MiB=%d handshake_timeout_ms=%d %s",
+			kind, conns, stalled, held>>10, perConn>>10, bounded, bound>>10, mem>>20, budgetHandshakeTimeout.Milliseconds(), figures)
 		if bounded && held > bound {
 			t.Errorf("%s: the server holds %d KiB for %d connections (%d stalled), over the documented %d KiB",
 				kind, held>>10, conns, stalled, bound>>10)
@@ -525,7 +523,7 @@ func TestHostileClientBudget(t *testing.T) {
 		attacks := []*attack{
 			malformed(ts.sock, malformedRounds),
 			flood(ts.sock, flooders, 2*flooders, maxOptions),
-			slow(ts.sock, slowClients, 2*slowClients, budgetHandshakeTimeout, &greeted),
+			slow(ts.sock, slowClients, slowClients, budgetHandshakeTimeout, &greeted),
 		}
 		greeted.Wait()
 		idleConns, _ := idle(t, ts.sock, idleClients)

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/vhdkit/vhdkit/storage"
@@ -79,6 +80,9 @@ func checkVHDX(fsys *storage.MemFS) error {
 		b, _ := fsys.Bytes(p)
 		if len(b) < 8 || string(b[:8]) != "vhdxfile" {
 			continue // a VHD, a journal or a file not written yet
+		}
+		if strings.HasPrefix(filepath.Base(p), ".") && strings.Contains(p, ".tmp") {
+			continue // a new image's temporary file: not an image until renamed
 		}
 		probs, err := vhdx.CheckStructure(storage.NewMemFile(b))
 		if err != nil {

@@ -2,6 +2,7 @@ package merge
 
 import (
 	"errors"
+	"fmt"
 	"sync"
 
 	"github.com/vhdkit/vhdkit/disk"
@@ -205,10 +206,25 @@ func (d *Disk) RefreshChain() error {
 	return d.leaf.ReopenParent(d.opts)
 }
 
-// Checkpoint freezes the leaf and continues on a new differencing child at
-// path; the caller holds Pause.
+// CheckpointPaused makes a new child of the leaf at path and runs on it
+// (the caller holds Pause). If that fails the disk runs on its leaf,
+// opened afresh: CreateChild freezes the leaf (read-only) before it
+// writes the child, and a guest must not find its disk read-only because
+// a checkpoint could not be made.
 func (d *Disk) CheckpointPaused(path string) error {
-	return d.SwapPaused(func(leaf *vhdx.Image) (*vhdx.Image, error) {
-		return leaf.CreateChild(path, vhdx.CreateOptions{})
-	})
+	if d.mirror != nil {
+		return errors.New("merge: a live merge is running on this disk")
+	}
+	child, err := d.leaf.CreateChild(path, vhdx.CreateOptions{FS: d.opts.FS})
+	if err == nil {
+		d.setLeaf(child)
+		return nil
+	}
+	again, rerr := vhdx.Open(d.leaf.Path(), d.opts)
+	if rerr != nil {
+		return errors.Join(err, fmt.Errorf("merge: reopening %s after the failed checkpoint (the disk stays read-only): %w", d.leaf.Path(), rerr))
+	}
+	d.leaf.Close()
+	d.setLeaf(again)
+	return err
 }

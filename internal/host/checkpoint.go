@@ -146,10 +146,22 @@ func (h *Host) checkpointAs(v *vm, id, name string, kind checkpointKind) (*check
 		v.st.Disks[i].Leaf = d.Leaf()
 	}
 	if err := h.save(); err != nil {
+		made := *v.st
+		made.Disks = slices.Clone(v.st.Disks)
 		v.st.Checkpoints = v.st.Checkpoints[:len(v.st.Checkpoints)-1]
 		v.st.Current = old
 		for i := range v.disks {
 			v.st.Disks[i].Leaf = c.Files[i]
+		}
+		// The failed save may have put the new state in place (its
+		// folder sync failing after the rename): the children are undone
+		// only once the old state is saved for sure, or a restart would
+		// find a state naming deleted files. If that fails too, the
+		// machine stays on the children, which the state in memory names
+		// again, to be saved with the next change.
+		if rerr := h.save(); rerr != nil {
+			*v.st = made
+			return nil, fmt.Errorf("%w; saving the state without the checkpoint failed too (%v): the machine runs on the checkpoint's new files, recorded at the next save", err, rerr)
 		}
 		undo()
 		return nil, err

@@ -396,6 +396,15 @@ type faultyFiles struct {
 	mu   sync.Mutex
 	path string
 	full atomic.Bool
+	// syncDirFails fails the next SyncDir of this folder, once.
+	syncDirFails atomic.Pointer[string]
+}
+
+func (ff *faultyFiles) SyncDir(dir string) error {
+	if p := ff.syncDirFails.Load(); p != nil && *p == dir && ff.syncDirFails.CompareAndSwap(p, nil) {
+		return &os.PathError{Op: "sync", Path: dir, Err: syscall.EIO}
+	}
+	return ff.FS.SyncDir(dir)
 }
 
 func (ff *faultyFiles) OpenFile(path string, flag int, perm os.FileMode) (storage.File, error) {
@@ -577,4 +586,46 @@ func TestDeleteCheckpointBelowAnother(t *testing.T) {
 		t.Fatalf("chain %v", v.Disks[0].Chain)
 	}
 	w.verify(t, th.dial(t, "three"), "after deleting a")
+}
+
+// TestCheckpointStateNotSaved: a checkpoint whose state save fails at the
+// folder sync, after the new state.json was renamed into place, is undone
+// only once the old state is saved again: a restart finds the machine on
+// its old leaf with every write, no checkpoint and no leftover file (the
+// undo used to delete the new child while the state on disk named it).
+func TestCheckpointStateNotSaved(t *testing.T) {
+	dir := shortDir(t)
+	ff := &faultyFiles{FS: storage.OS}
+	th := startHost(t, dir, Options{FS: ff})
+	w := newVM(t, th, "s", 16<<20, 9)
+	ff.syncDirFails.Store(&dir)
+	if _, err := th.api.CreateCheckpoint(ctx, "s", api.CreateCheckpoint{Name: "x"}); err == nil {
+		t.Fatal("the checkpoint succeeded with its state save failing")
+	} else {
+		t.Log(err)
+	}
+	w.fill(t, 50) // the machine runs on
+	w.verify(t, th.dial(t, "s"), "after the failed checkpoint")
+	// A crash now: the files as they are, no clean stop.
+	state, err := os.ReadFile(filepath.Join(dir, stateName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	th.stop(t)
+	if err := os.WriteFile(filepath.Join(dir, stateName), state, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	th = startHost(t, dir, Options{})
+	defer th.stop(t)
+	w.verify(t, th.dial(t, "s"), "after a restart")
+	tree, err := th.api.Checkpoints(ctx, "s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tree.Checkpoints) != 0 {
+		t.Fatalf("checkpoints after the failed one: %+v", tree.Checkpoints)
+	}
+	if f := avhdxFiles(t, dir); len(f) != 0 {
+		t.Fatalf("files left: %v", f)
+	}
 }

@@ -227,7 +227,7 @@ func (h *Host) openDisks(v *vm) error {
 // save persists the state; the progress of every job is then as durable
 // as what was reported of it. The caller holds mu (or owns h).
 func (h *Host) save() error {
-	if err := h.st.save(h.dir); err != nil {
+	if err := h.st.save(storage.OrOS(h.opts.FS), h.dir); err != nil {
 		return err
 	}
 	for _, j := range h.jobs {

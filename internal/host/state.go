@@ -163,12 +163,12 @@ func (st *state) check(dir string) error {
 	return nil
 }
 
-func (st *state) save(dir string) error {
+func (st *state) save(fsys storage.FS, dir string) error {
 	b, err := json.MarshalIndent(st, "", "\t")
 	if err != nil {
 		return err
 	}
-	if err := storage.WriteFile(filepath.Join(dir, stateName), b, 0o600); err != nil {
+	if err := storage.WriteFileTo(fsys, filepath.Join(dir, stateName), b, 0o600); err != nil {
 		return fmt.Errorf("saving state: %w", err)
 	}
 	return nil

@@ -54,7 +54,7 @@ func crashWorkload(seed int64, size int64) []step {
 // TestCrashDynamic sweeps the crash workload over a dynamic image, for
 // both logical sector sizes, in every mode: a dead disk (as left and
 // after power cuts), one failed I/O (the failed step retried must
-// succeed), a full disk.
+// succeed), a full disk. Long mode sweeps ten workloads each.
 func TestCrashDynamic(t *testing.T) {
 	for _, sector := range []uint32{512, 4096} {
 		t.Run(fmt.Sprint(sector), func(t *testing.T) {
@@ -63,13 +63,18 @@ func TestCrashDynamic(t *testing.T) {
 			files := memFiles(t, nil, func(fsys *storage.MemFS) error {
 				return createClosed(fsys, path, CreateOptions{Size: uint64(size), BlockSize: 1 << 20, LogicalSectorSize: sector})
 			})
-			workloadSweep(t, files, path, newModel(size, nil), crashWorkload(int64(sector), size), nil)
+			for _, seed := range faulttest.Seeds(1) {
+				t.Run(fmt.Sprintf("seed%d", seed), func(t *testing.T) {
+					workloadSweep(t, files, path, newModel(size, nil), crashWorkload(int64(sector)+int64(seed)<<16, size), nil)
+				})
+			}
 		})
 	}
 }
 
 // TestCrashDifferencing sweeps the crash workload over a child whose
 // parent holds data: sectors the child never wrote read the parent's.
+// Long mode sweeps ten workloads.
 func TestCrashDifferencing(t *testing.T) {
 	dir := t.TempDir()
 	basePath := filepath.Join(dir, "base.vhdx")
@@ -86,7 +91,11 @@ func TestCrashDifferencing(t *testing.T) {
 	files := memFiles(t, []string{basePath}, func(fsys *storage.MemFS) error {
 		return createClosed(fsys, path, CreateOptions{Parent: basePath, BlockSize: 1 << 20})
 	})
-	workloadSweep(t, files, path, newModel(crashSize, parentData), crashWorkload(2, crashSize), nil)
+	for _, seed := range faulttest.Seeds(1) {
+		t.Run(fmt.Sprintf("seed%d", seed), func(t *testing.T) {
+			workloadSweep(t, files, path, newModel(crashSize, parentData), crashWorkload(2+int64(seed)<<16, crashSize), nil)
+		})
+	}
 }
 
 // TestCrashCreate sweeps Create — the temporary file built and synced,

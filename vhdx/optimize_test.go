@@ -170,7 +170,7 @@ func TestOptimizeDifferencing(t *testing.T) {
 // passes the strict check.
 func TestCrashOptimize(t *testing.T) {
 	dir := t.TempDir()
-	const size = 12<<20 + 4096
+	const size = 8<<20 + 4096
 	basePath := filepath.Join(dir, "base.vhdx")
 	base, err := Create(basePath, CreateOptions{Size: size, BlockSize: 1 << 20})
 	if err != nil {

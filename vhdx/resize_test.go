@@ -27,7 +27,9 @@ const (
 )
 
 // diskModel is what a disk must read as: its size and, in 1 MiB pieces,
-// the bytes written (an absent piece is zeros).
+// the bytes written (an absent piece is zeros). Pieces are never changed
+// in place, only replaced, so clones share them: the sweeps clone a model
+// at every flush of every point.
 type diskModel struct {
 	size   int64
 	pieces map[int64][]byte
@@ -44,12 +46,15 @@ func (m *diskModel) write(p []byte, off int64) {
 		k, in := off/pieceSize, off%pieceSize
 		n := min(int64(len(p)), pieceSize-in)
 		b := m.pieces[k]
-		if b == nil && !disk.IsZero(p[:n]) {
+		switch {
+		case b != nil:
+			b = bytes.Clone(b)
+		case !disk.IsZero(p[:n]):
 			b = make([]byte, pieceSize)
-			m.pieces[k] = b
 		}
 		if b != nil {
 			copy(b[in:], p[:n])
+			m.pieces[k] = b
 		}
 		p, off = p[n:], off+n
 	}
@@ -76,7 +81,9 @@ func (m *diskModel) resize(size int64) {
 		case k*pieceSize >= size:
 			delete(m.pieces, k)
 		case (k+1)*pieceSize > size:
+			b = bytes.Clone(b)
 			clear(b[size-k*pieceSize:])
+			m.pieces[k] = b
 		}
 	}
 	m.size = size
@@ -85,7 +92,7 @@ func (m *diskModel) resize(size int64) {
 func (m *diskModel) clone() *diskModel {
 	c := &diskModel{size: m.size, pieces: make(map[int64][]byte, len(m.pieces))}
 	for k, b := range m.pieces {
-		c.pieces[k] = bytes.Clone(b)
+		c.pieces[k] = b
 	}
 	return c
 }

@@ -120,12 +120,13 @@ func TestSweepWriteFlushClose(t *testing.T) {
 	})
 }
 
-// step is one operation of a workload; with none of data, zero, resize
-// and close set it is a Flush.
+// step is one operation of a workload; with none of data, zero, trim,
+// resize and close set it is a Flush.
 type step struct {
 	off    int64
 	data   []byte // WriteAt of these bytes
 	zero   int64  // >0: WriteZeroes (unmapping) of this many bytes
+	trim   int64  // >0: Trim of this many bytes (reads as zeros after)
 	resize int64  // >0: Resize to this size
 	close  bool
 }
@@ -151,8 +152,8 @@ func (x *expectation) apply(s step) {
 		x.newest.resize(s.resize)
 	case s.data != nil:
 		x.newest.write(s.data, s.off)
-	case s.zero > 0:
-		x.newest.write(make([]byte, s.zero), s.off)
+	case s.zero > 0 || s.trim > 0:
+		x.newest.write(make([]byte, s.zero+s.trim), s.off)
 	}
 }
 
@@ -205,11 +206,13 @@ func runStep(im *Image, s step, x *expectation) error {
 		_, err = im.WriteAt(s.data, s.off)
 	case s.zero > 0:
 		err = im.WriteZeroes(s.off, s.zero, true)
+	case s.trim > 0:
+		err = im.Trim(s.off, s.trim)
 	default:
 		err = im.Flush()
 	}
 	x.apply(s)
-	if err == nil && s.data == nil && s.zero == 0 {
+	if err == nil && s.data == nil && s.zero == 0 && s.trim == 0 {
 		x.flushed() // Flush, Close, and Resize, which flushes
 	}
 	return err
@@ -225,6 +228,8 @@ func (s step) String() string {
 		return fmt.Sprintf("WriteAt(%d bytes, %d)", len(s.data), s.off)
 	case s.zero > 0:
 		return fmt.Sprintf("WriteZeroes(%d, %d)", s.off, s.zero)
+	case s.trim > 0:
+		return fmt.Sprintf("Trim(%d, %d)", s.off, s.trim)
 	}
 	return "Flush"
 }
@@ -352,36 +357,35 @@ func writerRules(im *Image) error {
 	// The structures only, found as writerProblems finds them: the
 	// payload blocks are not read (it does not look at them), and the
 	// copy ends with the last structure.
-	var b []byte
-	read := func(off, n int64) error {
-		end := min(off+n, size)
-		if off < 0 || off >= end {
-			return nil
-		}
-		if int64(len(b)) < end {
-			b = append(b, make([]byte, end-int64(len(b)))...)
-		}
-		_, err := im.f.ReadAt(b[off:end], off)
-		return err
-	}
-	if err := read(0, newLogOffset); err != nil {
+	head := make([]byte, min(newLogOffset, size))
+	if _, err := im.f.ReadAt(head, 0); err != nil {
 		return err
 	}
 	var cur header
 	for _, off := range []int64{header1Offset, header2Offset} {
-		if h, err := parseHeader(b[off:], "header", off); err == nil && h.Seq >= cur.Seq {
+		if h, err := parseHeader(head[off:], "header", off); err == nil && h.Seq >= cur.Seq {
 			cur = h
 		}
 	}
-	rt, err := parseRegionTable(b[region1Offset:], "region table", region1Offset)
+	rt, err := parseRegionTable(head[region1Offset:], "region table", region1Offset)
 	if err != nil {
 		return err
 	}
-	if err := read(int64(cur.LogOffset), int64(cur.LogLength)); err != nil {
-		return err
-	}
+	ranges := [][2]int64{{int64(cur.LogOffset), int64(cur.LogLength)}}
+	end := int64(len(head))
 	for _, r := range rt {
-		if err := read(int64(r.Offset), int64(r.Length)); err != nil {
+		ranges = append(ranges, [2]int64{int64(r.Offset), int64(r.Length)})
+	}
+	for _, r := range ranges {
+		end = max(end, min(r[0]+r[1], size))
+	}
+	b := make([]byte, end)
+	copy(b, head)
+	for _, r := range ranges {
+		if r[0] < 0 || r[0] >= min(r[0]+r[1], end) {
+			continue
+		}
+		if _, err := im.f.ReadAt(b[r[0]:min(r[0]+r[1], end)], r[0]); err != nil {
 			return err
 		}
 	}

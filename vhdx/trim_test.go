@@ -317,10 +317,11 @@ func TestReleaseBeforeFirstAllocation(t *testing.T) {
 }
 
 // TestCrashTrimReuse stops the disk at every operation of a workload that
-// releases whole blocks (WriteZeroes with unmap), allocates beside the
-// releases before their flush, reuses the released space after it and
-// writes into zeroed blocks again, over a dynamic and a differencing
-// image, in every mode of the harness (checkImage after each point).
+// releases whole blocks (WriteZeroes with unmap, and Trim), allocates
+// beside the releases before their flush, reuses the released space after
+// it, writes into zeroed blocks again and trims part of a block, over a
+// dynamic and a differencing image, in every mode of the harness
+// (checkImage after each point).
 func TestCrashTrimReuse(t *testing.T) {
 	const mb = 1 << 20
 	block := func(seed byte) []byte {
@@ -333,10 +334,11 @@ func TestCrashTrimReuse(t *testing.T) {
 	steps := []step{
 		{off: 0, data: block(1)}, {off: 1 * mb, data: block(2)}, {off: 2 * mb, data: block(3)},
 		{off: 3 * mb, data: block(4)}, {off: 4 * mb, data: block(5)}, {},
-		{off: 1 * mb, zero: mb}, {off: 3 * mb, zero: mb}, {off: 5 * mb, data: block(6)}, {},
+		{off: 1 * mb, zero: mb}, {off: 3 * mb, trim: mb}, {off: 5 * mb, data: block(6)}, {},
 		{off: 6*mb + 4096, data: block(7)[:300<<10]}, {off: 0, zero: 2 * mb}, {},
-		{off: 1 * mb, data: block(8)[:5000]}, {off: 3*mb + 512, data: block(9)}, {},
-		{off: 2 * mb, zero: mb}, {close: true},
+		{off: 1 * mb, data: block(8)[:5000]}, {off: 3*mb + 512, data: block(9)},
+		{off: 4*mb + 8192, trim: 256 << 10}, {},
+		{off: 2 * mb, trim: mb}, {close: true},
 	}
 	dir := t.TempDir()
 	basePath := filepath.Join(dir, "base.vhdx")

@@ -17,24 +17,13 @@ import (
 // write, then under a pause the new child and the state naming it as the
 // leaf, then a write on the child. When the checkpoint fails the guest
 // goes on: the disk must take the write; refused records why.
-func checkpointRun(fsys *storage.MemFS, leaf, child, state string, m *liveModel, refused *error) error {
+func checkpointRun(fsys *storage.MemFS, leaf, child, state string, w *liveWrites, refused *error) error {
 	d, err := OpenDisk(leaf, vhdx.OpenOptions{FS: fsys})
 	if err != nil {
 		return err
 	}
 	defer d.Close()
-	write := func() error {
-		w := m.writes[m.tried]
-		m.tried++
-		if _, err := d.WriteAt(w.data, w.off); err != nil {
-			return err
-		}
-		if err := d.Flush(); err != nil {
-			return err
-		}
-		m.acked = m.tried
-		return nil
-	}
+	write := func() error { return w.write(d) }
 	if err := write(); err != nil {
 		return err
 	}
@@ -83,7 +72,7 @@ func TestCheckpointSweep(t *testing.T) {
 		{2 << 20, bytes.Repeat([]byte{0xa1}, 12<<10)},
 		{(6 << 20) + 512, bytes.Repeat([]byte{0xb2}, 1<<20)},
 	}
-	var model *liveModel
+	var w *liveWrites
 	var refused error
 	all := append(paths, child)
 	faulttest.Run(t, faulttest.Sweep{
@@ -91,8 +80,8 @@ func TestCheckpointSweep(t *testing.T) {
 		PowerCuts: map[bool]int{false: 1, true: 20}[faulttest.Long()],
 		Start: func(fsys *storage.MemFS) (func() error, error) {
 			placeholders(fsys, all)
-			model, refused = &liveModel{initial: contents[1], writes: writes}, nil
-			return func() error { return checkpointRun(fsys, leaf, child, state, model, &refused) }, nil
+			w, refused = &liveWrites{writes: writes, model: faulttest.NewModel(bytes.Clone(contents[1]), 512)}, nil
+			return func() error { return checkpointRun(fsys, leaf, child, state, w, &refused) }, nil
 		},
 		Check: func(fsys *storage.MemFS, p faulttest.Point) error {
 			if p.Mode == faulttest.IOError && refused != nil && !errors.Is(refused, storage.ErrInjected) {
@@ -115,7 +104,7 @@ func TestCheckpointSweep(t *testing.T) {
 			if err != nil {
 				return fmt.Errorf("the leaf %s: %w", filepath.Base(current), err)
 			}
-			if err := model.check(got); err != nil {
+			if err := w.model.Check(got); err != nil {
 				return fmt.Errorf("the leaf %s: %w", filepath.Base(current), err)
 			}
 			if current == leaf {

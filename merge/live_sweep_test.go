@@ -19,39 +19,26 @@ type liveWrite struct {
 	data []byte
 }
 
-// liveModel is what the disk must read: each write is either in effect
-// or not, and must be once a Flush after it succeeded.
-type liveModel struct {
-	initial []byte
-	writes  []liveWrite
-	acked   int // writes[:acked] were followed by a successful Flush
-	tried   int // writes[:tried] were issued
+// liveWrites issues writes of a sweep in order, each flushed, keeping the
+// byte model.
+type liveWrites struct {
+	writes []liveWrite
+	next   int
+	model  *faulttest.Model
 }
 
-// check compares what the disk reads with the model: a write not yet
-// acknowledged may be in effect or not, sector by sector (a crash keeps
-// a part of what was not synced); every other byte must be as expected.
-func (m *liveModel) check(got []byte) error {
-	want := bytes.Clone(m.initial)
-	for _, w := range m.writes[:m.acked] {
-		copy(want[w.off:], w.data)
+// write issues the next write and flushes it.
+func (w *liveWrites) write(d *Disk) error {
+	x := w.writes[w.next]
+	w.next++
+	w.model.Write(x.off, x.data)
+	if _, err := d.WriteAt(x.data, x.off); err != nil {
+		return err
 	}
-	for lo := 0; lo < len(got); lo += 512 {
-		hi := lo + 512
-		if bytes.Equal(got[lo:hi], want[lo:hi]) {
-			continue
-		}
-		ok := false
-		for _, w := range m.writes[m.acked:m.tried] {
-			if int64(lo) >= w.off && int64(hi) <= w.off+int64(len(w.data)) &&
-				bytes.Equal(got[lo:hi], w.data[int64(lo)-w.off:int64(hi)-w.off]) {
-				ok = true
-			}
-		}
-		if !ok {
-			return fmt.Errorf("sector at %#x reads neither what was acknowledged nor a write in flight", lo)
-		}
+	if err := d.Flush(); err != nil {
+		return err
 	}
+	w.model.Flushed()
 	return nil
 }
 
@@ -59,24 +46,13 @@ func (m *liveModel) check(got []byte) error {
 // running disk: writes before, during and after the copy, the switch
 // (commit records the leaf in a state file, as the host's state does),
 // the merged file's removal, and writes on the target alone.
-func liveRun(fsys *storage.MemFS, top, state string, g vhdx.GUID, m *liveModel) error {
+func liveRun(fsys *storage.MemFS, top, state string, g vhdx.GUID, w *liveWrites) error {
 	d, err := OpenDisk(top, vhdx.OpenOptions{FS: fsys})
 	if err != nil {
 		return err
 	}
 	defer d.Close()
-	write := func() error {
-		w := m.writes[m.tried]
-		m.tried++
-		if _, err := d.WriteAt(w.data, w.off); err != nil {
-			return err
-		}
-		if err := d.Flush(); err != nil {
-			return err
-		}
-		m.acked = m.tried
-		return nil
-	}
+	write := func() error { return w.write(d) }
 	if err := write(); err != nil {
 		return err
 	}
@@ -131,15 +107,15 @@ func TestLiveMergeSweep(t *testing.T) {
 		{(9 << 20) + 4096, data(3, 1<<20+512)}, // after the copy, before the switch
 		{(7 << 20) - 512, data(4, 4096)},       // on the target alone
 	}
-	var model *liveModel
+	var w *liveWrites
 	files := readFiles(t, paths)
 	faulttest.Run(t, faulttest.Sweep{
 		Files:     files,
 		PowerCuts: map[bool]int{false: 1, true: 10}[faulttest.Long()],
 		Start: func(fsys *storage.MemFS) (func() error, error) {
 			placeholders(fsys, paths)
-			model = &liveModel{initial: contents[1], writes: writes}
-			return func() error { return liveRun(fsys, top, state, g, model) }, nil
+			w = &liveWrites{writes: writes, model: faulttest.NewModel(bytes.Clone(contents[1]), 512)}
+			return func() error { return liveRun(fsys, top, state, g, w) }, nil
 		},
 		Check: func(fsys *storage.MemFS, p faulttest.Point) error {
 			placeholders(fsys, paths)
@@ -154,7 +130,7 @@ func TestLiveMergeSweep(t *testing.T) {
 			if err != nil {
 				return fmt.Errorf("the leaf %s: %w", filepath.Base(leaf), err)
 			}
-			if err := model.check(got); err != nil {
+			if err := w.model.Check(got); err != nil {
 				return fmt.Errorf("the leaf %s: %w", filepath.Base(leaf), err)
 			}
 			// A restarted host: the switch not recorded, merge again;

@@ -13,34 +13,32 @@ import (
 
 	"github.com/vhdkit/vhdkit/internal/api"
 	"github.com/vhdkit/vhdkit/nbd"
+	"github.com/vhdkit/vhdkit/storage/faulttest"
 )
 
-// killWriter writes through NBD and knows what a crash may leave: every
-// write followed by an acknowledged flush must survive (acked); writes
-// not yet flushed (pending) may survive whole, in part (sector by
+// killWriter writes through NBD and knows, through its byte model, what a
+// crash may leave: every write followed by an acknowledged flush must
+// survive; writes not yet flushed may survive whole, in part (sector by
 // sector), or not at all.
 type killWriter struct {
 	rng     *rand.Rand
-	acked   []byte
-	pending []killWrite
+	model   *faulttest.Model
+	writes  int // issued since the last flush
 	flushed int // writes acknowledged by a Flush, all rounds
-}
-
-type killWrite struct {
-	off  int64
-	data []byte
 }
 
 // run writes and flushes through c until an error (the daemon died).
 func (w *killWriter) run(c *nbd.Client) {
+	size := int64(len(w.model.Acked()))
 	for i := 0; ; i++ {
 		n := (w.rng.Int64N(16) + 1) * 4096
-		off := w.rng.Int64N((int64(len(w.acked))-n)/4096+1) * 4096
+		off := w.rng.Int64N((size-n)/4096+1) * 4096
 		data := make([]byte, n)
 		for k := range data {
 			data[k] = byte(w.rng.Uint32())
 		}
-		w.pending = append(w.pending, killWrite{off, data})
+		w.model.Write(off, data)
+		w.writes++
 		if _, err := c.WriteAt(data, off); err != nil {
 			return
 		}
@@ -48,11 +46,9 @@ func (w *killWriter) run(c *nbd.Client) {
 			if err := c.Flush(); err != nil {
 				return
 			}
-			for _, p := range w.pending {
-				copy(w.acked[p.off:], p.data)
-			}
-			w.flushed += len(w.pending)
-			w.pending = nil
+			w.model.Flushed()
+			w.flushed += w.writes
+			w.writes = 0
 		}
 	}
 }
@@ -61,28 +57,11 @@ func (w *killWriter) run(c *nbd.Client) {
 // have survived, and takes it as the new acknowledged state.
 func (w *killWriter) settle(t *testing.T, got []byte, what string) {
 	t.Helper()
-	const sector = 512
-	for s := 0; s < len(got); s += sector {
-		g := got[s : s+sector]
-		if string(g) == string(w.acked[s:s+sector]) {
-			continue
-		}
-		ok := false
-		for _, p := range w.pending {
-			if int64(s) >= p.off && int64(s) < p.off+int64(len(p.data)) {
-				rel := int64(s) - p.off
-				if string(g) == string(p.data[rel:rel+sector]) {
-					ok = true
-					break
-				}
-			}
-		}
-		if !ok {
-			t.Fatalf("%s: sector at %d holds neither the acknowledged data nor a pending write", what, s)
-		}
+	if err := w.model.Check(got); err != nil {
+		t.Fatalf("%s: %v", what, err)
 	}
-	copy(w.acked, got)
-	w.pending = nil
+	w.model.Settle(got)
+	w.writes = 0
 }
 
 // TestServeKill kills the daemon with SIGKILL at random moments while a
@@ -113,8 +92,8 @@ func TestServeKill(t *testing.T) {
 	t.Logf("seed %d", seed)
 	rng = rand.New(rand.NewPCG(seed, 1))
 	writers := []*killWriter{
-		{rng: rand.New(rand.NewPCG(seed, 2)), acked: make([]byte, 24<<20)},
-		{rng: rand.New(rand.NewPCG(seed, 3)), acked: make([]byte, 8<<20)},
+		{rng: rand.New(rand.NewPCG(seed, 2)), model: faulttest.NewModel(make([]byte, 24<<20), 512)},
+		{rng: rand.New(rand.NewPCG(seed, 3)), model: faulttest.NewModel(make([]byte, 8<<20), 512)},
 	}
 	exports := []string{"k", "k/1"}
 	ctx := context.Background()
@@ -164,7 +143,7 @@ func TestServeKill(t *testing.T) {
 			if err != nil {
 				t.Fatalf("round %d: %v", round, err)
 			}
-			got := make([]byte, len(w.acked))
+			got := make([]byte, len(w.model.Acked()))
 			if _, err := c.ReadAt(got, 0); err != nil {
 				t.Fatalf("round %d: %v", round, err)
 			}
@@ -181,7 +160,8 @@ func TestServeKill(t *testing.T) {
 	v := d.vm(t, "k")
 	d.stop(t)
 	for i, disk := range v.Disks {
-		if got := readImage(t, disk.Path, 0, int64(len(writers[i].acked))); string(got) != string(writers[i].acked) {
+		acked := writers[i].model.Acked()
+		if got := readImage(t, disk.Path, 0, int64(len(acked))); string(got) != string(acked) {
 			t.Fatalf("disk %d (%s) differs after the last stop", i, disk.Path)
 		}
 		checkClean(t, disk.Path)

@@ -65,7 +65,7 @@ func TestCrashDynamic(t *testing.T) {
 			})
 			for _, seed := range faulttest.Seeds(1) {
 				t.Run(fmt.Sprintf("seed%d", seed), func(t *testing.T) {
-					workloadSweep(t, files, path, newModel(size, nil), crashWorkload(int64(sector)+int64(seed)<<16, size), nil)
+					workloadSweep(t, files, path, newModel(size, nil), crashWorkload(int64(sector)+int64(seed)<<16, size))
 				})
 			}
 		})
@@ -93,7 +93,7 @@ func TestCrashDifferencing(t *testing.T) {
 	})
 	for _, seed := range faulttest.Seeds(1) {
 		t.Run(fmt.Sprintf("seed%d", seed), func(t *testing.T) {
-			workloadSweep(t, files, path, newModel(crashSize, parentData), crashWorkload(2+int64(seed)<<16, crashSize), nil)
+			workloadSweep(t, files, path, newModel(crashSize, parentData), crashWorkload(2+int64(seed)<<16, crashSize))
 		})
 	}
 }

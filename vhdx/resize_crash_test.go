@@ -57,7 +57,7 @@ func resizeWorkload(seed, size int64, sizes ...int64) []step {
 func resizeSweep(t *testing.T, path string, parents []string, opts CreateOptions, initial *diskModel, steps []step) {
 	t.Helper()
 	files := memFiles(t, parents, func(fsys *storage.MemFS) error { return createClosed(fsys, path, opts) })
-	_, o, n := workloadSweep(t, files, path, initial, steps, nil)
+	_, o, n := workloadSweep(t, files, path, initial, steps)
 	t.Logf("states of a Resize cut short: %d with the old size, %d with the new", o, n)
 }
 

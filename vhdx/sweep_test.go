@@ -252,16 +252,15 @@ func singleFault(fsys *storage.MemFS) bool {
 }
 
 // workloadSweep runs steps on the image at path (in files, with its
-// chain) from its Open on, stopped at every point of modes (nil: all), and
+// chain) from its Open on, stopped at every point of every mode, and
 // checks each state with checkImage. It returns the sweep's result and,
 // over the states left while a Resize was not acknowledged, how many had
 // the old size and how many the new.
-func workloadSweep(t *testing.T, files map[string][]byte, path string, initial *diskModel, steps []step, modes []faulttest.Mode) (res faulttest.Result, oldSize, newSize int) {
+func workloadSweep(t *testing.T, files map[string][]byte, path string, initial *diskModel, steps []step) (res faulttest.Result, oldSize, newSize int) {
 	t.Helper()
 	var x *expectation
 	res = faulttest.Run(t, faulttest.Sweep{
 		Files:     files,
-		Modes:     modes,
 		PowerCuts: powerCuts(),
 		Start: func(fsys *storage.MemFS) (func() error, error) {
 			im, err := Open(path, OpenOptions{FS: fsys})

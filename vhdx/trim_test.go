@@ -361,7 +361,7 @@ func TestCrashTrimReuse(t *testing.T) {
 				opts, initial = CreateOptions{Parent: basePath, BlockSize: mb}, newModel(8*mb, parentData)
 			}
 			files := memFiles(t, []string{basePath}, func(fsys *storage.MemFS) error { return createClosed(fsys, path, opts) })
-			workloadSweep(t, files, path, initial, steps, nil)
+			workloadSweep(t, files, path, initial, steps)
 		})
 	}
 }

@@ -27,9 +27,10 @@ const (
 	OpOpen   // opening an existing file
 	OpCreate // creating a file
 	OpRename
+	OpLink
 	OpSyncDir
 
-	OpAll = OpRead | OpWrite | OpSync | OpTruncate | OpRemove | OpOpen | OpCreate | OpRename | OpSyncDir
+	OpAll = OpRead | OpWrite | OpSync | OpTruncate | OpRemove | OpOpen | OpCreate | OpRename | OpLink | OpSyncDir
 )
 
 func (k OpKind) String() string {
@@ -38,7 +39,7 @@ func (k OpKind) String() string {
 		k    OpKind
 		name string
 	}{{OpRead, "read"}, {OpWrite, "write"}, {OpSync, "sync"}, {OpTruncate, "truncate"}, {OpRemove, "remove"},
-		{OpOpen, "open"}, {OpCreate, "create"}, {OpRename, "rename"}, {OpSyncDir, "syncdir"}} {
+		{OpOpen, "open"}, {OpCreate, "create"}, {OpRename, "rename"}, {OpLink, "link"}, {OpSyncDir, "syncdir"}} {
 		if k&n.k != 0 {
 			names = append(names, n.name)
 		}

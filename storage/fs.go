@@ -23,6 +23,9 @@ type FS interface {
 	OpenFile(name string, flag int, perm os.FileMode) (File, error)
 	Remove(name string) error
 	Rename(oldname, newname string) error
+	// Link makes newname a second name of oldname's file; it fails if
+	// newname exists (unlike Rename, which replaces it).
+	Link(oldname, newname string) error
 	// SyncDir makes the entries of a directory durable: a file created,
 	// renamed or removed in it survives a crash once SyncDir returns.
 	SyncDir(dir string) error
@@ -39,6 +42,7 @@ func (osFS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
 }
 func (osFS) Remove(name string) error              { return os.Remove(name) }
 func (osFS) Rename(oldname, newname string) error  { return os.Rename(oldname, newname) }
+func (osFS) Link(oldname, newname string) error    { return os.Link(oldname, newname) }
 func (osFS) SyncDir(dir string) error              { return SyncDir(dir) }
 func (osFS) Stat(name string) (fs.FileInfo, error) { return os.Stat(name) }
 
@@ -270,6 +274,25 @@ func (m *MemFS) Rename(oldname, newname string) error {
 		return nil
 	}
 	m.change(nameChange{{newname, e}, {oldname, nil}})
+	return nil
+}
+
+// Link counts an OpLink.
+func (m *MemFS) Link(oldname, newname string) error {
+	oldname, newname = filepath.Clean(oldname), filepath.Clean(newname)
+	if err := m.fault(OpLink); err != nil {
+		return &os.LinkError{Op: "link", Old: oldname, New: newname, Err: err}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e, ok := m.files[oldname]
+	if !ok {
+		return &os.LinkError{Op: "link", Old: oldname, New: newname, Err: fs.ErrNotExist}
+	}
+	if _, ok := m.files[newname]; ok {
+		return &os.LinkError{Op: "link", Old: oldname, New: newname, Err: fs.ErrExist}
+	}
+	m.change(nameChange{{newname, e}})
 	return nil
 }
 

@@ -68,43 +68,14 @@ func (im *Image) CreateChild(path string, opts CreateOptions) (*Image, error) {
 }
 
 // createFile writes a new image at path atomically: into a temporary
-// file, synced, then put in place and the folder synced.
+// file, synced, then linked into place (a link, unlike a rename, refuses
+// to replace a file made meanwhile) and the folder synced.
 func createFile(path string, opts CreateOptions) error {
-	if opts.FS != nil && opts.FS != storage.OS {
-		return createIn(opts.FS, path, opts)
-	}
-	if _, err := os.Lstat(path); err == nil {
-		return fmt.Errorf("vhdx: %s: %w", path, os.ErrExist)
-	}
-	// A disk holds a guest's data: only its owner may read it (0600).
-	tmpName := tempName(path)
-	tmp, err := os.OpenFile(tmpName, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	f := storage.FromOS(tmp)
-	err = build(f, path, opts)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		// Link, unlike rename, refuses to replace a file made meanwhile.
-		err = os.Link(tmpName, path)
-	}
-	os.Remove(tmpName)
-	if err != nil {
-		return err
-	}
-	return storage.SyncDir(filepath.Dir(path))
-}
-
-// createIn is createFile in a file system seam, which has no link: the
-// temporary file is renamed into place, after the same check that path
-// does not exist (a seam serves one test, with no one else creating).
-func createIn(fsys storage.FS, path string, opts CreateOptions) error {
+	fsys := storage.OrOS(opts.FS)
 	if _, err := fsys.Stat(path); err == nil {
 		return fmt.Errorf("vhdx: %s: %w", path, os.ErrExist)
 	}
+	// A disk holds a guest's data: only its owner may read it (0600).
 	tmpName := tempName(path)
 	f, err := fsys.OpenFile(tmpName, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
@@ -115,10 +86,17 @@ func createIn(fsys storage.FS, path string, opts CreateOptions) error {
 		err = cerr
 	}
 	if err == nil {
-		err = fsys.Rename(tmpName, path)
+		err = fsys.Link(tmpName, path)
+	}
+	// The temporary name goes whatever happened (a second name of a disk
+	// left in the folder would be litter holding its blocks); a failed
+	// removal is tried once more.
+	if rerr := fsys.Remove(tmpName); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+		if rerr = fsys.Remove(tmpName); rerr != nil && !errors.Is(rerr, os.ErrNotExist) && err == nil {
+			err = fmt.Errorf("vhdx: %s is made, but its temporary name %s remains: %w", path, tmpName, rerr)
+		}
 	}
 	if err != nil {
-		fsys.Remove(tmpName)
 		return err
 	}
 	return fsys.SyncDir(filepath.Dir(path))

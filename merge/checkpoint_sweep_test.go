@@ -76,7 +76,7 @@ func TestCheckpointSweep(t *testing.T) {
 	var refused error
 	all := append(paths, child)
 	faulttest.Run(t, faulttest.Sweep{
-		Files:     readFiles(t, paths),
+		Files:     faulttest.ReadFiles(t, paths...),
 		PowerCuts: map[bool]int{false: 1, true: 20}[faulttest.Long()],
 		Start: func(fsys *storage.MemFS) (func() error, error) {
 			placeholders(fsys, all)

@@ -22,20 +22,6 @@ import (
 // parent locators by stat on the real file system: an empty file of each
 // name stands there while the MemFS holds it.
 
-// readFiles returns the content of each path.
-func readFiles(t *testing.T, paths []string) map[string][]byte {
-	t.Helper()
-	out := map[string][]byte{}
-	for _, p := range paths {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out[p] = b
-	}
-	return out
-}
-
 // placeholders makes the real file system hold an empty file for each of
 // paths fsys holds, and none for the others.
 func placeholders(fsys *storage.MemFS, paths []string) {
@@ -125,7 +111,7 @@ func mergeSweep(t *testing.T, build func(testing.TB, string, int) ([]string, [][
 		return nil
 	}
 	faulttest.Run(t, faulttest.Sweep{
-		Files: readFiles(t, paths),
+		Files: faulttest.ReadFiles(t, paths...),
 		Modes: modes,
 		// One power cut per point besides the state as left: the four
 		// sweeps have over a thousand points (more in long mode).
@@ -197,7 +183,7 @@ func TestMergeIOError(t *testing.T) {
 // of a VHDX merge (a MemFS stands in for a file system that clones).
 func TestMergeSweepClones(t *testing.T) {
 	paths, _ := buildChain(t, t.TempDir(), 3)
-	fsys := storage.NewMemFS(readFiles(t, paths))
+	fsys := storage.NewMemFS(faulttest.ReadFiles(t, paths...))
 	if _, err := Merge(context.Background(), paths[3], Options{Into: paths[0], FS: fsys}); err != nil {
 		t.Fatal(err)
 	}

@@ -108,7 +108,7 @@ func TestLiveMergeSweep(t *testing.T) {
 		{(7 << 20) - 512, data(4, 4096)},       // on the target alone
 	}
 	var w *liveWrites
-	files := readFiles(t, paths)
+	files := faulttest.ReadFiles(t, paths...)
 	faulttest.Run(t, faulttest.Sweep{
 		Files:     files,
 		PowerCuts: map[bool]int{false: 1, true: 10}[faulttest.Long()],

@@ -23,20 +23,6 @@ import (
 // file system, so each parent also stands there with the same bytes (no
 // operation swept changes a parent).
 
-// memFiles returns the content of each real file, for a sweep's Files.
-func memFiles(t testing.TB, paths ...string) map[string][]byte {
-	t.Helper()
-	out := map[string][]byte{}
-	for _, p := range paths {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out[p] = b
-	}
-	return out
-}
-
 // diskModel is what a disk may read after a point: per sector, what it
 // held at the last successful Flush or any state written to it since.
 type diskModel struct {
@@ -281,7 +267,7 @@ func crashAndFaults(t *testing.T, seed uint64) {
 			var model *diskModel
 			seen := map[string]int{}
 			faulttest.Run(t, faulttest.Sweep{
-				Files: memFiles(t, paths...),
+				Files: faulttest.ReadFiles(t, paths...),
 				Seed:  6 + seed,
 				Start: func(fsys *storage.MemFS) (func() error, error) {
 					model = newDiskModel(make([]byte, c.size))
@@ -374,6 +360,25 @@ func buildImage(t *testing.T, path string, opts CreateOptions, premove func(*Ima
 	return content
 }
 
+// startAfterWrites is a sweep's Start for op on the image at path, run
+// after the writes a fresh model of flushed has pending; it sets *model.
+func startAfterWrites(path string, flushed []byte, model **diskModel, op func(*Image) error) func(*storage.MemFS) (func() error, error) {
+	return func(fsys *storage.MemFS) (func() error, error) {
+		*model = newDiskModel(flushed)
+		img, err := Open(path, OpenOptions{FS: fsys})
+		if err != nil {
+			return nil, err
+		}
+		return func() error {
+			err := writePending(img, *model)
+			if err == nil {
+				err = op(img)
+			}
+			return errors.Join(err, img.Close())
+		}, nil
+	}
+}
+
 // writePending makes three writes into img that the operation swept must
 // flush first, recording them in model.
 func writePending(img *Image, model *diskModel) error {
@@ -442,23 +447,10 @@ func TestCrashSetParent(t *testing.T) {
 			}
 			seen := map[string]int{}
 			faulttest.Run(t, faulttest.Sweep{
-				Files:     memFiles(t, path, oldParent, newParent),
+				Files:     faulttest.ReadFiles(t, path, oldParent, newParent),
 				Seed:      77,
 				PowerCuts: headerMoveCuts(),
-				Start: func(fsys *storage.MemFS) (func() error, error) {
-					model = newDiskModel(flushed)
-					img, err := Open(path, OpenOptions{FS: fsys})
-					if err != nil {
-						return nil, err
-					}
-					return func() error {
-						err := writePending(img, model)
-						if err == nil {
-							err = img.SetParent(newParent)
-						}
-						return errors.Join(err, img.Close())
-					}, nil
-				},
+				Start:     startAfterWrites(path, flushed, &model, func(i *Image) error { return i.SetParent(newParent) }),
 				Check: func(fsys *storage.MemFS, p faulttest.Point) error {
 					state, err := checkPoint(fsys, path, after)
 					return judged(p, state, err, seen)
@@ -518,23 +510,10 @@ func resizeSweep(t *testing.T, opts CreateOptions, size int64, premove func(*Ima
 	seen := map[string]int{}
 	var torn int
 	faulttest.Run(t, faulttest.Sweep{
-		Files:     memFiles(t, append(paths, path)...),
+		Files:     faulttest.ReadFiles(t, append(paths, path)...),
 		Seed:      78,
 		PowerCuts: headerMoveCuts(),
-		Start: func(fsys *storage.MemFS) (func() error, error) {
-			model = newDiskModel(flushed)
-			img, err := Open(path, OpenOptions{FS: fsys})
-			if err != nil {
-				return nil, err
-			}
-			return func() error {
-				err := writePending(img, model)
-				if err == nil {
-					err = img.Resize(size)
-				}
-				return errors.Join(err, img.Close())
-			}, nil
-		},
+		Start:     startAfterWrites(path, flushed, &model, func(i *Image) error { return i.Resize(size) }),
 		Check: func(fsys *storage.MemFS, p faulttest.Point) error {
 			if opts.Type == Fixed {
 				repaired, err := repairTornFixed(t, fsys, path)
@@ -659,7 +638,7 @@ func TestCrashOptimize(t *testing.T) {
 			}
 			seen := map[string]int{}
 			faulttest.Run(t, faulttest.Sweep{
-				Files:     memFiles(t, paths...),
+				Files:     faulttest.ReadFiles(t, paths...),
 				Seed:      79,
 				PowerCuts: headerMoveCuts(),
 				Start: func(fsys *storage.MemFS) (func() error, error) {
@@ -702,7 +681,7 @@ func TestCrashCreate(t *testing.T) {
 				var pp string
 				pp, content = makeParent(t, rand.New(rand.NewPCG(44, 44)), dir, int64(opts.Size), opts.BlockSize)
 				opts.Parent, opts.Size = pp, 0
-				files = memFiles(t, pp)
+				files = faulttest.ReadFiles(t, pp)
 			}
 			after := afterPoint{state: func(_ *Image, got []byte) (string, error) {
 				if !bytes.Equal(got, content) {
@@ -808,7 +787,7 @@ func TestCrashRecoveryOpen(t *testing.T) {
 			}
 			content := readAll(t, img)
 			mustClose(t, img)
-			if err := strictCheck(storage.NewMemFS(memFiles(t, path)), path); err != nil {
+			if err := strictCheck(storage.NewMemFS(faulttest.ReadFiles(t, path)), path); err != nil {
 				t.Fatalf("the damage is not one a crash may leave: %v", err)
 			}
 			if probs, err := Check(path, false); err != nil || !slices.ContainsFunc(probs, func(p Problem) bool { return p.Rule == c.rule }) {
@@ -822,7 +801,7 @@ func TestCrashRecoveryOpen(t *testing.T) {
 			}}
 			seen := map[string]int{}
 			faulttest.Run(t, faulttest.Sweep{
-				Files: memFiles(t, path),
+				Files: faulttest.ReadFiles(t, path),
 				Seed:  81,
 				// Few operations: more power cuts per point.
 				PowerCuts: map[bool]int{false: 30, true: 300}[faulttest.Long()],

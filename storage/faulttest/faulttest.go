@@ -237,3 +237,18 @@ func runGuarded(f func() error) (err error) {
 	}()
 	return f()
 }
+
+// ReadFiles returns the content of each real file by its path: a sweep's
+// Files, from images made on disk.
+func ReadFiles(t testing.TB, paths ...string) map[string][]byte {
+	t.Helper()
+	out := map[string][]byte{}
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[p] = b
+	}
+	return out
+}

@@ -362,11 +362,11 @@ func BenchmarkMemFileWriteSync(b *testing.B) {
 	}
 }
 
-func TestWriteFile(t *testing.T) {
+func TestWriteFileTo(t *testing.T) {
 	dir := t.TempDir()
 	p := filepath.Join(dir, "state.json")
 	for _, content := range []string{"first", "second, longer", "3"} {
-		if err := WriteFile(p, []byte(content), 0o600); err != nil {
+		if err := WriteFileTo(OS, p, []byte(content), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		if b, err := os.ReadFile(p); err != nil || string(b) != content {
@@ -379,7 +379,7 @@ func TestWriteFile(t *testing.T) {
 	if m, _ := filepath.Glob(filepath.Join(dir, "*.tmp")); len(m) != 0 {
 		t.Fatalf("left behind: %v", m)
 	}
-	if err := WriteFile(filepath.Join(dir, "no", "such"), nil, 0o600); err == nil {
+	if err := WriteFileTo(OS, filepath.Join(dir, "no", "such"), nil, 0o600); err == nil {
 		t.Fatal("writing into a missing folder succeeded")
 	}
 }

@@ -15,21 +15,25 @@ func (im *Image) Flush() error {
 	}
 	im.flushMu.Lock()
 	defer im.flushMu.Unlock()
-	return im.flushLocked()
+	_, err := im.flushLocked()
+	return err
 }
 
-func (im *Image) flushLocked() error {
+// flushLocked commits the dirty pages. applied reports that it wrote pages
+// to their final places after its last sync (commit's step 3): until the
+// next sync a crash is repaired by replaying the log, so the log must stay
+// named. Otherwise everything written before it is durable.
+func (im *Image) flushLocked() (applied bool, err error) {
 	im.mu.Lock()
 	if im.closed {
 		im.mu.Unlock()
-		return errClosed
+		return false, errClosed
 	}
 	pages := im.dirtyPages()
 	// Space the pages release is free once they are durable, not before:
 	// until then a crash leaves the old entries naming it.
 	released := im.space.takePending()
 	fileEnd := im.fileEnd
-	var err error
 	if len(pages) > 0 {
 		err = im.openLog()
 	}
@@ -51,10 +55,10 @@ func (im *Image) flushLocked() error {
 		}
 		im.space.release(released...)
 		im.mu.Unlock()
-		return fmt.Errorf("vhdx: flush %s: %w", im.path, err)
+		return false, fmt.Errorf("vhdx: flush %s: %w", im.path, err)
 	}
 	im.reclaim(released)
-	return nil
+	return len(pages) > 0, nil
 }
 
 // openLog opens the log for the entries of this session, if it is not
@@ -220,10 +224,14 @@ func (im *Image) Close() error {
 	var errs []error
 	if !im.readOnly && !im.frozen.Load() {
 		im.flushMu.Lock()
-		err := im.flushLocked()
+		applied, err := im.flushLocked()
 		if err == nil && im.writing {
-			// Everything applied must be durable before the log is dropped.
-			if err = im.f.Sync(); err == nil {
+			// Everything applied must be durable before the log is
+			// dropped (a flush with nothing to apply synced already).
+			if applied {
+				err = im.f.Sync()
+			}
+			if err == nil {
 				im.mu.Lock()
 				err = im.closeLog()
 				im.mu.Unlock()
@@ -256,7 +264,8 @@ func (im *Image) Freeze() error {
 	}
 	im.flushMu.Lock()
 	defer im.flushMu.Unlock()
-	if err := im.flushLocked(); err != nil {
+	applied, err := im.flushLocked()
+	if err != nil {
 		return err
 	}
 	im.mu.Lock()
@@ -264,8 +273,10 @@ func (im *Image) Freeze() error {
 	if im.writing {
 		// What the last entry applied must be durable before the log
 		// is dropped.
-		if err := im.f.Sync(); err != nil {
-			return err
+		if applied {
+			if err := im.f.Sync(); err != nil {
+				return err
+			}
 		}
 		if err := im.closeLog(); err != nil {
 			return err

@@ -87,6 +87,15 @@ type Options struct {
 	// MaxPiece, when set, caps a piece below its default 4 MiB (a live
 	// merge holds a client write to the piece's range while it copies).
 	MaxPiece int64
+	// JoinGaps says the target reads what the source reads between the
+	// extents (a merge's target under the merged layers; a fresh target
+	// and a source reading zeros there): where the file system clones,
+	// one file range may then carry two data extents and the gap
+	// between them (under joinGapMax), when the source stores the gap in
+	// that file range as it reads (see vhdx's Locate), so that one clone
+	// replaces two. The gaps so carried count as Skipped, and in
+	// Progress. Not with Step.
+	JoinGaps bool
 }
 
 // Stats counts what a copy did with the bytes of its extents.
@@ -142,7 +151,11 @@ type copier struct {
 	// cloning: moves of bytes already read still clone (on a file system
 	// that only copies, writing the buffer is cheaper than a kernel copy
 	// that reads the bytes again).
-	cloning    bool
+	cloning bool
+	// gaps are the ranges between data extents joined into one (JoinGaps),
+	// in order; nextGap indexes the first not behind the copy.
+	gaps       []span
+	nextGap    int
 	free       chan []byte
 	made       int
 	zeroBuf    []byte
@@ -176,6 +189,12 @@ func Copy(ctx context.Context, dst, src disk.Image, extents []disk.Extent, opts 
 			e.Length, e.Offset = end-opts.From, opts.From
 		}
 		todo = append(todo, e)
+	}
+	if opts.JoinGaps && opts.Step == nil && c.canMove() {
+		todo, c.gaps = joinGaps(todo)
+		for _, g := range c.gaps {
+			c.total += g.n // done counts them as they pass
+		}
 	}
 	err := c.run(ctx, todo)
 	return c.stats, err
@@ -412,41 +431,130 @@ func (c *copier) after(n, end int64) error {
 	return nil
 }
 
+// joinGapMax is the longest gap between two data extents that JoinGaps
+// joins: a clone of a hole costs next to nothing, but a gap as long as a
+// block is worth its own pair of calls rather than a block allocated for it.
+const joinGapMax = 1 << 20
+
+// joinGaps joins data extents less than joinGapMax apart into one and
+// returns the gaps so joined.
+func joinGaps(todo []disk.Extent) ([]disk.Extent, []span) {
+	var joined []disk.Extent
+	var gaps []span
+	for _, e := range todo {
+		if k := len(joined); k > 0 && e.Type == disk.Data && joined[k-1].Type == disk.Data {
+			last := &joined[k-1]
+			if gap := e.Offset - (last.Offset + last.Length); gap > 0 && gap < joinGapMax {
+				gaps = append(gaps, span{last.Offset + last.Length, gap})
+				last.Length = e.Offset + e.Length - last.Offset
+				continue
+			}
+		}
+		joined = append(joined, e)
+	}
+	return joined, gaps
+}
+
+// gapFrom returns the index of the first joined gap ending after off
+// (len(c.gaps) when none does); off never goes back.
+func (c *copier) gapFrom(off int64) int {
+	for c.nextGap < len(c.gaps) && c.gaps[c.nextGap].off+c.gaps[c.nextGap].n <= off {
+		c.nextGap++
+	}
+	return c.nextGap
+}
+
+// notGaps takes the bytes of the joined gaps from gap i on that lie
+// before end out of what a move counts: they were carried (as holes,
+// mostly) but the target read them so already; they count as skipped.
+func (c *copier) notGaps(m storage.Moved, i int, end int64) storage.Moved {
+	for _, g := range c.gaps[i:] {
+		if g.off >= end {
+			break
+		}
+		n := min(g.off+g.n, end) - g.off
+		c.stats.Skipped += n
+		for _, k := range []*int64{&m.Cloned, &m.KernelCopied, &m.Copied} {
+			d := min(n, *k)
+			*k -= d
+			n -= d
+		}
+	}
+	return m
+}
+
 // move carries [off, off+n) of data file to file where the source tells
 // where it lives, through memory elsewhere. Runs the source reports one
 // after the other (block by block, say) that lie back to back in one file
-// go as one range: one clone instead of several.
+// go as one range: one clone instead of several. Joined gaps are skipped,
+// unless a file range the source reports carries one between two data
+// runs while the copy clones.
 func (c *copier) move(off, n int64) error {
 	var run struct {
 		f            storage.File
 		off, fileOff int64
 		n            int64
+		gap          int // index of the first joined gap after off
 	}
 	flush := func() error {
 		if run.n == 0 {
 			return nil
 		}
 		moved, err := c.fw.WriteFromFile(run.off, run.n, run.f, run.fileOff)
-		c.stats.Moved = c.stats.Moved.Add(moved)
+		c.stats.Moved = c.stats.Moved.Add(c.notGaps(moved, run.gap, run.off+run.n))
+		if moved.Total() > 0 && moved.Cloned == 0 {
+			c.cloning = false // these files do not clone
+		}
 		run.n = 0
 		return err
 	}
 	for end := off + n; off < end; {
-		f, fileOff, m, err := c.loc.Locate(off, end-off)
-		if err != nil {
-			return fmt.Errorf("locating [%d, +%d) in the source: %w", off, end-off, err)
+		i := c.gapFrom(off)
+		var gap span // the next joined gap, if any
+		if i < len(c.gaps) {
+			gap = c.gaps[i]
 		}
-		if m <= 0 || m > end-off {
-			return fmt.Errorf("locating [%d, +%d) in the source: %d bytes reported", off, end-off, m)
+		if gap.n > 0 && gap.off <= off {
+			if err := flush(); err != nil {
+				return err
+			}
+			off = min(end, gap.off+gap.n)
+			continue
+		}
+		// Data up to the next gap; further only once the copy clones (a
+		// kernel copy or a copy through memory would write the gap's
+		// zeros, and allocate for them).
+		limit := end
+		if gap.n > 0 && !(c.cloning && c.stats.Cloned > 0) {
+			limit = min(end, gap.off)
+		}
+		f, fileOff, m, err := c.loc.Locate(off, limit-off)
+		if err != nil {
+			return fmt.Errorf("locating [%d, +%d) in the source: %w", off, limit-off, err)
+		}
+		if m <= 0 || m > limit-off {
+			return fmt.Errorf("locating [%d, +%d) in the source: %d bytes reported", off, limit-off, m)
+		}
+		if f == nil && gap.n > 0 {
+			m = min(m, gap.off-off) // read and written only where data is
+		}
+		for _, g := range c.gaps[i:] {
+			if g.off >= off+m {
+				break
+			}
+			if off+m <= g.off+g.n {
+				m = g.off - off // a file range ending in a gap stops where it starts
+				break
+			}
 		}
 		switch {
-		case f != nil && run.n > 0 && fileOff == run.fileOff+run.n && sameFile(f, run.f):
+		case f != nil && run.n > 0 && off == run.off+run.n && fileOff == run.fileOff+run.n && sameFile(f, run.f):
 			run.n += m
 		case f != nil:
 			if err := flush(); err != nil {
 				return err
 			}
-			run.f, run.off, run.fileOff, run.n = f, off, fileOff, m
+			run.f, run.off, run.fileOff, run.n, run.gap = f, off, fileOff, m, i
 		default:
 			if err := flush(); err != nil {
 				return err

@@ -12,6 +12,7 @@ import (
 	"github.com/vhdkit/vhdkit/imagecopy"
 	"github.com/vhdkit/vhdkit/internal/testenv"
 	"github.com/vhdkit/vhdkit/raw"
+	"github.com/vhdkit/vhdkit/storage"
 	"github.com/vhdkit/vhdkit/vhd"
 	"github.com/vhdkit/vhdkit/vhdx"
 )
@@ -395,5 +396,76 @@ func TestCopy4KSectors(t *testing.T) {
 	}
 	if probs, err := vhdx.Check(filepath.Join(dir, "diff.avhdx"), false); err != nil || len(probs) > 0 {
 		t.Fatalf("check: %v %v", probs, err)
+	}
+}
+
+// TestCopyJoinsGaps copies a child's own data into its parent, as a merge
+// does: a block of one-page runs with one-page gaps over a parent reading
+// zeros there goes as one clone with JoinGaps (the runs and the gaps
+// between them: the child's file holds holes there), one clone per run
+// without; the parent ends up the same either way.
+func TestCopyJoinsGaps(t *testing.T) {
+	const runs = 64
+	var clones [2]int
+	for i, join := range []bool{false, true} {
+		fsys := storage.NewMemFS(nil)
+		base, err := vhdx.Create("base.vhdx", vhdx.CreateOptions{Size: 32 << 20, BlockSize: 8 << 20, FS: fsys})
+		if err != nil {
+			t.Fatal(err)
+		}
+		child, err := base.CreateChild("child.avhdx", vhdx.CreateOptions{FS: fsys})
+		if err != nil {
+			t.Fatal(err)
+		}
+		model := make([]byte, 32<<20)
+		for r := range int64(runs) {
+			off := 8<<20 + r*8192
+			p := model[off : off+4096]
+			for j := range p {
+				p[j] = byte(r + 1)
+			}
+			if _, err := child.WriteAt(p, off); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := child.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		var own []disk.Extent
+		for _, e := range extents(t, child) {
+			if e.Depth == 0 && e.Type != disk.Hole {
+				own = append(own, e)
+			}
+		}
+		dst, err := vhdx.Open("base.vhdx", vhdx.OpenOptions{FS: fsys})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := imagecopy.Copy(context.Background(), dst, child, own, imagecopy.Options{JoinGaps: join})
+		if err != nil {
+			t.Fatal(err)
+		}
+		clones[i] = fsys.Clones()
+		if st.Cloned != runs*4096 {
+			t.Errorf("JoinGaps %v: %d bytes counted cloned, want the runs' %d (gaps count as skipped)", join, st.Cloned, runs*4096)
+		}
+		if err := dst.Close(); err != nil {
+			t.Fatal(err)
+		}
+		child.Close()
+		dst, err = vhdx.Open("base.vhdx", vhdx.OpenOptions{FS: fsys, ReadOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(readAll(t, dst), model) {
+			t.Fatalf("JoinGaps %v: the target differs from the child", join)
+		}
+		dst.Close()
+		t.Logf("JoinGaps %v: %d clones, %+v", join, clones[i], st)
+	}
+	// Without: one clone per run (the first extent clones before joining
+	// starts). With: the first run, then the rest as one.
+	if clones[0] != runs || clones[1] != 2 {
+		t.Fatalf("clones without and with JoinGaps: %v, want [%d 2]", clones, runs)
 	}
 }

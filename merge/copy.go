@@ -71,7 +71,7 @@ func copyOpen(ctx context.Context, src, dst disk.Image, k int, g vhdx.GUID, opts
 // is not fresh (what the layers declare zero is written as zeros), data
 // is moved as stored.
 func copyOptions(opts Options) imagecopy.Options {
-	o := imagecopy.Options{From: opts.From, Pace: opts.Pace, Durable: opts.Durable}
+	o := imagecopy.Options{From: opts.From, Pace: opts.Pace, Durable: opts.Durable, JoinGaps: true}
 	if opts.Progress != nil {
 		o.Progress = func(p imagecopy.Progress) { opts.Progress(p.Done, p.Total) }
 	}

@@ -135,6 +135,7 @@ type MemFS struct {
 	pending []nameChange         // changes since durable, in order
 	faults  *FaultFile           // the schedule; nil: no faults
 	cloned  int64                // bytes moved by CopyRangeFrom into a file of this FS
+	clones  int                  // CopyRangeFrom calls that moved bytes
 }
 
 type memEntry struct {
@@ -366,6 +367,15 @@ func (m *MemFS) Cloned() int64 {
 	return m.cloned
 }
 
+// Clones is how many calls of CopyRangeFrom moved bytes into files of m:
+// on a file system that clones, each is a clone, whose cost is mostly
+// the call's.
+func (m *MemFS) Clones() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.clones
+}
+
 // CrashClone returns a new MemFS, without faults, holding what a power
 // cut now could leave: the durable names and a random prefix of the name
 // changes since, each file as its MemFile.CrashClone. A file under two
@@ -448,6 +458,9 @@ func (h *memHandle) CopyRangeFrom(src File, srcOff, dstOff, n int64) (Moved, err
 	mv, err := h.faulty().CopyRangeFrom(src, srcOff, dstOff, n)
 	h.fsys.mu.Lock()
 	h.fsys.cloned += mv.Cloned
+	if mv.Cloned > 0 {
+		h.fsys.clones++
+	}
 	h.fsys.mu.Unlock()
 	return mv, err
 }

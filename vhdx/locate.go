@@ -66,10 +66,13 @@ func (im *Image) locateFile(off, n int64) (storage.File, int64, int64, error) {
 		}
 		ss := g.sectorSize
 		blockStart := blk * g.blockSize
+		limit := m
 		present, run := bitRun(bm, layer.bitIndex(off), (blockStart+g.blockSize)/ss-off/ss)
 		m = min(m, (off/ss+run)*ss-off)
 		if present {
-			return layer.f, batOffset(e) + off - blockStart, m, nil
+			fileOff := batOffset(e) + off - blockStart
+			m, err := layer.acrossZeroGaps(bm, off, m, limit, fileOff)
+			return layer.f, fileOff, m, err
 		}
 		if off >= layer.parent.Size() {
 			return nil, 0, m, nil
@@ -84,6 +87,86 @@ func (im *Image) locateFile(off, n int64) (storage.File, int64, int64, error) {
 		return nil, 0, m, nil
 	}
 	return nil, 0, m, nil // ZERO, UNMAPPED, UNDEFINED
+}
+
+// acrossZeroGaps lengthens a run of present sectors [off, off+m) of a
+// partially present block, stored at fileOff, over the gaps of sectors
+// not present that follow it, up to limit bytes from off: a gap is taken
+// when the chain below reads zeros there and the file holds a hole there,
+// so that the file range reads as the disk does and one clone carries the
+// runs on both sides. (A child written sector by sector has many short
+// runs; each clone costs about as much as remapping a whole block's
+// extents.) The caller holds mu; parents are read-only.
+func (im *Image) acrossZeroGaps(bm []byte, off, m, limit, fileOff int64) (int64, error) {
+	ss := im.geo.sectorSize
+	for m < limit {
+		gapOff := off + m
+		present, gap := bitRun(bm, im.bitIndex(gapOff), (off+limit-gapOff)/ss)
+		dataOff := gapOff + gap*ss
+		if present || gap == 0 || dataOff >= off+limit {
+			break // not a gap, or nothing after it to join
+		}
+		if !storage.IsHole(im.f, fileOff+m, gap*ss) {
+			break
+		}
+		if zero, err := im.parentReadsZeros(gapOff, gap*ss); err != nil || !zero {
+			return m, err
+		}
+		_, run := bitRun(bm, im.bitIndex(dataOff), (off+limit-dataOff)/ss)
+		m = dataOff + run*ss - off
+	}
+	return m, nil
+}
+
+// parentReadsZeros reports whether [off, off+n) reads as zeros in the
+// parent chain, as its BATs and sector bitmaps say (no payload is read).
+func (im *Image) parentReadsZeros(off, n int64) (bool, error) {
+	if im.parent == nil || off >= im.parent.Size() {
+		return true, nil
+	}
+	p, ok := im.parent.(*Image)
+	if !ok {
+		return false, nil
+	}
+	if end := p.Size(); off+n > end {
+		n = end - off // past the parent's end: zeros
+	}
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return p.readsZeros(off, n)
+}
+
+// readsZeros reports whether [off, off+n) of the disk reads as zeros by
+// the chain's BATs and sector bitmaps alone; the caller holds mu.
+func (im *Image) readsZeros(off, n int64) (bool, error) {
+	for end := off + n; off < end; {
+		layer, e, m, foreign := im.locate(off, end-off)
+		switch {
+		case foreign != nil:
+			return false, nil
+		case layer == nil: // in no layer
+		case batState(e) == payloadFullyPresent:
+			return false, nil
+		case batState(e) == payloadPartiallyPresent:
+			g := &layer.geo
+			bm, err := layer.bitmap(off / g.blockSize / g.chunkRatio)
+			if err != nil {
+				return false, err
+			}
+			ss := g.sectorSize
+			present, run := bitRun(bm, layer.bitIndex(off), (off+m+ss-1)/ss-off/ss)
+			if present {
+				return false, nil
+			}
+			m = min(m, (off/ss+run)*ss-off)
+			if zero, err := layer.parentReadsZeros(off, m); err != nil || !zero {
+				return false, err
+			}
+		default: // ZERO, UNMAPPED, UNDEFINED read as zeros
+		}
+		off += m
+	}
+	return true, nil
 }
 
 // WriteFromFile writes [off, off+n) of the disk with the n bytes of src

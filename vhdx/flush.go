@@ -34,18 +34,20 @@ func (im *Image) flushLocked() (applied bool, err error) {
 	// until then a crash leaves the old entries naming it.
 	released := im.space.takePending()
 	fileEnd := im.fileEnd
-	if len(pages) > 0 {
-		err = im.openLog()
-	}
 	// The file is extended to cover the allocated blocks here, under the
 	// lock: once it is released, writes may allocate past fileEnd and put
 	// data there, which extending to fileEnd later would cut off.
-	if err == nil {
-		err = im.coverBlocks(fileEnd)
+	err = im.coverBlocks(fileEnd)
+	// Opening the log syncs after the file was extended and every write
+	// before this flush completed: that is step 1 done.
+	synced := false
+	if err == nil && len(pages) > 0 && im.logw.guid.IsZero() {
+		err = im.openLog()
+		synced = err == nil
 	}
 	im.mu.Unlock()
 	if err == nil {
-		err = im.commit(pages, fileEnd)
+		err = im.commit(pages, fileEnd, synced)
 	}
 	if err != nil {
 		// Memory still holds the truth: log these pages again next time.
@@ -114,15 +116,19 @@ func (im *Image) closeLog() error {
 	return nil
 }
 
-// commit performs steps 1–3 of the commit protocol for pages. Each round
-// writes one entry at the start of the log; when more pages remain than
-// one entry holds, the applied pages are synced before the log is reused.
-func (im *Image) commit(pages []page, fileEnd int64) error {
+// commit performs steps 1–3 of the commit protocol for pages (step 1
+// only if not synced since every write before the flush completed). Each
+// round writes one entry at the start of the log; when more pages remain
+// than one entry holds, the applied pages are synced before the log is
+// reused.
+func (im *Image) commit(pages []page, fileEnd int64, synced bool) error {
 	if len(pages) == 0 {
 		return im.f.Sync()
 	}
-	if err := im.syncPayload(fileEnd); err != nil {
-		return err
+	if !synced {
+		if err := im.syncPayload(fileEnd); err != nil {
+			return err
+		}
 	}
 	per := entryPages(im.logLen)
 	for len(pages) > 0 {

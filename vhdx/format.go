@@ -43,8 +43,9 @@
 // exists. The first write after open changes FileWriteGuid and
 // DataWriteGuid in one header update. The header names a LogGuid only once
 // an entry carries it: the first Flush with pages to log writes an empty
-// entry, syncs, then updates the header. Close syncs and clears the
-// LogGuid, leaving a clean file that needs no replay.
+// entry, syncs (which serves as that Flush's step 1), then updates the
+// header. Close syncs and clears the LogGuid, leaving a clean file that
+// needs no replay.
 //
 // A block made ZERO or UNMAPPED gives up its space (its FileOffsetMB is
 // 0); the space is free for new blocks once the Flush committing the

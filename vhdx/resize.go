@@ -183,7 +183,7 @@ func (im *Image) allocateGrowth(old sizeState) error {
 // flushMu and mu.
 func (im *Image) commitDirty() error {
 	pages := im.dirtyPages()
-	if err := im.commit(pages, im.fileEnd); err != nil {
+	if err := im.commit(pages, im.fileEnd, false); err != nil {
 		for _, p := range pages {
 			im.dirty[p.off] = struct{}{}
 		}
@@ -468,7 +468,7 @@ func (im *Image) commitPages(offs []int64) error {
 	for len(offs) > 0 {
 		batch := offs[:min(per, len(offs))]
 		offs = offs[len(batch):]
-		if err := im.commit(im.render(batch), im.fileEnd); err != nil {
+		if err := im.commit(im.render(batch), im.fileEnd, false); err != nil {
 			return err
 		}
 	}

@@ -35,15 +35,7 @@ func (im *Image) BeginDataChange(g GUID) error {
 		}
 		return nil
 	}
-	h := im.hdr
-	h.FileWriteGUID = newGUID()
-	h.DataWriteGUID = g
-	h.LogGUID = GUID{} // opened by the first flush with pages to log (openLog)
-	if err := im.writeHeader(h); err != nil {
-		return fmt.Errorf("vhdx: updating header: %w", err)
-	}
-	im.writing = true
-	return nil
+	return im.startWriting(g)
 }
 
 // NewGUID returns a random GUID, for BeginDataChange.

@@ -74,11 +74,19 @@ func (im *Image) beginWrite(dataChange bool) error {
 	if im.writing {
 		return nil
 	}
+	g := im.hdr.DataWriteGUID
+	if dataChange {
+		g = newGUID()
+	}
+	return im.startWriting(g)
+}
+
+// startWriting is the header update of beginWrite, with g as the
+// DataWriteGuid; the caller holds mu for writing.
+func (im *Image) startWriting(g GUID) error {
 	h := im.hdr
 	h.FileWriteGUID = newGUID()
-	if dataChange {
-		h.DataWriteGUID = newGUID()
-	}
+	h.DataWriteGUID = g
 	// No log yet: the header names one only once an entry carries it
 	// (openLog). One a replay found nothing valid in is dropped.
 	h.LogGUID = GUID{}

@@ -115,7 +115,7 @@ func (im *Image) buildSpace() error {
 	}
 	mark(0, mib)
 	mark(im.logOff, im.logOff+im.logLen)
-	for _, r := range im.regionEntries() {
+	for _, r := range im.regionTable {
 		mark(int64(r.Offset), int64(r.Offset)+int64(r.Length))
 	}
 	g := &im.geo
@@ -177,21 +177,6 @@ func (im *Image) freeGap(from, to, size int64) {
 	split := min(max(alignUp(size, mib), from), to)
 	im.space.add(fileRange{off: from, end: split})
 	im.space.add(fileRange{off: split, end: to, zero: true})
-}
-
-// regionEntries returns every entry of the region table open chose (the
-// first valid copy), unknown regions included: their space is not ours.
-func (im *Image) regionEntries() []regionEntry {
-	b := make([]byte, regionTableSize)
-	for _, off := range []int64{region1Offset, region2Offset} {
-		if _, err := im.f.ReadAt(b, off); err != nil {
-			continue
-		}
-		if t, err := parseRegionTable(b, "region table", off); err == nil {
-			return t
-		}
-	}
-	return []regionEntry{im.regs.BAT, im.regs.Metadata}
 }
 
 // allocateBlock reserves n bytes (a multiple of 1 MiB) for a block: the

@@ -375,7 +375,7 @@ func (o *optimizer) truncate() error {
 		return err
 	}
 	end := im.logOff + im.logLen
-	for _, r := range im.regionEntries() {
+	for _, r := range im.regionTable {
 		end = max(end, int64(r.Offset)+int64(r.Length))
 	}
 	if blocks := im.liveBlocks(); len(blocks) > 0 {

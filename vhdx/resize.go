@@ -77,15 +77,16 @@ type sizeState struct {
 	meta      []metaEntry
 	metaBuf   []byte
 	regionBuf []byte
+	regions   []regionEntry
 }
 
 func (im *Image) saveSize() sizeState {
-	return sizeState{im.geo, im.p.VirtualSize, im.regs, im.bat, im.bitmaps, im.meta, im.metaBuf, im.regionBuf}
+	return sizeState{im.geo, im.p.VirtualSize, im.regs, im.bat, im.bitmaps, im.meta, im.metaBuf, im.regionBuf, im.regionTable}
 }
 
 func (im *Image) restoreSize(s sizeState) {
 	im.geo, im.p.VirtualSize, im.regs, im.bat, im.bitmaps = s.geo, s.virtual, s.regs, s.bat, s.bitmaps
-	im.meta, im.metaBuf, im.regionBuf = s.meta, s.metaBuf, s.regionBuf
+	im.meta, im.metaBuf, im.regionBuf, im.regionTable = s.meta, s.metaBuf, s.regionBuf, s.regions
 }
 
 // resize plans and commits a change to size; the caller holds flushMu and
@@ -256,11 +257,11 @@ func (im *Image) planGrow(size int64) (resizePlan, error) {
 		}
 	}
 	if relocate {
-		buf, pages, err := im.renderRegions()
+		buf, entries, pages, err := im.renderRegions()
 		if err != nil {
 			return plan, err
 		}
-		im.regionBuf = buf
+		im.regionBuf, im.regionTable = buf, entries
 		plan.sw = append(plan.sw, pages...)
 	}
 	if err := im.resizeMetadata(size, &plan); err != nil {
@@ -401,55 +402,33 @@ func (im *Image) resizeMetadata(size int64, plan *resizePlan) error {
 }
 
 // renderRegions renders the region table naming im.regs.BAT, keeping the
-// table's other entries, and returns it with the file offsets of the pages
-// of either copy that differ from it: both copies change in one entry.
-func (im *Image) renderRegions() ([]byte, []int64, error) {
-	size, err := im.f.Size()
-	if err != nil {
-		return nil, nil, err
-	}
-	var entries []regionEntry
-	var copies [2][]byte
-	offs := [2]int64{region1Offset, region2Offset}
-	for i, off := range offs {
-		name := fmt.Sprintf("region table %d", i+1)
-		copies[i] = make([]byte, regionTableSize)
-		if err := im.readAt(copies[i], off, name); err != nil {
-			return nil, nil, err
-		}
-		if entries != nil {
-			continue
-		}
-		// The copy open chose: the first valid one.
-		t, err := parseRegionTable(copies[i], name, off)
-		if err == nil {
-			_, err = validateRegions(t, name, off, size)
-		}
-		if err == nil {
-			entries = t
-		}
-	}
-	if entries == nil {
-		return nil, nil, formatErr("region table", region1Offset, "no valid copy to update")
-	}
+// table's other entries, and returns it, its entries, and the file offsets
+// of the pages of either copy that differ from it: both copies change in
+// one entry.
+func (im *Image) renderRegions() ([]byte, []regionEntry, []int64, error) {
+	entries := slices.Clone(im.regionTable)
 	for i := range entries {
 		if entries[i].GUID == regionBAT {
 			entries[i].Offset, entries[i].Length = im.regs.BAT.Offset, im.regs.BAT.Length
 		}
 	}
 	if _, err := validateRegions(entries, "new region table", region1Offset, im.fileEnd); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	buf := marshalRegionTable(entries)
 	var pages []int64
-	for i, off := range offs {
+	old := make([]byte, regionTableSize)
+	for i, off := range []int64{region1Offset, region2Offset} {
+		if err := im.readAt(old, off, fmt.Sprintf("region table %d", i+1)); err != nil {
+			return nil, nil, nil, err
+		}
 		for pg := 0; pg < regionTableSize; pg += pageSize {
-			if !bytes.Equal(copies[i][pg:pg+pageSize], buf[pg:pg+pageSize]) {
+			if !bytes.Equal(old[pg:pg+pageSize], buf[pg:pg+pageSize]) {
 				pages = append(pages, off+int64(pg))
 			}
 		}
 	}
-	return buf, pages, nil
+	return buf, entries, pages, nil
 }
 
 // render returns the content of the metadata pages at offs, from memory.

@@ -440,7 +440,7 @@ func spaceProblems(im *Image) []string {
 	}
 	var taken []span
 	taken = append(taken, span{0, mib, "headers"}, span{im.logOff, im.logOff + im.logLen, "log"})
-	for _, r := range im.regionEntries() {
+	for _, r := range im.regionTable {
 		taken = append(taken, span{int64(r.Offset), int64(r.Offset) + int64(r.Length), "region"})
 	}
 	for _, b := range im.liveBlocks() {

@@ -178,9 +178,15 @@ func Copy(ctx context.Context, dst, src disk.Image, extents []disk.Extent, opts 
 		c.loc, _ = src.(Locator)
 		c.fw, _ = dst.(FileWriter)
 	}
-	var todo []disk.Extent
+	todo := extents // unless a resumed copy cuts it
+	if opts.From > 0 {
+		todo = nil
+	}
 	for _, e := range extents {
 		c.total += e.Length
+		if opts.From <= 0 {
+			continue
+		}
 		if end := e.Offset + e.Length; end <= opts.From {
 			c.done += e.Length
 			continue
@@ -440,7 +446,7 @@ const joinGapMax = 1 << 20
 // returns the gaps so joined.
 func joinGaps(todo []disk.Extent) ([]disk.Extent, []span) {
 	var joined []disk.Extent
-	var gaps []span
+	gaps := make([]span, 0, len(todo))
 	for _, e := range todo {
 		if k := len(joined); k > 0 && e.Type == disk.Data && joined[k-1].Type == disk.Data {
 			last := &joined[k-1]

@@ -54,7 +54,7 @@ func copyOpen(ctx context.Context, src, dst disk.Image, k int, g vhdx.GUID, opts
 	if err != nil {
 		return err
 	}
-	var todo []disk.Extent
+	todo := exts[:0] // in place: a fragmented child has thousands
 	for _, e := range exts {
 		if e.Depth < k && e.Type != disk.Hole {
 			todo = append(todo, e)

@@ -37,7 +37,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "building vhdkit and the data generator"
-go build -o "$work/vhdkit" ./cmd/vhdkit
+CGO_ENABLED=0 go build -o "$work/vhdkit" ./cmd/vhdkit # static, as README builds it
 go build -o "$work/gendata" ./bench/gendata
 vhdkit=$work/vhdkit
 "$work/gendata" -size "$size" -seed 7 "$work/data.img"

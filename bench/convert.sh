@@ -32,7 +32,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/vhdkit-bench-XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 echo "building vhdkit and the data generator"
-go build -o "$work/vhdkit" ./cmd/vhdkit
+CGO_ENABLED=0 go build -o "$work/vhdkit" ./cmd/vhdkit # static, as README builds it
 go build -o "$work/gendata" ./bench/gendata
 vhdkit=$work/vhdkit
 src=$work/src.img

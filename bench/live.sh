@@ -113,7 +113,7 @@ trap 'echo "bench/live.sh: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "building vhdkit"
-go build -o "$work/vhdkit" ./cmd/vhdkit
+CGO_ENABLED=0 go build -o "$work/vhdkit" ./cmd/vhdkit # static, as README builds it
 vhdkit=$work/vhdkit
 export VHDKIT_DATA=$work/data
 

@@ -15,7 +15,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/vhdkit-merge-bench-XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 echo "building vhdkit and the data generator"
-go build -o "$work/vhdkit" ./cmd/vhdkit
+CGO_ENABLED=0 go build -o "$work/vhdkit" ./cmd/vhdkit # static, as README builds it
 go build -o "$work/gendata" ./bench/gendata
 vhdkit=$work/vhdkit
 "$work/gendata" -size "$size" -seed 7 "$work/new.img"

@@ -39,7 +39,7 @@ trap cleanup EXIT
 vhdkit=${VHDKIT:-}
 if [ -z "$vhdkit" ]; then
 	echo "building vhdkit"
-	go build -o "$work/vhdkit" ./cmd/vhdkit
+	CGO_ENABLED=0 go build -o "$work/vhdkit" ./cmd/vhdkit # static, as README builds it
 	vhdkit=$work/vhdkit
 fi
 bytes() { numfmt --from=iec "${1%iB}"; }

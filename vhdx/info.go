@@ -120,7 +120,7 @@ func (im *Image) extents(list []disk.Extent, off, n int64) ([]disk.Extent, error
 }
 
 func (im *Image) partialExtents(list []disk.Extent, off, n, blk int64) ([]disk.Extent, error) {
-	bm, err := im.bitmap(blk / im.geo.chunkRatio)
+	bm, err := im.bitmap(blk)
 	if err != nil {
 		return nil, err
 	}

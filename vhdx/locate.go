@@ -60,7 +60,7 @@ func (im *Image) locateFile(off, n int64) (storage.File, int64, int64, error) {
 	case payloadFullyPresent:
 		return layer.f, batOffset(e) + off%g.blockSize, m, nil
 	case payloadPartiallyPresent:
-		bm, err := layer.bitmap(blk / g.chunkRatio)
+		bm, err := layer.bitmap(blk)
 		if err != nil {
 			return nil, 0, 0, err
 		}
@@ -149,7 +149,7 @@ func (im *Image) readsZeros(off, n int64) (bool, error) {
 			return false, nil
 		case batState(e) == payloadPartiallyPresent:
 			g := &layer.geo
-			bm, err := layer.bitmap(off / g.blockSize / g.chunkRatio)
+			bm, err := layer.bitmap(off / g.blockSize)
 			if err != nil {
 				return false, err
 			}
@@ -240,7 +240,7 @@ func (im *Image) blockFromFile(off, seg, blk, in int64, src storage.File, srcOff
 			}
 		}
 		c := blk / g.chunkRatio
-		bm, err := im.presentBitmap(c)
+		bm, err := im.presentBitmap(blk)
 		if err != nil {
 			return storage.Moved{}, err
 		}

@@ -112,7 +112,7 @@ type Image struct {
 
 	mu        sync.RWMutex
 	bat       []uint64
-	bitmaps   []atomic.Pointer[[]byte] // per chunk, loaded lazily
+	bitmaps   []atomic.Pointer[chunkBitmap] // per chunk, loaded lazily
 	bmLoad    sync.Mutex
 	dirty     map[int64]struct{} // file offsets of 4 KiB metadata pages to log
 	metaBuf   []byte             // the metadata region as rewritten, if it was
@@ -121,12 +121,12 @@ type Image struct {
 	// open chose, as Resize rewrote it), unknown regions included: their
 	// space is not ours to allocate.
 	regionTable []regionEntry
-	fileEnd   int64              // where the next block is allocated (1 MiB-aligned)
-	writing   bool               // header updated: GUIDs changed
-	logSeq    uint64
-	logw      logWriter // the log's state for writing (log.go); flushMu and mu to change
-	space     freeSpace // file ranges no live block holds (freespace.go)
-	closed    bool
+	fileEnd     int64 // where the next block is allocated (1 MiB-aligned)
+	writing     bool  // header updated: GUIDs changed
+	logSeq      uint64
+	logw        logWriter // the log's state for writing (log.go); flushMu and mu to change
+	space       freeSpace // file ranges no live block holds (freespace.go)
+	closed      bool
 }
 
 // Open opens the VHDX file at path, and for a differencing image its chain
@@ -492,7 +492,7 @@ func (im *Image) readBAT(size int64) error {
 		}
 	}
 	im.fileEnd = alignUp(end, mib)
-	im.bitmaps = make([]atomic.Pointer[[]byte], g.bitmapBlocks)
+	im.bitmaps = make([]atomic.Pointer[chunkBitmap], g.bitmapBlocks)
 	return nil
 }
 

@@ -73,7 +73,7 @@ type sizeState struct {
 	virtual   uint64
 	regs      regions
 	bat       []uint64
-	bitmaps   []atomic.Pointer[[]byte]
+	bitmaps   []atomic.Pointer[chunkBitmap]
 	meta      []metaEntry
 	metaBuf   []byte
 	regionBuf []byte
@@ -201,7 +201,7 @@ func (im *Image) planGrow(size int64) (resizePlan, error) {
 	g := newGeometry(im.p.BlockSize, im.p.LogicalSectorSize, uint64(size), im.p.HasParent)
 	bat := make([]uint64, g.totalEntries)
 	copy(bat, im.bat)
-	bitmaps := make([]atomic.Pointer[[]byte], g.bitmapBlocks)
+	bitmaps := make([]atomic.Pointer[chunkBitmap], g.bitmapBlocks)
 	for c := range im.bitmaps {
 		bitmaps[c].Store(im.bitmaps[c].Load())
 	}
@@ -317,14 +317,13 @@ func (im *Image) clearTail(from, to int64) error {
 // intact for a restore.
 func (im *Image) markPresent(blk, from, to int64) error {
 	c := blk / im.geo.chunkRatio
-	bm, err := im.presentBitmap(c)
-	if err != nil {
+	if _, err := im.presentBitmap(blk); err != nil {
 		return err
 	}
-	own := bytes.Clone(bm)
+	own := im.bitmaps[c].Load().clone()
 	first, n := im.bitIndex(from), (to-from)/im.geo.sectorSize
-	setBits(own, first, n)
-	im.bitmaps[c].Store(&own)
+	setBits(own.bits, first, n)
+	im.bitmaps[c].Store(own)
 	im.markBits(c, first, n)
 	return nil
 }

@@ -108,12 +108,12 @@ func (im *Image) inPlace(off, n int64) bool {
 		switch e := im.bat[g.payloadIndex(blk)]; batState(e) {
 		case payloadFullyPresent:
 		case payloadPartiallyPresent:
-			bm := im.bitmaps[blk/g.chunkRatio].Load()
-			if bm == nil {
+			cb := im.bitmaps[blk/g.chunkRatio].Load()
+			if cb == nil || !cb.has(g.bitmapPages(blk)) {
 				return false
 			}
 			first, last := im.bitIndex(off), im.bitIndex(segEnd-1)
-			if set, run := bitRun(*bm, first, last-first+1); !set || run < last-first+1 {
+			if set, run := bitRun(cb.bits, first, last-first+1); !set || run < last-first+1 {
 				return false
 			}
 		default:
@@ -247,7 +247,7 @@ func (im *Image) writeZeros(off, n int64) error {
 // blockOff, then marks its sectors present. A sector only partly covered by
 // p is first completed from where it is now (this file or the parent).
 func (im *Image) writePartial(p []byte, off, blk, blockOff int64) error {
-	bm, err := im.presentBitmap(blk / im.geo.chunkRatio)
+	bm, err := im.presentBitmap(blk)
 	if err != nil {
 		return err
 	}
@@ -295,14 +295,15 @@ func (im *Image) readSectorInto(p []byte, off int64, bm []byte, delta int64) err
 	return im.readParent(p, off)
 }
 
-// presentBitmap returns chunk c's sector bitmap, allocating its block in
-// the file first if the chunk has none.
-func (im *Image) presentBitmap(c int64) ([]byte, error) {
-	bm, err := im.bitmap(c)
+// presentBitmap returns the sector bitmap of block blk's chunk, with blk's
+// bits loaded, allocating the bitmap block in the file first if the chunk
+// has none.
+func (im *Image) presentBitmap(blk int64) ([]byte, error) {
+	bm, err := im.bitmap(blk)
 	if err != nil {
 		return nil, err
 	}
-	idx := im.geo.bitmapIndex(c)
+	idx := im.geo.bitmapIndex(blk / im.geo.chunkRatio)
 	if batState(im.bat[idx]) != bitmapPresent {
 		// The new block must read as zeros but for the bits set later,
 		// whose pages go through the log: space that does not already is
@@ -437,7 +438,7 @@ func (im *Image) discardPartial(off, n, blk, blockOff int64) error {
 		return fmt.Errorf("vhdx: discarding file range [%#x, +%#x): %w", lo+delta, hi-lo, err)
 	}
 	c := blk / im.geo.chunkRatio
-	bm, err := im.presentBitmap(c)
+	bm, err := im.presentBitmap(blk)
 	if err != nil {
 		return err
 	}
@@ -510,8 +511,9 @@ func (im *Image) pageContent(off int64) []byte {
 		if batState(e) != bitmapPresent || off < batOffset(e) || off >= batOffset(e)+bitmapBlockSize {
 			continue
 		}
-		if bm := im.bitmaps[c].Load(); bm != nil {
-			copy(b, (*bm)[off-batOffset(e):])
+		// A dirty page was changed, so loaded (see chunkBitmap).
+		if cb := im.bitmaps[c].Load(); cb != nil {
+			copy(b, cb.bits[off-batOffset(e):])
 		}
 		return b
 	}

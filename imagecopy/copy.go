@@ -524,7 +524,9 @@ func (c *copier) move(off, n int64) error {
 			if err := flush(); err != nil {
 				return err
 			}
-			off = min(end, gap.off+gap.n)
+			next := min(end, gap.off+gap.n)
+			c.stats.Skipped += next - off // the target reads it so already
+			off = next
 			continue
 		}
 		// Data up to the next gap; further only once the copy clones (a

@@ -449,6 +449,9 @@ func TestCopyJoinsGaps(t *testing.T) {
 		if st.Cloned != runs*4096 {
 			t.Errorf("JoinGaps %v: %d bytes counted cloned, want the runs' %d (gaps count as skipped)", join, st.Cloned, runs*4096)
 		}
+		if join && st.Skipped != (runs-1)*4096 {
+			t.Errorf("JoinGaps: %d bytes counted skipped, want the %d gaps' %d", st.Skipped, runs-1, (runs-1)*4096)
+		}
 		if err := dst.Close(); err != nil {
 			t.Fatal(err)
 		}

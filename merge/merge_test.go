@@ -19,6 +19,9 @@ import (
 
 const chainSize = 24 << 20 // 7-Zip refuses sizes that are not whole MiB
 
+// joinBlock is the block of buildChain's chain where a merge joins runs.
+const joinBlock = 22 << 20
+
 // buildChain makes base.vhdx and levels children above it, each written
 // with small (partially present blocks), large, and zeroing writes. It
 // returns the paths (base first) and each level's expected content.
@@ -31,6 +34,13 @@ func buildChain(t testing.TB, dir string, levels int) ([]string, [][]byte) {
 		t.Fatal(err)
 	}
 	scribble(t, im, model, 1, 20, 2<<20)
+	// A block the base declares zero, where level 1 writes pages with
+	// gaps between them: a merge clones them with the gaps as one range
+	// (the gaps read zeros below and are holes in level 1's file).
+	if err := im.WriteZeroes(joinBlock, 1<<20, true); err != nil {
+		t.Fatal(err)
+	}
+	clear(model[joinBlock : joinBlock+1<<20])
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -40,6 +50,15 @@ func buildChain(t testing.TB, dir string, levels int) ([]string, [][]byte) {
 		im, err := vhdx.Create(p, vhdx.CreateOptions{Parent: paths[i-1], BlockSize: 1 << 20})
 		if err != nil {
 			t.Fatal(err)
+		}
+		if i == 1 {
+			for k := int64(0); k < 8; k++ {
+				page := bytes.Repeat([]byte{byte(k + 1)}, 4096)
+				if _, err := im.WriteAt(page, joinBlock+k*8192); err != nil {
+					t.Fatal(err)
+				}
+				copy(model[joinBlock+k*8192:], page)
+			}
 		}
 		scribble(t, im, model, int64(10*i), 30, 16<<10)
 		scribble(t, im, model, int64(10*i+1), 2, 3<<20)
